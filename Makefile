@@ -1,0 +1,28 @@
+# Two entry points: `make demo` (the main job on built-in defaults) and `make test` (the suite).
+# Each creates .venv when missing and installs everything into it.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: demo test lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build here.
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,hf]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m autoplan models
+	$(PY) -m autoplan inspect --model gpt3-1.7b
+	$(PY) -m autoplan inspect --model llama3-70b --json --summary
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info
