@@ -1,0 +1,147 @@
+"""LayerGraph: the units that parallel strategies apply to, with their sizes and costs.
+
+A node is a unit (embedding, transformer block, final norm, head, loss, or any module a
+user's model is made of); an edge carries the activation bytes that flow from one unit to
+the next. All per-sample figures are for one sample of the traced shape.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import networkx as nx
+
+from autoplan.errors import AutoplanError
+from autoplan.io import atomic_write_text
+
+__all__ = ["GRAPH_FORMAT_VERSION", "LayerNode", "LayerEdge", "LayerGraph"]
+
+GRAPH_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LayerNode:
+    name: str
+    """Fully qualified module name (the key in the state dict); "loss" for the loss."""
+    kind: str
+    """embedding | block | norm | head | loss | other."""
+    module_type: str
+    signature: str
+    """Equal for units of identical structure and cost: the search ties their choices."""
+    params: int
+    """Parameters this unit owns (a tied weight is counted at its first user)."""
+    shared_params: int
+    """Parameters this unit uses but an earlier unit owns (tied weights)."""
+    param_bytes: int
+    fwd_flops: float
+    """Forward FLOPs per sample (matmul-class ops, as torch.utils.flop_counter counts them)."""
+    bwd_flops: float
+    """Backward FLOPs per sample, measured, not assumed to be 2x forward."""
+    act_bytes: int
+    """Bytes saved for backward per sample (deduplicated storages, parameters excluded)."""
+    act_bytes_fixed: int
+    """Bytes saved for backward that do not grow with the batch."""
+    input_bytes: int
+    """Bytes of the tensors passed in per sample: what full checkpointing keeps."""
+    output_bytes: int
+    output_shape: tuple[int, ...]
+    """Shape of the first output tensor at batch 1."""
+    calls: int = 1
+
+
+@dataclass(frozen=True)
+class LayerEdge:
+    src: str
+    dst: str
+    bytes: int
+    """Activation bytes per sample that flow from src to dst."""
+
+
+@dataclass(frozen=True)
+class LayerGraph:
+    """The units of a model in execution order, as a frozen value that saves to JSON."""
+
+    model: str
+    dtype: str
+    attention: str
+    """How attention was traced: "flash" (fused kernel, as on GPUs) or "math"."""
+    tokens_per_sample: int | None
+    nodes: tuple[LayerNode, ...]
+    edges: tuple[LayerEdge, ...]
+    version: int = GRAPH_FORMAT_VERSION
+    digraph: nx.DiGraph = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        graph = nx.DiGraph()
+        for index, node in enumerate(self.nodes):
+            graph.add_node(node.name, index=index, **asdict(node))
+        for edge in self.edges:
+            graph.add_edge(edge.src, edge.dst, bytes=edge.bytes)
+        object.__setattr__(self, "digraph", graph)
+
+    def __getitem__(self, name: str) -> LayerNode:
+        index = self.digraph.nodes[name]["index"] if name in self.digraph else None
+        if index is None:
+            raise KeyError(name)
+        return self.nodes[index]
+
+    @property
+    def names(self) -> list[str]:
+        return [n.name for n in self.nodes]
+
+    @property
+    def params(self) -> int:
+        return sum(n.params for n in self.nodes)
+
+    @property
+    def fwd_flops(self) -> float:
+        return sum(n.fwd_flops for n in self.nodes)
+
+    @property
+    def flops_per_token(self) -> float | None:
+        """Forward FLOPs per token (training costs about 3x: forward plus backward)."""
+        return self.fwd_flops / self.tokens_per_sample if self.tokens_per_sample else None
+
+    @property
+    def structural_hash(self) -> str:
+        """Identifies the model's structure: unit names, kinds, signatures, sizes and edges."""
+        parts = [(n.name, n.kind, n.signature, n.params, n.output_shape) for n in self.nodes]
+        parts += [(e.src, e.dst) for e in self.edges]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        return {
+            "version": self.version, "model": self.model, "dtype": self.dtype,
+            "attention": self.attention, "tokens_per_sample": self.tokens_per_sample,
+            "structural_hash": self.structural_hash,
+            "nodes": [asdict(n) for n in self.nodes], "edges": [asdict(e) for e in self.edges],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LayerGraph:
+        """Rebuild a graph from to_dict() output.
+
+        Raises:
+            AutoplanError: on another format version or missing fields.
+        """
+        if data.get("version") != GRAPH_FORMAT_VERSION:
+            raise AutoplanError(f"layer graph format version {data.get('version')} is not "
+                                f"supported (this autoplan reads version {GRAPH_FORMAT_VERSION})")
+        try:
+            nodes = tuple(LayerNode(**{**n, "output_shape": tuple(n["output_shape"])})
+                          for n in data["nodes"])
+            edges = tuple(LayerEdge(**e) for e in data["edges"])
+            return cls(data["model"], data["dtype"], data["attention"],
+                       data["tokens_per_sample"], nodes, edges)
+        except (KeyError, TypeError) as err:
+            raise AutoplanError(f"layer graph is malformed: {err}") from None
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> LayerGraph:
+        return cls.from_dict(json.loads(Path(path).read_text()))

@@ -1,0 +1,471 @@
+"""Extract a LayerGraph from any nn.Module by tracing one training step on the meta device.
+
+How: the units are found in the module tree (the children of the largest container of
+repeated blocks, plus the modules with parameters around it); then one forward, loss and
+backward run on meta tensors of batch 1 under a dispatch mode that attributes every op to
+the unit running it. The mode also follows which tensors derive from the model's inputs:
+those scale with the batch (per-sample figures), the rest (position tables, RNG state) are
+kept apart as fixed. Ops that run between units ("glue", such as a residual add in the
+parent's forward) count towards the unit that ran last.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.autograd.graph import register_multi_grad_hook
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import flop_registry
+
+from autoplan.errors import AutoplanError
+from autoplan.graph import LayerEdge, LayerGraph, LayerNode
+from autoplan.models.build import BuiltModel, sum_loss
+
+__all__ = ["layer_graph", "layer_graph_of_built", "find_units"]
+
+log = logging.getLogger(__name__)
+
+_PRE = "<before first unit>"
+_LOSS = "loss"
+ATTENTION_MODES = ("flash", "math")
+
+
+def layer_graph(model: nn.Module, example_inputs: Any,
+                loss_fn: Callable[[Any, tuple], torch.Tensor] | None = None, *,
+                name: str = "module", dtype: torch.dtype = torch.bfloat16,
+                attention: str = "flash", tokens_per_sample: int | None = None) -> LayerGraph:
+    """The LayerGraph of any module, traced on a meta copy (the module itself is untouched).
+
+    Args:
+        model: the module, on any device; its weights are never read.
+        example_inputs: a tuple of tensors with the batch in dim 0 (any batch size), or a
+            function batch_size -> tuple of tensors.
+        loss_fn: (output, inputs) -> scalar; default: sum of the first output tensor.
+        name: what the graph records as its model.
+        dtype: parameter and activation dtype of the trace (bf16: how large models train).
+        attention: "flash" traces scaled_dot_product_attention as the fused kernel GPUs
+            run (no S x S scores kept); "math" as the unfused reference.
+        tokens_per_sample: tokens in one sample, for per-token figures.
+
+    Returns:
+        The graph, its nodes in execution order and a final "loss" node.
+
+    Raises:
+        AutoplanError: when the module cannot run on meta tensors or attention is unknown.
+    """
+    if attention not in ATTENTION_MODES:
+        raise AutoplanError(f"attention must be one of {', '.join(ATTENTION_MODES)}, "
+                            f"got '{attention}'")
+    meta = _meta_copy(model, dtype) if _needs_copy(model, dtype) else model
+    inputs_fn = _meta_inputs(example_inputs)
+    units = find_units(meta)
+    loss_fn = loss_fn or sum_loss
+    tracer = _trace(meta, units, inputs_fn(1), loss_fn, attention)
+    nodes, edges = _assemble(meta, units, tracer.records)
+    return LayerGraph(name, str(dtype).removeprefix("torch."), attention, tokens_per_sample,
+                      tuple(nodes), tuple(edges))
+
+
+def layer_graph_of_built(built: BuiltModel, dtype: torch.dtype = torch.bfloat16,
+                         attention: str = "flash") -> LayerGraph:
+    """The LayerGraph of a model built from a spec (see autoplan.models.build_model)."""
+    return layer_graph(built.module, built.example_inputs, built.loss_fn, name=built.spec.text,
+                       dtype=dtype, attention=attention,
+                       tokens_per_sample=built.tokens_per_sample)
+
+
+# ---------------------------------------------------------------------------- units
+
+
+def _structure(module: nn.Module, memo: dict[int, str]) -> str:
+    """A text that is equal for modules of identical class, parameter shapes and children."""
+    if id(module) not in memo:
+        own = [(n, tuple(p.shape), str(p.dtype)) for n, p in module.named_parameters(recurse=False)]
+        kids = [(n, _structure(c, memo)) for n, c in module.named_children()]
+        text = repr((type(module).__qualname__, own, kids))
+        memo[id(module)] = hashlib.sha1(text.encode()).hexdigest()
+    return memo[id(module)]
+
+
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _block_container(module: nn.Module, memo: dict[int, str]) -> str | None:
+    """FQN (relative to module) of the ModuleList/Sequential with the most parameters
+    among those holding at least two children of identical structure."""
+    best, best_size = None, -1
+    for fqn, sub in module.named_modules():
+        if not isinstance(sub, (nn.ModuleList, nn.Sequential)) or len(sub) < 2:
+            continue
+        counts = Counter(_structure(child, memo) for child in sub)
+        if max(counts.values()) >= 2 and _numel(sub) > best_size:
+            best, best_size = fqn, _numel(sub)
+    return best
+
+
+def _units_below(module: nn.Module, prefix: str, memo: dict[int, str],
+                 top: bool) -> list[tuple[str, bool]]:
+    """(fqn, is_block) pairs that partition `module`'s parametrised subtrees into units."""
+    container = _block_container(module, memo)
+    if container is None:
+        kids = [(n, c) for n, c in module.named_children() if _numel(c)] if top else []
+        if not kids:
+            return [(prefix, False)]
+        return [u for n, c in kids for u in _units_below(c, _join(prefix, n), memo, False)]
+    units: list[tuple[str, bool]] = []
+    path = container.split(".") if container else []
+    node = module
+    for depth, step in enumerate(path + [None]):
+        here = _join(prefix, ".".join(path[:depth]))
+        for name, child in node.named_children():
+            if name == step:
+                continue
+            if step is None:  # the container's own children: every one is a unit
+                units.append((_join(here, name), True))
+            elif _numel(child):
+                units += _units_below(child, _join(here, name), memo, False)
+        node = node.get_submodule(step) if step is not None else node
+    return units
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def find_units(model: nn.Module) -> list[tuple[str, bool]]:
+    """The units of a module: (fqn, is_block) in module-tree order.
+
+    Example: a GPT gives wte, wpe, h.0 ... h.N (blocks), ln_f, lm_head.
+    """
+    memo: dict[int, str] = {}
+    units = _units_below(model, "", memo, top=True)
+    counts = Counter(_structure(model.get_submodule(f), memo) for f, _ in units)
+    # A container child is a "block" only when its structure repeats.
+    return [(f, b and counts[_structure(model.get_submodule(f), memo)] > 1) for f, b in units]
+
+
+# ---------------------------------------------------------------------------- tracing
+
+
+def _meta_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of `model` whose parameters and buffers are meta tensors of `dtype`."""
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        to = dtype if t.is_floating_point() else t.dtype
+        return torch.empty(t.shape, dtype=to, device="meta")
+
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(convert(p), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = convert(b)
+    return copy.deepcopy(model, memo)
+
+
+def _needs_copy(model: nn.Module, dtype: torch.dtype) -> bool:
+    return any(not t.is_meta or (t.is_floating_point() and t.dtype != dtype)
+               for t in [*model.parameters(), *model.buffers()])
+
+
+def _meta_inputs(example: Any) -> Callable[[int], tuple]:
+    def like(t: Any, batch: int) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        return torch.zeros((batch, *t.shape[1:]), dtype=t.dtype, device="meta")
+
+    if callable(example):
+        return lambda batch: tuple(t.to("meta") if isinstance(t, torch.Tensor) else t
+                                   for t in example(batch))
+    example = example if isinstance(example, tuple) else (example,)
+    return lambda batch: tuple(like(t, batch) for t in example)
+
+
+def _key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+def _tensors(tree: Any) -> Iterator[torch.Tensor]:
+    """The tensors in nested tuples, lists and dicts (a fast path for op arguments)."""
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, (tuple, list)):
+        for item in tree:
+            yield from _tensors(item)
+    elif isinstance(tree, dict):
+        for item in tree.values():
+            yield from _tensors(item)
+    elif tree is not None and not isinstance(tree, (int, float, bool, str, torch.dtype)):
+        yield from (t for t in tree_leaves(tree) if isinstance(t, torch.Tensor))
+
+
+@dataclass
+class _Record:
+    """What one unit did at batch 1; bytes split into per-sample and fixed."""
+
+    fwd_flops: float = 0.0
+    bwd_flops: float = 0.0
+    act_bytes: int = 0
+    act_bytes_fixed: int = 0
+    input_bytes: int = 0
+    output_bytes: int = 0
+    output_shape: tuple[int, ...] = ()
+    calls: int = 0
+    order: int = -1
+    inputs_from: Counter = field(default_factory=Counter)
+
+
+class _Tracer(TorchDispatchMode):
+    """Attributes FLOPs, saved bytes and data flow of every op to the unit that runs it.
+
+    Units do not nest, so one "current unit" is enough in forward; in backward a unit
+    becomes current when the gradient of its output arrives (a hook on that output).
+    `producers` maps a storage to the units it came from; `batched` holds the storages
+    derived from the model's inputs.
+    """
+
+    def __init__(self, root: nn.Module, units: list[str], inputs: tuple) -> None:
+        super().__init__()
+        self.records = {u: _Record() for u in [*units, _PRE, _LOSS]}
+        self.state = {_key(t) for t in [*root.parameters(), *root.buffers()]}
+        self.batched = {_key(t) for t in _tensors(inputs)}
+        self.saved: set[int] = set()
+        self.producers: dict[int, frozenset[str]] = {}
+        self.unit: str | None = None  # the unit whose forward is running
+        self.last_fwd, self.bwd_unit = _PRE, _LOSS
+        self.in_loss = False
+        self.calls = 0
+        self.hooks: list[Any] = []
+
+    def owner(self) -> str:
+        if _in_backward():
+            return self.bwd_unit
+        return self.unit or (_LOSS if self.in_loss else self.last_fwd)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        owner, backward = self.owner(), _in_backward()
+        count = flop_registry.get(func._overloadpacket)
+        if count is not None:
+            flops = count(*args, **kwargs, out_val=out)
+            if backward:
+                self.records[owner].bwd_flops += flops
+            else:
+                self.records[owner].fwd_flops += flops
+        if not backward:
+            self._follow(list(_tensors((args, kwargs))), list(_tensors(out)))
+        return out
+
+    def _follow(self, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
+        batched = any(_key(t) in self.batched for t in ins)
+        sources = frozenset((self.unit,)) if self.unit else frozenset().union(
+            *(self.producers.get(_key(t), frozenset()) for t in ins))
+        for t in outs:
+            self.producers[_key(t)] = sources
+            if batched:
+                self.batched.add(_key(t))
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        key = _key(t)
+        if key not in self.state and key not in self.saved:
+            self.saved.add(key)
+            rec = self.records[self.owner()]
+            if key in self.batched:
+                rec.act_bytes += t.untyped_storage().nbytes()
+            else:
+                rec.act_bytes_fixed += t.untyped_storage().nbytes()
+        return t
+
+    def enter(self, unit: str, args: Any, kwargs: Any) -> None:
+        rec = self.records[unit]
+        rec.calls += 1
+        if rec.order < 0:
+            rec.order, self.calls = self.calls, self.calls + 1
+        self._receive(rec, (args, kwargs), unit)
+        self.unit = unit
+
+    def leave(self, unit: str, output: Any) -> None:
+        rec = self.records[unit]
+        outs = list(_tensors(output))
+        rec.output_bytes += sum(self._sample_bytes(t) for t in outs)
+        rec.output_shape = rec.output_shape or (tuple(outs[0].shape) if outs else ())
+        self.unit, self.last_fwd = None, unit
+        grads = [t for t in outs if t.requires_grad]
+        if grads:
+            self.hooks.append(register_multi_grad_hook(
+                grads, lambda _: setattr(self, "bwd_unit", unit), mode="any"))
+
+    def model_done(self, output: Any) -> None:
+        self.in_loss = True
+        self.records[_LOSS].order = self.calls
+        self._receive(self.records[_LOSS], output, _LOSS)
+
+    def _receive(self, rec: _Record, tree: Any, unit: str) -> None:
+        for t in _tensors(tree):
+            nbytes = self._sample_bytes(t)
+            rec.input_bytes += nbytes
+            for src in self.producers.get(_key(t), ()):
+                if src != unit and nbytes:
+                    rec.inputs_from[src] += nbytes
+
+    def _sample_bytes(self, t: torch.Tensor) -> int:
+        """Bytes of t at batch 1 if it derives from the inputs, else 0 (not per sample)."""
+        return t.numel() * t.element_size() if _key(t) in self.batched else 0
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+class _FlashAttention(TorchFunctionMode):
+    """Runs scaled_dot_product_attention as the fused flash kernel, which on meta tensors
+    otherwise takes the math path and keeps the S x S probabilities (NOTES-torch.md)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            return _flash_sdpa(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _flash_sdpa(sdpa: Callable, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                is_causal: bool = False, scale: float | None = None,
+                enable_gqa: bool = False) -> torch.Tensor:
+    if attn_mask is not None:  # flash takes no mask: keep the math path
+        return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                    is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        repeat = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(repeat, -3), value.repeat_interleave(repeat, -3)
+    return torch.ops.aten._scaled_dot_product_flash_attention(
+        query, key, value, dropout_p, is_causal, scale=scale)[0]
+
+
+def _trace(root: nn.Module, units: list[tuple[str, bool]], inputs: tuple,
+           loss_fn: Callable, attention: str) -> _Tracer:
+    names = [u for u, _ in units]
+    tracer = _Tracer(root, names, inputs)
+    handles = []
+    for unit in names:
+        module = root.get_submodule(unit)
+        handles.append(module.register_forward_pre_hook(
+            lambda m, a, k, u=unit: tracer.enter(u, a, k), with_kwargs=True))
+        handles.append(module.register_forward_hook(lambda m, a, o, u=unit: tracer.leave(u, o)))
+    handles.append(root.register_forward_hook(lambda m, a, o: tracer.model_done(o)))
+    attention_mode = _FlashAttention() if attention == "flash" else _NoMode()
+    try:
+        with attention_mode, tracer, \
+                torch.autograd.graph.saved_tensors_hooks(tracer.pack, lambda t: t):
+            loss = loss_fn(root(*inputs), inputs)
+            loss.backward()
+    except (RuntimeError, TypeError, ValueError, IndexError) as err:
+        raise AutoplanError(f"the model cannot run on meta tensors: {err}") from err
+    finally:
+        for h in handles + tracer.hooks:
+            h.remove()
+    return tracer
+
+
+class _NoMode:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+# ---------------------------------------------------------------------------- assembly
+
+
+def _assemble(root: nn.Module, units: list[tuple[str, bool]],
+              records: dict[str, _Record]) -> tuple[list[LayerNode], list[LayerEdge]]:
+    _merge_pre(records)
+    ran = sorted((u for u, _ in units if records[u].calls), key=lambda u: records[u].order)
+    skipped = [u for u, _ in units if not records[u].calls]
+    if skipped:
+        log.warning("units never called in forward, left out: %s", ", ".join(skipped))
+    params, shared = _param_owners(root, ran)
+    blocks = {u for u, is_block in units if is_block}
+    memo: dict[int, str] = {}
+    last_param_unit = next((u for u in reversed(ran) if params[u] or shared[u]), None)
+    nodes = []
+    for unit in [*ran, _LOSS]:
+        module = root.get_submodule(unit) if unit != _LOSS else None
+        kind = _kind(module, unit in blocks, unit == last_param_unit)
+        nodes.append(_node(unit, kind, module, records[unit], params.get(unit, 0),
+                           shared.get(unit, 0), memo))
+    edges = [LayerEdge(src, dst, nbytes) for dst in [*ran, _LOSS]
+             for src, nbytes in records[dst].inputs_from.items() if src in params]
+    return nodes, edges
+
+
+def _merge_pre(records: dict[str, _Record]) -> None:
+    """Glue before the first unit (e.g. position ids) counts towards the first unit."""
+    pre = records.pop(_PRE)
+    first = min((r for r in records.values() if r.calls), key=lambda r: r.order, default=None)
+    if first is not None:
+        first.fwd_flops += pre.fwd_flops
+        first.bwd_flops += pre.bwd_flops
+        first.act_bytes += pre.act_bytes
+        first.act_bytes_fixed += pre.act_bytes_fixed
+
+
+def _param_owners(root: nn.Module, units: list[str]) -> tuple[dict[str, int], dict[str, int]]:
+    """Parameters per unit; a tied weight belongs to its first unit and is "shared" later.
+    Parameters held directly by a parent of the units count towards the first unit."""
+    owned: set[int] = set()
+    params = dict.fromkeys(units, 0)
+    shared = dict.fromkeys(units, 0)
+    for unit in units:
+        for p in root.get_submodule(unit).parameters():
+            if id(p) in owned:
+                shared[unit] += p.numel()
+            else:
+                owned.add(id(p))
+                params[unit] += p.numel()
+    loose = sum(p.numel() for p in root.parameters() if id(p) not in owned)
+    if units:
+        params[units[0]] += loose
+    return params, shared
+
+
+def _kind(module: nn.Module | None, is_block: bool, is_last: bool) -> str:
+    if module is None:
+        return "loss"
+    if is_block:
+        return "block"
+    leaves = [m for m in module.modules() if next(m.parameters(recurse=False), None) is not None]
+    if leaves and all(isinstance(m, nn.Embedding) for m in leaves):
+        return "embedding"
+    if "norm" in type(module).__name__.lower():
+        return "norm"
+    if is_last and isinstance(module, nn.Linear):
+        return "head"
+    return "other"
+
+
+def _node(unit: str, kind: str, module: nn.Module | None, rec: _Record, params: int,
+          shared: int, memo: dict[int, str]) -> LayerNode:
+    structure = _structure(module, memo) if module is not None else "loss"
+    costs = (rec.fwd_flops, rec.bwd_flops, rec.act_bytes, rec.output_shape)
+    signature = hashlib.sha1(repr((structure, costs)).encode()).hexdigest()[:12]
+    element = next(module.parameters()).element_size() if module and params + shared else 0
+    return LayerNode(
+        name=unit, kind=kind, module_type=type(module).__name__ if module else "loss",
+        signature=signature, params=params, shared_params=shared, param_bytes=params * element,
+        fwd_flops=float(rec.fwd_flops), bwd_flops=float(rec.bwd_flops),
+        act_bytes=rec.act_bytes, act_bytes_fixed=rec.act_bytes_fixed,
+        input_bytes=rec.input_bytes, output_bytes=rec.output_bytes,
+        output_shape=rec.output_shape, calls=rec.calls or 1)
