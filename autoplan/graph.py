@@ -83,10 +83,9 @@ class LayerGraph:
         object.__setattr__(self, "digraph", graph)
 
     def __getitem__(self, name: str) -> LayerNode:
-        index = self.digraph.nodes[name]["index"] if name in self.digraph else None
-        if index is None:
+        if name not in self.digraph:
             raise KeyError(name)
-        return self.nodes[index]
+        return self.nodes[self.digraph.nodes[name]["index"]]
 
     @property
     def names(self) -> list[str]:

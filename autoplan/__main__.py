@@ -1,0 +1,7 @@
+"""`python -m autoplan` is the `autoplan` command."""
+
+import sys
+
+from autoplan.cli import main
+
+sys.exit(main())

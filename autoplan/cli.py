@@ -1,0 +1,153 @@
+"""The `autoplan` command line: argument parsing, tables and exit codes live only here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from autoplan import __version__
+from autoplan.errors import AutoplanError
+
+__all__ = ["main"]
+
+_DTYPES = ("bf16", "fp16", "fp32")
+# Commands of the product that later work fills in; each says so instead of pretending.
+_NOT_BUILT = {
+    "profile": "measure per-layer compute, memory and collective bandwidth",
+    "search": "find the fastest plan that fits memory (ILP and DP)",
+    "estimate": "predict step time and per-rank memory of a plan",
+    "run": "train a model under a plan on local processes or torchrun",
+    "validate": "run top plans and compare prediction with measurement",
+    "plot": "draw a plan's pipeline schedule and memory",
+    "export": "write a plan as torchtitan, Megatron-LM or DeepSpeed config",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="autoplan", description="Plan and apply hybrid parallel training "
+                     "for any PyTorch model.")
+    parser.add_argument("--version", action="version", version=f"autoplan {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    models = sub.add_parser("models", help="list the model presets")
+    models.add_argument("--json", action="store_true", help="print JSON")
+    models.set_defaults(handler=_cmd_models)
+
+    inspect = sub.add_parser("inspect", help="show a model's layer graph: parameters, FLOPs, "
+                             "activation bytes per layer")
+    inspect.add_argument("--model", required=True, help="model spec or preset name")
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+    inspect.add_argument("--dtype", choices=_DTYPES, default="bf16",
+                         help="training dtype of parameters and activations (default bf16)")
+    inspect.add_argument("--attention", choices=("flash", "math"), default="flash",
+                         help="trace attention as the fused GPU kernel or the math path")
+    inspect.add_argument("--all", action="store_true", help="one row per layer, no grouping")
+    inspect.add_argument("--plan", help="also check a plan (JSON file or dp=..,tp=..,pp=..)")
+    inspect.add_argument("--world-size", type=int, help="devices, for a shorthand --plan")
+    inspect.add_argument("--global-batch", type=int, help="samples per step, for --plan")
+    inspect.add_argument("-o", "--output", help="write graph.json (and plan.json) to this folder")
+    inspect.set_defaults(handler=_cmd_inspect)
+
+    for name, text in _NOT_BUILT.items():
+        stub = sub.add_parser(name, help=f"{text} (not built yet)", add_help=True)
+        stub.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        stub.set_defaults(handler=_not_built(name))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 2 bad input or not built, 1 failure)."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="autoplan: %(levelname)s: %(message)s")
+    if args.command is None:
+        _parser().print_help()
+        return 2
+    try:
+        return args.handler(args)
+    except AutoplanError as err:
+        if args.debug:
+            raise
+        print(f"autoplan {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"autoplan {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader (e.g. `| head`) left: not an error of ours
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
+        return 0
+
+
+def _not_built(name: str) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        print(f"autoplan {name}: not built yet ({_NOT_BUILT[name]}); "
+              "see the project's open issues", file=sys.stderr)
+        return 2
+    return handler
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from autoplan.report import models_table, preset_rows
+
+    rows = preset_rows()
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        _console().print(models_table(rows))
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from autoplan.inspection import inspect_model
+    from autoplan.report import graph_summary, layer_table, plan_table
+
+    console = _console(stderr=True)
+    with console.status(f"tracing {args.model} on the meta device"):
+        result = inspect_model(args.model, dtype=args.dtype, attention=args.attention,
+                               plan=args.plan, world_size=args.world_size,
+                               global_batch=args.global_batch)
+    if args.output:
+        _write_outputs(Path(args.output), result)
+    if args.json:
+        print(json.dumps(graph_summary(result.graph, per_layer=True)
+                         | ({"plan": json.loads(result.plan.to_json())} if result.plan else {}),
+                         indent=1))
+        return 0
+    out = _console()
+    out.print(layer_table(result.graph, group=not args.all))
+    if result.plan:
+        out.print(plan_table(result.plan))
+    return 0
+
+
+def _write_outputs(folder: Path, result: object) -> None:
+    result.graph.save(folder / "graph.json")
+    if result.plan:
+        result.plan.save(folder / "plan.json")
+
+
+def _console(stderr: bool = False):  # noqa: ANN202
+    """A rich console; when not on a terminal, wide enough that tables do not wrap."""
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() else int(os.environ.get("COLUMNS", "160"))
+    return Console(stderr=stderr, width=width)
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())
