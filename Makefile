@@ -13,12 +13,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,hf]'
 	touch $(STAMP)
 
+# The chain as far as it is built: presets -> layer graphs -> a plan checked and saved.
 demo: $(STAMP)
 	$(PY) -m autoplan models
 	$(PY) -m autoplan inspect --model gpt3-1.7b
-	$(PY) -m autoplan inspect --model llama3-70b --json --summary
+	$(PY) -m autoplan inspect --model llama3-70b
+	$(PY) -m autoplan inspect --model llama3-8b --world-size 64 --global-batch 512 \
+		--plan "tp=8,pp=4,ckpt=full,zero=1" -o out/demo
+	@echo "wrote out/demo/graph.json and out/demo/plan.json"
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

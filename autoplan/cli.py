@@ -62,19 +62,21 @@ def _parser() -> argparse.ArgumentParser:
     inspect.set_defaults(handler=_cmd_inspect)
 
     for name, text in _NOT_BUILT.items():
-        stub = sub.add_parser(name, help=f"{text} (not built yet)", add_help=True)
-        stub.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        stub = sub.add_parser(name, help=f"{text} (not built yet)")
         stub.set_defaults(handler=_not_built(name))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 bad input or not built, 1 failure)."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in _NOT_BUILT:  # those refuse anything, arguments or not
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="autoplan: %(levelname)s: %(message)s")
     if args.command is None:
-        _parser().print_help()
+        parser.print_help()
         return 2
     try:
         return args.handler(args)

@@ -8,7 +8,7 @@ __all__ = ["AutoplanError", "choices_hint"]
 
 
 class AutoplanError(ValueError):
-    """A user-facing error: the message names the value, the rule and, where there is one, the fix."""
+    """A user-facing error: its message names the value, the rule and, if there is one, the fix."""
 
 
 def choices_hint(choices: Iterable[str]) -> str:

@@ -9,6 +9,7 @@ data-parallel degree dp gives each of its ranks micro_batch_size / dp samples. T
 from __future__ import annotations
 
 import datetime as _dt
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,7 +42,8 @@ class LayerStrategy(BaseModel):
     dp: int = Field(ge=1, description="data-parallel degree")
     tp: int = Field(ge=1, description="tensor-parallel degree")
     sequence_parallel: bool = Field(False, description="shard norms/dropout by sequence (tp>1)")
-    zero: int = Field(0, ge=0, le=3, description="ZeRO stage: 0 none, 1 optimizer, 2 +grads, 3 +params")
+    zero: int = Field(0, ge=0, le=3,
+                      description="ZeRO stage: 0 none, 1 optimizer, 2 +grads, 3 +params")
     checkpoint: Checkpoint = Field("none", description="activation checkpointing")
 
     @model_validator(mode="after")
@@ -67,7 +69,11 @@ class Provenance(BaseModel):
     model_config = _FROZEN
     autoplan_version: str = __version__
     profile_hash: str | None = None
-    created: str = Field(default_factory=lambda: _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
+    created: str = Field(default_factory=lambda: _now())
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 class Plan(BaseModel):
@@ -93,7 +99,8 @@ class Plan(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _known_version(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("version", PLAN_FORMAT_VERSION) != PLAN_FORMAT_VERSION:
+        version = data.get("version", PLAN_FORMAT_VERSION) if isinstance(data, dict) else None
+        if version not in (None, PLAN_FORMAT_VERSION):
             raise ValueError(f"plan format version {data.get('version')} is not supported "
                              f"(this autoplan {__version__} reads version {PLAN_FORMAT_VERSION})")
         return data
@@ -131,7 +138,7 @@ def _check_pipeline(plan: Plan) -> None:
     if len(bounds) != chunks:
         raise ValueError(f"stage_boundaries has {len(bounds)} entries; pp x virtual_stages "
                          f"is {chunks}")
-    rising = all(b < a for b, a in zip(bounds, bounds[1:]))
+    rising = all(b < a for b, a in pairwise(bounds))
     if bounds[0] != 0 or not rising or bounds[-1] >= len(plan.layers):
         raise ValueError(f"stage_boundaries {bounds} must start at 0 and rise strictly below "
                          f"the {len(plan.layers)} layers")

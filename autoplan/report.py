@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from itertools import pairwise
 
 from rich.table import Table
 
@@ -82,7 +83,8 @@ def layer_table(graph: LayerGraph, group: bool = True) -> Table:
     table.add_column(f"fwd FLOPs/{per}", justify="right",
                      footer=fmt.flops(summary["flops_per_token"]))
     table.add_column(f"bwd FLOPs/{per}", justify="right",
-                     footer=fmt.flops(summary["train_flops_per_token"] - summary["flops_per_token"]))
+                     footer=fmt.flops(summary["train_flops_per_token"]
+                                      - summary["flops_per_token"]))
     table.add_column(f"saved act/{per}", justify="right",
                      footer=fmt.nbytes(summary["act_bytes_per_token"]))
     table.add_column("output (batch 1)", justify="right")
@@ -104,7 +106,7 @@ def plan_table(plan: Plan) -> Table:
     for column in ("stage", "layers", "dp", "tp", "sp", "zero", "ckpt"):
         table.add_column(column, justify="left" if column == "layers" else "right")
     bounds = [*plan.stage_boundaries, len(plan.layers)]
-    for chunk, (start, stop) in enumerate(zip(bounds, bounds[1:])):
+    for chunk, (start, stop) in enumerate(pairwise(bounds)):
         rows: list[list] = []
         for layer in plan.layers[start:stop]:
             key = (layer.dp, layer.tp, layer.sequence_parallel, layer.zero, layer.checkpoint)

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from torch.autograd.graph import register_multi_grad_hook
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
@@ -68,7 +68,7 @@ def layer_graph(model: nn.Module, example_inputs: Any,
         raise AutoplanError(f"attention must be one of {', '.join(ATTENTION_MODES)}, "
                             f"got '{attention}'")
     meta = _meta_copy(model, dtype) if _needs_copy(model, dtype) else model
-    inputs_fn = _meta_inputs(example_inputs)
+    inputs_fn = _meta_inputs(example_inputs, dtype)
     units = find_units(meta)
     loss_fn = loss_fn or sum_loss
     tracer = _trace(meta, units, inputs_fn(1), loss_fn, attention)
@@ -178,15 +178,17 @@ def _needs_copy(model: nn.Module, dtype: torch.dtype) -> bool:
                for t in [*model.parameters(), *model.buffers()])
 
 
-def _meta_inputs(example: Any) -> Callable[[int], tuple]:
-    def like(t: Any, batch: int) -> Any:
+def _meta_inputs(example: Any, dtype: torch.dtype) -> Callable[[int], tuple]:
+    """batch size -> meta inputs; floating inputs take the trace dtype, as under autocast."""
+    def like(t: Any, batch: int | None) -> Any:
         if not isinstance(t, torch.Tensor):
             return t
-        return torch.zeros((batch, *t.shape[1:]), dtype=t.dtype, device="meta")
+        shape = t.shape if batch is None else (batch, *t.shape[1:])
+        return torch.empty(shape, dtype=dtype if t.is_floating_point() else t.dtype,
+                           device="meta")
 
     if callable(example):
-        return lambda batch: tuple(t.to("meta") if isinstance(t, torch.Tensor) else t
-                                   for t in example(batch))
+        return lambda batch: tuple(like(t, None) for t in example(batch))
     example = example if isinstance(example, tuple) else (example,)
     return lambda batch: tuple(like(t, batch) for t in example)
 

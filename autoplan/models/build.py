@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from autoplan.errors import AutoplanError
 from autoplan.models.gpt import GPT, GPTConfig
@@ -98,7 +99,8 @@ def _build_factory(spec: ModelSpec, device: str | torch.device,
     try:
         factory = getattr(importlib.import_module(module_name), factory_name)
     except (ImportError, AttributeError) as err:
-        raise AutoplanError(f"model spec '{spec.text}': cannot import {spec.source}: {err}") from None
+        raise AutoplanError(
+            f"model spec '{spec.text}': cannot import {spec.source}: {err}") from None
     module = factory()
     if not isinstance(module, nn.Module):
         raise AutoplanError(f"{spec.source} returned {type(module).__name__}, not an nn.Module")
@@ -117,5 +119,5 @@ def _build_factory(spec: ModelSpec, device: str | torch.device,
 def sum_loss(output: Any, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Stand-in loss for modules without one: the sum of the first output tensor,
     which sends a gradient to every output element."""
-    first = output if isinstance(output, torch.Tensor) else torch.utils._pytree.tree_leaves(output)[0]
+    first = output if isinstance(output, torch.Tensor) else tree_leaves(output)[0]
     return first.float().sum()

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GPTConfig", "GPT"]
+__all__ = ["init_weights", "GPTConfig", "GPT"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,14 @@ class GPTConfig:
     @property
     def ffn_size(self) -> int:
         return self.ffn or 4 * self.hidden
+
+
+def init_weights(module: nn.Module) -> None:
+    """GPT-2's initialisation: normal(0, 0.02) weights, zero biases (Radford 2019, nanoGPT)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
 
 
 class CausalSelfAttention(nn.Module):
@@ -91,6 +99,8 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.hidden)
         self.lm_head = nn.Linear(cfg.hidden, cfg.vocab, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017), as in GPT-2
+        if not self.wte.weight.is_meta:  # meta tensors hold no values to initialise
+            self.apply(init_weights)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         _, S = idx.shape

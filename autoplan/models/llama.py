@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autoplan.models.gpt import init_weights
+
 __all__ = ["LlamaConfig", "Llama"]
 
 
@@ -98,6 +100,8 @@ class Llama(nn.Module):
         cos, sin = rope_tables(cfg.hidden // cfg.heads, cfg.seq, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        if not self.output.weight.is_meta:  # meta tensors hold no values to initialise
+            self.apply(init_weights)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         _, S = idx.shape

@@ -111,7 +111,8 @@ def _module_spec(text: str, rest: str) -> ModelSpec:
     module, sep, factory = rest.partition(":")
     if not sep or not module or not factory.isidentifier():
         raise AutoplanError(
-            f"model spec '{text}' must be module:package.module:factory, e.g. module:mypkg.nets:build"
+            f"model spec '{text}' must be module:package.module:factory, "
+            "e.g. module:mypkg.nets:build"
         )
     if not all(part.isidentifier() for part in module.split(".")):
         raise AutoplanError(f"model spec '{text}': '{module}' is not a dotted module name")

@@ -1,0 +1,115 @@
+"""The command line: commands, output shapes, and one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from autoplan.cli import main
+from autoplan.graph import LayerGraph
+from autoplan.plan import load_plan
+
+COMMANDS = ["profile", "search", "estimate", "run", "validate", "plot", "export", "inspect",
+            "models"]
+
+
+def _autoplan(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "autoplan", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_help_lists_every_command() -> None:
+    out = _autoplan("--help")
+    assert out.returncode == 0
+    for command in COMMANDS:
+        assert command in out.stdout
+
+
+@pytest.mark.parametrize("command", ["profile", "search", "estimate", "run", "validate",
+                                     "plot", "export"])
+def test_commands_not_built_yet_say_so(command: str, capsys) -> None:
+    assert main([command, "--model", "gpt-tiny"]) == 2
+    err = capsys.readouterr().err
+    assert f"autoplan {command}: not built yet" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_model_is_one_line_exit_2_without_traceback() -> None:
+    out = _autoplan("inspect", "--model", "gpt:layers=2,hidden=10,heads=3,seq=4,vocab=8")
+    assert out.returncode == 2
+    assert out.stderr.strip() == ("autoplan inspect: error: model spec "
+                                  "'gpt:layers=2,hidden=10,heads=3,seq=4,vocab=8': "
+                                  "hidden 10 is not divisible by heads 3")
+    assert "Traceback" not in out.stderr and out.stdout == ""
+
+
+def test_usage_errors_are_one_line(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--model" in err
+
+
+def test_inspect_json(capsys) -> None:
+    assert main(["inspect", "--model", "gpt-small-test", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["params"] == sum(layer["params"] for layer in data["layers"])
+    assert data["flops_per_token"] == pytest.approx(
+        sum(layer["flops_per_token"] for layer in data["layers"]))
+    assert [layer["kind"] for layer in data["layers"]].count("block") == 4
+    assert {"name", "kind", "params", "flops_per_token", "act_bytes_per_token",
+            "output_shape"} <= set(data["layers"][0])
+
+
+def test_inspect_table_groups_repeated_blocks(capsys) -> None:
+    assert main(["inspect", "--model", "gpt-small-test"]) == 0
+    out = capsys.readouterr().out
+    assert "h.0 .. h.3" in out and "total" in out and "867K" in out
+
+
+def test_inspect_checks_and_writes_a_plan(tmp_path, capsys) -> None:
+    args = ["inspect", "--model", "llama-tiny", "--plan", "tp=2,pp=2,ckpt=full",
+            "--world-size", "8", "--global-batch", "16", "-o", str(tmp_path)]
+    assert main(args) == 0
+    assert "plan: 8 devices, pp 2" in capsys.readouterr().out
+    graph = LayerGraph.load(tmp_path / "graph.json")
+    plan = load_plan(str(tmp_path / "plan.json"))
+    assert plan.model_hash == graph.structural_hash and plan.layers[1].checkpoint == "full"
+    # The written plan is read back and checked against the model, with no shorthand context.
+    assert main(["inspect", "--model", "llama-tiny", "--plan", str(tmp_path / "plan.json")]) == 0
+    capsys.readouterr()
+    assert main(["inspect", "--model", "gpt-tiny", "--plan", str(tmp_path / "plan.json")]) == 2
+    assert "plan is for model llama-tiny" in capsys.readouterr().err
+
+
+def test_inspect_refuses_tp_that_does_not_divide_heads(capsys) -> None:
+    args = ["inspect", "--model", "llama-tiny", "--plan", "tp=4", "--world-size", "4",
+            "--global-batch", "4"]
+    assert main(args) == 2
+    assert "tp 4 does not divide the model's 2 kv_heads" in capsys.readouterr().err
+
+
+def test_models_json_lists_presets(capsys) -> None:
+    assert main(["models", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert {"gpt3-1.7b", "gpt3-6.7b", "gpt3-13b", "gpt3-175b", "llama3-8b", "llama3-70b",
+            "llama3-405b", "gpt-tiny", "llama-tiny"} <= set(rows)
+    assert rows["llama3-8b"]["params"] == 8_030_261_248
+
+
+def test_inspect_llama3_70b_stays_small() -> None:
+    # Memory, not time, is asserted here (time is noisy; benchmarks/inspect_speed.py
+    # measures it). The 2 GB bound is the foundation issue's.
+    code = ("import resource, sys; from autoplan.cli import main; rc = main(['inspect', "
+            "'--model', 'llama3-70b', '--json']); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); "
+            "sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    peak_kib = int(out.stderr.strip().splitlines()[-1])
+    assert peak_kib * 1024 < 2e9
+    assert json.loads(out.stdout)["params"] == 70_553_706_496
