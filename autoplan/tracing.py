@@ -31,8 +31,9 @@ from torch.utils.flop_counter import flop_registry
 from autoplan.errors import AutoplanError
 from autoplan.graph import LayerEdge, LayerGraph, LayerNode
 from autoplan.models.build import BuiltModel, sum_loss
+from autoplan.units import find_units, structure_hash
 
-__all__ = ["layer_graph", "layer_graph_of_built", "find_units"]
+__all__ = ["layer_graph", "layer_graph_of_built"]
 
 log = logging.getLogger(__name__)
 
@@ -83,77 +84,6 @@ def layer_graph_of_built(built: BuiltModel, dtype: torch.dtype = torch.bfloat16,
     return layer_graph(built.module, built.example_inputs, built.loss_fn, name=built.spec.text,
                        dtype=dtype, attention=attention,
                        tokens_per_sample=built.tokens_per_sample)
-
-
-# ---------------------------------------------------------------------------- units
-
-
-def _structure(module: nn.Module, memo: dict[int, str]) -> str:
-    """A text that is equal for modules of identical class, parameter shapes and children."""
-    if id(module) not in memo:
-        own = [(n, tuple(p.shape), str(p.dtype)) for n, p in module.named_parameters(recurse=False)]
-        kids = [(n, _structure(c, memo)) for n, c in module.named_children()]
-        text = repr((type(module).__qualname__, own, kids))
-        memo[id(module)] = hashlib.sha1(text.encode()).hexdigest()
-    return memo[id(module)]
-
-
-def _numel(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def _block_container(module: nn.Module, memo: dict[int, str]) -> str | None:
-    """FQN (relative to module) of the ModuleList/Sequential with the most parameters
-    among those holding at least two children of identical structure."""
-    best, best_size = None, -1
-    for fqn, sub in module.named_modules():
-        if not isinstance(sub, (nn.ModuleList, nn.Sequential)) or len(sub) < 2:
-            continue
-        counts = Counter(_structure(child, memo) for child in sub)
-        if max(counts.values()) >= 2 and _numel(sub) > best_size:
-            best, best_size = fqn, _numel(sub)
-    return best
-
-
-def _units_below(module: nn.Module, prefix: str, memo: dict[int, str],
-                 top: bool) -> list[tuple[str, bool]]:
-    """(fqn, is_block) pairs that partition `module`'s parametrised subtrees into units."""
-    container = _block_container(module, memo)
-    if container is None:
-        kids = [(n, c) for n, c in module.named_children() if _numel(c)] if top else []
-        if not kids:
-            return [(prefix, False)]
-        return [u for n, c in kids for u in _units_below(c, _join(prefix, n), memo, False)]
-    units: list[tuple[str, bool]] = []
-    path = container.split(".") if container else []
-    node = module
-    for depth, step in enumerate(path + [None]):
-        here = _join(prefix, ".".join(path[:depth]))
-        for name, child in node.named_children():
-            if name == step:
-                continue
-            if step is None:  # the container's own children: every one is a unit
-                units.append((_join(here, name), True))
-            elif _numel(child):
-                units += _units_below(child, _join(here, name), memo, False)
-        node = node.get_submodule(step) if step is not None else node
-    return units
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix and name else prefix or name
-
-
-def find_units(model: nn.Module) -> list[tuple[str, bool]]:
-    """The units of a module: (fqn, is_block) in module-tree order.
-
-    Example: a GPT gives wte, wpe, h.0 ... h.N (blocks), ln_f, lm_head.
-    """
-    memo: dict[int, str] = {}
-    units = _units_below(model, "", memo, top=True)
-    counts = Counter(_structure(model.get_submodule(f), memo) for f, _ in units)
-    # A container child is a "block" only when its structure repeats.
-    return [(f, b and counts[_structure(model.get_submodule(f), memo)] > 1) for f, b in units]
 
 
 # ---------------------------------------------------------------------------- tracing
@@ -460,7 +390,7 @@ def _kind(module: nn.Module | None, is_block: bool, is_last: bool) -> str:
 
 def _node(unit: str, kind: str, module: nn.Module | None, rec: _Record, params: int,
           shared: int, memo: dict[int, str]) -> LayerNode:
-    structure = _structure(module, memo) if module is not None else "loss"
+    structure = structure_hash(module, memo) if module is not None else "loss"
     costs = (rec.fwd_flops, rec.bwd_flops, rec.act_bytes, rec.output_shape)
     signature = hashlib.sha1(repr((structure, costs)).encode()).hexdigest()[:12]
     element = next(module.parameters()).element_size() if module and params + shared else 0

@@ -12,7 +12,8 @@ from torch import nn
 from autoplan.errors import AutoplanError
 from autoplan.graph import LayerGraph
 from autoplan.models import build_model
-from autoplan.tracing import find_units, layer_graph, layer_graph_of_built
+from autoplan.tracing import layer_graph, layer_graph_of_built
+from autoplan.units import find_units
 from tests.core.factories import EncoderDecoder, SmallResNet
 
 

@@ -1,0 +1,84 @@
+"""Which modules of a model are the units that parallel strategies apply to.
+
+The blocks are the children of the largest ModuleList/Sequential whose children repeat;
+around them, every module with parameters is a unit too (embeddings, final norm, head), and
+a sibling that holds a repeated stack of its own is split the same way (an encoder beside a
+decoder).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+
+from torch import nn
+
+__all__ = ["find_units", "join_name", "structure_hash"]
+
+
+def structure_hash(module: nn.Module, memo: dict[int, str]) -> str:
+    """A text that is equal for modules of identical class, parameter shapes and children."""
+    if id(module) not in memo:
+        own = [(n, tuple(p.shape), str(p.dtype)) for n, p in module.named_parameters(recurse=False)]
+        kids = [(n, structure_hash(c, memo)) for n, c in module.named_children()]
+        text = repr((type(module).__qualname__, own, kids))
+        memo[id(module)] = hashlib.sha1(text.encode()).hexdigest()
+    return memo[id(module)]
+
+
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _block_container(module: nn.Module, memo: dict[int, str]) -> str | None:
+    """FQN (relative to module) of the ModuleList/Sequential with the most parameters
+    among those holding at least two children of identical structure."""
+    best, best_size = None, -1
+    for fqn, sub in module.named_modules():
+        if not isinstance(sub, (nn.ModuleList, nn.Sequential)) or len(sub) < 2:
+            continue
+        counts = Counter(structure_hash(child, memo) for child in sub)
+        if max(counts.values()) >= 2 and _numel(sub) > best_size:
+            best, best_size = fqn, _numel(sub)
+    return best
+
+
+def _units_below(module: nn.Module, prefix: str, memo: dict[int, str],
+                 top: bool) -> list[tuple[str, bool]]:
+    """(fqn, is_block) pairs that partition `module`'s parametrised subtrees into units."""
+    container = _block_container(module, memo)
+    if container is None:
+        kids = [(n, c) for n, c in module.named_children() if _numel(c)] if top else []
+        if not kids:
+            return [(prefix, False)]
+        return [u for n, c in kids for u in _units_below(c, join_name(prefix, n), memo, False)]
+    units: list[tuple[str, bool]] = []
+    path = container.split(".") if container else []
+    node = module
+    for depth, step in enumerate(path + [None]):
+        here = join_name(prefix, ".".join(path[:depth]))
+        for name, child in node.named_children():
+            if name == step:
+                continue
+            if step is None:  # the container's own children: every one is a unit
+                units.append((join_name(here, name), True))
+            elif _numel(child):
+                units += _units_below(child, join_name(here, name), memo, False)
+        node = node.get_submodule(step) if step is not None else node
+    return units
+
+
+def join_name(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def find_units(model: nn.Module) -> list[tuple[str, bool]]:
+    """The units of a module: (fqn, is_block) in module-tree order.
+
+    Example: a GPT gives wte, wpe, h.0 ... h.N (blocks), ln_f, lm_head.
+    """
+    memo: dict[int, str] = {}
+    units = _units_below(model, "", memo, top=True)
+    counts = Counter(structure_hash(model.get_submodule(f), memo) for f, _ in units)
+    # A container child is a "block" only when its structure repeats.
+    return [(f, b and counts[structure_hash(model.get_submodule(f), memo)] > 1) for f, b in units]
