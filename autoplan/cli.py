@@ -18,7 +18,6 @@ __all__ = ["main"]
 _DTYPES = ("bf16", "fp16", "fp32")
 # Commands of the product that later work fills in; each says so instead of pretending.
 _NOT_BUILT = {
-    "profile": "measure per-layer compute, memory and collective bandwidth",
     "search": "find the fastest plan that fits memory (ILP and DP)",
     "estimate": "predict step time and per-rank memory of a plan",
     "run": "train a model under a plan on local processes or torchrun",
@@ -60,6 +59,28 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--global-batch", type=int, help="samples per step, for --plan")
     inspect.add_argument("-o", "--output", help="write graph.json (and plan.json) to this folder")
     inspect.set_defaults(handler=_cmd_inspect)
+
+    profile = sub.add_parser("profile", help="measure per-layer compute, memory and "
+                             "collective bandwidth, or derive them from a hardware preset")
+    profile.add_argument("--model", required=True, help="model spec or preset name")
+    profile.add_argument("--mode", choices=("measure", "analytic"), default="measure")
+    profile.add_argument("--cluster", help="cluster spec (analytic: the target; measure: "
+                         "default local-cpu:procs=NPROC)")
+    profile.add_argument("--nproc", type=int, default=2,
+                         help="local processes for collective timing (measure)")
+    profile.add_argument("--micro-batches", default="1,2,4,8", help="e.g. 1,2,4,8")
+    profile.add_argument("--tp", default="1,2,4,8", help="TP degrees whose shard shapes to time")
+    profile.add_argument("--repeats", type=int, default=10)
+    profile.add_argument("--warmup", type=int, default=3)
+    profile.add_argument("--threads", type=int, help="torch threads while timing layers")
+    profile.add_argument("--dtype", choices=_DTYPES, default="fp32")
+    profile.add_argument("--device", default="cpu", help="cpu or cuda")
+    profile.add_argument("--comm-sizes", help="message bytes, e.g. 1024,1048576 "
+                         "(default 1 KiB to 64 MiB)")
+    profile.add_argument("--no-comm", action="store_true", help="skip collective timing")
+    profile.add_argument("-o", "--output", required=True, help="folder for profile.json, "
+                         "layers.csv, comm.csv")
+    profile.set_defaults(handler=_cmd_profile)
 
     for name, text in _NOT_BUILT.items():
         stub = sub.add_parser(name, help=f"{text} (not built yet)")
@@ -132,6 +153,45 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     out.print(layer_table(result.graph, group=not args.all))
     if result.plan:
         out.print(plan_table(result.plan))
+    return 0
+
+
+def _int_list(text: str, what: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise AutoplanError(f"{what} must be integers separated by commas, got '{text}'") from None
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from autoplan.profiler.command import DEFAULT_COMM_SIZES, ProfileOptions, run_profile
+    from autoplan.profiler.output import write_profile
+    from autoplan.report import profile_tables
+
+    sizes = _int_list(args.comm_sizes, "--comm-sizes") if args.comm_sizes else DEFAULT_COMM_SIZES
+    options = ProfileOptions(
+        model=args.model, mode=args.mode, cluster=args.cluster, nproc=args.nproc,
+        micro_batches=_int_list(args.micro_batches, "--micro-batches"),
+        tps=_int_list(args.tp, "--tp"), repeats=args.repeats, warmup=args.warmup,
+        threads=args.threads, dtype=args.dtype, device=args.device, comm_sizes=sizes,
+        comm=not args.no_comm)
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=_console(stderr=True), transient=True) as bar:
+        tasks = {"layers": bar.add_task("layers", total=None),
+                 "comm": bar.add_task("collectives", total=None)}
+
+        def on_step(stage: str, text: str) -> None:
+            bar.update(tasks[stage], advance=1, description=f"{stage}: {text}")
+
+        profile = run_profile(options, on_step)
+    paths = write_profile(profile, args.output)
+    out = _console()
+    for table in profile_tables(profile):
+        out.print(table)
+    out.print(f"wrote {', '.join(str(p) for p in paths)} (content hash {profile.content_hash})")
     return 0
 
 

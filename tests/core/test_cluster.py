@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from autoplan.profiler import HARDWARE_PRESETS
 
 from autoplan.cluster import Cluster, parse_cluster_spec
 from autoplan.errors import AutoplanError
+from autoplan.profiler import HARDWARE_PRESETS
 
 
 def test_presets_and_sizes() -> None:

@@ -1,0 +1,106 @@
+"""`autoplan profile --mode measure`: time and size every distinct layer on this machine,
+time the collectives between local processes, and assemble the Profile."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import platform
+import socket
+from collections.abc import Callable
+
+import torch
+
+from autoplan.cluster import Cluster
+from autoplan.graph import LayerGraph
+from autoplan.models.build import BuiltModel
+from autoplan.profiler.compute import (
+    MeasureSettings,
+    capture_unit_calls,
+    first_nodes,
+    fit_line,
+    make_inputs,
+    materialize,
+    runs_on_meta,
+    shard_copy,
+    time_unit,
+)
+from autoplan.profiler.memory import measure_memory
+from autoplan.profiler.profile import LayerProfile, LinearFit, Machine, Profile, TimePoint
+
+__all__ = ["measure_layers", "machine_info", "measured_profile"]
+
+Progress = Callable[[str], None]
+log = logging.getLogger(__name__)
+
+
+def measure_layers(built: BuiltModel, graph: LayerGraph, settings: MeasureSettings,
+                   on_step: Progress | None = None) -> list[LayerProfile]:
+    """One LayerProfile per distinct signature: time points, fits per TP degree, memory."""
+    calls = capture_unit_calls(built, graph)
+    layers = []
+    for signature, node in first_nodes(graph).items():
+        unit = built.module.get_submodule(node.name)
+        points = []
+        for tp in settings.tps:
+            shard = shard_copy(unit, tp)
+            if shard is None or not runs_on_meta(shard, calls[signature]):
+                log.info("%s: no shard shapes for tp=%d, not profiled at that degree",
+                         node.name, tp)
+                continue
+            real = materialize(shard, settings.device, settings.dtype)
+            for micro_batch in settings.micro_batches:
+                if on_step:
+                    on_step(f"{node.name} tp={tp} micro_batch={micro_batch}")
+                inputs = make_inputs(calls[signature], micro_batch, settings.device,
+                                     settings.dtype)
+                points.append(TimePoint(micro_batch=micro_batch, tp=tp,
+                                        repeats=settings.repeats,
+                                        **time_unit(real, inputs, settings)))
+        memory = measure_memory(unit, node, calls[signature], settings)
+        names = [n.name for n in graph.nodes if n.signature == signature]
+        layers.append(LayerProfile(signature=signature, kind=node.kind, names=names,
+                                   points=points, fits=_fits(points), memory=memory))
+    return layers
+
+
+def _fits(points: list[TimePoint]) -> list[LinearFit]:
+    fits = []
+    for tp in sorted({p.tp for p in points}):
+        mine = [p for p in points if p.tp == tp]
+        xs = [float(p.micro_batch) for p in mine]
+        fwd = fit_line(xs, [p.fwd_s for p in mine])
+        bwd = fit_line(xs, [p.bwd_s for p in mine])
+        fits.append(LinearFit(tp=tp, fwd_intercept_s=fwd[0], fwd_per_sample_s=fwd[1],
+                              bwd_intercept_s=bwd[0], bwd_per_sample_s=bwd[1]))
+    return fits
+
+
+def machine_info(settings: MeasureSettings) -> Machine:
+    device = (torch.cuda.get_device_name(torch.device(settings.device))
+              if settings.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)")
+    return Machine(hostname=socket.gethostname(), platform=platform.platform(),
+                   python=platform.python_version(), torch=torch.__version__, device=device,
+                   threads=torch.get_num_threads())
+
+
+def measured_profile(built: BuiltModel, graph: LayerGraph, cluster: Cluster,
+                     settings: MeasureSettings, comm: tuple[list, list] = ([], []),
+                     on_step: Progress | None = None) -> Profile:
+    """The Profile of a measured run: layers timed here, collectives given as (points, fits)."""
+    threads = torch.get_num_threads()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    try:
+        layers = measure_layers(built, graph, settings, on_step)
+        machine = machine_info(settings)
+    finally:
+        torch.set_num_threads(threads)
+    return Profile(
+        mode="measure", model=graph.model, model_hash=graph.structural_hash,
+        dtype=str(settings.dtype).removeprefix("torch."), cluster=cluster.to_dict(),
+        machine=machine, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        layers=layers, comm_points=comm[0], comm=comm[1],
+        notes=["layer times: median of repeats, perf_counter (CPU) or synchronised (CUDA)",
+               "transient peak memory is measured on CUDA only (cuda_max_allocated_bytes)"])

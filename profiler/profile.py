@@ -1,0 +1,211 @@
+"""The Profile: what the cost model knows about a model on a machine, saved as JSON.
+
+Every number is measured (mode "measure") or derived from a preset's stated figures (mode
+"analytic"); the raw points are kept beside the fits made from them. Units are SI: seconds,
+bytes, bytes/s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from autoplan import __version__
+from autoplan.errors import AutoplanError
+from autoplan.io import atomic_write_text
+
+__all__ = [
+    "PROFILE_FORMAT_VERSION", "COLLECTIVES", "TimePoint", "LinearFit", "LayerMemory",
+    "LayerProfile", "CommPoint", "CommFit", "Machine", "Profile", "load_profile",
+]
+
+PROFILE_FORMAT_VERSION = 1
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
+Collective = Literal["all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv"]
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+class TimePoint(BaseModel):
+    """Forward and backward time of one layer at one micro-batch size and TP degree."""
+
+    model_config = _FROZEN
+    micro_batch: int = Field(ge=1)
+    tp: int = Field(ge=1)
+    fwd_s: float = Field(ge=0, description="median over repeats")
+    bwd_s: float = Field(ge=0, description="median over repeats")
+    fwd_spread_s: float = Field(0.0, ge=0, description="max - min over repeats")
+    bwd_spread_s: float = Field(0.0, ge=0, description="max - min over repeats")
+    repeats: int = Field(1, ge=1)
+
+
+class LinearFit(BaseModel):
+    """time = intercept_s + per_sample_s * micro_batch (least squares over the points)."""
+
+    model_config = _FROZEN
+    tp: int = Field(ge=1)
+    fwd_intercept_s: float
+    fwd_per_sample_s: float
+    bwd_intercept_s: float
+    bwd_per_sample_s: float
+
+    def fwd_s(self, micro_batch: float) -> float:
+        return max(self.fwd_intercept_s + self.fwd_per_sample_s * micro_batch, 0.0)
+
+    def bwd_s(self, micro_batch: float) -> float:
+        return max(self.bwd_intercept_s + self.bwd_per_sample_s * micro_batch, 0.0)
+
+
+class LayerMemory(BaseModel):
+    """Bytes of one layer at tp = 1; sharded figures divide by the degrees (cost model)."""
+
+    model_config = _FROZEN
+    params: int = Field(ge=0)
+    param_bytes: int = Field(ge=0)
+    grad_bytes: int = Field(ge=0)
+    optimizer_bytes: dict[str, int] = Field(
+        description="state bytes after one step, keyed 'adamw/fp32', 'sgd/bf16', 'adamw/mixed'...")
+    act_bytes_per_sample: int = Field(ge=0, description="saved for backward")
+    act_bytes_per_sample_ckpt: int = Field(ge=0, description="saved with full checkpointing")
+    peak_fwd_bytes_per_sample: int = Field(0, ge=0, description="transient peak above inputs")
+    peak_bwd_bytes_per_sample: int = Field(0, ge=0, description="transient peak above inputs")
+    cuda_max_allocated_bytes: int | None = Field(None, description="torch.cuda, when on a GPU")
+
+
+class LayerProfile(BaseModel):
+    """One distinct layer signature: its time points, fits and memory."""
+
+    model_config = _FROZEN
+    signature: str
+    kind: str
+    names: list[str] = Field(description="the layers that share this signature")
+    points: list[TimePoint]
+    fits: list[LinearFit] = Field(description="one per TP degree profiled")
+    memory: LayerMemory
+
+    def fit(self, tp: int) -> LinearFit:
+        """The fit at `tp`; raises KeyError when that degree was not profiled."""
+        for fit in self.fits:
+            if fit.tp == tp:
+                return fit
+        raise KeyError(f"layer {self.names[0]}: tp {tp} not profiled "
+                       f"(have {[f.tp for f in self.fits]})")
+
+
+class CommPoint(BaseModel):
+    """One timed collective: median time and nccl-tests style bandwidths."""
+
+    model_config = _FROZEN
+    collective: Collective
+    group_size: int = Field(ge=2)
+    scope: Literal["intra", "inter"] = "intra"
+    nbytes: int = Field(ge=1, description="message size per rank, as nccl-tests counts it")
+    time_s: float = Field(ge=0)
+    spread_s: float = Field(0.0, ge=0)
+    algbw: float = Field(ge=0, description="nbytes / time_s, bytes/s")
+    busbw: float = Field(ge=0, description="algbw x the collective's bus factor, bytes/s")
+
+
+class CommFit(BaseModel):
+    """time = alpha_s + nbytes / bandwidth for one collective, group size and scope."""
+
+    model_config = _FROZEN
+    collective: Collective
+    group_size: int = Field(ge=2)
+    scope: Literal["intra", "inter"] = "intra"
+    alpha_s: float = Field(ge=0, description="latency")
+    bandwidth: float = Field(gt=0, description="effective bytes/s of the message size")
+    busbw: float = Field(ge=0, description="peak bus bandwidth seen, bytes/s")
+
+    def time_s(self, nbytes: float) -> float:
+        return self.alpha_s + nbytes / self.bandwidth
+
+
+class Machine(BaseModel):
+    model_config = _FROZEN
+    hostname: str
+    platform: str
+    python: str
+    torch: str
+    device: str = Field(description="cpu, or the CUDA device name")
+    threads: int = Field(ge=1, description="torch threads per process while measuring")
+
+
+class Profile(BaseModel):
+    """A versioned profile: layers (by signature), collectives, the machine and cluster."""
+
+    model_config = _FROZEN
+    version: int = PROFILE_FORMAT_VERSION
+    mode: Literal["measure", "analytic"]
+    model: str
+    model_hash: str
+    dtype: str
+    cluster: dict[str, Any] = Field(description="the Cluster it describes (Cluster.to_dict)")
+    machine: Machine | None = None
+    autoplan_version: str = __version__
+    created: str = ""
+    layers: list[LayerProfile]
+    comm_points: list[CommPoint] = Field(default_factory=list)
+    comm: list[CommFit] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list, description="sources and caveats")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_version(cls, data: Any) -> Any:
+        version = data.get("version", PROFILE_FORMAT_VERSION) if isinstance(data, dict) else None
+        if version not in (None, PROFILE_FORMAT_VERSION):
+            raise ValueError(f"profile format version {version} is not supported (this "
+                             f"autoplan {__version__} reads version {PROFILE_FORMAT_VERSION})")
+        return data
+
+    @property
+    def content_hash(self) -> str:
+        """Hash of everything but the creation time: equal profiles hash equal."""
+        body = self.model_dump(exclude={"created"})
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+    def layer(self, signature: str) -> LayerProfile:
+        for layer in self.layers:
+            if layer.signature == signature:
+                return layer
+        raise KeyError(f"no layer with signature {signature} in the profile of {self.model}")
+
+    def comm_fit(self, collective: str, group_size: int, scope: str = "intra") -> CommFit:
+        for fit in self.comm:
+            if (fit.collective, fit.group_size, fit.scope) == (collective, group_size, scope):
+                return fit
+        raise KeyError(f"no {scope} {collective} fit for {group_size} ranks in the profile")
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump() | {"content_hash": self.content_hash}, indent=1)
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(path, self.to_json() + "\n")
+
+
+def load_profile(path: str | Path) -> Profile:
+    """Read a profile.json (or a folder holding one).
+
+    Raises:
+        AutoplanError: on a missing file, another format version or a bad field.
+    """
+    path = Path(path)
+    path = path / "profile.json" if path.is_dir() else path
+    try:
+        data = json.loads(path.read_text())
+    except OSError as err:
+        raise AutoplanError(f"profile '{path}' cannot be read: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise AutoplanError(f"profile '{path}' is not JSON: {err}") from None
+    if isinstance(data, dict):
+        data.pop("content_hash", None)
+    try:
+        return Profile.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
+        raise AutoplanError(f"profile '{path}': {where + ': ' if where else ''}{message}") from None
