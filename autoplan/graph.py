@@ -41,7 +41,8 @@ class LayerNode:
     bwd_flops: float
     """Backward FLOPs per sample, measured, not assumed to be 2x forward."""
     act_bytes: int
-    """Bytes saved for backward per sample (deduplicated storages, parameters excluded)."""
+    """Bytes saved for backward per sample (deduplicated storages, parameters excluded); a
+    storage an earlier unit already saved (often this unit's input) counts there only."""
     act_bytes_fixed: int
     """Bytes saved for backward that do not grow with the batch."""
     input_bytes: int

@@ -27,7 +27,10 @@ from autoplan.models.build import BuiltModel
 from autoplan.tp_plan import COLWISE, infer_tp_plan
 
 __all__ = ["MeasureSettings", "UnitCall", "capture_unit_calls", "materialize", "shard_copy",
-           "runs_on_meta", "make_inputs", "time_unit", "fit_line", "first_nodes"]
+           "runs_on_meta", "make_inputs", "time_unit", "fit_line", "first_nodes", "LossUnit",
+           "unit_module"]
+
+LOSS = "loss"  # the LayerGraph's name for the loss node
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,25 @@ class UnitCall:
     two: tuple[list[Any], Any]
 
 
+class LossUnit(nn.Module):
+    """The model's loss as a module, so that it is timed and sized like a layer: its
+    inputs are the model's output and the model's inputs (targets derive from them)."""
+
+    def __init__(self, loss_fn: Callable[[Any, tuple], torch.Tensor]) -> None:
+        super().__init__()
+        self.loss_fn = loss_fn
+
+    def forward(self, output: Any, *inputs: Any) -> torch.Tensor:
+        return self.loss_fn(output, inputs)
+
+
+def unit_module(built: BuiltModel, node: LayerNode) -> nn.Module:
+    """The module of a LayerGraph node ("loss" is the model's loss function)."""
+    if node.kind == "loss":
+        return LossUnit(built.loss_fn)
+    return built.module.get_submodule(node.name)
+
+
 def capture_unit_calls(built: BuiltModel, graph: LayerGraph) -> dict[str, UnitCall]:
     """signature -> the call of its first layer, captured by meta forward passes at batch
     1 and 2 (hooks keep the first call of each unit in each pass)."""
@@ -64,11 +86,15 @@ def capture_unit_calls(built: BuiltModel, graph: LayerGraph) -> dict[str, UnitCa
             calls[name].append(tree_flatten((args, kwargs)))
 
     handles = [built.module.get_submodule(name).register_forward_pre_hook(
-        lambda _m, a, k, name=name: keep(name, a, k), with_kwargs=True) for name in calls]
+        lambda _m, a, k, name=name: keep(name, a, k), with_kwargs=True)
+        for name in calls if name != LOSS]
     try:
         with torch.no_grad():
             for pass_index, batch in enumerate((1, 2)):  # noqa: B007 - read by keep()
-                built.module(*built.example_inputs(batch))
+                inputs = built.example_inputs(batch)
+                output = built.module(*inputs)
+                if LOSS in calls:
+                    keep(LOSS, (output, *inputs), {})
     finally:
         for h in handles:
             h.remove()
@@ -197,9 +223,8 @@ def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 
 def first_nodes(graph: LayerGraph) -> dict[str, LayerNode]:
-    """signature -> its first node, loss excluded."""
+    """signature -> its first node, in graph order."""
     out: dict[str, LayerNode] = {}
     for node in graph.nodes:
-        if node.kind != "loss":
-            out.setdefault(node.signature, node)
+        out.setdefault(node.signature, node)
     return out

@@ -25,6 +25,7 @@ from autoplan.profiler.compute import (
     runs_on_meta,
     shard_copy,
     time_unit,
+    unit_module,
 )
 from autoplan.profiler.memory import measure_memory
 from autoplan.profiler.profile import LayerProfile, LinearFit, Machine, Profile, TimePoint
@@ -41,7 +42,7 @@ def measure_layers(built: BuiltModel, graph: LayerGraph, settings: MeasureSettin
     calls = capture_unit_calls(built, graph)
     layers = []
     for signature, node in first_nodes(graph).items():
-        unit = built.module.get_submodule(node.name)
+        unit = unit_module(built, node)
         points = []
         for tp in settings.tps:
             shard = shard_copy(unit, tp)
