@@ -92,6 +92,13 @@ class LayerGraph:
     def names(self) -> list[str]:
         return [n.name for n in self.nodes]
 
+    def by_signature(self) -> dict[str, list[LayerNode]]:
+        """signature -> its layers, in graph order: the distinct layers to profile once."""
+        groups: dict[str, list[LayerNode]] = {}
+        for node in self.nodes:
+            groups.setdefault(node.signature, []).append(node)
+        return groups
+
     @property
     def params(self) -> int:
         return sum(n.params for n in self.nodes)

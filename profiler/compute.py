@@ -27,7 +27,7 @@ from autoplan.models.build import BuiltModel
 from autoplan.tp_plan import COLWISE, infer_tp_plan
 
 __all__ = ["MeasureSettings", "UnitCall", "capture_unit_calls", "materialize", "shard_copy",
-           "runs_on_meta", "make_inputs", "time_unit", "fit_line", "first_nodes", "LossUnit",
+           "runs_on_meta", "make_inputs", "time_unit", "LossUnit",
            "unit_module"]
 
 LOSS = "loss"  # the LayerGraph's name for the loss node
@@ -77,7 +77,7 @@ def unit_module(built: BuiltModel, node: LayerNode) -> nn.Module:
 def capture_unit_calls(built: BuiltModel, graph: LayerGraph) -> dict[str, UnitCall]:
     """signature -> the call of its first layer, captured by meta forward passes at batch
     1 and 2 (hooks keep the first call of each unit in each pass)."""
-    names = {sig: node.name for sig, node in first_nodes(graph).items()}
+    names = {sig: nodes[0].name for sig, nodes in graph.by_signature().items()}
     calls: dict[str, list[Any]] = {name: [] for name in names.values()}
     pass_index = 0
 
@@ -210,21 +210,3 @@ def time_unit(module: nn.Module, inputs: tuple, settings: MeasureSettings) -> di
         module.zero_grad(set_to_none=True)
     return {"fwd_s": statistics.median(fwd), "bwd_s": statistics.median(bwd),
             "fwd_spread_s": max(fwd) - min(fwd), "bwd_spread_s": max(bwd) - min(bwd)}
-
-
-def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    """Least-squares (intercept, slope) of y = a + b x; one point gives (0, y / x)."""
-    if len(xs) == 1:
-        return 0.0, ys[0] / xs[0]
-    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
-    var = sum((x - mean_x) ** 2 for x in xs)
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / var
-    return mean_y - slope * mean_x, slope
-
-
-def first_nodes(graph: LayerGraph) -> dict[str, LayerNode]:
-    """signature -> its first node, in graph order."""
-    out: dict[str, LayerNode] = {}
-    for node in graph.nodes:
-        out.setdefault(node.signature, node)
-    return out

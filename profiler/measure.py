@@ -18,8 +18,6 @@ from autoplan.models.build import BuiltModel
 from autoplan.profiler.compute import (
     MeasureSettings,
     capture_unit_calls,
-    first_nodes,
-    fit_line,
     make_inputs,
     materialize,
     runs_on_meta,
@@ -28,7 +26,13 @@ from autoplan.profiler.compute import (
     unit_module,
 )
 from autoplan.profiler.memory import measure_memory
-from autoplan.profiler.profile import LayerProfile, LinearFit, Machine, Profile, TimePoint
+from autoplan.profiler.profile import (
+    LayerProfile,
+    Machine,
+    Profile,
+    TimePoint,
+    fits_from_points,
+)
 
 __all__ = ["measure_layers", "machine_info", "measured_profile"]
 
@@ -41,7 +45,8 @@ def measure_layers(built: BuiltModel, graph: LayerGraph, settings: MeasureSettin
     """One LayerProfile per distinct signature: time points, fits per TP degree, memory."""
     calls = capture_unit_calls(built, graph)
     layers = []
-    for signature, node in first_nodes(graph).items():
+    for signature, nodes in graph.by_signature().items():
+        node = nodes[0]
         unit = unit_module(built, node)
         points = []
         for tp in settings.tps:
@@ -60,22 +65,10 @@ def measure_layers(built: BuiltModel, graph: LayerGraph, settings: MeasureSettin
                                         repeats=settings.repeats,
                                         **time_unit(real, inputs, settings)))
         memory = measure_memory(unit, node, calls[signature], settings)
-        names = [n.name for n in graph.nodes if n.signature == signature]
-        layers.append(LayerProfile(signature=signature, kind=node.kind, names=names,
-                                   points=points, fits=_fits(points), memory=memory))
+        layers.append(LayerProfile(signature=signature, kind=node.kind,
+                                   names=[n.name for n in nodes], points=points,
+                                   fits=fits_from_points(points), memory=memory))
     return layers
-
-
-def _fits(points: list[TimePoint]) -> list[LinearFit]:
-    fits = []
-    for tp in sorted({p.tp for p in points}):
-        mine = [p for p in points if p.tp == tp]
-        xs = [float(p.micro_batch) for p in mine]
-        fwd = fit_line(xs, [p.fwd_s for p in mine])
-        bwd = fit_line(xs, [p.bwd_s for p in mine])
-        fits.append(LinearFit(tp=tp, fwd_intercept_s=fwd[0], fwd_per_sample_s=fwd[1],
-                              bwd_intercept_s=bwd[0], bwd_per_sample_s=bwd[1]))
-    return fits
 
 
 def machine_info(settings: MeasureSettings) -> Machine:

@@ -19,7 +19,8 @@ from autoplan.errors import AutoplanError
 from autoplan.io import atomic_write_text
 
 __all__ = [
-    "PROFILE_FORMAT_VERSION", "COLLECTIVES", "TimePoint", "LinearFit", "LayerMemory",
+    "PROFILE_FORMAT_VERSION", "COLLECTIVES", "TimePoint", "LinearFit", "fit_line",
+    "fits_from_points", "LayerMemory",
     "LayerProfile", "CommPoint", "CommFit", "Machine", "Profile", "load_profile",
 ]
 
@@ -57,6 +58,30 @@ class LinearFit(BaseModel):
 
     def bwd_s(self, micro_batch: float) -> float:
         return max(self.bwd_intercept_s + self.bwd_per_sample_s * micro_batch, 0.0)
+
+
+def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least squares y = a + b x; returns (a, b). With one distinct x: a = 0, b = mean(y) / x."""
+    n = len(xs)
+    mean_x, mean_y = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mean_x) ** 2 for x in xs)
+    if sxx == 0:
+        return 0.0, mean_y / mean_x
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sxx
+    return mean_y - slope * mean_x, slope
+
+
+def fits_from_points(points: list[TimePoint]) -> list[LinearFit]:
+    """One LinearFit per TP degree among the points, by least squares over micro-batches."""
+    fits = []
+    for tp in sorted({p.tp for p in points}):
+        mine = [p for p in points if p.tp == tp]
+        xs = [float(p.micro_batch) for p in mine]
+        fwd = fit_line(xs, [p.fwd_s for p in mine])
+        bwd = fit_line(xs, [p.bwd_s for p in mine])
+        fits.append(LinearFit(tp=tp, fwd_intercept_s=fwd[0], fwd_per_sample_s=fwd[1],
+                              bwd_intercept_s=bwd[0], bwd_per_sample_s=bwd[1]))
+    return fits
 
 
 class LayerMemory(BaseModel):

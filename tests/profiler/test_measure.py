@@ -14,14 +14,13 @@ from autoplan.models import build_model
 from autoplan.profiler.compute import (
     MeasureSettings,
     capture_unit_calls,
-    fit_line,
     make_inputs,
     materialize,
     runs_on_meta,
     shard_copy,
 )
 from autoplan.profiler.memory import optimizer_state_bytes, saved_bytes
-from autoplan.profiler.profile import load_profile
+from autoplan.profiler.profile import fit_line, load_profile
 from autoplan.tracing import layer_graph, layer_graph_of_built
 
 FAST = MeasureSettings(micro_batches=(1, 2), tps=(1, 2), repeats=2, warmup=1)
