@@ -34,13 +34,14 @@ from autoplan.profiler.profile import (
     LayerProfile,
     Profile,
     TimePoint,
+    bus_factor,
     fits_from_points,
 )
 
 __all__ = [
     "TP_SHARDED_KINDS", "OPTIMIZER_STATE_BYTES_PER_PARAM", "PassWork", "analytic_profile",
     "layer_pass_work", "roofline_time_s", "layer_time_point", "layer_memory",
-    "comm_group_sizes", "ranks_per_node", "bus_bandwidth", "bus_factor", "collective_fit",
+    "comm_group_sizes", "ranks_per_node", "bus_bandwidth", "collective_fit",
     "collective_fits",
 ]
 
@@ -275,20 +276,6 @@ def bus_bandwidth(device: DevicePreset, scope: str, ranks_on_node: int = 1) -> f
         return nvlink
     network = ranks_on_node * (device.inter_node_bandwidth or 0.0) * NETWORK_BUS_FRACTION.value
     return min(nvlink, network) if ranks_on_node > 1 else network
-
-
-def bus_factor(collective: str, group_size: int) -> float:
-    """busbw / algbw as nccl-tests reports it (nccl-tests doc/PERFORMANCE.md): all_reduce moves
-    2(n-1)/n of the buffer per rank, all_gather / reduce_scatter / all_to_all (n-1)/n,
-    send_recv 1."""
-    n = group_size
-    if collective == "all_reduce":
-        return 2 * (n - 1) / n
-    if collective in ("all_gather", "reduce_scatter", "all_to_all"):
-        return (n - 1) / n
-    if collective == "send_recv":
-        return 1.0
-    raise AutoplanError(f"unknown collective '{collective}'; choose from {', '.join(COLLECTIVES)}")
 
 
 def collective_fit(collective: str, group_size: int, scope: str, cluster: Cluster,

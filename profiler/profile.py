@@ -15,11 +15,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from autoplan import __version__
-from autoplan.errors import AutoplanError
+from autoplan.errors import AutoplanError, choices_hint
 from autoplan.io import atomic_write_text
 
 __all__ = [
-    "PROFILE_FORMAT_VERSION", "COLLECTIVES", "TimePoint", "LinearFit", "fit_line",
+    "PROFILE_FORMAT_VERSION", "COLLECTIVES", "bus_factor", "TimePoint", "LinearFit",
+    "fit_line",
     "fits_from_points", "LayerMemory",
     "LayerProfile", "CommPoint", "CommFit", "Machine", "Profile", "load_profile",
 ]
@@ -28,6 +29,24 @@ PROFILE_FORMAT_VERSION = 1
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
 Collective = Literal["all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv"]
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+def bus_factor(collective: str, group_size: int) -> float:
+    """busbw / algbw for a collective over n ranks (nccl-tests doc/PERFORMANCE.md).
+
+    A ring all-reduce moves 2(n-1)/n of the buffer over each rank's link, all-gather and
+    reduce-scatter (n-1)/n, all-to-all (n-1)/n (what leaves each rank); send/recv moves it once.
+    """
+    n = group_size
+    match collective:
+        case "all_reduce":
+            return 2 * (n - 1) / n
+        case "all_gather" | "reduce_scatter" | "all_to_all":
+            return (n - 1) / n
+        case "send_recv":
+            return 1.0
+        case _:
+            raise AutoplanError(f"unknown collective '{collective}'{choices_hint(COLLECTIVES)}")
 
 
 class TimePoint(BaseModel):

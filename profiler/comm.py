@@ -1,0 +1,499 @@
+"""Collective bandwidth: time collectives in real processes, nccl-tests busbw, alpha-beta fits.
+
+Message size `nbytes` follows nccl-tests (its doc/PERFORMANCE.md and the *GetBw functions in
+src/*.cu): the size S of the whole per-rank buffer, the larger of one rank's input and output.
+
+    all_reduce      S = the buffer each rank reduces (input and output are both S)
+    all_gather      S = the gathered output; each rank contributes S/n
+    reduce_scatter  S = the input each rank reduces; each rank keeps S/n
+    all_to_all      S = each rank's send buffer; S/n goes to every rank, itself included
+    send_recv       S = the bytes sent one way
+
+algbw = S / time and busbw = algbw x bus_factor(collective, n). Tensors are float32; S is
+rounded down to a multiple of 4n bytes (one element per rank at least), as nccl-tests rounds
+its counts, and each point records the S actually moved.
+
+Timing: a barrier over the group, then time.perf_counter around the op on CPU (gloo) or CUDA
+events on GPU (NCCL); the slowest rank's time is kept for each repeat (an op is done when every
+rank is done), then the median and spread (max - min) over repeats. send_recv is a ping-pong
+between two ranks (0 -> 1 -> 0) whose time is halved: one clock, no skew between hosts.
+
+gloo in torch 2.13 runs every collective here, reduce_scatter_tensor and all_to_all_single
+included; torch 2.13 renames all_gather_into_tensor / reduce_scatter_tensor to *_single and
+warns on the old names, so the new names are used where they exist. What gloo does with them
+shows in the figures (benchmarks/results/comm_fit_notes.md): its reduce_scatter clones the
+input and all-reduces all of it (ProcessGroupGloo::reduce_scatter_tensor_coalesced), so it
+takes as long as an all_reduce of S and its busbw is about half the all_reduce's; its
+all_gather and reduce_scatter allocate an S-byte temporary per call, which glibc maps fresh
+from 32 MiB up, so their busbw drops above 16 MiB (all_gather's by half).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from pydantic import ValidationError
+
+from autoplan import fmt
+from autoplan.errors import AutoplanError, choices_hint
+from autoplan.io import atomic_write_text
+from autoplan.profiler.launch import run_workers, watch_parent
+from autoplan.profiler.profile import COLLECTIVES, CommFit, CommPoint, bus_factor
+
+__all__ = ["measure_collectives", "measure_in_world", "fit_alpha_beta"]
+
+log = logging.getLogger(__name__)
+
+Scope = Literal["intra", "inter"]
+_DTYPE = torch.float32
+_ELEMENT_BYTES = 4  # float32
+_ROUND_TRIPS = {"send_recv": 2}  # a ping-pong moves the buffer twice; one way is half its time
+_WORKER_MODULE = "autoplan.profiler.comm"
+# Test-only fault injection for the local launcher: "exit:RANK:CODE" or "hang:RANK".
+FAULT_ENV = "AUTOPLAN_COMM_FAULT"
+# The smallest seconds per byte a fit may return: 1e-15 s/B = 1 PB/s, far above any link
+# (NVLink 5 is 1.8 TB/s per GPU); it only keeps a flat, noisy series from a zero slope.
+_MIN_SECONDS_PER_BYTE = 1e-15
+
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What to measure; checked once, shipped to workers as JSON."""
+
+    sizes: list[int]
+    collectives: list[str]
+    repeats: int
+    warmup: int
+    timeout_s: float
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.collectives) - set(COLLECTIVES))
+        if unknown:
+            raise AutoplanError(f"unknown collective '{unknown[0]}'{choices_hint(COLLECTIVES)}")
+        if not self.sizes or min(self.sizes) < 1:
+            raise AutoplanError(f"message sizes {self.sizes} must be a non-empty list of "
+                                f"bytes >= 1")
+        if self.repeats < 1 or self.warmup < 0:
+            raise AutoplanError(f"repeats {self.repeats} must be >= 1 and warmup "
+                                f"{self.warmup} >= 0")
+        if self.timeout_s <= 0:
+            raise AutoplanError(f"timeout {self.timeout_s} s must be > 0")
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Ranks that measure together; 'inter' when they span more than one node."""
+
+    ranks: tuple[int, ...]
+    scope: Scope
+
+
+def _inter_node_counts(nnodes: int) -> list[int]:
+    """Node counts of the inter-node groups: powers of two and all nodes, so a 128-node world
+    measures 8 groups, not 127."""
+    counts = {nnodes}
+    k = 2
+    while k < nnodes:
+        counts.add(k)
+        k *= 2
+    return sorted(c for c in counts if c >= 2)
+
+
+def _plan_groups(node_of_rank: Sequence[int]) -> list[_Group]:
+    """The groups to measure, the same on every rank.
+
+    intra: ranks 0..g-1 of rank 0's node, for every g from 2 to its size.
+    inter: the pair (0, first rank of the next node), for send_recv and 2-rank collectives
+    across nodes; then the ranks of the first k whole nodes, for k in _inter_node_counts.
+    """
+    nodes: dict[int, list[int]] = {}
+    for rank, node in enumerate(node_of_rank):
+        nodes.setdefault(node, []).append(rank)
+    members = list(nodes.values())  # ordered by lowest rank: rank 0's node first
+    groups = [_Group(tuple(members[0][:g]), "intra") for g in range(2, len(members[0]) + 1)]
+    if len(members) < 2:
+        return groups
+    inter = [(0, members[1][0])]
+    for k in _inter_node_counts(len(members)):
+        ranks = tuple(sorted(r for node in members[:k] for r in node))
+        if ranks not in inter:
+            inter.append(ranks)
+    return groups + [_Group(ranks, "inter") for ranks in inter]
+
+
+def _ping_pong(buf: torch.Tensor, group: _Group, pg: dist.ProcessGroup) -> Callable[[], None]:
+    """Send the buffer to the other rank of a pair and back (halved when timed)."""
+    me, (first, second) = dist.get_rank(), group.ranks
+    peer = second if me == first else first
+
+    def op() -> None:
+        if me == first:
+            dist.send(buf, dst=peer, group=pg)
+            dist.recv(buf, src=peer, group=pg)
+        else:
+            dist.recv(buf, src=peer, group=pg)
+            dist.send(buf, dst=peer, group=pg)
+
+    return op
+
+
+def _make_op(collective: str, nbytes: int, group: _Group, pg: dist.ProcessGroup,
+             device: torch.device) -> tuple[Callable[[], object], int]:
+    """The collective as a closure over zero tensors, and its size S as nccl-tests counts it."""
+    n = len(group.ranks)
+    count = max(nbytes // _ELEMENT_BYTES, 1)
+    per_rank = max(count // n, 1)
+    full = per_rank * n * _ELEMENT_BYTES
+
+    def zeros(numel: int) -> torch.Tensor:
+        return torch.zeros(numel, dtype=_DTYPE, device=device)
+
+    match collective:
+        case "all_reduce":
+            buf = zeros(count)
+            return lambda: dist.all_reduce(buf, group=pg), count * _ELEMENT_BYTES
+        case "all_gather":
+            shard, out = zeros(per_rank), zeros(per_rank * n)
+            return lambda: _ALL_GATHER(out, shard, group=pg), full
+        case "reduce_scatter":
+            inp, shard = zeros(per_rank * n), zeros(per_rank)
+            return lambda: _REDUCE_SCATTER(shard, inp, group=pg), full
+        case "all_to_all":
+            inp, out = zeros(per_rank * n), zeros(per_rank * n)
+            return lambda: dist.all_to_all_single(out, inp, group=pg), full
+        case "send_recv":
+            return _ping_pong(zeros(count), group, pg), count * _ELEMENT_BYTES
+        case _:
+            raise AutoplanError(f"unknown collective '{collective}'{choices_hint(COLLECTIVES)}")
+
+
+def _timed_s(op: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one op: CUDA events on GPU (device time), perf_counter on CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        op()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3  # elapsed_time is in ms
+    start_s = time.perf_counter()
+    op()
+    return time.perf_counter() - start_s
+
+
+def _time_repeats(op: Callable[[], object], pg: dist.ProcessGroup, device: torch.device,
+                  request: _Request) -> list[float]:
+    """The slowest rank's seconds for each repeat, after warm-up; a barrier starts each one."""
+    for _ in range(request.warmup):
+        op()
+    times_s = []
+    for _ in range(request.repeats):
+        dist.barrier(group=pg)
+        times_s.append(_timed_s(op, device))
+    slowest = torch.tensor(times_s, dtype=torch.float64, device=device)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=pg)
+    return slowest.tolist()
+
+
+def _point(collective: str, group: _Group, nbytes: int, times_s: list[float]) -> CommPoint:
+    """A CommPoint from per-repeat times: median, spread and nccl-tests bandwidths."""
+    time_s = statistics.median(times_s)
+    algbw = nbytes / time_s if time_s > 0 else 0.0
+    return CommPoint(collective=collective, group_size=len(group.ranks), scope=group.scope,
+                     nbytes=nbytes, time_s=time_s, spread_s=max(times_s) - min(times_s),
+                     algbw=algbw, busbw=algbw * bus_factor(collective, len(group.ranks)))
+
+
+def _measure_group(group: _Group, pg: dist.ProcessGroup, request: _Request,
+                   device: torch.device, on_progress: Callable[[str], None] | None,
+                   ) -> list[CommPoint]:
+    """Every requested collective and size over one group (send_recv on pairs only)."""
+    points: list[CommPoint] = []
+    for collective in request.collectives:
+        if collective == "send_recv" and len(group.ranks) != 2:
+            continue
+        found = []
+        for nbytes in request.sizes:
+            op, size = _make_op(collective, nbytes, group, pg, device)
+            trips = _ROUND_TRIPS.get(collective, 1)
+            times_s = [t / trips for t in _time_repeats(op, pg, device, request)]
+            found.append(_point(collective, group, size, times_s))
+            del op  # frees this size's buffers before the next one
+        points += found
+        if on_progress is not None:
+            on_progress(f"{group.scope} {collective} over {len(group.ranks)} ranks: "
+                        f"{fmt.seconds(found[0].time_s)} at {fmt.nbytes(found[0].nbytes)}, "
+                        f"{fmt.seconds(found[-1].time_s)} at {fmt.nbytes(found[-1].nbytes)}, "
+                        f"busbw up to {max(p.busbw for p in found) / 1e9:.3g} GB/s")
+    return points
+
+
+def _measure_rank(request: _Request, groups: list[_Group], device: torch.device,
+                  on_progress: Callable[[str], None] | None) -> list[CommPoint]:
+    """This rank's part of the measurement; rank 0 (a member of every group) returns the points.
+
+    Every rank creates every group (dist.new_group must be called by all), then the groups
+    measure one at a time while the other ranks wait at a world barrier.
+    """
+    timeout = timedelta(seconds=request.timeout_s)
+    pgs = [dist.new_group(list(group.ranks), timeout=timeout) for group in groups]
+    rank = dist.get_rank()
+    points: list[CommPoint] = []
+    for group, pg in zip(groups, pgs, strict=True):
+        if rank in group.ranks:
+            found = _measure_group(group, pg, request, device, on_progress)
+            points += found if rank == 0 else []
+        dist.barrier()
+    for group, pg in zip(groups, pgs, strict=True):
+        if rank in group.ranks:
+            dist.destroy_process_group(pg)
+    return points
+
+
+def _init_world(timeout_s: float) -> torch.device:
+    """Join torchrun's world (env://) unless one exists; the device this rank measures on."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+                   if v not in os.environ]
+        if missing:
+            raise AutoplanError(f"no process group and no {', '.join(missing)} in the "
+                                f"environment: run under torchrun, or use measure_collectives")
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+        use_nccl = torch.cuda.is_available() and torch.cuda.device_count() >= local_world
+        device = torch.device("cuda", local_rank) if use_nccl else torch.device("cpu")
+        extra = {"device_id": device} if use_nccl else {}
+        if use_nccl:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if use_nccl else "gloo", init_method="env://",
+                                timeout=timedelta(seconds=timeout_s), **extra)
+    if dist.get_world_size() < 2:
+        raise AutoplanError(f"collectives need at least 2 ranks; the world has "
+                            f"{dist.get_world_size()}")
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _node_of_rank(device: torch.device) -> list[int]:
+    """Every rank's node (torchrun's GROUP_RANK, else RANK // LOCAL_WORLD_SIZE, else 0)."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+    node = int(os.environ.get("GROUP_RANK", dist.get_rank() // max(local_world, 1)))
+    mine = torch.tensor([node], dtype=torch.int64, device=device)
+    every = torch.empty(dist.get_world_size(), dtype=torch.int64, device=device)
+    _ALL_GATHER(every, mine)
+    return [int(n) for n in every.tolist()]
+
+
+def _share_from_rank0(points: list[CommPoint], device: torch.device) -> list[CommPoint]:
+    """Rank 0's points on every rank, sent as JSON bytes (no pickle)."""
+    payload = json.dumps([p.model_dump() for p in points]).encode()
+    length = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+    dist.broadcast(length, src=0)
+    if dist.get_rank() == 0:
+        buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
+    else:
+        buf = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
+    dist.broadcast(buf, src=0)
+    return [CommPoint.model_validate(p) for p in json.loads(bytes(buf.cpu().numpy()))]
+
+
+def measure_in_world(sizes: list[int], collectives: Sequence[str] = COLLECTIVES,
+                     repeats: int = 5, warmup: int = 2, timeout_s: float = 60.0,
+                     on_progress: Callable[[str], None] | None = None) -> list[CommPoint]:
+    """Measure collectives in the current world (under torchrun), intra- and inter-node.
+
+    Call it on every rank. It joins torchrun's world via env:// when no process group exists
+    (NCCL when every local rank has a GPU, else gloo) and leaves that group up; the subgroups
+    it makes are destroyed. Groups are planned by _plan_groups: intra-node prefixes of rank 0's
+    node (scope "intra") and groups spanning nodes (scope "inter").
+
+    Args:
+        sizes: message sizes S in bytes (see the module docstring for S per collective).
+        collectives: a subset of COLLECTIVES.
+        repeats: timed repeats per size; the point keeps their median and spread.
+        warmup: untimed runs before the repeats.
+        timeout_s: the process-group timeout (rendezvous, new_group and each op).
+        on_progress: called on rank 0 with one line per collective and group.
+
+    Returns:
+        The points, on every rank.
+
+    Raises:
+        AutoplanError: bad arguments, no world to join, or a world of one rank.
+    """
+    request = _Request(list(sizes), list(collectives), repeats, warmup, timeout_s)
+    device = _init_world(timeout_s)
+    groups = _plan_groups(_node_of_rank(device))
+    progress = on_progress if dist.get_rank() == 0 else None
+    points = _measure_rank(request, groups, device, progress)
+    return _share_from_rank0(points, device)
+
+
+def measure_collectives(nproc: int, sizes: list[int], collectives: Sequence[str] = COLLECTIVES,
+                        repeats: int = 5, warmup: int = 2, timeout_s: float = 60.0,
+                        on_progress: Callable[[str], None] | None = None) -> list[CommPoint]:
+    """Measure collectives over 2..nproc local ranks, each a fresh process with one thread.
+
+    The workers run measure_in_world (gloo on CPU, NCCL when CUDA has a GPU per rank) in a
+    world of nproc ranks on 127.0.0.1; groups are ranks 0..g-1 for every g in 2..nproc, all
+    scope "intra"; send_recv is measured on the pair (0, 1). Rank 0 writes the points as JSON.
+
+    Args:
+        nproc: number of local ranks, >= 2.
+        sizes: message sizes S in bytes (see the module docstring for S per collective).
+        collectives: a subset of COLLECTIVES.
+        repeats: timed repeats per size; the point keeps their median and spread.
+        warmup: untimed runs before the repeats.
+        timeout_s: the parent's wall-clock limit without progress (from the start, process
+            start-up and torch import included, or from the last finished collective and
+            group), also the workers' process-group timeout (rendezvous, new_group, each op).
+        on_progress: called in this process with one line per collective and group.
+
+    Returns:
+        The points, sorted as measured (group, collective, size).
+
+    Raises:
+        AutoplanError: bad arguments; a worker died (naming its rank and exit code or signal)
+            or the run went timeout_s without progress; every worker is killed first.
+    """
+    request = _Request(list(sizes), list(collectives), repeats, warmup, timeout_s)
+    return _measure_local(nproc, request, on_progress, ranks_per_node=nproc)
+
+
+def _measure_local(nproc: int, request: _Request, on_progress: Callable[[str], None] | None,
+                   ranks_per_node: int) -> list[CommPoint]:
+    """Run the workers in a scratch folder and read rank 0's JSON (fewer ranks_per_node fakes
+    a multi-node world on one machine, for tests)."""
+    if nproc < 2:
+        raise AutoplanError(f"nproc {nproc} must be >= 2: a collective needs two ranks")
+    if nproc > (os.cpu_count() or nproc):
+        log.warning("%d ranks share %d cores: times include waiting for a core", nproc,
+                    os.cpu_count())
+    with tempfile.TemporaryDirectory(prefix="autoplan-comm-") as scratch:
+        folder = Path(scratch)
+        result = folder / "result.json"
+        spec = asdict(request) | {"result_path": str(result),
+                                  "progress_path": str(folder / "progress.log")}
+        (folder / "spec.json").write_text(json.dumps(spec))
+        run_workers(nproc, [sys.executable, "-m", _WORKER_MODULE, str(folder / "spec.json")],
+                    folder, request.timeout_s, ranks_per_node=ranks_per_node,
+                    progress_path=folder / "progress.log", on_progress=on_progress,
+                    done=result.exists, label="comm worker")
+        return _read_points(result)
+
+
+def _read_points(path: Path) -> list[CommPoint]:
+    """The points rank 0 wrote, validated."""
+    try:
+        data = json.loads(path.read_text())
+        return [CommPoint.model_validate(p) for p in data["points"]]
+    except OSError:
+        raise AutoplanError("comm workers ended without writing their results") from None
+    except (ValueError, KeyError, TypeError, ValidationError) as err:
+        raise AutoplanError(f"comm workers wrote unreadable results: {err}") from None
+
+
+def _maybe_fault(rank: int) -> None:
+    """Test-only: die or hang on one rank when FAULT_ENV asks for it."""
+    kind, _, rest = os.environ.get(FAULT_ENV, "").partition(":")
+    target, _, code = rest.partition(":")
+    if kind in ("exit", "hang") and int(target) == rank:
+        if kind == "exit":
+            os._exit(int(code or 1))
+        time.sleep(1e6)
+
+
+def _worker_main(spec_path: str) -> None:
+    """One local rank: measure, rank 0 writes the JSON, then exit without teardown noise."""
+    watch_parent()
+    spec = json.loads(Path(spec_path).read_text())
+    rank = int(os.environ["RANK"])
+    _maybe_fault(rank)
+    torch.set_num_threads(1)
+    progress_path = Path(spec.pop("progress_path"))
+    result_path = spec.pop("result_path")
+
+    def progress(line: str) -> None:
+        with open(progress_path, "a") as f:
+            f.write(line + "\n")
+
+    request = _Request(**spec)
+    points = measure_in_world(request.sizes, request.collectives, request.repeats,
+                              request.warmup, request.timeout_s, progress)
+    if rank == 0:
+        atomic_write_text(result_path, json.dumps({
+            "backend": dist.get_backend(), "torch": torch.__version__,
+            "points": [p.model_dump() for p in points]}))
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skips interpreter teardown, where gloo rarely aborts (NOTES-torch.md)
+
+
+def fit_alpha_beta(points: list[CommPoint]) -> list[CommFit]:
+    """Fit time = alpha_s + nbytes / bandwidth per (collective, group_size, scope).
+
+    Least squares of the relative error, since sizes span five orders of magnitude and a plain
+    fit would ignore every small message; alpha_s >= 0. busbw is the highest busbw seen.
+
+    Raises:
+        AutoplanError: a point with time 0 (no relative error to weigh).
+    """
+    by_key: dict[tuple[str, int, str], list[CommPoint]] = {}
+    for point in points:
+        by_key.setdefault((point.collective, point.group_size, point.scope), []).append(point)
+    fits = []
+    for (collective, group_size, scope), series in sorted(by_key.items()):
+        if min(p.time_s for p in series) <= 0:
+            raise AutoplanError(f"{scope} {collective} over {group_size} ranks has a time of "
+                                f"0 s: cannot weigh its relative error")
+        alpha_s, seconds_per_byte = _fit_relative([p.nbytes for p in series],
+                                                  [p.time_s for p in series])
+        fits.append(CommFit(collective=collective, group_size=group_size, scope=scope,
+                            alpha_s=alpha_s, bandwidth=1.0 / seconds_per_byte,
+                            busbw=max(p.busbw for p in series)))
+    return fits
+
+
+def _fit_relative(nbytes: list[int], times_s: list[float]) -> tuple[float, float]:
+    """(alpha_s, seconds per byte) minimising sum(((alpha + b x) / t - 1)^2), alpha >= 0,
+    b >= _MIN_SECONDS_PER_BYTE: the best of the free optimum (when feasible) and each bound's
+    own optimum, which covers every case of a convex problem in two variables."""
+    x, t = np.asarray(nbytes, dtype=float), np.asarray(times_s, dtype=float)
+    u, v = 1.0 / t, x / t  # the residual is alpha * u + b * v - 1
+
+    def cost(ab: tuple[float, float]) -> float:
+        return float(np.sum((ab[0] * u + ab[1] * v - 1.0) ** 2))
+
+    b_min = _MIN_SECONDS_PER_BYTE
+    candidates = [(0.0, max(float(v.sum() / (v @ v)), b_min)),
+                  (max(float((u @ (1.0 - b_min * v)) / (u @ u)), 0.0), b_min)]
+    if len(np.unique(x)) >= 2:
+        design = np.column_stack([u, v])
+        scale = np.linalg.norm(design, axis=0)  # columns differ by ~1e6: scale for lstsq
+        solution = np.linalg.lstsq(design / scale, np.ones_like(t), rcond=None)[0] / scale
+        if solution[0] >= 0 and solution[1] >= b_min:
+            candidates.append((float(solution[0]), float(solution[1])))
+    return min(candidates, key=cost)
+
+
+if __name__ == "__main__":
+    _worker_main(sys.argv[1])

@@ -1,0 +1,213 @@
+"""Start local worker processes with torchrun's environment, watch them, end them all on a fault."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from autoplan.errors import AutoplanError
+
+__all__ = ["LOOPBACK", "free_port", "run_workers", "watch_parent"]
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"  # local runs rendezvous here and nowhere else
+PARENT_PID_ENV = "AUTOPLAN_PARENT_PID"
+_POLL_S = 0.02  # how often the parent looks at its children: often, so the first death shows first
+_PARENT_CHECK_S = 0.5  # how often a worker checks that its launcher is still alive
+_STDERR_TAIL_CHARS = 300  # how much of a failed worker's last stderr line goes into the error
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the OS picks it; a rare race is possible)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def _worker_env(rank: int, nproc: int, ranks_per_node: int, port: int) -> dict[str, str]:
+    """The variables torchrun sets, for one local rank, pinned to the loopback interface."""
+    env = dict(os.environ)
+    env.update({
+        "MASTER_ADDR": LOOPBACK, "MASTER_PORT": str(port),
+        "WORLD_SIZE": str(nproc), "RANK": str(rank),
+        "LOCAL_RANK": str(rank % ranks_per_node), "LOCAL_WORLD_SIZE": str(ranks_per_node),
+        "GROUP_RANK": str(rank // ranks_per_node),
+        "GROUP_WORLD_SIZE": str(-(-nproc // ranks_per_node)),
+        # gloo and NCCL otherwise pick the interface the hostname resolves to.
+        "GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo",
+        "OMP_NUM_THREADS": "1",
+        PARENT_PID_ENV: str(os.getpid()),
+    })
+    return env
+
+
+@dataclass
+class _Workers:
+    """The running children, their log files and the progress file read so far."""
+
+    procs: list[subprocess.Popen]
+    log_dir: Path
+    started_s: float
+    progress_path: Path | None = None
+    progress_offset: int = 0
+    last_progress_s: float = 0.0
+    warned: set[int] = field(default_factory=set)
+
+
+def _start(nproc: int, argv: list[str], ranks_per_node: int,
+           log_dir: Path) -> list[subprocess.Popen]:
+    """Start every rank in its own session, so that one killpg ends it and anything it started."""
+    port = free_port()
+    procs = []
+    try:
+        for rank in range(nproc):
+            with open(log_dir / f"rank{rank}.out", "wb") as out, \
+                    open(log_dir / f"rank{rank}.err", "wb") as err:
+                procs.append(subprocess.Popen(
+                    argv, env=_worker_env(rank, nproc, ranks_per_node, port),
+                    stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True))
+    except BaseException:
+        _end_all(procs)
+        raise
+    return procs
+
+
+def _end_all(procs: list[subprocess.Popen]) -> None:
+    """SIGKILL every child's process group and reap it: nothing is left behind."""
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for proc in procs:
+        proc.wait()
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def _stderr_tail(workers: _Workers, rank: int) -> str:
+    """The last non-empty stderr line of a rank, for the error message."""
+    try:
+        lines = (workers.log_dir / f"rank{rank}.err").read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    lines = [line.strip() for line in lines if line.strip()]
+    return f" (last stderr line: {lines[-1][-_STDERR_TAIL_CHARS:]})" if lines else ""
+
+
+def _forward_progress(workers: _Workers, on_progress: Callable[[str], None] | None) -> None:
+    """Pass the complete new lines of the progress file to on_progress (or the log), and note
+    when the last one came."""
+    if workers.progress_path is None or not workers.progress_path.exists():
+        return
+    with open(workers.progress_path, "rb") as f:
+        f.seek(workers.progress_offset)
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    workers.progress_offset += end
+    if end:
+        workers.last_progress_s = time.monotonic()
+    for line in data[:end].decode(errors="replace").splitlines():
+        if on_progress is None:
+            log.info("%s", line)
+        else:
+            on_progress(line)
+
+
+def _check(workers: _Workers, label: str, done: Callable[[], bool]) -> bool:
+    """True once every worker has ended; raises on a failure that came before the results."""
+    codes = [proc.poll() for proc in workers.procs]
+    failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
+    if failed and not done():
+        elapsed_s = time.monotonic() - workers.started_s
+        rank, code = failed[0]
+        others = "".join(f"; rank {r} {_describe_exit(c)}" for r, c in failed[1:])
+        raise AutoplanError(f"{label} rank {rank} {_describe_exit(code)} after {elapsed_s:.1f} s"
+                            f"{_stderr_tail(workers, rank)}{others}; all workers were stopped")
+    for rank, code in failed:
+        if rank not in workers.warned:  # after the results: the rare abort at exit, harmless
+            workers.warned.add(rank)
+            log.warning("%s rank %d %s after writing its results", label, rank,
+                        _describe_exit(code))
+    return all(code is not None for code in codes)
+
+
+def run_workers(nproc: int, argv: list[str], log_dir: Path, timeout_s: float, *,
+                ranks_per_node: int | None = None, progress_path: Path | None = None,
+                on_progress: Callable[[str], None] | None = None,
+                done: Callable[[], bool] = lambda: False, label: str = "worker") -> None:
+    """Run `argv` as ranks 0..nproc-1 on this machine and wait for all of them.
+
+    Each rank gets torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
+    GROUP_RANK, MASTER_ADDR=127.0.0.1, MASTER_PORT=a free port), so the same worker code runs
+    under torchrun. On any fault every worker is killed before this returns or raises.
+
+    Args:
+        nproc: number of ranks.
+        argv: the command each rank runs (e.g. [sys.executable, "-m", "some.module", ...]).
+        log_dir: where each rank's stdout and stderr go (rank<i>.out, rank<i>.err).
+        timeout_s: wall-clock limit without progress: the run is stopped when this long passes
+            after the start, or after the last progress line, with no new line (without a
+            progress_path, a limit on the whole run).
+        ranks_per_node: ranks that count as one node (default: all); fewer fakes a multi-node
+            world on one machine.
+        progress_path: a file the workers append lines to; each new line goes to on_progress.
+        on_progress: called in this process with each progress line (default: logged).
+        done: tells whether the workers' results are complete; a worker that fails after that
+            (the rare SIGABRT at exit of a gloo process) is logged, not raised.
+        label: names the workers in messages.
+
+    Raises:
+        AutoplanError: a rank exited non-zero or by a signal before `done()`, or the run
+            went `timeout_s` without progress; the message names the rank and its exit code or
+            signal, or the ranks still running.
+        KeyboardInterrupt: passed on after every worker has been killed.
+    """
+    workers = _Workers(_start(nproc, argv, ranks_per_node or nproc, log_dir), log_dir,
+                       time.monotonic(), progress_path)
+    workers.last_progress_s = workers.started_s
+    try:
+        while True:
+            _forward_progress(workers, on_progress)
+            if _check(workers, label, done):
+                return
+            if time.monotonic() > workers.last_progress_s + timeout_s:
+                running = [r for r, p in enumerate(workers.procs) if p.poll() is None]
+                raise AutoplanError(f"{label}s made no progress for {timeout_s:g} s (the limit); "
+                                    f"ranks still running: {', '.join(map(str, running))}; "
+                                    f"all were killed")
+            time.sleep(_POLL_S)
+    finally:
+        _end_all(workers.procs)
+        _forward_progress(workers, on_progress)
+
+
+def watch_parent() -> None:
+    """In a worker: exit at once if the launcher that started it dies (no orphans)."""
+    parent = os.environ.get(PARENT_PID_ENV)
+    if parent is None:
+        return
+
+    def _watch() -> None:
+        while os.getppid() == int(parent):
+            time.sleep(_PARENT_CHECK_S)
+        os._exit(1)
+
+    threading.Thread(target=_watch, name="autoplan-parent-watch", daemon=True).start()
