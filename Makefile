@@ -13,7 +13,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,hf]'
 	touch $(STAMP)
 
-# The chain as far as it is built: presets -> layer graphs -> a plan checked and saved.
+# A small GPT whose layers take milliseconds on a CPU, for the measured steps of the demo.
+DEMO_MODEL := gpt:layers=4,hidden=256,heads=4,seq=128,vocab=1024
+
+# The chain as far as it is built: presets -> layer graphs -> a plan checked and saved ->
+# a profile measured here and one derived for 1024 H100s.
 demo: $(STAMP)
 	$(PY) -m autoplan models
 	$(PY) -m autoplan inspect --model gpt3-1.7b
@@ -21,6 +25,10 @@ demo: $(STAMP)
 	$(PY) -m autoplan inspect --model llama3-8b --world-size 64 --global-batch 512 \
 		--plan "tp=8,pp=4,ckpt=full,zero=1" -o out/demo
 	@echo "wrote out/demo/graph.json and out/demo/plan.json"
+	$(PY) -m autoplan profile --model "$(DEMO_MODEL)" --nproc 2 --micro-batches 1,2,4 \
+		--tp 1,2 --repeats 5 --comm-sizes 4096,65536,1048576,4194304 -o out/demo/profile-local
+	$(PY) -m autoplan profile --model llama3-70b --mode analytic \
+		--cluster h100-sxm:nodes=128 -o out/demo/profile-h100
 
 test: $(STAMP)
 	$(PY) -m ruff check .

@@ -179,7 +179,9 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         comm=not args.no_comm)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}"),
                TimeElapsedColumn())
-    with Progress(*columns, console=_console(stderr=True), transient=True) as bar:
+    quiet = os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 alone reports
+    with Progress(*columns, console=_console(stderr=True), transient=True,
+                  disable=quiet) as bar:
         tasks = {"layers": bar.add_task("layers", total=None),
                  "comm": bar.add_task("collectives", total=None)}
 
@@ -187,6 +189,8 @@ def _cmd_profile(args: argparse.Namespace) -> int:
             bar.update(tasks[stage], advance=1, description=f"{stage}: {text}")
 
         profile = run_profile(options, on_step)
+    if profile is None:  # a torchrun rank other than 0: rank 0 writes the files
+        return 0
     paths = write_profile(profile, args.output)
     out = _console()
     for table in profile_tables(profile):

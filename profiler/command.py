@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ from autoplan.profiler.compute import MeasureSettings
 from autoplan.profiler.profile import Profile
 from autoplan.tracing import layer_graph_of_built
 
-__all__ = ["DEFAULT_COMM_SIZES", "ProfileOptions", "run_profile", "layer_steps"]
+__all__ = ["DEFAULT_COMM_SIZES", "ProfileOptions", "run_profile", "under_torchrun"]
 
 # 1 KiB to 64 MiB in steps of 4x: the range the profiler issue asks for.
 DEFAULT_COMM_SIZES = tuple(2**k for k in range(10, 27, 2))
@@ -57,8 +58,18 @@ Progress = Callable[[str, str], None]
 """(stage, text): stage is "layers" (one time point done) or "comm" (one collective)."""
 
 
-def run_profile(options: ProfileOptions, on_step: Progress | None = None) -> Profile:
-    """Build the model on meta, then profile it as `options.mode` says."""
+def under_torchrun() -> bool:
+    """True in a rank that torchrun started (it sets RANK, WORLD_SIZE and LOCAL_WORLD_SIZE)."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"))
+
+
+def run_profile(options: ProfileOptions, on_step: Progress | None = None) -> Profile | None:
+    """Build the model on meta, then profile it as `options.mode` says.
+
+    Under torchrun every rank times the collectives of the launched world (intra- and
+    inter-node groups); rank 0 alone times the layers and returns the Profile, the other
+    ranks return None.
+    """
     spec = parse_model_spec(options.model)
     dtype = DTYPES[options.dtype]
     built = build_model(spec, dtype=dtype)
@@ -77,12 +88,21 @@ def _measure(options: ProfileOptions, built, graph, dtype: torch.dtype,  # noqa:
 
     cluster = _local_cluster(options)
     comm: tuple[list, list] = ([], [])
-    if options.comm and options.nproc >= 2:
+    comm_step = (lambda text: on_step("comm", text)) if on_step else None
+    repeats = max(3, options.repeats // 2)
+    if options.comm and under_torchrun():
+        from autoplan.profiler.comm import fit_alpha_beta, measure_in_world
+
+        points = measure_in_world(list(options.comm_sizes), repeats=repeats,
+                                  on_progress=comm_step)
+        comm = (points, fit_alpha_beta(points))
+        if os.environ["RANK"] != "0":
+            return None
+    elif options.comm and options.nproc >= 2:
         from autoplan.profiler.comm import fit_alpha_beta, measure_collectives
 
-        points = measure_collectives(
-            options.nproc, list(options.comm_sizes), repeats=max(3, options.repeats // 2),
-            on_progress=(lambda text: on_step("comm", text)) if on_step else None)
+        points = measure_collectives(options.nproc, list(options.comm_sizes), repeats=repeats,
+                                     on_progress=comm_step)
         comm = (points, fit_alpha_beta(points))
     settings = MeasureSettings(options.micro_batches, options.tps, options.repeats,
                                options.warmup, options.device, dtype, options.threads)
@@ -91,11 +111,13 @@ def _measure(options: ProfileOptions, built, graph, dtype: torch.dtype,  # noqa:
 
 
 def _local_cluster(options: ProfileOptions) -> Cluster:
+    """The cluster a measured profile describes: --cluster, else this machine's processes
+    (under torchrun: the launched world, nodes x local ranks)."""
     if options.cluster:
         return parse_cluster_spec(options.cluster)
+    if under_torchrun():
+        local = int(os.environ["LOCAL_WORLD_SIZE"])
+        world = int(os.environ["WORLD_SIZE"])
+        return parse_cluster_spec(f"local-cpu:procs={world},gpus_per_node={local}")
     return parse_cluster_spec(f"local-cpu:procs={options.nproc}")
 
-
-def layer_steps(options: ProfileOptions, signatures: int) -> int:
-    """Upper bound of the time points a measured profile takes (for a progress bar)."""
-    return signatures * len(options.tps) * len(options.micro_batches)
