@@ -121,9 +121,9 @@ def _real_like(one: Any, two: Any, batch: int, device: str, dtype: torch.dtype) 
 def shard_copy(unit: nn.Module, tp: int) -> nn.Module | None:
     """A meta copy of `unit` with one TP rank's shard shapes, or None when the unit has no
     TP plan or a split dimension does not divide by tp."""
-    plan = infer_tp_plan(unit)
     if tp == 1:
         return unit
+    plan = infer_tp_plan(unit)
     if not plan.shardable or not plan.max_degree_divides(unit, tp):
         return None
     copied = copy.deepcopy(unit)

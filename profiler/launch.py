@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"  # local runs rendezvous here and nowhere else
 PARENT_PID_ENV = "AUTOPLAN_PARENT_PID"
-_POLL_S = 0.02  # how often the parent looks at its children: often, so the first death shows first
+_POLL_S = 0.2  # how often the parent looks at its children: rarely enough not to steal a core
 _PARENT_CHECK_S = 0.5  # how often a worker checks that its launcher is still alive
 _STDERR_TAIL_CHARS = 300  # how much of a failed worker's last stderr line goes into the error
 
