@@ -31,6 +31,7 @@ from torch.utils.flop_counter import flop_registry
 from autoplan.errors import AutoplanError
 from autoplan.graph import LayerEdge, LayerGraph, LayerNode
 from autoplan.models.build import BuiltModel, sum_loss
+from autoplan.replay import ReplayMismatch, replay_plan, swap_in_replays
 from autoplan.units import find_units, structure_hash
 
 __all__ = ["layer_graph", "layer_graph_of_built"]
@@ -45,7 +46,8 @@ ATTENTION_MODES = ("flash", "math")
 def layer_graph(model: nn.Module, example_inputs: Any,
                 loss_fn: Callable[[Any, tuple], torch.Tensor] | None = None, *,
                 name: str = "module", dtype: torch.dtype = torch.bfloat16,
-                attention: str = "flash", tokens_per_sample: int | None = None) -> LayerGraph:
+                attention: str = "flash", tokens_per_sample: int | None = None,
+                replay: bool = True) -> LayerGraph:
     """The LayerGraph of any module, traced on a meta copy (the module itself is untouched).
 
     Args:
@@ -58,6 +60,8 @@ def layer_graph(model: nn.Module, example_inputs: Any,
         attention: "flash" traces scaled_dot_product_attention as the fused kernel GPUs
             run (no S x S scores kept); "math" as the unfused reference.
         tokens_per_sample: tokens in one sample, for per-token figures.
+        replay: run only the first of identical blocks and replay its shapes for the rest
+            (autoplan/replay.py); False runs every block (the same graph, slower).
 
     Returns:
         The graph, its nodes in execution order and a final "loss" node.
@@ -72,7 +76,12 @@ def layer_graph(model: nn.Module, example_inputs: Any,
     inputs_fn = _meta_inputs(example_inputs, dtype)
     units = find_units(meta)
     loss_fn = loss_fn or sum_loss
-    tracer = _trace(meta, units, inputs_fn(1), loss_fn, attention)
+    replays = replay_plan(meta, [u for u, is_block in units if is_block]) if replay else {}
+    try:
+        tracer = _trace(meta, units, inputs_fn(1), loss_fn, attention, replays)
+    except ReplayMismatch as why:
+        log.info("tracing every block (%s)", why)
+        tracer = _trace(meta, units, inputs_fn(1), loss_fn, attention, {})
     nodes, edges = _assemble(meta, units, tracer.records)
     return LayerGraph(name, str(dtype).removeprefix("torch."), attention, tokens_per_sample,
                       tuple(nodes), tuple(edges))
@@ -286,10 +295,12 @@ def _flash_sdpa(sdpa: Callable, query: torch.Tensor, key: torch.Tensor, value: t
 
 
 def _trace(root: nn.Module, units: list[tuple[str, bool]], inputs: tuple,
-           loss_fn: Callable, attention: str) -> _Tracer:
+           loss_fn: Callable, attention: str, replays: dict[str, str]) -> _Tracer:
+    """One forward, loss and backward under the tracer; blocks in `replays` are stood in
+    for by replays of an equal earlier block (autoplan/replay.py), whose costs they copy."""
     names = [u for u, _ in units]
     tracer = _Tracer(root, names, inputs)
-    handles = []
+    handles, restore = swap_in_replays(root, replays)
     for unit in names:
         module = root.get_submodule(unit)
         handles.append(module.register_forward_pre_hook(
@@ -307,7 +318,16 @@ def _trace(root: nn.Module, units: list[tuple[str, bool]], inputs: tuple,
     finally:
         for h in handles + tracer.hooks:
             h.remove()
+        for parent, attribute, module in restore:
+            setattr(parent, attribute, module)
+    for name, model in replays.items():
+        _copy_costs(tracer.records[model], tracer.records[name])
     return tracer
+
+
+def _copy_costs(source: _Record, target: _Record) -> None:
+    target.fwd_flops, target.bwd_flops = source.fwd_flops, source.bwd_flops
+    target.act_bytes, target.act_bytes_fixed = source.act_bytes, source.act_bytes_fixed
 
 
 class _NoMode:

@@ -12,6 +12,7 @@ from torch import nn
 from autoplan.errors import AutoplanError
 from autoplan.graph import LayerGraph
 from autoplan.models import build_model
+from autoplan.replay import replay_plan
 from autoplan.tracing import layer_graph, layer_graph_of_built
 from autoplan.units import find_units
 from tests.core.factories import EncoderDecoder, SmallResNet
@@ -140,3 +141,50 @@ def test_graph_json_round_trip(tmp_path) -> None:
 def test_unknown_attention_mode_is_refused() -> None:
     with pytest.raises(AutoplanError, match="attention"):
         layer_graph_of_built(build_model("gpt-tiny"), attention="fast")
+
+
+@pytest.mark.parametrize("spec", ["gpt-small-test", "llama-tiny",
+                                  "module:tests.core.factories:build_resnet"])
+def test_replayed_blocks_give_the_graph_of_a_full_trace(spec: str) -> None:
+    built = build_model(spec)
+    fast = layer_graph_of_built(built)
+    full = layer_graph(built.module, built.example_inputs, built.loss_fn, name=spec,
+                       tokens_per_sample=built.tokens_per_sample, replay=False)
+    assert fast == full
+
+
+class _Windowed(nn.Module):
+    """Identical weights, a setting that differs: each block must be traced itself."""
+
+    def __init__(self, window: int) -> None:
+        super().__init__()
+        self.window = window
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x[:, : self.window]).repeat(1, 16 // self.window, 1)
+
+
+def test_blocks_with_other_settings_are_not_replayed() -> None:
+    model = nn.Sequential(_Windowed(16), _Windowed(4), _Windowed(16))
+    assert replay_plan(model, ["0", "1", "2"]) == {"2": "0"}
+    graph = layer_graph(model, (torch.zeros(2, 16, 8),), dtype=torch.float32)
+    assert graph["1"].fwd_flops == graph["0"].fwd_flops / 4
+    assert graph["2"].fwd_flops == graph["0"].fwd_flops
+
+
+class _Reshaping(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks[0](x)
+        x = self.blocks[1](x.view(x.shape[0], 2, 4, 8))  # other input shapes than blocks[0]
+        return self.blocks[2](x.flatten(1, 2))
+
+
+def test_a_block_fed_other_shapes_falls_back_to_a_full_trace() -> None:
+    model = _Reshaping()
+    example = (torch.zeros(2, 8, 8),)
+    assert layer_graph(model, example) == layer_graph(model, example, replay=False)
