@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from autoplan.errors import AutoplanError
+from autoplan.formats import check_version
 from autoplan.profiler.presets import HARDWARE_PRESETS, DevicePreset, local_cpu_preset
 from autoplan.specs import parse_int, parse_kv
 
@@ -49,10 +50,7 @@ class Cluster:
 
     @classmethod
     def from_dict(cls, data: dict, spec: str) -> Cluster:
-        if data.get("version") != CLUSTER_FORMAT_VERSION:
-            raise AutoplanError(f"cluster file '{spec}' has format version "
-                                f"{data.get('version')}; this autoplan reads "
-                                f"{CLUSTER_FORMAT_VERSION}")
+        check_version(data, f"cluster file '{spec}'", CLUSTER_FORMAT_VERSION)
         try:
             return cls(spec, DevicePreset(**data["device"]), int(data["gpus"]))
         except (KeyError, TypeError, ValueError) as err:

@@ -15,6 +15,7 @@ from pathlib import Path
 import networkx as nx
 
 from autoplan.errors import AutoplanError
+from autoplan.formats import check_version
 from autoplan.io import atomic_write_text
 
 __all__ = ["GRAPH_FORMAT_VERSION", "LayerNode", "LayerEdge", "LayerGraph"]
@@ -134,9 +135,7 @@ class LayerGraph:
         Raises:
             AutoplanError: on another format version or missing fields.
         """
-        if data.get("version") != GRAPH_FORMAT_VERSION:
-            raise AutoplanError(f"layer graph format version {data.get('version')} is not "
-                                f"supported (this autoplan reads version {GRAPH_FORMAT_VERSION})")
+        check_version(data, "layer graph", GRAPH_FORMAT_VERSION)
         try:
             nodes = tuple(LayerNode(**{**n, "output_shape": tuple(n["output_shape"])})
                           for n in data["nodes"])

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from autoplan import __version__
 from autoplan.errors import AutoplanError
+from autoplan.formats import check_version, first_error
 from autoplan.graph import LayerGraph
 from autoplan.io import atomic_write_text
 from autoplan.specs import parse_bool, parse_int, parse_kv
@@ -99,10 +100,7 @@ class Plan(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _known_version(cls, data: Any) -> Any:
-        version = data.get("version", PLAN_FORMAT_VERSION) if isinstance(data, dict) else None
-        if version not in (None, PLAN_FORMAT_VERSION):
-            raise ValueError(f"plan format version {data.get('version')} is not supported "
-                             f"(this autoplan {__version__} reads version {PLAN_FORMAT_VERSION})")
+        check_version(data, "plan", PLAN_FORMAT_VERSION)
         return data
 
     @model_validator(mode="after")
@@ -169,14 +167,7 @@ def plan_from_json(text: str, source: str = "plan") -> Plan:
     try:
         return Plan.model_validate_json(text)
     except ValidationError as err:
-        raise AutoplanError(f"{source}: {_first_error(err)}") from None
-
-
-def _first_error(err: ValidationError) -> str:
-    first = err.errors()[0]
-    where = ".".join(str(part) for part in first["loc"])
-    message = first["msg"].removeprefix("Value error, ")
-    return f"{where}: {message}" if where else message
+        raise AutoplanError(f"{source}: {first_error(err)}") from None
 
 
 # --------------------------------------------------------------------------- shorthand
@@ -255,7 +246,7 @@ def uniform_plan(values: dict[str, Any] | str, graph: LayerGraph, world_size: in
     try:
         return Plan.model_validate(fields)
     except ValidationError as err:
-        raise AutoplanError(f"plan: {_first_error(err)}") from None
+        raise AutoplanError(f"plan: {first_error(err)}") from None
 
 
 def split_stages(graph: LayerGraph, chunks: int) -> list[int]:

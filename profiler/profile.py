@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from autoplan import __version__
 from autoplan.errors import AutoplanError, choices_hint
+from autoplan.formats import check_version, first_error
 from autoplan.io import atomic_write_text
 
 __all__ = [
@@ -199,10 +200,7 @@ class Profile(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _known_version(cls, data: Any) -> Any:
-        version = data.get("version", PROFILE_FORMAT_VERSION) if isinstance(data, dict) else None
-        if version not in (None, PROFILE_FORMAT_VERSION):
-            raise ValueError(f"profile format version {version} is not supported (this "
-                             f"autoplan {__version__} reads version {PROFILE_FORMAT_VERSION})")
+        check_version(data, "profile", PROFILE_FORMAT_VERSION)
         return data
 
     @property
@@ -249,7 +247,4 @@ def load_profile(path: str | Path) -> Profile:
     try:
         return Profile.model_validate(data)
     except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        message = first["msg"].removeprefix("Value error, ")
-        raise AutoplanError(f"profile '{path}': {where + ': ' if where else ''}{message}") from None
+        raise AutoplanError(f"profile '{path}': {first_error(err)}") from None
