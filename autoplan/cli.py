@@ -73,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     profile.add_argument("--repeats", type=int, default=10)
     profile.add_argument("--warmup", type=int, default=3)
     profile.add_argument("--threads", type=int, help="torch threads while timing layers")
-    profile.add_argument("--dtype", choices=_DTYPES, default="fp32")
+    profile.add_argument("--dtype", choices=_DTYPES,
+                         help="default: bf16 for GPUs (analytic, --device cuda), fp32 on a CPU")
     profile.add_argument("--device", default="cpu", help="cpu or cuda")
     profile.add_argument("--comm-sizes", help="message bytes, e.g. 1024,1048576 "
                          "(default 1 KiB to 64 MiB)")

@@ -33,7 +33,8 @@ class ProfileOptions:
     repeats: int = 10
     warmup: int = 3
     threads: int | None = None
-    dtype: str = "fp32"
+    dtype: str | None = None
+    """None: bf16 for GPUs (analytic, or --device cuda), fp32 on a CPU."""
     device: str = "cpu"
     comm_sizes: tuple[int, ...] = DEFAULT_COMM_SIZES
     comm: bool = True
@@ -41,6 +42,9 @@ class ProfileOptions:
     def __post_init__(self) -> None:
         if self.mode not in ("measure", "analytic"):
             raise AutoplanError(f"mode '{self.mode}' is not one of measure, analytic")
+        if self.dtype is None:
+            gpu = self.mode == "analytic" or self.device.startswith("cuda")
+            object.__setattr__(self, "dtype", "bf16" if gpu else "fp32")
         if self.dtype not in DTYPES:
             raise AutoplanError(f"dtype '{self.dtype}' is not one of {', '.join(DTYPES)}")
         if self.mode == "analytic" and not self.cluster:
