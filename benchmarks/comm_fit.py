@@ -102,7 +102,8 @@ def _markdown(args: argparse.Namespace, summary: pd.DataFrame, elapsed_s: float,
         f"{elapsed_s:.0f} s in all.", "",
         f"Sizes {args.min_bytes} B to {args.max_bytes} B doubling; fit on every other size "
         f"(the powers of 4 from {args.min_bytes} B), predict the sizes in between; "
-        f"{args.repeats} repeats (median), {args.warmup} warm-up. Error = predicted / measured"
+        f"{args.repeats} repeats (median; below 1 MiB up to 10x more, profiler.comm.repeats_for),"
+        f" {args.warmup} warm-up. Error = predicted / measured"
         f" - 1; target |error| <= {TARGET_ERROR:.0%}.", "",
         f"Held-out points within {TARGET_ERROR:.0%}: {held[0]} of {held[1]}.", "",
         _md_table(summary), "",

@@ -69,6 +69,11 @@ FAULT_ENV = "AUTOPLAN_COMM_FAULT"
 # (NVLink 5 is 1.8 TB/s per GPU); it only keeps a flat, noisy series from a zero slope.
 _MIN_SECONDS_PER_BYTE = 1e-15
 
+# Below 1 MiB, repeats grow as 1 MiB / size, up to 10x (see repeats_for): a 1 KiB point
+# then takes about 0.2 s of gloo time per group, a 1 MiB point as many repeats as asked.
+_SMALL_MESSAGE_BYTES = 1 << 20
+_SMALL_MESSAGE_REPEATS_MAX = 10
+
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
@@ -198,13 +203,21 @@ def _timed_s(op: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start_s
 
 
+def repeats_for(repeats: int, nbytes: int) -> int:
+    """Timed repeats for one message size: small messages are cheap but noisy (a rank that
+    waits for a core loses milliseconds on a fraction of repeats), so they get up to
+    _SMALL_MESSAGE_REPEATS_MAX times more, which keeps their median in the common case.
+    Every rank derives the same count from the size, so the collectives stay matched."""
+    return repeats * min(_SMALL_MESSAGE_REPEATS_MAX, max(1, _SMALL_MESSAGE_BYTES // nbytes))
+
+
 def _time_repeats(op: Callable[[], object], pg: dist.ProcessGroup, device: torch.device,
-                  request: _Request) -> list[float]:
+                  request: _Request, nbytes: int) -> list[float]:
     """The slowest rank's seconds for each repeat, after warm-up; a barrier starts each one."""
     for _ in range(request.warmup):
         op()
     times_s = []
-    for _ in range(request.repeats):
+    for _ in range(repeats_for(request.repeats, nbytes)):
         dist.barrier(group=pg)
         times_s.append(_timed_s(op, device))
     slowest = torch.tensor(times_s, dtype=torch.float64, device=device)
@@ -233,7 +246,7 @@ def _measure_group(group: _Group, pg: dist.ProcessGroup, request: _Request,
         for nbytes in request.sizes:
             op, size = _make_op(collective, nbytes, group, pg, device)
             trips = _ROUND_TRIPS.get(collective, 1)
-            times_s = [t / trips for t in _time_repeats(op, pg, device, request)]
+            times_s = [t / trips for t in _time_repeats(op, pg, device, request, size)]
             found.append(_point(collective, group, size, times_s))
             del op  # frees this size's buffers before the next one
         points += found
