@@ -9,9 +9,13 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from autoplan import __version__
 from autoplan.errors import AutoplanError
+
+if TYPE_CHECKING:
+    from autoplan.inspection import InspectResult
 
 __all__ = ["main"]
 
@@ -113,6 +117,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # the reader (e.g. `| head`) left: not an error of ours
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
         return 0
+    except OSError as err:  # a path that cannot be read or written
+        if args.debug:
+            raise
+        print(f"autoplan {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 def _not_built(name: str) -> Callable[[argparse.Namespace], int]:
@@ -200,7 +209,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_outputs(folder: Path, result: object) -> None:
+def _write_outputs(folder: Path, result: InspectResult) -> None:
     result.graph.save(folder / "graph.json")
     if result.plan:
         result.plan.save(folder / "plan.json")
@@ -213,7 +222,6 @@ def _console(stderr: bool = False):  # noqa: ANN202
     stream = sys.stderr if stderr else sys.stdout
     width = None if stream.isatty() else int(os.environ.get("COLUMNS", "160"))
     return Console(stderr=stderr, width=width)
-
 
 
 if __name__ == "__main__":

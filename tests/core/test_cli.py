@@ -113,3 +113,9 @@ def test_inspect_llama3_70b_stays_small() -> None:
     peak_kib = int(out.stderr.strip().splitlines()[-1])
     assert peak_kib * 1024 < 2e9
     assert json.loads(out.stdout)["params"] == 70_553_706_496
+
+
+def test_unwritable_output_is_one_line(capsys) -> None:
+    assert main(["inspect", "--model", "gpt-tiny", "-o", "/proc/autoplan-cannot-write"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("autoplan inspect: error:") and len(err.splitlines()) == 1
