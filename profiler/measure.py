@@ -97,4 +97,4 @@ def measured_profile(built: BuiltModel, graph: LayerGraph, cluster: Cluster,
         machine=machine, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         layers=layers, comm_points=comm[0], comm=comm[1],
         notes=["layer times: median of repeats, perf_counter (CPU) or synchronised (CUDA)",
-               "transient peak memory is measured on CUDA only (cuda_max_allocated_bytes)"])
+               "memory peaks: torch.profiler allocator events, per sample from batches 1 and 2"])

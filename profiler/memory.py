@@ -7,19 +7,26 @@ state is what torch.optim actually allocates after one step, on meta copies of t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity, profile, record_function
+from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import checkpoint
 
 from autoplan.graph import LayerNode
 from autoplan.profiler.compute import MeasureSettings, UnitCall, make_inputs, materialize
 from autoplan.profiler.profile import LayerMemory
 
-__all__ = ["saved_bytes", "optimizer_state_bytes", "measure_memory"]
+__all__ = ["saved_bytes", "optimizer_state_bytes", "live_peaks", "measure_memory"]
+
+_BACKWARD_MARK = "autoplan::backward"
 
 OPTIMIZERS = {
     "adamw": lambda params: torch.optim.AdamW(params, foreach=False),
@@ -74,17 +81,62 @@ def _state_after_step(unit: nn.Module, make: Callable, dtype: torch.dtype) -> in
                for t in state.values() if isinstance(t, torch.Tensor))
 
 
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2: the profiler's C++ side prints a line at start and stop."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def live_peaks(run_forward: Callable[[], Any], device: str) -> tuple[int, int]:
+    """(forward peak, backward peak) of the bytes the allocator holds, counted from the start
+    of forward, read from torch.profiler's memory events (CPU and CUDA allocators alike).
+
+    The backward peak includes what forward left alive (saved activations, outputs).
+    """
+    kind = "CUDA" if device.startswith("cuda") else "CPU"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if kind == "CUDA" else [])
+    with _quiet_stderr(), profile(activities=activities, profile_memory=True) as prof:
+        outs = list(_grad_outputs(run_forward()))
+        with record_function(_BACKWARD_MARK):
+            torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
+    events = list(prof.profiler.kineto_results.events())
+    backward_ns = next(e.start_ns() for e in events if e.name() == _BACKWARD_MARK)
+    memory = sorted((e for e in events if e.name() == "[memory]"
+                     and str(e.device_type()).endswith(kind)), key=lambda e: e.start_ns())
+    live = forward_peak = backward_peak = 0
+    for event in memory:
+        live += event.nbytes()
+        if event.start_ns() < backward_ns:
+            forward_peak = max(forward_peak, live)
+        else:
+            backward_peak = max(backward_peak, live)
+    return forward_peak, max(backward_peak, forward_peak)
+
+
+def _grad_outputs(out: Any) -> Iterator[torch.Tensor]:
+    return (t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad)
+
+
 def measure_memory(unit: nn.Module, node: LayerNode, call: UnitCall,
                    settings: MeasureSettings) -> LayerMemory:
     """Weights, gradients, optimizer state and saved activations of one layer (tp = 1)."""
     real = materialize(unit, settings.device, settings.dtype)
     weights = list(real.parameters())
-    plain, ckpt = [], []
+    plain, ckpt, peaks = [], [], []
     for batch in (1, 2):
         args, kwargs = make_inputs(call, batch, settings.device, settings.dtype)
         plain.append(saved_bytes(partial(real, *args, **kwargs), weights))
         ckpt.append(saved_bytes(partial(checkpoint, real, *args, use_reentrant=False, **kwargs),
                                 weights))
+        peaks.append(live_peaks(partial(real, *args, **kwargs), settings.device))
     # A tied weight (an output head sharing the embedding's) is owned by its first layer:
     # this layer holds only its own share of weights, gradients and optimizer state.
     owned = node.params / (node.params + node.shared_params) if node.shared_params else 1.0
@@ -96,6 +148,8 @@ def measure_memory(unit: nn.Module, node: LayerNode, call: UnitCall,
         optimizer_bytes=optimizer,
         act_bytes_per_sample=max(plain[1] - plain[0], 0),
         act_bytes_per_sample_ckpt=max(ckpt[1] - ckpt[0], 0),
+        peak_fwd_bytes_per_sample=max(peaks[1][0] - peaks[0][0], 0),
+        peak_bwd_bytes_per_sample=max(peaks[1][1] - peaks[0][1], 0),
         cuda_max_allocated_bytes=cuda_peak)
 
 
@@ -106,9 +160,7 @@ def _cuda_peak(real: nn.Module, call: UnitCall, settings: MeasureSettings) -> in
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    out = real(*args, **kwargs)
-    outs = [t for t in torch.utils._pytree.tree_leaves(out)
-            if isinstance(t, torch.Tensor) and t.requires_grad]
+    outs = list(_grad_outputs(real(*args, **kwargs)))
     torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - base

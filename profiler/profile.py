@@ -115,8 +115,11 @@ class LayerMemory(BaseModel):
         description="state bytes after one step, keyed 'adamw/fp32', 'sgd/bf16', 'adamw/mixed'...")
     act_bytes_per_sample: int = Field(ge=0, description="saved for backward")
     act_bytes_per_sample_ckpt: int = Field(ge=0, description="saved with full checkpointing")
-    peak_fwd_bytes_per_sample: int = Field(0, ge=0, description="transient peak above inputs")
-    peak_bwd_bytes_per_sample: int = Field(0, ge=0, description="transient peak above inputs")
+    peak_fwd_bytes_per_sample: int = Field(
+        0, ge=0, description="highest allocated bytes during forward, from its start")
+    peak_bwd_bytes_per_sample: int = Field(
+        0, ge=0, description="highest allocated bytes during backward, from forward's start "
+        "(what forward left alive included)")
     cuda_max_allocated_bytes: int | None = Field(None, description="torch.cuda, when on a GPU")
 
 

@@ -137,3 +137,16 @@ def test_profile_bad_input(tmp_path, capsys, args: list[str], message: str) -> N
     assert main(["profile", "--model", "gpt-tiny", "-o", str(tmp_path), *args]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_forward_peak_counts_every_tensor_forward_allocates() -> None:
+    from autoplan.profiler.memory import live_peaks
+
+    # Linear(16, 64) -> GELU -> Linear(64, 16) on 8 samples, fp32: forward allocates the
+    # first output, the GELU output and the second output, and frees none of them.
+    mlp = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16))
+    x = torch.randn(8, 16, requires_grad=True)
+    forward, backward = live_peaks(lambda: mlp(x), "cpu")
+    assert forward == 4 * 8 * (64 + 64 + 16)
+    # Backward allocates the weight and bias gradients while some activations are still held.
+    assert backward >= max(forward, 4 * (2 * 16 * 64 + 64 + 16))
