@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = ["main"]
 
-_DTYPES = ("bf16", "fp16", "fp32")
+_DTYPES = ("bf16", "fp16", "fp32")  # autoplan.models.DTYPES, without importing torch here
 # Commands of the product that later work fills in; each says so instead of pretending.
 _NOT_BUILT = {
     "search": "find the fastest plan that fits memory (ILP and DP)",

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from autoplan.errors import AutoplanError
 from autoplan.graph import LayerGraph
-from autoplan.models import build_model, parse_model_spec
+from autoplan.models import DTYPES, build_model, parse_model_spec
 from autoplan.plan import Plan, check_plan, load_plan
 from autoplan.tracing import layer_graph_of_built
 
-__all__ = ["DTYPES", "InspectResult", "inspect_model"]
+__all__ = ["InspectResult", "inspect_model"]
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import datetime as _dt
 import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write_text"]
+__all__ = ["atomic_write_text", "utc_now"]
+
+
+def utc_now() -> str:
+    """The time now, UTC, to the second, as ISO 8601 (what documents record as created)."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

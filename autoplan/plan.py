@@ -8,7 +8,6 @@ data-parallel degree dp gives each of its ranks micro_batch_size / dp samples. T
 
 from __future__ import annotations
 
-import datetime as _dt
 from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +18,7 @@ from autoplan import __version__
 from autoplan.errors import AutoplanError
 from autoplan.formats import check_version, first_error
 from autoplan.graph import LayerGraph
-from autoplan.io import atomic_write_text
+from autoplan.io import atomic_write_text, utc_now
 from autoplan.specs import parse_bool, parse_int, parse_kv
 
 __all__ = [
@@ -70,11 +69,7 @@ class Provenance(BaseModel):
     model_config = _FROZEN
     autoplan_version: str = __version__
     profile_hash: str | None = None
-    created: str = Field(default_factory=lambda: _now())
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    created: str = Field(default_factory=utc_now)
 
 
 class Plan(BaseModel):
@@ -221,6 +216,9 @@ def uniform_plan(values: dict[str, Any] | str, graph: LayerGraph, world_size: in
             divide into micro-batches.
     """
     values = parse_plan_shorthand(values) if isinstance(values, str) else values
+    if world_size < 1 or global_batch < 1:
+        raise AutoplanError(f"plan: world size {world_size} and global batch {global_batch} "
+                            "must be at least 1")
     tp, pp = values.get("tp", 1), values.get("pp", 1)
     if world_size % (tp * pp):
         raise AutoplanError(f"plan: tp {tp} x pp {pp} does not divide the {world_size} devices")

@@ -212,10 +212,12 @@ class _Tracer(TorchDispatchMode):
         batched = any(_key(t) in self.batched for t in ins)
         sources = frozenset((self.unit,)) if self.unit else frozenset().union(
             *(self.producers.get(_key(t), frozenset()) for t in ins))
-        for t in outs:
+        for t in outs:  # a storage's key can be reused once freed: always overwrite
             self.producers[_key(t)] = sources
             if batched:
                 self.batched.add(_key(t))
+            else:
+                self.batched.discard(_key(t))
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         key = _key(t)
@@ -300,6 +302,7 @@ def _trace(root: nn.Module, units: list[tuple[str, bool]], inputs: tuple,
     for by replays of an equal earlier block (autoplan/replay.py), whose costs they copy."""
     names = [u for u, _ in units]
     tracer = _Tracer(root, names, inputs)
+    fresh = [p for p in root.parameters() if p.grad is None]  # backward must leave no grad
     handles, restore = swap_in_replays(root, replays)
     for unit in names:
         module = root.get_submodule(unit)
@@ -312,6 +315,8 @@ def _trace(root: nn.Module, units: list[tuple[str, bool]], inputs: tuple,
         with attention_mode, tracer, \
                 torch.autograd.graph.saved_tensors_hooks(tracer.pack, lambda t: t):
             loss = loss_fn(root(*inputs), inputs)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise AutoplanError(f"the loss must be a scalar tensor, got {type(loss).__name__}")
             loss.backward()
     except (RuntimeError, TypeError, ValueError, IndexError) as err:
         raise AutoplanError(f"the model cannot run on meta tensors: {err}") from err
@@ -320,6 +325,10 @@ def _trace(root: nn.Module, units: list[tuple[str, bool]], inputs: tuple,
             h.remove()
         for parent, attribute, module in restore:
             setattr(parent, attribute, module)
+        for p in fresh:
+            p.grad = None
+    if any(not tracer.records[name].calls for name in replays):
+        raise ReplayMismatch("a replayed block was never called through its parent")
     for name, model in replays.items():
         _copy_costs(tracer.records[model], tracer.records[name])
     return tracer

@@ -20,6 +20,7 @@ def structure_hash(module: nn.Module, memo: dict[int, str]) -> str:
     """A text that is equal for modules of identical class, parameter shapes and children."""
     if id(module) not in memo:
         own = [(n, tuple(p.shape), str(p.dtype)) for n, p in module.named_parameters(recurse=False)]
+        own += [(n, tuple(b.shape), str(b.dtype)) for n, b in module.named_buffers(recurse=False)]
         kids = [(n, structure_hash(c, memo)) for n, c in module.named_children()]
         text = repr((type(module).__qualname__, own, kids))
         memo[id(module)] = hashlib.sha1(text.encode()).hexdigest()

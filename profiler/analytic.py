@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 from autoplan.cluster import Cluster
 from autoplan.errors import AutoplanError
 from autoplan.graph import LayerGraph, LayerNode
+from autoplan.io import utc_now
 from autoplan.profiler.efficiency import (
     NCCL_BASE_LATENCY_S,
     NETWORK_BUS_FRACTION,
@@ -113,7 +113,7 @@ def analytic_profile(graph: LayerGraph, cluster: Cluster,
     return Profile(
         mode="analytic", model=graph.model, model_hash=graph.structural_hash,
         dtype=graph.dtype, cluster=cluster.to_dict(),
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created=utc_now(),
         layers=layers, comm=collective_fits(cluster),
         notes=[f"analytic profile of {device.name} ({device.source})", _TRAFFIC_NOTE,
                _PLACEMENT_NOTE, *figure_notes()],

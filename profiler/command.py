@@ -10,7 +10,7 @@ import torch
 
 from autoplan.cluster import Cluster, parse_cluster_spec
 from autoplan.errors import AutoplanError
-from autoplan.models import build_model, parse_model_spec
+from autoplan.models import DTYPES, build_model, parse_model_spec
 from autoplan.profiler.compute import MeasureSettings
 from autoplan.profiler.profile import Profile
 from autoplan.tracing import layer_graph_of_built
@@ -19,7 +19,6 @@ __all__ = ["DEFAULT_COMM_SIZES", "ProfileOptions", "run_profile", "under_torchru
 
 # 1 KiB to 64 MiB in steps of 4x: the range the profiler issue asks for.
 DEFAULT_COMM_SIZES = tuple(2**k for k in range(10, 27, 2))
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -54,6 +53,12 @@ class ProfileOptions:
                 raise AutoplanError(f"--{what} must list integers >= 1, got {values}")
         if self.nproc < 1 or self.repeats < 1 or self.warmup < 0:
             raise AutoplanError("--nproc and --repeats must be >= 1 and --warmup >= 0")
+        if self.threads is not None and self.threads < 1:
+            raise AutoplanError(f"--threads must be >= 1, got {self.threads}")
+        if not self.comm_sizes or min(self.comm_sizes) < 1:
+            raise AutoplanError(f"--comm-sizes must list byte counts >= 1, got {self.comm_sizes}")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise AutoplanError(f"device '{self.device}' is not cpu or cuda[:N]")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise AutoplanError(f"device '{self.device}' asked for, but CUDA is not available")
 

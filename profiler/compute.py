@@ -27,7 +27,7 @@ from autoplan.models.build import BuiltModel
 from autoplan.tp_plan import COLWISE, infer_tp_plan
 
 __all__ = ["MeasureSettings", "UnitCall", "capture_unit_calls", "materialize", "shard_copy",
-           "runs_on_meta", "make_inputs", "time_unit", "LossUnit",
+           "runs_on_meta", "make_inputs", "time_unit", "grad_outputs", "LossUnit",
            "unit_module"]
 
 LOSS = "loss"  # the LayerGraph's name for the loss node
@@ -175,7 +175,8 @@ def materialize(unit: nn.Module, device: str, dtype: torch.dtype) -> nn.Module:
     return real
 
 
-def _outputs(out: Any) -> Iterator[torch.Tensor]:
+def grad_outputs(out: Any) -> Iterator[torch.Tensor]:
+    """The tensors of a module's output that backward runs from."""
     leaves, _ = tree_flatten(out)
     return (t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad)
 
@@ -199,7 +200,7 @@ def time_unit(module: nn.Module, inputs: tuple, settings: MeasureSettings) -> di
     fwd, bwd = [], []
     for index in range(settings.warmup + settings.repeats):
         out, fwd_s = _timed(lambda: module(*args, **kwargs), settings.device)
-        outs = list(_outputs(out))
+        outs = list(grad_outputs(out))
         if not outs:
             raise AutoplanError(f"layer {type(module).__name__} returns no tensor needing grad")
         grads = [torch.ones_like(t) for t in outs]
@@ -208,5 +209,8 @@ def time_unit(module: nn.Module, inputs: tuple, settings: MeasureSettings) -> di
             fwd.append(fwd_s)
             bwd.append(bwd_s)
         module.zero_grad(set_to_none=True)
+        for leaf in tree_flatten(inputs)[0]:  # input gradients would accumulate otherwise
+            if isinstance(leaf, torch.Tensor):
+                leaf.grad = None
     return {"fwd_s": statistics.median(fwd), "bwd_s": statistics.median(bwd),
             "fwd_spread_s": max(fwd) - min(fwd), "bwd_spread_s": max(bwd) - min(bwd)}

@@ -3,7 +3,6 @@ time the collectives between local processes, and assemble the Profile."""
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import os
 import platform
@@ -11,12 +10,15 @@ import socket
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
 from autoplan.cluster import Cluster
 from autoplan.graph import LayerGraph
+from autoplan.io import utc_now
 from autoplan.models.build import BuiltModel
 from autoplan.profiler.compute import (
     MeasureSettings,
+    UnitCall,
     capture_unit_calls,
     make_inputs,
     materialize,
@@ -48,27 +50,31 @@ def measure_layers(built: BuiltModel, graph: LayerGraph, settings: MeasureSettin
     for signature, nodes in graph.by_signature().items():
         node = nodes[0]
         unit = unit_module(built, node)
-        points = []
-        for tp in settings.tps:
-            shard = shard_copy(unit, tp)
-            if shard is None or not runs_on_meta(shard, calls[signature]):
-                log.info("%s: no shard shapes for tp=%d, not profiled at that degree",
-                         node.name, tp)
-                continue
-            real = materialize(shard, settings.device, settings.dtype)
-            for micro_batch in settings.micro_batches:
-                if on_step:
-                    on_step(f"{node.name} tp={tp} micro_batch={micro_batch}")
-                inputs = make_inputs(calls[signature], micro_batch, settings.device,
-                                     settings.dtype)
-                points.append(TimePoint(micro_batch=micro_batch, tp=tp,
-                                        repeats=settings.repeats,
-                                        **time_unit(real, inputs, settings)))
+        points = _time_points(unit, node.name, calls[signature], settings, on_step)
         memory = measure_memory(unit, node, calls[signature], settings)
         layers.append(LayerProfile(signature=signature, kind=node.kind,
                                    names=[n.name for n in nodes], points=points,
                                    fits=fits_from_points(points), memory=memory))
     return layers
+
+
+def _time_points(unit: nn.Module, name: str, call: UnitCall, settings: MeasureSettings,
+                 on_step: Progress | None) -> list[TimePoint]:
+    """Time one layer at every (tp, micro-batch); tp = 1 always, so every layer has a fit."""
+    points = []
+    for tp in sorted({1, *settings.tps}):
+        shard = shard_copy(unit, tp)
+        if shard is None or not runs_on_meta(shard, call):
+            log.info("%s: no shard shapes for tp=%d, not profiled at that degree", name, tp)
+            continue
+        real = materialize(shard, settings.device, settings.dtype)
+        for micro_batch in settings.micro_batches:
+            if on_step:
+                on_step(f"{name} tp={tp} micro_batch={micro_batch}")
+            inputs = make_inputs(call, micro_batch, settings.device, settings.dtype)
+            points.append(TimePoint(micro_batch=micro_batch, tp=tp, repeats=settings.repeats,
+                                    **time_unit(real, inputs, settings)))
+    return points
 
 
 def machine_info(settings: MeasureSettings) -> Machine:
@@ -94,7 +100,7 @@ def measured_profile(built: BuiltModel, graph: LayerGraph, cluster: Cluster,
     return Profile(
         mode="measure", model=graph.model, model_hash=graph.structural_hash,
         dtype=str(settings.dtype).removeprefix("torch."), cluster=cluster.to_dict(),
-        machine=machine, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        machine=machine, created=utc_now(),
         layers=layers, comm_points=comm[0], comm=comm[1],
         notes=["layer times: median of repeats, perf_counter (CPU) or synchronised (CUDA)",
                "memory peaks: torch.profiler allocator events, per sample from batches 1 and 2"])

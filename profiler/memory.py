@@ -17,11 +17,16 @@ from typing import Any
 import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
-from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import checkpoint
 
 from autoplan.graph import LayerNode
-from autoplan.profiler.compute import MeasureSettings, UnitCall, make_inputs, materialize
+from autoplan.profiler.compute import (
+    MeasureSettings,
+    UnitCall,
+    grad_outputs,
+    make_inputs,
+    materialize,
+)
 from autoplan.profiler.profile import LayerMemory
 
 __all__ = ["saved_bytes", "optimizer_state_bytes", "live_peaks", "measure_memory"]
@@ -104,7 +109,7 @@ def live_peaks(run_forward: Callable[[], Any], device: str) -> tuple[int, int]:
     kind = "CUDA" if device.startswith("cuda") else "CPU"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if kind == "CUDA" else [])
     with _quiet_stderr(), profile(activities=activities, profile_memory=True) as prof:
-        outs = list(_grad_outputs(run_forward()))
+        outs = list(grad_outputs(run_forward()))
         with record_function(_BACKWARD_MARK):
             torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
     events = list(prof.profiler.kineto_results.events())
@@ -119,10 +124,6 @@ def live_peaks(run_forward: Callable[[], Any], device: str) -> tuple[int, int]:
         else:
             backward_peak = max(backward_peak, live)
     return forward_peak, max(backward_peak, forward_peak)
-
-
-def _grad_outputs(out: Any) -> Iterator[torch.Tensor]:
-    return (t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad)
 
 
 def measure_memory(unit: nn.Module, node: LayerNode, call: UnitCall,
@@ -160,7 +161,7 @@ def _cuda_peak(real: nn.Module, call: UnitCall, settings: MeasureSettings) -> in
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    outs = list(_grad_outputs(real(*args, **kwargs)))
+    outs = list(grad_outputs(real(*args, **kwargs)))
     torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - base

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from autoplan.io import atomic_write_text
-from autoplan.profiler.profile import Profile
+from autoplan.profiler.profile import CommPoint, Profile
 
 __all__ = ["layers_frame", "comm_frame", "write_profile"]
 
@@ -37,7 +37,7 @@ def comm_frame(profile: Profile) -> pd.DataFrame:
             "fit_time_s": fit.time_s(point.nbytes) if fit else None})
     if not rows:  # analytic profiles have fits only
         rows = [f.model_dump() for f in profile.comm]
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=None if rows else list(CommPoint.model_fields))
 
 
 def write_profile(profile: Profile, folder: str | Path) -> list[Path]:

@@ -1,12 +1,12 @@
 """Model ingestion: spec strings and presets to nn.Modules (built on meta for analysis)."""
 
-from autoplan.models.build import BuiltModel, build_model, lm_loss, sum_loss
+from autoplan.models.build import DTYPES, BuiltModel, build_model, lm_loss, sum_loss
 from autoplan.models.gpt import GPT, GPTConfig
 from autoplan.models.llama import Llama, LlamaConfig
 from autoplan.models.presets import PRESETS, Preset
 from autoplan.models.spec import FAMILIES, ModelSpec, parse_model_spec
 
 __all__ = [
-    "BuiltModel", "build_model", "lm_loss", "sum_loss", "GPT", "GPTConfig", "Llama",
+    "DTYPES", "BuiltModel", "build_model", "lm_loss", "sum_loss", "GPT", "GPTConfig", "Llama",
     "LlamaConfig", "PRESETS", "Preset", "FAMILIES", "ModelSpec", "parse_model_spec",
 ]

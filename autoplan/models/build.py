@@ -18,7 +18,10 @@ from autoplan.models.gpt import GPT, GPTConfig
 from autoplan.models.llama import Llama
 from autoplan.models.spec import ModelSpec, parse_model_spec
 
-__all__ = ["BuiltModel", "build_model", "lm_loss", "sum_loss"]
+__all__ = ["DTYPES", "BuiltModel", "build_model", "lm_loss", "sum_loss"]
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+"""The dtype names the CLI takes."""
 
 InputsFn = Callable[[int], tuple[torch.Tensor, ...]]
 LossFn = Callable[[Any, tuple[torch.Tensor, ...]], torch.Tensor]
@@ -78,6 +81,8 @@ def _build_hf(spec: ModelSpec) -> tuple[nn.Module, int, int]:
     try:
         with open(spec.source) as f:
             raw = json.load(f)
+        if not isinstance(raw, dict):
+            raise ValueError("it holds no JSON object")
         config = transformers.AutoConfig.for_model(raw.pop("model_type"), **raw)
     except (OSError, ValueError, KeyError) as err:
         raise AutoplanError(f"hf config '{spec.source}' cannot be read: {err}") from None
@@ -119,5 +124,8 @@ def _build_factory(spec: ModelSpec, device: str | torch.device,
 def sum_loss(output: Any, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Stand-in loss for modules without one: the sum of the first output tensor,
     which sends a gradient to every output element."""
-    first = output if isinstance(output, torch.Tensor) else tree_leaves(output)[0]
-    return first.float().sum()
+    tensors = [t for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
+    if not tensors:
+        raise AutoplanError(f"the model returned no tensor ({type(output).__name__}); "
+                            "give a loss function")
+    return tensors[0].float().sum()

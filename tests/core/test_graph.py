@@ -188,3 +188,44 @@ def test_a_block_fed_other_shapes_falls_back_to_a_full_trace() -> None:
     model = _Reshaping()
     example = (torch.zeros(2, 8, 8),)
     assert layer_graph(model, example) == layer_graph(model, example, replay=False)
+
+
+def test_tracing_leaves_a_meta_model_as_it_was() -> None:
+    built = build_model("gpt-tiny", dtype=torch.bfloat16)  # already meta: traced in place
+    layer_graph_of_built(built)
+    assert all(p.grad is None for p in built.module.parameters())
+    assert all(type(block).__name__ == "Block" for block in built.module.h)  # replays undone
+
+
+class _ListCalled(nn.Module):
+    """Calls its blocks through a plain list, so swapping the ModuleList's entries misses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+        self.order = list(self.blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.order:
+            x = block(x)
+        return x
+
+
+def test_blocks_called_around_their_container_are_traced_for_real() -> None:
+    model = _ListCalled()
+    graph = layer_graph(model, (torch.zeros(2, 8),))
+    assert graph.names == ["blocks.0", "blocks.1", "blocks.2", "loss"]
+    assert graph == layer_graph(model, (torch.zeros(2, 8),), replay=False)
+
+
+def test_a_model_returning_no_tensor_is_a_clear_error() -> None:
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> tuple:
+            return (3, "x")
+
+    with pytest.raises(AutoplanError, match="returned no tensor"):
+        layer_graph(Odd(), (torch.zeros(1, 2),))

@@ -136,6 +136,11 @@ def test_split_stages_balances_blocks(graph: LayerGraph) -> None:
     assert split_stages(graph, 6) == [0, 2, 4, 6, 7, 8]
 
 
+def test_world_and_batch_must_be_positive(graph: LayerGraph) -> None:
+    with pytest.raises(AutoplanError, match="must be at least 1"):
+        uniform_plan("tp=1", graph, world_size=0, global_batch=8)
+
+
 def test_shorthand_needs_context() -> None:
     with pytest.raises(AutoplanError, match="needs the model"):
         load_plan("dp=2")

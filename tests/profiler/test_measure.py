@@ -104,7 +104,7 @@ def test_fit_line() -> None:
 
 def test_profile_command_writes_versioned_files(tmp_path, capsys) -> None:
     args = ["profile", "--model", "gpt-tiny", "--no-comm", "--repeats", "2", "--warmup", "0",
-            "--micro-batches", "1,2", "--tp", "1,2", "-o", str(tmp_path)]
+            "--micro-batches", "1,2", "--tp", "2", "-o", str(tmp_path)]
     assert main(args) == 0
     profile = load_profile(tmp_path)
     graph = layer_graph_of_built(build_model("gpt-tiny", dtype=torch.float32), torch.float32)
@@ -113,11 +113,14 @@ def test_profile_command_writes_versioned_files(tmp_path, capsys) -> None:
                                                          "loss"}
     block = next(layer for layer in profile.layers if layer.kind == "block")
     assert block.names == ["h.0", "h.1"] and [f.tp for f in block.fits] == [1, 2]
+    norm = next(layer for layer in profile.layers if layer.kind == "norm")
+    assert [f.tp for f in norm.fits] == [1]  # tp = 1 is always profiled
     assert all(p.fwd_s > 0 and p.bwd_s > 0 for p in block.points)
     head = next(layer for layer in profile.layers if layer.kind == "head")
     assert head.memory.param_bytes == 0  # tied to the embedding, which owns it
     import pandas as pd
     assert len(pd.read_csv(tmp_path / "layers.csv")) == sum(len(x.points) for x in profile.layers)
+    assert pd.read_csv(tmp_path / "comm.csv").empty  # no collectives, still a readable table
     data = json.loads((tmp_path / "profile.json").read_text())
     assert data["content_hash"] == profile.content_hash
     data["version"] = 2
@@ -132,6 +135,9 @@ def test_profile_command_writes_versioned_files(tmp_path, capsys) -> None:
     (["--tp", "0"], "--tp must list integers >= 1"),
     (["--mode", "analytic"], "--mode analytic needs --cluster"),
     (["--device", "cuda"], "CUDA is not available"),
+    (["--device", "gpu"], "is not cpu or cuda"),
+    (["--threads", "-1"], "--threads must be >= 1"),
+    (["--comm-sizes", "0,1024"], "--comm-sizes must list byte counts >= 1"),
 ])
 def test_profile_bad_input(tmp_path, capsys, args: list[str], message: str) -> None:
     assert main(["profile", "--model", "gpt-tiny", "-o", str(tmp_path), *args]) == 2
