@@ -177,8 +177,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from autoplan.profiler.command import DEFAULT_COMM_SIZES, ProfileOptions, run_profile
-    from autoplan.profiler.output import write_profile
-    from autoplan.report import profile_tables
+    from autoplan.profiler.output import profile_tables, write_profile
 
     sizes = _int_list(args.comm_sizes, "--comm-sizes") if args.comm_sizes else DEFAULT_COMM_SIZES
     options = ProfileOptions(

@@ -11,10 +11,8 @@ from autoplan import fmt
 from autoplan.graph import LayerGraph, LayerNode
 from autoplan.models import PRESETS, build_model, parse_model_spec
 from autoplan.plan import Plan
-from autoplan.profiler.profile import Profile
 
-__all__ = ["preset_rows", "models_table", "graph_summary", "layer_table", "plan_table",
-           "profile_tables"]
+__all__ = ["preset_rows", "models_table", "graph_summary", "layer_table", "plan_table"]
 
 
 def preset_rows() -> list[dict]:
@@ -121,25 +119,3 @@ def plan_table(plan: Plan) -> Table:
             table.add_row(str(chunk % plan.pp), label, *map(str, key))
     return table
 
-
-def profile_tables(profile: Profile) -> list[Table]:
-    """A layer table (time at the smallest micro-batch, per TP degree) and a collective table."""
-    layers = Table(title=f"{profile.model}: {profile.mode} profile, {profile.dtype}"
-                   + (f", {profile.machine.device}" if profile.machine else ""))
-    for column in ("layer", "kind", "x", "tp", "fwd (mb=1)", "bwd (mb=1)", "fwd/sample",
-                   "saved act/sample", "ckpt act/sample"):
-        layers.add_column(column, justify="left" if column in ("layer", "kind") else "right")
-    for layer in profile.layers:
-        for fit in layer.fits:
-            mem = layer.memory
-            layers.add_row(layer.names[0], layer.kind, str(len(layer.names)), str(fit.tp),
-                           fmt.seconds(fit.fwd_s(1)), fmt.seconds(fit.bwd_s(1)),
-                           fmt.seconds(fit.fwd_per_sample_s), fmt.nbytes(mem.act_bytes_per_sample),
-                           fmt.nbytes(mem.act_bytes_per_sample_ckpt))
-    comm = Table(title="collectives: time = alpha + bytes / bandwidth")
-    for column in ("collective", "ranks", "scope", "alpha", "bandwidth", "peak busbw"):
-        comm.add_column(column, justify="left" if column in ("collective", "scope") else "right")
-    for fit in profile.comm:
-        comm.add_row(fit.collective, str(fit.group_size), fit.scope, fmt.seconds(fit.alpha_s),
-                     f"{fmt.nbytes(fit.bandwidth)}/s", f"{fmt.nbytes(fit.busbw)}/s")
-    return [layers, comm] if profile.comm else [layers]

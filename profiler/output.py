@@ -1,15 +1,18 @@
-"""Write a Profile as DIR/profile.json plus pandas-readable DIR/layers.csv and DIR/comm.csv."""
+"""A Profile for people and programs: DIR/profile.json, pandas-readable DIR/layers.csv and
+DIR/comm.csv, and the summary tables `autoplan profile` prints."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pandas as pd
+from rich.table import Table
 
+from autoplan import fmt
 from autoplan.io import atomic_write_text
 from autoplan.profiler.profile import CommPoint, Profile
 
-__all__ = ["layers_frame", "comm_frame", "write_profile"]
+__all__ = ["layers_frame", "comm_frame", "write_profile", "profile_tables"]
 
 
 def layers_frame(profile: Profile) -> pd.DataFrame:
@@ -48,3 +51,26 @@ def write_profile(profile: Profile, folder: str | Path) -> list[Path]:
     atomic_write_text(paths[1], layers_frame(profile).to_csv(index=False))
     atomic_write_text(paths[2], comm_frame(profile).to_csv(index=False))
     return paths
+
+
+def profile_tables(profile: Profile) -> list[Table]:
+    """A layer table (time at the smallest micro-batch, per TP degree) and a collective table."""
+    layers = Table(title=f"{profile.model}: {profile.mode} profile, {profile.dtype}"
+                   + (f", {profile.machine.device}" if profile.machine else ""))
+    for column in ("layer", "kind", "x", "tp", "fwd (mb=1)", "bwd (mb=1)", "fwd/sample",
+                   "saved act/sample", "ckpt act/sample"):
+        layers.add_column(column, justify="left" if column in ("layer", "kind") else "right")
+    for layer in profile.layers:
+        for fit in layer.fits:
+            mem = layer.memory
+            layers.add_row(layer.names[0], layer.kind, str(len(layer.names)), str(fit.tp),
+                           fmt.seconds(fit.fwd_s(1)), fmt.seconds(fit.bwd_s(1)),
+                           fmt.seconds(fit.fwd_per_sample_s), fmt.nbytes(mem.act_bytes_per_sample),
+                           fmt.nbytes(mem.act_bytes_per_sample_ckpt))
+    comm = Table(title="collectives: time = alpha + bytes / bandwidth")
+    for column in ("collective", "ranks", "scope", "alpha", "bandwidth", "peak busbw"):
+        comm.add_column(column, justify="left" if column in ("collective", "scope") else "right")
+    for fit in profile.comm:
+        comm.add_row(fit.collective, str(fit.group_size), fit.scope, fmt.seconds(fit.alpha_s),
+                     f"{fmt.nbytes(fit.bandwidth)}/s", f"{fmt.nbytes(fit.busbw)}/s")
+    return [layers, comm] if profile.comm else [layers]
