@@ -11,6 +11,7 @@ parent's forward) count towards the unit that ran last.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
@@ -150,6 +151,10 @@ def _tensors(tree: Any) -> Iterator[torch.Tensor]:
         yield from (t for t in tree_leaves(tree) if isinstance(t, torch.Tensor))
 
 
+_COSTS = ("fwd_flops", "bwd_flops", "act_bytes", "act_bytes_fixed")
+"""The _Record fields a replayed block copies and the first unit absorbs from glue."""
+
+
 @dataclass
 class _Record:
     """What one unit did at batch 1; bytes split into per-sample and fixed."""
@@ -188,15 +193,16 @@ class _Tracer(TorchDispatchMode):
         self.calls = 0
         self.hooks: list[Any] = []
 
-    def owner(self) -> str:
-        if _in_backward():
+    def owner(self, backward: bool) -> str:
+        if backward:
             return self.bwd_unit
         return self.unit or (_LOSS if self.in_loss else self.last_fwd)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        owner, backward = self.owner(), _in_backward()
+        backward = _in_backward()
+        owner = self.owner(backward)
         count = flop_registry.get(func._overloadpacket)
         if count is not None:
             flops = count(*args, **kwargs, out_val=out)
@@ -223,7 +229,7 @@ class _Tracer(TorchDispatchMode):
         key = _key(t)
         if key not in self.state and key not in self.saved:
             self.saved.add(key)
-            rec = self.records[self.owner()]
+            rec = self.records[self.owner(_in_backward())]
             if key in self.batched:
                 rec.act_bytes += t.untyped_storage().nbytes()
             else:
@@ -310,7 +316,7 @@ def _trace(root: nn.Module, units: list[tuple[str, bool]], inputs: tuple,
             lambda m, a, k, u=unit: tracer.enter(u, a, k), with_kwargs=True))
         handles.append(module.register_forward_hook(lambda m, a, o, u=unit: tracer.leave(u, o)))
     handles.append(root.register_forward_hook(lambda m, a, o: tracer.model_done(o)))
-    attention_mode = _FlashAttention() if attention == "flash" else _NoMode()
+    attention_mode = _FlashAttention() if attention == "flash" else contextlib.nullcontext()
     try:
         with attention_mode, tracer, \
                 torch.autograd.graph.saved_tensors_hooks(tracer.pack, lambda t: t):
@@ -335,16 +341,8 @@ def _trace(root: nn.Module, units: list[tuple[str, bool]], inputs: tuple,
 
 
 def _copy_costs(source: _Record, target: _Record) -> None:
-    target.fwd_flops, target.bwd_flops = source.fwd_flops, source.bwd_flops
-    target.act_bytes, target.act_bytes_fixed = source.act_bytes, source.act_bytes_fixed
-
-
-class _NoMode:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+    for cost in _COSTS:
+        setattr(target, cost, getattr(source, cost))
 
 
 # ---------------------------------------------------------------------------- assembly
@@ -377,10 +375,8 @@ def _merge_pre(records: dict[str, _Record]) -> None:
     pre = records.pop(_PRE)
     first = min((r for r in records.values() if r.calls), key=lambda r: r.order, default=None)
     if first is not None:
-        first.fwd_flops += pre.fwd_flops
-        first.bwd_flops += pre.bwd_flops
-        first.act_bytes += pre.act_bytes
-        first.act_bytes_fixed += pre.act_bytes_fixed
+        for cost in _COSTS:
+            setattr(first, cost, getattr(first, cost) + getattr(pre, cost))
 
 
 def _param_owners(root: nn.Module, units: list[str]) -> tuple[dict[str, int], dict[str, int]]:

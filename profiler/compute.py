@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -27,7 +27,7 @@ from autoplan.models.build import BuiltModel
 from autoplan.tp_plan import COLWISE, infer_tp_plan
 
 __all__ = ["MeasureSettings", "UnitCall", "capture_unit_calls", "materialize", "shard_copy",
-           "runs_on_meta", "make_inputs", "time_unit", "grad_outputs", "LossUnit",
+           "runs_on_meta", "make_inputs", "time_unit", "output_grads", "LossUnit",
            "unit_module"]
 
 LOSS = "loss"  # the LayerGraph's name for the loss node
@@ -175,10 +175,18 @@ def materialize(unit: nn.Module, device: str, dtype: torch.dtype) -> nn.Module:
     return real
 
 
-def grad_outputs(out: Any) -> Iterator[torch.Tensor]:
-    """The tensors of a module's output that backward runs from."""
+def output_grads(out: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The tensors of a module's output that backward runs from, and a gradient of ones for
+    each: `torch.autograd.backward(*output_grads(out))` runs the layer's backward.
+
+    Raises:
+        AutoplanError: when no output needs a gradient.
+    """
     leaves, _ = tree_flatten(out)
-    return (t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad)
+    outs = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not outs:
+        raise AutoplanError(f"a layer returns no tensor needing grad ({type(out).__name__})")
+    return outs, [torch.ones_like(t) for t in outs]
 
 
 def _sync(device: str) -> None:
@@ -200,10 +208,7 @@ def time_unit(module: nn.Module, inputs: tuple, settings: MeasureSettings) -> di
     fwd, bwd = [], []
     for index in range(settings.warmup + settings.repeats):
         out, fwd_s = _timed(lambda: module(*args, **kwargs), settings.device)
-        outs = list(grad_outputs(out))
-        if not outs:
-            raise AutoplanError(f"layer {type(module).__name__} returns no tensor needing grad")
-        grads = [torch.ones_like(t) for t in outs]
+        outs, grads = output_grads(out)
         _, bwd_s = _timed(partial(torch.autograd.backward, outs, grads), settings.device)
         if index >= settings.warmup:
             fwd.append(fwd_s)

@@ -23,9 +23,9 @@ from autoplan.graph import LayerNode
 from autoplan.profiler.compute import (
     MeasureSettings,
     UnitCall,
-    grad_outputs,
     make_inputs,
     materialize,
+    output_grads,
 )
 from autoplan.profiler.profile import LayerMemory
 
@@ -109,9 +109,9 @@ def live_peaks(run_forward: Callable[[], Any], device: str) -> tuple[int, int]:
     kind = "CUDA" if device.startswith("cuda") else "CPU"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if kind == "CUDA" else [])
     with _quiet_stderr(), profile(activities=activities, profile_memory=True) as prof:
-        outs = list(grad_outputs(run_forward()))
+        outs, grads = output_grads(run_forward())
         with record_function(_BACKWARD_MARK):
-            torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
+            torch.autograd.backward(outs, grads)
     events = list(prof.profiler.kineto_results.events())
     backward_ns = next(e.start_ns() for e in events if e.name() == _BACKWARD_MARK)
     memory = sorted((e for e in events if e.name() == "[memory]"
@@ -161,7 +161,6 @@ def _cuda_peak(real: nn.Module, call: UnitCall, settings: MeasureSettings) -> in
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    outs = list(grad_outputs(real(*args, **kwargs)))
-    torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
+    torch.autograd.backward(*output_grads(real(*args, **kwargs)))
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - base
