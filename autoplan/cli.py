@@ -23,7 +23,6 @@ _DTYPES = ("bf16", "fp16", "fp32")  # autoplan.models.DTYPES, without importing 
 # Commands of the product that later work fills in; each says so instead of pretending.
 _NOT_BUILT = {
     "search": "find the fastest plan that fits memory (ILP and DP)",
-    "estimate": "predict step time and per-rank memory of a plan",
     "run": "train a model under a plan on local processes or torchrun",
     "validate": "run top plans and compare prediction with measurement",
     "plot": "draw a plan's pipeline schedule and memory",
@@ -86,6 +85,27 @@ def _parser() -> argparse.ArgumentParser:
     profile.add_argument("-o", "--output", required=True, help="folder for profile.json, "
                          "layers.csv, comm.csv")
     profile.set_defaults(handler=_cmd_profile)
+
+    estimate = sub.add_parser("estimate", help="predict step time and per-rank memory of a "
+                              "plan, with a breakdown")
+    estimate.add_argument("--model", required=True,
+                          help="model spec or preset, or a graph.json from `inspect -o`")
+    estimate.add_argument("--cluster", required=True, help="e.g. h100-sxm:nodes=16, "
+                          "a100-80g:gpus=64, or a profile/cluster .json")
+    estimate.add_argument("--global-batch", type=int, required=True, help="samples per step")
+    estimate.add_argument("--plan", required=True,
+                          help='plan.json, or "dp=..,tp=..,pp=..,micro_batch=..,ckpt=full,'
+                          'zero=1,schedule=1f1b"')
+    estimate.add_argument("--seq", type=int, help="sequence length (overrides the model's)")
+    estimate.add_argument("--profile", help="profile folder or profile.json (default: the "
+                          "cluster's datasheet figures)")
+    estimate.add_argument("--dtype", choices=_DTYPES, default="bf16")
+    estimate.add_argument("--attention", choices=("flash", "math"), default="flash")
+    estimate.add_argument("--memory-limit", type=float, help="GiB per device (default: the "
+                          "device's memory)")
+    estimate.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    estimate.add_argument("--json", action="store_true", help="print JSON")
+    estimate.set_defaults(handler=_cmd_estimate)
 
     for name, text in _NOT_BUILT.items():
         stub = sub.add_parser(name, help=f"{text} (not built yet)")
@@ -205,6 +225,26 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     for table in profile_tables(profile):
         out.print(table)
     out.print(f"wrote {', '.join(str(p) for p in paths)} (content hash {profile.content_hash})")
+    return 0
+
+
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    from autoplan.cost_model.command import EstimateOptions, run_estimate
+
+    options = EstimateOptions(
+        model=args.model, cluster=args.cluster, global_batch=args.global_batch, plan=args.plan,
+        seq=args.seq, profile=args.profile, dtype=args.dtype, attention=args.attention,
+        memory_limit_gib=args.memory_limit, optimizer=args.optimizer)
+    with _console(stderr=True).status(f"estimating {args.model} on {args.cluster}"):
+        plan, estimate = run_estimate(options)
+    if args.json:
+        print(json.dumps(estimate.to_dict() | {"plan": json.loads(plan.to_json())}, indent=1))
+        return 0
+    from autoplan.cost_model.report import estimate_tables
+
+    out = _console()
+    for table in estimate_tables(plan, estimate):
+        out.print(table)
     return 0
 
 

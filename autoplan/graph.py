@@ -52,6 +52,19 @@ class LayerNode:
     output_shape: tuple[int, ...]
     """Shape of the first output tensor at batch 1."""
     calls: int = 1
+    fwd_io_bytes: int = 0
+    """Bytes per sample that non-matmul, non-view ops read and write in forward (eager, as
+    traced: what memory-bound kernels move); 0 in graphs from before it was recorded."""
+    bwd_io_bytes: int = 0
+    """The same for backward (tensors shaped like a parameter left out: weight gradients)."""
+    attn_act_bytes: int = 0
+    """Saved bytes per sample of S x S tensors (attention scores, probabilities, their
+    dropout): what selective recomputation drops (Korthikanti et al. 2022, sec. 4.2)."""
+    attn_fwd_flops: float = 0.0
+    """Forward FLOPs per sample of the ops that make or read S x S tensors: the work that
+    selective recomputation repeats."""
+    attn_fwd_io_bytes: int = 0
+    """Forward non-matmul bytes per sample moved by ops on S x S tensors."""
 
 
 @dataclass(frozen=True)

@@ -79,10 +79,11 @@ def layer_graph(model: nn.Module, example_inputs: Any,
     loss_fn = loss_fn or sum_loss
     replays = replay_plan(meta, [u for u, is_block in units if is_block]) if replay else {}
     try:
-        tracer = _trace(meta, units, inputs_fn(1), loss_fn, attention, replays)
+        tracer = _trace(meta, units, inputs_fn(1), loss_fn, attention, replays,
+                        tokens_per_sample)
     except ReplayMismatch as why:
         log.info("tracing every block (%s)", why)
-        tracer = _trace(meta, units, inputs_fn(1), loss_fn, attention, {})
+        tracer = _trace(meta, units, inputs_fn(1), loss_fn, attention, {}, tokens_per_sample)
     nodes, edges = _assemble(meta, units, tracer.records)
     return LayerGraph(name, str(dtype).removeprefix("torch."), attention, tokens_per_sample,
                       tuple(nodes), tuple(edges))
@@ -151,7 +152,8 @@ def _tensors(tree: Any) -> Iterator[torch.Tensor]:
         yield from (t for t in tree_leaves(tree) if isinstance(t, torch.Tensor))
 
 
-_COSTS = ("fwd_flops", "bwd_flops", "act_bytes", "act_bytes_fixed")
+_COSTS = ("fwd_flops", "bwd_flops", "act_bytes", "act_bytes_fixed", "fwd_io_bytes",
+          "bwd_io_bytes", "attn_act_bytes", "attn_fwd_flops", "attn_fwd_io_bytes")
 """The _Record fields a replayed block copies and the first unit absorbs from glue."""
 
 
@@ -163,6 +165,11 @@ class _Record:
     bwd_flops: float = 0.0
     act_bytes: int = 0
     act_bytes_fixed: int = 0
+    fwd_io_bytes: int = 0
+    bwd_io_bytes: int = 0
+    attn_act_bytes: int = 0
+    attn_fwd_flops: float = 0.0
+    attn_fwd_io_bytes: int = 0
     input_bytes: int = 0
     output_bytes: int = 0
     output_shape: tuple[int, ...] = ()
@@ -180,8 +187,11 @@ class _Tracer(TorchDispatchMode):
     derived from the model's inputs.
     """
 
-    def __init__(self, root: nn.Module, units: list[str], inputs: tuple) -> None:
+    def __init__(self, root: nn.Module, units: list[str], inputs: tuple,
+                 seq: int | None = None) -> None:
         super().__init__()
+        self.seq = seq  # tokens per sample: S x S tensors belong to attention's core
+        self.param_shapes = {tuple(p.shape) for p in root.parameters()}
         self.records = {u: _Record() for u in [*units, _PRE, _LOSS]}
         self.state = {_key(t) for t in [*root.parameters(), *root.buffers()]}
         self.batched = {_key(t) for t in _tensors(inputs)}
@@ -203,16 +213,46 @@ class _Tracer(TorchDispatchMode):
         out = func(*args, **kwargs)
         backward = _in_backward()
         owner = self.owner(backward)
+        rec = self.records[owner]
+        ins, outs = list(_tensors((args, kwargs))), list(_tensors(out))
+        if not backward:  # first, so that outputs count as per-sample below
+            self._follow(ins, outs)
         count = flop_registry.get(func._overloadpacket)
+        quadratic = self._quadratic(ins + outs)
         if count is not None:
             flops = count(*args, **kwargs, out_val=out)
             if backward:
-                self.records[owner].bwd_flops += flops
+                rec.bwd_flops += flops
             else:
-                self.records[owner].fwd_flops += flops
-        if not backward:
-            self._follow(list(_tensors((args, kwargs))), list(_tensors(out)))
+                rec.fwd_flops += flops
+                rec.attn_fwd_flops += flops if quadratic else 0
+        elif not func.is_view and not self._aliases(ins, outs):
+            self._count_traffic(rec, ins + outs, backward, quadratic)
         return out
+
+    def _count_traffic(self, rec: _Record, tensors: list[torch.Tensor], backward: bool,
+                       quadratic: bool) -> None:
+        """Bytes a memory-bound op reads and writes: per-sample tensors in forward; in
+        backward every tensor not shaped like a parameter (those are weight gradients)."""
+        if backward:
+            rec.bwd_io_bytes += sum(t.numel() * t.element_size() for t in tensors
+                                    if tuple(t.shape) not in self.param_shapes)
+            return
+        nbytes = sum(self._sample_bytes(t) for t in tensors)
+        rec.fwd_io_bytes += nbytes
+        rec.attn_fwd_io_bytes += nbytes if quadratic else 0
+
+    def _quadratic(self, tensors: list[torch.Tensor]) -> bool:
+        """Whether an op touches an S x S tensor (S = tokens per sample)."""
+        return self.seq is not None and self.seq > 1 and any(
+            t.dim() >= 2 and t.shape[-1] == t.shape[-2] == self.seq for t in tensors)
+
+    @staticmethod
+    def _aliases(ins: list[torch.Tensor], outs: list[torch.Tensor]) -> bool:
+        """Outputs that share an input's storage moved no bytes (views, in-place ops count
+        once through their inputs)."""
+        keys = {_key(t) for t in ins}
+        return bool(outs) and all(_key(t) in keys for t in outs)
 
     def _follow(self, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
         batched = any(_key(t) in self.batched for t in ins)
@@ -232,6 +272,8 @@ class _Tracer(TorchDispatchMode):
             rec = self.records[self.owner(_in_backward())]
             if key in self.batched:
                 rec.act_bytes += t.untyped_storage().nbytes()
+                if self._quadratic([t]):
+                    rec.attn_act_bytes += t.untyped_storage().nbytes()
             else:
                 rec.act_bytes_fixed += t.untyped_storage().nbytes()
         return t
@@ -242,6 +284,12 @@ class _Tracer(TorchDispatchMode):
         if rec.order < 0:
             rec.order, self.calls = self.calls, self.calls + 1
         self._receive(rec, (args, kwargs), unit)
+        before = self.last_fwd
+        grads = [t for t in _tensors((args, kwargs)) if t.requires_grad]
+        if grads:  # once the input's gradient is out, backward glue is the predecessor's,
+            # as forward glue is (so every block of a stack sees the same backward)
+            self.hooks.append(register_multi_grad_hook(
+                grads, lambda _: setattr(self, "bwd_unit", before), mode="any"))
         self.unit = unit
 
     def leave(self, unit: str, output: Any) -> None:
@@ -303,11 +351,12 @@ def _flash_sdpa(sdpa: Callable, query: torch.Tensor, key: torch.Tensor, value: t
 
 
 def _trace(root: nn.Module, units: list[tuple[str, bool]], inputs: tuple,
-           loss_fn: Callable, attention: str, replays: dict[str, str]) -> _Tracer:
+           loss_fn: Callable, attention: str, replays: dict[str, str],
+           seq: int | None = None) -> _Tracer:
     """One forward, loss and backward under the tracer; blocks in `replays` are stood in
     for by replays of an equal earlier block (autoplan/replay.py), whose costs they copy."""
     names = [u for u, _ in units]
-    tracer = _Tracer(root, names, inputs)
+    tracer = _Tracer(root, names, inputs, seq)
     fresh = [p for p in root.parameters() if p.grad is None]  # backward must leave no grad
     handles, restore = swap_in_replays(root, replays)
     for unit in names:
@@ -424,5 +473,8 @@ def _node(unit: str, kind: str, module: nn.Module | None, rec: _Record, params: 
         signature=signature, params=params, shared_params=shared, param_bytes=params * element,
         fwd_flops=float(rec.fwd_flops), bwd_flops=float(rec.bwd_flops),
         act_bytes=rec.act_bytes, act_bytes_fixed=rec.act_bytes_fixed,
+        fwd_io_bytes=rec.fwd_io_bytes, bwd_io_bytes=rec.bwd_io_bytes,
+        attn_act_bytes=rec.attn_act_bytes, attn_fwd_flops=float(rec.attn_fwd_flops),
+        attn_fwd_io_bytes=rec.attn_fwd_io_bytes,
         input_bytes=rec.input_bytes, output_bytes=rec.output_bytes,
         output_shape=rec.output_shape, calls=rec.calls or 1)

@@ -1,4 +1,8 @@
 """autoplan.cost_model: step time and per-rank memory of a Plan, with a breakdown.
 
-Not built yet: the cost-model issue fills this package (see DESIGN.md).
+CostModel(graph, cluster, profile).estimate(plan) -> Estimate. Pure arithmetic: no torch.
 """
+
+from autoplan.cost_model.estimate import STEP_PARTS, CostModel, Estimate, StageEstimate
+
+__all__ = ["CostModel", "Estimate", "StageEstimate", "STEP_PARTS"]

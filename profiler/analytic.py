@@ -40,7 +40,8 @@ from autoplan.profiler.profile import (
 
 __all__ = [
     "TP_SHARDED_KINDS", "OPTIMIZER_STATE_BYTES_PER_PARAM", "PassWork", "analytic_profile",
-    "layer_pass_work", "roofline_time_s", "layer_time_point", "layer_memory",
+    "layer_pass_work", "pass_time_s", "layer_time_point", "replicated_fraction", "tp_shards",
+    "BLOCK_REPLICATED_HIDDEN_TENSORS", "layer_memory",
     "comm_group_sizes", "ranks_per_node", "bus_bandwidth", "collective_fit",
     "collective_fits",
 ]
@@ -49,6 +50,13 @@ TP_SHARDED_KINDS = frozenset({"block", "embedding", "head"})
 """Kinds whose weights and matmuls tensor parallelism splits tp ways: column/row-parallel
 blocks, vocab-parallel embedding and head (Shoeybi et al. 2019, Megatron-LM, sec. 3). Other
 kinds (norm, loss, other) run replicated on every TP rank."""
+
+BLOCK_REPLICATED_HIDDEN_TENSORS = 10
+"""Hidden-state-sized tensors that a transformer block's memory-bound ops move outside its
+column/row-parallel pairs, replicated on every TP rank unless sequence parallelism shards
+them: each of two norms reads and writes one, each of two residual adds reads two and writes
+one (Shoeybi et al. 2019, fig. 3; Korthikanti et al. 2022, sec. 4.2.2)."""
+
 
 OPTIMIZER_STATE_BYTES_PER_PARAM: dict[str, int] = {
     # Keyed "optimizer/precision": "mixed" keeps fp32 states plus an fp32 master copy beside
@@ -65,11 +73,12 @@ OPTIMIZER_STATE_BYTES_PER_PARAM: dict[str, int] = {
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}  # IEEE / bf16 widths
 
 _TRAFFIC_NOTE = (
-    "layer time = max(FLOPs / (peak x matmul efficiency), bytes / (HBM x memory efficiency)) "
-    "per pass and rank; bytes = weights once (forward; embedding: the gathered rows) or twice "
-    "(backward: read W, write dW) plus micro_batch x (input + output + saved activations); "
-    "FLOPs, weights and saved activations divide by tp for kinds "
-    + ", ".join(sorted(TP_SHARDED_KINDS)) + "; TP communication is not included")
+    "layer time = FLOPs / (peak x matmul efficiency) + bytes / (HBM x memory efficiency) per "
+    "pass and rank; FLOPs are the traced matmul FLOPs, bytes what the traced memory-bound ops "
+    "read and write (eager, unfused); both divide by tp for kinds "
+    + ", ".join(sorted(TP_SHARDED_KINDS)) + " except a block's "
+    f"{BLOCK_REPLICATED_HIDDEN_TENSORS} hidden-state tensors of norms and residual adds; "
+    "TP communication is not included")
 _PLACEMENT_NOTE = (
     "inter-node collective fits assume the group spread over as many nodes as the cluster has "
     "(tp innermost: ranks of a DP group sit on distinct nodes), ceil(group / nodes) per node; "
@@ -162,7 +171,7 @@ def _layer_profile(nodes: list[LayerNode], micro_batches: tuple[int, ...],
 
 @dataclass(frozen=True)
 class PassWork:
-    """FLOPs and HBM bytes of one layer's forward and backward pass on one rank."""
+    """Matmul FLOPs and memory-bound HBM bytes of one layer's forward and backward on a rank."""
 
     fwd_flops: float
     bwd_flops: float
@@ -170,34 +179,63 @@ class PassWork:
     bwd_bytes: float
 
 
-def layer_pass_work(node: LayerNode, micro_batch: int, tp: int, elt_bytes: int) -> PassWork:
+def replicated_fraction(node: LayerNode) -> float:
+    """Share of a TP-sharded layer's memory-bound traffic that stays whole on every TP rank
+    without sequence parallelism: BLOCK_REPLICATED_HIDDEN_TENSORS of a block, none of an
+    embedding or head (their traffic is in the vocabulary-sharded tensors)."""
+    if node.kind != "block" or node.fwd_io_bytes <= 0:
+        return 0.0
+    return min(1.0, BLOCK_REPLICATED_HIDDEN_TENSORS * node.output_bytes / node.fwd_io_bytes)
+
+
+def tp_shards(node: LayerNode, tp: int, sequence_parallel: bool = False) -> tuple[float, float]:
+    """(FLOP divisor, traffic divisor) of `node` under TP degree `tp`.
+
+    TP_SHARDED_KINDS split their matmuls tp ways; their memory-bound traffic splits too except
+    the replicated_fraction, which sequence parallelism splits as well (and with it the norms).
+    """
+    if node.kind in TP_SHARDED_KINDS:
+        whole = 0.0 if sequence_parallel else replicated_fraction(node)
+        return tp, 1.0 / (whole + (1.0 - whole) / tp)
+    if sequence_parallel and node.kind == "norm":
+        return 1, tp
+    return 1, 1
+
+
+def layer_pass_work(node: LayerNode, micro_batch: int, tp: int, elt_bytes: int,
+                    sequence_parallel: bool = False) -> PassWork:
     """The work of `node` at `micro_batch` samples per rank and TP degree `tp`.
 
-    Traffic model (bytes through HBM per rank): the weights (own and tied) are read once in
-    the forward, except an embedding, which reads only the rows it gathers; the backward reads
-    them once and writes their gradient once. Each sample adds its input and output and its
-    saved activations (written in the forward, read in the backward). For TP_SHARDED_KINDS
-    FLOPs, weights and saved activations divide by tp; inputs and outputs stay whole.
+    FLOPs are the traced matmul-class FLOPs. Bytes are what the layer's memory-bound ops move,
+    as traced (LayerNode.fwd_io_bytes, bwd_io_bytes: eager kernels, no fusion). A graph from
+    before those were recorded falls back to: weights once (forward; an embedding reads only
+    the rows it gathers) or twice (backward) plus each sample's input, output and saved
+    activations. tp_shards() says what tensor parallelism divides.
     """
-    shards = tp if node.kind in TP_SHARDED_KINDS else 1
-    weight_bytes = (node.param_bytes + node.shared_params * elt_bytes) / shards
-    per_sample = node.input_bytes + node.output_bytes + node.act_bytes / shards
-    fwd_weights = weight_bytes
-    if node.kind == "embedding":
-        fwd_weights = min(weight_bytes, micro_batch * node.output_bytes / shards)
-    return PassWork(
-        fwd_flops=node.fwd_flops * micro_batch / shards,
-        bwd_flops=node.bwd_flops * micro_batch / shards,
-        fwd_bytes=fwd_weights + micro_batch * per_sample,
-        bwd_bytes=2 * weight_bytes + micro_batch * per_sample,
-    )
+    flop_div, byte_div = tp_shards(node, tp, sequence_parallel)
+    if node.fwd_io_bytes or node.bwd_io_bytes:
+        fwd_bytes = micro_batch * node.fwd_io_bytes / byte_div
+        bwd_bytes = micro_batch * node.bwd_io_bytes / byte_div
+    else:
+        weight_bytes = (node.param_bytes + node.shared_params * elt_bytes) / flop_div
+        per_sample = node.input_bytes + node.output_bytes + node.act_bytes / flop_div
+        fwd_weights = weight_bytes
+        if node.kind == "embedding":
+            fwd_weights = min(weight_bytes, micro_batch * node.output_bytes / flop_div)
+        fwd_bytes = fwd_weights + micro_batch * per_sample
+        bwd_bytes = 2 * weight_bytes + micro_batch * per_sample
+    return PassWork(fwd_flops=node.fwd_flops * micro_batch / flop_div,
+                    bwd_flops=node.bwd_flops * micro_batch / flop_div,
+                    fwd_bytes=fwd_bytes, bwd_bytes=bwd_bytes)
 
 
-def roofline_time_s(flops: float, nbytes: float, device: DevicePreset) -> float:
-    """The slower of compute and memory traffic (the roofline, Williams et al. 2009), each at
-    the efficiency its size reaches (profiler/efficiency.py)."""
-    return max(_compute_time_s(flops, device.peak_flops),
-               _memory_time_s(nbytes, device.memory_bandwidth))
+def pass_time_s(flops: float, nbytes: float, device: DevicePreset) -> float:
+    """Matmul time plus memory-bound time, each at the efficiency its size reaches
+    (profiler/efficiency.py). They add: a layer's kernels run one after another on a stream,
+    so its matmuls and its elementwise ops do not overlap (the roofline's max holds inside one
+    kernel, Williams et al. 2009, not across a layer's many)."""
+    return (_compute_time_s(flops, device.peak_flops)
+            + _memory_time_s(nbytes, device.memory_bandwidth))
 
 
 def _compute_time_s(flops: float, peak_flops: float) -> float:
@@ -214,11 +252,11 @@ def _memory_time_s(nbytes: float, bandwidth: float) -> float:
 
 def layer_time_point(node: LayerNode, micro_batch: int, tp: int, device: DevicePreset,
                      elt_bytes: int) -> TimePoint:
-    """Forward and backward time of `node` from its PassWork and the roofline."""
+    """Forward and backward time of `node` from its PassWork (no sequence parallelism)."""
     work = layer_pass_work(node, micro_batch, tp, elt_bytes)
     return TimePoint(micro_batch=micro_batch, tp=tp,
-                     fwd_s=roofline_time_s(work.fwd_flops, work.fwd_bytes, device),
-                     bwd_s=roofline_time_s(work.bwd_flops, work.bwd_bytes, device))
+                     fwd_s=pass_time_s(work.fwd_flops, work.fwd_bytes, device),
+                     bwd_s=pass_time_s(work.bwd_flops, work.bwd_bytes, device))
 
 
 def layer_memory(node: LayerNode, elt_bytes: int) -> LayerMemory:

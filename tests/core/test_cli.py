@@ -28,7 +28,7 @@ def test_help_lists_every_command() -> None:
         assert command in out.stdout
 
 
-@pytest.mark.parametrize("command", ["search", "estimate", "run", "validate",
+@pytest.mark.parametrize("command", ["search", "run", "validate",
                                      "plot", "export"])
 def test_commands_not_built_yet_say_so(command: str, capsys) -> None:
     assert main([command, "--model", "gpt-tiny"]) == 2

@@ -1,0 +1,98 @@
+"""Communication of a plan, per layer and per step: what each parallelism moves, as
+(collective, bytes) on a group, timed by CommModel.
+
+Sources: Megatron-LM tensor parallelism (Shoeybi et al. 2019, sec. 3: two all-reduces per
+block in forward, two in backward; vocabulary-parallel embedding and head) and sequence
+parallelism (Korthikanti et al. 2022, sec. 4.2.2: each all-reduce becomes an all-gather and a
+reduce-scatter of the same volume); pipeline scatter/gather (Narayanan et al. 2021, sec. 4.1:
+each TP rank sends 1/tp of a boundary activation); ZeRO (Rajbhandari et al. 2020, sec. 5) and
+FSDP (Zhao et al. 2023, sec. 3).
+"""
+
+from __future__ import annotations
+
+from autoplan.cost_model.collectives import CommModel
+from autoplan.graph import LayerNode
+from autoplan.plan import LayerPlan
+
+__all__ = ["tp_time_s", "fsdp_time_s", "grad_sync_time_s", "reshard_time_s", "p2p_time_s"]
+
+# Per pass: (collective, what is moved) for each TP-sharded kind; "out" the layer's output
+# per sample, "in" its input. Without SP an all-reduce; with SP the pair that replaces it.
+_TP_FORWARD = {"block": ("out", 2), "embedding": ("out", 1), "head": ("in", 0)}
+_TP_BACKWARD = {"block": ("in", 2), "embedding": ("out", 0), "head": ("in", 1)}
+
+
+def _tp_pass_s(comm: CommModel, node: LayerNode, layer: LayerPlan, samples: int,
+               table: dict[str, tuple[str, int]]) -> float:
+    which, count = table.get(node.kind, ("out", 0))
+    nbytes = samples * (node.output_bytes if which == "out" else node.input_bytes)
+    if layer.tp < 2 or count == 0:
+        return 0.0
+    if layer.sequence_parallel:
+        one = (comm.time_s("all_gather", nbytes, layer.tp)
+               + comm.time_s("reduce_scatter", nbytes, layer.tp))
+    else:
+        one = comm.time_s("all_reduce", nbytes, layer.tp)
+    return count * one
+
+
+def tp_time_s(comm: CommModel, node: LayerNode, layer: LayerPlan,
+              samples: int) -> tuple[float, float]:
+    """(forward, backward) TP collective seconds of `node` per micro-batch on one rank; the
+    forward's repeat under full recomputation is the caller's (it multiplies the forward)."""
+    return (_tp_pass_s(comm, node, layer, samples, _TP_FORWARD),
+            _tp_pass_s(comm, node, layer, samples, _TP_BACKWARD))
+
+
+def _shard_bytes(node: LayerNode, layer: LayerPlan, elt_bytes: int) -> float:
+    sharded = node.kind in ("block", "embedding", "head")
+    return node.params * elt_bytes / (layer.tp if sharded else 1)
+
+
+def fsdp_time_s(comm: CommModel, node: LayerNode, layer: LayerPlan, elt_bytes: int) -> float:
+    """ZeRO-3 per micro-batch: gather the weights for forward and again for backward, then
+    reduce-scatter the gradients, over the dp group (members tp apart)."""
+    if layer.zero < 3 or layer.dp < 2:
+        return 0.0
+    nbytes = _shard_bytes(node, layer, elt_bytes)
+    return (2 * comm.time_s("all_gather", nbytes, layer.dp, layer.tp)
+            + comm.time_s("reduce_scatter", nbytes, layer.dp, layer.tp))
+
+
+def grad_sync_time_s(comm: CommModel, layers: list[tuple[LayerNode, LayerPlan]],
+                     elt_bytes: int) -> tuple[float, float]:
+    """(gradient sync that backward can hide, weight all-gather after the step) per step, for
+    layers under ZeRO 0-2: one all-reduce (ZeRO 0) or reduce-scatter (1, 2) of the gradients,
+    and for ZeRO 1-2 an all-gather of the updated weights. Layers are grouped by (dp, tp, zero)
+    so each group is one bucketed collective."""
+    groups: dict[tuple[int, int, int], float] = {}
+    for node, layer in layers:
+        if layer.dp > 1 and layer.zero < 3:
+            key = (layer.dp, layer.tp, layer.zero)
+            groups[key] = groups.get(key, 0.0) + _shard_bytes(node, layer, elt_bytes)
+    sync = gather = 0.0
+    for (dp, tp, zero), nbytes in groups.items():
+        sync += comm.time_s("all_reduce" if zero == 0 else "reduce_scatter", nbytes, dp, tp)
+        gather += comm.time_s("all_gather", nbytes, dp, tp) if zero >= 1 else 0.0
+    return sync, gather
+
+
+def reshard_time_s(comm: CommModel, node: LayerNode, before: LayerPlan, after: LayerPlan,
+                   micro_batch: int) -> float:
+    """Moving `node`'s input between two layouts of the same stage, forward (activation) and
+    backward (its gradient): each rank gathers the samples its new dp shard needs from the
+    max(dp) / min(dp) ranks that hold them; equal dp with other tp is a regroup inside the
+    node that keeps the samples (free: both layouts hold the whole activation per rank)."""
+    if (before.dp, before.tp) == (after.dp, after.tp) or before.dp == after.dp:
+        return 0.0
+    group = max(before.dp, after.dp) // min(before.dp, after.dp)
+    nbytes = node.input_bytes * micro_batch / min(before.dp, after.dp)
+    return 2 * comm.time_s("all_gather", nbytes, group, min(before.tp, after.tp))
+
+
+def p2p_time_s(comm: CommModel, node: LayerNode, layer: LayerPlan, samples: int,
+               stage_gpus: int) -> float:
+    """One pipeline hop of `node`'s output per micro-batch: each of tp ranks sends 1/tp."""
+    nbytes = samples * node.output_bytes / layer.tp
+    return comm.time_s("send_recv", nbytes, 2, stage_gpus)

@@ -1,0 +1,90 @@
+"""Forward, backward and recompute time of one layer on one rank: from a measured profile's
+linear fits, or from the graph and the cluster's datasheet figures (profiler/analytic.py).
+
+Both sources give time = a + b x samples per TP degree; the analytic one also knows what
+sequence parallelism shards and what selective recomputation repeats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from autoplan.cluster import Cluster
+from autoplan.errors import AutoplanError
+from autoplan.graph import LayerNode
+from autoplan.profiler.analytic import layer_pass_work, pass_time_s, tp_shards
+from autoplan.profiler.profile import LayerProfile, Profile
+
+__all__ = ["LayerTimes", "ComputeModel"]
+
+_ELEMENT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
+
+
+@dataclass(frozen=True)
+class LayerTimes:
+    """Seconds one rank spends on one layer for one micro-batch."""
+
+    fwd_s: float
+    bwd_s: float
+    recompute_s: float
+    """Extra forward work in backward: all of forward (full), the S x S part (selective)."""
+    recompute_flops: float
+
+
+class ComputeModel:
+    """Layer times at (samples per rank, tp, sequence parallel, checkpointing)."""
+
+    def __init__(self, cluster: Cluster, dtype: str, profile: Profile | None = None) -> None:
+        self.device = cluster.device
+        self.elt_bytes = _ELEMENT_BYTES.get(dtype.removeprefix("torch."), 2)
+        self.layers: dict[str, LayerProfile] = {}
+        if profile is not None:
+            self.layers = {layer.signature: layer for layer in profile.layers}
+        elif self.device.peak_flops is None or self.device.memory_bandwidth is None:
+            raise AutoplanError(f"cluster '{cluster.spec}' has no datasheet figures: give "
+                                "--profile DIR from `autoplan profile`")
+
+    def times(self, node: LayerNode, samples: int, tp: int, sequence_parallel: bool,
+              checkpoint: str) -> LayerTimes:
+        if self.layers:
+            return self._measured(node, samples, tp, checkpoint)
+        return self._analytic(node, samples, tp, sequence_parallel, checkpoint)
+
+    def _measured(self, node: LayerNode, samples: int, tp: int, checkpoint: str) -> LayerTimes:
+        """From the profile's fit at `tp`. Sequence parallelism is not in a measured profile
+        (layers are timed whole), so it changes nothing here; selective recomputation costs
+        the forward's share of S x S FLOPs."""
+        layer = self.layers.get(node.signature)
+        if layer is None:
+            raise AutoplanError(f"the profile has no layer like {node.name} (signature "
+                                f"{node.signature}); profile this model again")
+        try:
+            fit = layer.fit(tp)
+        except KeyError:
+            have = ", ".join(str(f.tp) for f in layer.fits)
+            raise AutoplanError(f"layer {node.name}: tp {tp} not profiled (have {have}); "
+                                f"profile with --tp including {tp}") from None
+        fwd, bwd = fit.fwd_s(samples), fit.bwd_s(samples)
+        share = node.attn_fwd_flops / node.fwd_flops if node.fwd_flops else 0.0
+        recompute = {"none": 0.0, "selective": fwd * share, "full": fwd}[checkpoint]
+        return LayerTimes(fwd, bwd, recompute, _recompute_flops(node, samples, tp, checkpoint))
+
+    def _analytic(self, node: LayerNode, samples: int, tp: int, sequence_parallel: bool,
+                  checkpoint: str) -> LayerTimes:
+        work = layer_pass_work(node, samples, tp, self.elt_bytes, sequence_parallel)
+        fwd = pass_time_s(work.fwd_flops, work.fwd_bytes, self.device)
+        bwd = pass_time_s(work.bwd_flops, work.bwd_bytes, self.device)
+        recompute = 0.0
+        if checkpoint == "full":
+            recompute = fwd
+        elif checkpoint == "selective":
+            flop_div, byte_div = tp_shards(node, tp, sequence_parallel)
+            recompute = pass_time_s(samples * node.attn_fwd_flops / flop_div,
+                                    samples * node.attn_fwd_io_bytes / byte_div, self.device)
+        return LayerTimes(fwd, bwd, recompute, _recompute_flops(node, samples, tp, checkpoint))
+
+
+def _recompute_flops(node: LayerNode, samples: int, tp: int, checkpoint: str) -> float:
+    flop_div = tp_shards(node, tp)[0]
+    per_sample = {"none": 0.0, "selective": node.attn_fwd_flops, "full": node.fwd_flops}
+    return samples * per_sample[checkpoint] / flop_div

@@ -1,0 +1,282 @@
+"""The cost model: (layer graph, cluster, profile or preset, plan) -> predicted step time and
+per-rank memory, with the breakdown that explains them.
+
+Pure arithmetic over the graph (DESIGN.md): a CostModel is built once per model and cluster
+and evaluates plans without torch. Each concern's formulas live in their own module:
+compute.py (layer times), communication.py (what each parallelism moves), pipeline.py
+(schedules), memory.py (bytes per rank).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from autoplan.cluster import Cluster
+from autoplan.cost_model.collectives import CommModel
+from autoplan.cost_model.communication import (
+    fsdp_time_s,
+    grad_sync_time_s,
+    p2p_time_s,
+    reshard_time_s,
+    tp_time_s,
+)
+from autoplan.cost_model.compute import ComputeModel
+from autoplan.cost_model.figures import GPU_FRAMEWORK_OVERHEAD_BYTES
+from autoplan.cost_model.memory import (
+    DDP_BUCKET_BYTES,
+    PREFETCHED_LAYERS,
+    StageMemory,
+    layer_state_bytes,
+    saved_bytes_per_sample,
+)
+from autoplan.cost_model.pipeline import micro_batches_in_flight, pipeline_time_s
+from autoplan.errors import AutoplanError
+from autoplan.graph import LayerGraph, LayerNode
+from autoplan.plan import LayerPlan, Plan
+from autoplan.profiler.analytic import OPTIMIZER_STATE_BYTES_PER_PARAM, tp_shards
+from autoplan.profiler.efficiency import memory_efficiency
+from autoplan.profiler.profile import Profile
+
+__all__ = ["STEP_PARTS", "StageEstimate", "Estimate", "CostModel"]
+
+STEP_PARTS = ("forward", "backward", "recompute", "tp_comm", "fsdp_comm", "reshard",
+              "pp_comm", "bubble", "dp_comm", "optimizer")
+"""The breakdown of a step on its critical path (seconds; they add up to the step time)."""
+
+_MICRO_BATCH_PARTS = STEP_PARTS[:7]
+_ELEMENT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
+
+
+@dataclass(frozen=True)
+class StageEstimate:
+    stage: int
+    layers: list[str]
+    per_micro_batch_s: dict[str, float]
+    """Seconds one rank of the stage spends per micro-batch, by _MICRO_BATCH_PARTS."""
+    tail_s: dict[str, float]
+    """Seconds after the last micro-batch: exposed gradient sync and the optimizer step."""
+    memory: StageMemory
+
+    @property
+    def micro_batch_s(self) -> float:
+        return sum(self.per_micro_batch_s.values())
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A plan's predicted step: time, throughput, memory per stage and what makes them."""
+
+    step_time_s: float
+    tokens_per_s: float
+    model_tflops_per_gpu: float
+    """Model FLOPs (forward and backward, no recompute) per second per GPU, in TFLOP/s."""
+    hardware_tflops_per_gpu: float
+    """The same counting recomputation."""
+    mfu: float
+    """model FLOP/s over the device's peak; 0 where the device has no peak figure."""
+    peak_memory_bytes: list[int]
+    memory_limit_bytes: int
+    overhead_bytes: int
+    fits: bool
+    breakdown: dict[str, float]
+    stages: list[StageEstimate]
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "step_time_s": self.step_time_s, "tokens_per_s": self.tokens_per_s,
+            "model_tflops_per_gpu": self.model_tflops_per_gpu,
+            "hardware_tflops_per_gpu": self.hardware_tflops_per_gpu, "mfu": self.mfu,
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "memory_limit_bytes": self.memory_limit_bytes,
+            "overhead_bytes": self.overhead_bytes, "fits": self.fits,
+            "breakdown": self.breakdown,
+            "stages": [{"stage": s.stage, "first_layer": s.layers[0], "last_layer": s.layers[-1],
+                        "layers": len(s.layers), "micro_batch_s": s.per_micro_batch_s,
+                        "tail_s": s.tail_s, "memory_bytes": s.memory.as_dict()}
+                       for s in self.stages],
+            "notes": self.notes,
+        }
+
+
+class CostModel:
+    """Predicts plans of one model on one cluster.
+
+    Args:
+        graph: the model's layer graph.
+        cluster: the target cluster (its preset's figures serve where no profile is given).
+        profile: a measured or analytic profile; without one, layer times and collectives
+            come from the cluster's datasheet figures (profiler/analytic.py).
+        optimizer: "adamw" or "sgd"; with a bf16/fp16 graph its state is mixed precision.
+        memory_limit_bytes: the budget per device; default the device's memory.
+    """
+
+    def __init__(self, graph: LayerGraph, cluster: Cluster, profile: Profile | None = None,
+                 optimizer: str = "adamw", memory_limit_bytes: int | None = None) -> None:
+        self.graph, self.cluster = graph, cluster
+        self.elt_bytes = _ELEMENT_BYTES.get(graph.dtype.removeprefix("torch."), 2)
+        precision = "fp32" if self.elt_bytes == 4 else "mixed"
+        key = f"{optimizer}/{precision}"
+        if key not in OPTIMIZER_STATE_BYTES_PER_PARAM:
+            raise AutoplanError(f"optimizer '{optimizer}' is not modelled; choose adamw or sgd")
+        self.optimizer_bytes = OPTIMIZER_STATE_BYTES_PER_PARAM[key]
+        self.compute = ComputeModel(cluster, graph.dtype, profile)
+        self.comm = CommModel(cluster, profile)
+        on_gpu = cluster.device.peak_flops is not None
+        self.overhead_bytes = int(GPU_FRAMEWORK_OVERHEAD_BYTES.value) if on_gpu else 0
+        self.memory_limit_bytes = memory_limit_bytes or cluster.device.memory_bytes
+        self.notes = [] if profile is None else [f"profile {profile.mode} {profile.content_hash}"]
+
+    # ------------------------------------------------------------------------- the plan
+
+    def estimate(self, plan: Plan) -> Estimate:
+        """Step time and memory of `plan`.
+
+        Raises:
+            AutoplanError: when the plan is for another world size than the cluster or names
+                layers the graph does not have.
+        """
+        self._check(plan)
+        layers = list(zip(self.graph.nodes, plan.layers, strict=True))
+        stages = [self._stage(plan, s, layers) for s in range(plan.pp)]
+        pipe = pipeline_time_s([s.micro_batch_s for s in stages], plan.num_micro_batches,
+                               plan.virtual_stages)
+        tail = max(stages, key=lambda s: sum(s.tail_s.values()))
+        step = pipe + sum(tail.tail_s.values())
+        pace = max(stages, key=lambda s: s.micro_batch_s)
+        breakdown = {part: plan.num_micro_batches * pace.per_micro_batch_s[part]
+                     for part in _MICRO_BATCH_PARTS}
+        breakdown |= {"bubble": pipe - plan.num_micro_batches * pace.micro_batch_s, **tail.tail_s}
+        return self._summary(plan, step, breakdown, stages, layers)
+
+    def _check(self, plan: Plan) -> None:
+        if plan.world_size != self.cluster.gpus:
+            raise AutoplanError(f"plan is for {plan.world_size} devices; cluster "
+                                f"'{self.cluster.spec}' has {self.cluster.gpus}")
+        if [layer.name for layer in plan.layers] != self.graph.names:
+            raise AutoplanError(f"plan layers do not match model {self.graph.model}'s; make the "
+                                "plan for this model")
+
+    def _stage_layers(self, plan: Plan, stage: int) -> list[list[int]]:
+        """Layer indices of each chunk that stage `stage` runs (chunk c on stage c mod pp)."""
+        bounds = [*plan.stage_boundaries, len(plan.layers)]
+        return [list(range(bounds[c], bounds[c + 1]))
+                for c in range(stage, len(bounds) - 1, plan.pp)]
+
+    def _stage(self, plan: Plan, stage: int,
+               layers: list[tuple[LayerNode, LayerPlan]]) -> StageEstimate:
+        chunks = self._stage_layers(plan, stage)
+        mine = [layers[i] for chunk in chunks for i in chunk]
+        parts = dict.fromkeys(_MICRO_BATCH_PARTS, 0.0)
+        for chunk in chunks:
+            for i in chunk:
+                previous = layers[i - 1][1] if i > chunk[0] else None
+                for part, seconds in self._layer_parts(plan, *layers[i], previous).items():
+                    parts[part] += seconds
+            parts["pp_comm"] += self._hops(plan, layers, chunk)
+        return StageEstimate(stage=stage, layers=[n.name for n, _ in mine],
+                             per_micro_batch_s=parts, tail_s=self._tail(mine, parts),
+                             memory=self._memory(plan, stage, mine))
+
+    def _layer_parts(self, plan: Plan, node: LayerNode, layer: LayerPlan,
+                     previous: LayerPlan | None) -> dict[str, float]:
+        samples = plan.micro_batch_size // layer.dp
+        times = self.compute.times(node, samples, layer.tp, layer.sequence_parallel,
+                                   layer.checkpoint)
+        tp_fwd, tp_bwd = tp_time_s(self.comm, node, layer, samples)
+        tp_recompute = tp_fwd if layer.checkpoint == "full" else 0.0
+        fsdp = fsdp_time_s(self.comm, node, layer, self.elt_bytes)
+        # FSDP prefetch hides a gather behind the previous layer's compute (Zhao et al. 2023,
+        # sec. 3.3): only what compute cannot cover is exposed.
+        hidden_by = times.fwd_s + times.bwd_s + times.recompute_s
+        reshard = (reshard_time_s(self.comm, node, previous, layer, plan.micro_batch_size)
+                   if previous is not None else 0.0)
+        return {"forward": times.fwd_s, "backward": times.bwd_s, "recompute": times.recompute_s,
+                "tp_comm": tp_fwd + tp_bwd + tp_recompute,
+                "fsdp_comm": max(0.0, fsdp - hidden_by), "reshard": reshard}
+
+    def _hops(self, plan: Plan, layers: list[tuple[LayerNode, LayerPlan]],
+              chunk: list[int]) -> float:
+        """Pipeline sends of one chunk per micro-batch: its output forward (unless it ends the
+        model) and its input's gradient backward (unless it starts the model)."""
+        if plan.pp == 1:
+            return 0.0
+        seconds = 0.0
+        last_node, last_layer = layers[chunk[-1]]
+        if chunk[-1] + 1 < len(layers):
+            samples = plan.micro_batch_size // last_layer.dp
+            seconds += p2p_time_s(self.comm, last_node, last_layer, samples, plan.stage_gpus)
+        if chunk[0] > 0:
+            node, layer = layers[chunk[0] - 1]
+            samples = plan.micro_batch_size // layer.dp
+            seconds += p2p_time_s(self.comm, node, layer, samples, plan.stage_gpus)
+        return seconds
+
+    def _tail(self, mine: list[tuple[LayerNode, LayerPlan]],
+              parts: dict[str, float]) -> dict[str, float]:
+        """After the last micro-batch: the gradient sync that its backward did not hide (it
+        starts as the first gradients are ready, PyTorch DDP, Li et al. 2020), the weights'
+        all-gather of ZeRO 1-2, and the optimizer step, memory-bound."""
+        sync, gather = grad_sync_time_s(self.comm, mine, self.elt_bytes)
+        exposed = max(0.0, sync - parts["backward"]) + gather
+        return {"dp_comm": exposed, "optimizer": self._optimizer_s(mine)}
+
+    def _optimizer_s(self, mine: list[tuple[LayerNode, LayerPlan]]) -> float:
+        bandwidth = self.cluster.device.memory_bandwidth
+        if not bandwidth:
+            return 0.0
+        # each state byte read and written, the gradient read and the weight written
+        per_param = 2 * self.optimizer_bytes + 2 * self.elt_bytes
+        params = sum(node.params / tp_shards(node, layer.tp)[0] / (layer.dp if layer.zero else 1)
+                     for node, layer in mine)
+        nbytes = params * per_param
+        return nbytes / (bandwidth * memory_efficiency(nbytes, bandwidth)) if nbytes else 0.0
+
+    # ------------------------------------------------------------------------- memory
+
+    def _memory(self, plan: Plan, stage: int,
+                mine: list[tuple[LayerNode, LayerPlan]]) -> StageMemory:
+        held = micro_batches_in_flight(plan.schedule, plan.pp, stage, plan.num_micro_batches,
+                                       plan.virtual_stages)
+        weights = grads = optimizer = saved = fixed = transient = gathered = 0.0
+        bucket = False
+        for node, layer in mine:
+            w, g, o = layer_state_bytes(node, layer, self.elt_bytes, self.optimizer_bytes,
+                                        shared=stage > 0)
+            weights, grads, optimizer = weights + w, grads + g, optimizer + o
+            samples = plan.micro_batch_size // layer.dp
+            saved += samples * saved_bytes_per_sample(node, layer)
+            fixed += node.act_bytes_fixed
+            if layer.checkpoint != "none":
+                whole = saved_bytes_per_sample(node, layer.model_copy(update={"checkpoint":
+                                                                              "none"}))
+                transient = max(transient, samples * whole)
+            if layer.zero >= 3 and layer.dp > 1:
+                gathered = max(gathered, w * layer.dp)
+            bucket = bucket or (layer.dp > 1 and layer.zero < 3)
+        buffers = PREFETCHED_LAYERS * gathered + (DDP_BUCKET_BYTES if bucket else 0)
+        return StageMemory(params=weights, grads=grads, optimizer=optimizer,
+                           activations=held * saved + fixed, transient=transient,
+                           buffers=buffers)
+
+    # ------------------------------------------------------------------------- summary
+
+    def _summary(self, plan: Plan, step: float, breakdown: dict[str, float],
+                 stages: list[StageEstimate],
+                 layers: list[tuple[LayerNode, LayerPlan]]) -> Estimate:
+        model_flops = plan.global_batch * sum(n.fwd_flops + n.bwd_flops for n in self.graph.nodes)
+        recompute = plan.global_batch * sum(
+            {"none": 0.0, "selective": n.attn_fwd_flops, "full": n.fwd_flops}[lp.checkpoint]
+            for n, lp in layers)
+        world, peak = plan.world_size, self.cluster.device.peak_flops
+        tokens = plan.global_batch * (self.graph.tokens_per_sample or 1)
+        peaks = [int(s.memory.peak) for s in stages]
+        return Estimate(
+            step_time_s=step, tokens_per_s=tokens / step,
+            model_tflops_per_gpu=model_flops / step / world / 1e12,
+            hardware_tflops_per_gpu=(model_flops + recompute) / step / world / 1e12,
+            mfu=model_flops / step / world / peak if peak else 0.0,
+            peak_memory_bytes=peaks, memory_limit_bytes=self.memory_limit_bytes,
+            overhead_bytes=self.overhead_bytes,
+            fits=max(peaks) + self.overhead_bytes <= self.memory_limit_bytes,
+            breakdown=breakdown, stages=stages, notes=list(self.notes))

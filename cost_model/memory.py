@@ -1,0 +1,91 @@
+"""Per-rank memory of one pipeline stage, by component.
+
+Conventions (../shared/HARDWARE.md; Rajbhandari et al. 2020, ZeRO, sec. 3.1): weights and
+gradients in the training dtype, optimizer state as profiler/analytic.py's
+OPTIMIZER_STATE_BYTES_PER_PARAM (12 bytes for mixed-precision AdamW: 16 in all with bf16
+weight and gradient). ZeRO 1 shards optimizer state over dp, 2 also gradients, 3 also weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from autoplan.graph import LayerNode
+from autoplan.plan import LayerPlan
+from autoplan.profiler.analytic import TP_SHARDED_KINDS
+
+__all__ = ["StageMemory", "KORTHIKANTI_REPLICATED_TENSORS", "DDP_BUCKET_BYTES",
+           "saved_bytes_per_sample", "layer_state_bytes"]
+
+KORTHIKANTI_REPLICATED_TENSORS = 5
+"""Hidden-state tensors of a transformer block's saved activations that stay whole on every
+TP rank without sequence parallelism: Korthikanti et al. 2022, eq. 2 counts 10sbh bytes of
+34sbh + 5as^2b outside the sharded regions (norm inputs, dropout masks), five tensors of sbh
+two-byte elements."""
+
+DDP_BUCKET_BYTES = 25 * 2**20
+"""Gradient bucket of one all-reduce in flight: torch DistributedDataParallel bucket_cap_mb=25."""
+
+PREFETCHED_LAYERS = 2
+"""FSDP holds the gathered weights of the running layer and the one it prefetches (torch
+FSDP2 fully_shard: forward and backward prefetch of one layer)."""
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """Bytes on one rank of a stage at its peak."""
+
+    params: float
+    grads: float
+    optimizer: float
+    activations: float
+    """Saved for backward: micro-batches in flight x what each layer keeps."""
+    transient: float
+    """Recomputed activations of one checkpointed layer, live during its backward."""
+    buffers: float
+    """Gathered FSDP weights, gradient buckets."""
+
+    @property
+    def peak(self) -> float:
+        return (self.params + self.grads + self.optimizer + self.activations + self.transient
+                + self.buffers)
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self) | {"peak": self.peak}
+
+
+def _sharded(node: LayerNode) -> bool:
+    return node.kind in TP_SHARDED_KINDS
+
+
+def saved_bytes_per_sample(node: LayerNode, layer: LayerPlan) -> float:
+    """Bytes `node` keeps per sample on one rank until its backward, under `layer`'s plan.
+
+    Full checkpointing keeps the input (sequence-sharded with SP, Korthikanti et al. 2022
+    sec. 5); selective drops the S x S tensors (LayerNode.attn_act_bytes); under TP the
+    sharded kinds divide by tp except KORTHIKANTI_REPLICATED_TENSORS of a block without SP.
+    """
+    tp, sp = layer.tp, layer.sequence_parallel
+    if layer.checkpoint == "full":
+        return node.input_bytes / (tp if sp and _sharded(node) else 1)
+    act = node.act_bytes - (node.attn_act_bytes if layer.checkpoint == "selective" else 0)
+    if _sharded(node):
+        whole = 0.0 if sp or node.kind != "block" else min(
+            act, KORTHIKANTI_REPLICATED_TENSORS * node.output_bytes)
+        return whole + (act - whole) / tp
+    return act / tp if sp and node.kind == "norm" else act
+
+
+def layer_state_bytes(node: LayerNode, layer: LayerPlan, elt_bytes: int, optimizer_bytes: int,
+                      shared: bool) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer state) bytes of `node` on one rank.
+
+    `shared`: also hold the tied weights an earlier unit owns (it sits on another stage, as
+    Megatron keeps a copy of the embedding on the last stage)."""
+    params = node.params + (node.shared_params if shared else 0)
+    per_rank = params / (layer.tp if _sharded(node) else 1)
+    dp = layer.dp
+    weights = per_rank * elt_bytes / (dp if layer.zero >= 3 else 1)
+    grads = per_rank * elt_bytes / (dp if layer.zero >= 2 else 1)
+    optimizer = per_rank * optimizer_bytes / (dp if layer.zero >= 1 else 1)
+    return weights, grads, optimizer
