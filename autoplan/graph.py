@@ -10,13 +10,16 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
-
-import networkx as nx
+from typing import TYPE_CHECKING
 
 from autoplan.errors import AutoplanError
 from autoplan.formats import check_version
 from autoplan.io import atomic_write_text
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 __all__ = ["GRAPH_FORMAT_VERSION", "LayerNode", "LayerEdge", "LayerGraph"]
 
@@ -87,20 +90,29 @@ class LayerGraph:
     nodes: tuple[LayerNode, ...]
     edges: tuple[LayerEdge, ...]
     version: int = GRAPH_FORMAT_VERSION
-    digraph: nx.DiGraph = field(init=False, repr=False, compare=False)
+    index: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "index", {n.name: i for i, n in enumerate(self.nodes)})
+
+    @cached_property
+    def digraph(self) -> nx.DiGraph:
+        """The graph as networkx sees it (imported on first use: it costs a third of a
+        second, which `autoplan estimate` from a saved graph does not need)."""
+        import networkx as nx
+
         graph = nx.DiGraph()
         for index, node in enumerate(self.nodes):
             graph.add_node(node.name, index=index, **asdict(node))
         for edge in self.edges:
             graph.add_edge(edge.src, edge.dst, bytes=edge.bytes)
-        object.__setattr__(self, "digraph", graph)
+        return graph
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.index
 
     def __getitem__(self, name: str) -> LayerNode:
-        if name not in self.digraph:
-            raise KeyError(name)
-        return self.nodes[self.digraph.nodes[name]["index"]]
+        return self.nodes[self.index[name]]
 
     @property
     def names(self) -> list[str]:

@@ -297,7 +297,7 @@ def check_plan(plan: Plan, graph: LayerGraph, heads: int | None = None,
         raise AutoplanError(f"plan is for model {plan.model} (hash {plan.model_hash}); this "
                             f"model {graph.model} has hash {graph.structural_hash}")
     names = graph.names
-    unknown = [layer.name for layer in plan.layers if layer.name not in graph.digraph]
+    unknown = [layer.name for layer in plan.layers if layer.name not in graph]
     if unknown:
         raise AutoplanError(f"plan names layers the model does not have: {', '.join(unknown[:5])}")
     if [layer.name for layer in plan.layers] != names:

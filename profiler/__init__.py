@@ -1,7 +1,7 @@
 """autoplan.profiler: measured and datasheet figures of layers, devices and links.
 
-Today it holds the hardware presets (presets.py); measurement of layer times, memory and
-collective bandwidth comes with the profiler issue.
+presets.py holds the datasheet figures, analytic.py derives profiles from them, measure.py
+and comm.py measure layers and collectives on the machine at hand; profile.py is the format.
 """
 
 from autoplan.profiler.presets import HARDWARE_PRESETS, DevicePreset
