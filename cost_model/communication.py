@@ -60,21 +60,18 @@ def fsdp_time_s(comm: CommModel, node: LayerNode, layer: LayerPlan, elt_bytes: i
             + comm.time_s("reduce_scatter", nbytes, layer.dp, layer.tp))
 
 
-def grad_sync_time_s(comm: CommModel, layers: list[tuple[LayerNode, LayerPlan]],
+def grad_sync_time_s(comm: CommModel, node: LayerNode, layer: LayerPlan,
                      elt_bytes: int) -> tuple[float, float]:
-    """(gradient sync that backward can hide, weight all-gather after the step) per step, for
-    layers under ZeRO 0-2: one all-reduce (ZeRO 0) or reduce-scatter (1, 2) of the gradients,
-    and for ZeRO 1-2 an all-gather of the updated weights. Layers are grouped by (dp, tp, zero)
-    so each group is one bucketed collective."""
-    groups: dict[tuple[int, int, int], float] = {}
-    for node, layer in layers:
-        if layer.dp > 1 and layer.zero < 3:
-            key = (layer.dp, layer.tp, layer.zero)
-            groups[key] = groups.get(key, 0.0) + _shard_bytes(node, layer, elt_bytes)
-    sync = gather = 0.0
-    for (dp, tp, zero), nbytes in groups.items():
-        sync += comm.time_s("all_reduce" if zero == 0 else "reduce_scatter", nbytes, dp, tp)
-        gather += comm.time_s("all_gather", nbytes, dp, tp) if zero >= 1 else 0.0
+    """(gradient sync, weight all-gather) seconds per step of a layer under ZeRO 0-2: an
+    all-reduce (ZeRO 0) or reduce-scatter (1, 2) of its gradients over the dp group, and for
+    ZeRO 1-2 an all-gather of the updated weights; one collective per layer, as FSDP2 issues
+    them (ZeRO 3 syncs every micro-batch: fsdp_time_s)."""
+    if layer.dp < 2 or layer.zero >= 3:
+        return 0.0, 0.0
+    nbytes = _shard_bytes(node, layer, elt_bytes)
+    sync = comm.time_s("all_reduce" if layer.zero == 0 else "reduce_scatter", nbytes,
+                       layer.dp, layer.tp)
+    gather = comm.time_s("all_gather", nbytes, layer.dp, layer.tp) if layer.zero else 0.0
     return sync, gather
 
 

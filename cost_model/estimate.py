@@ -23,11 +23,12 @@ from autoplan.cost_model.communication import (
 from autoplan.cost_model.compute import ComputeModel
 from autoplan.cost_model.figures import GPU_FRAMEWORK_OVERHEAD_BYTES
 from autoplan.cost_model.memory import (
-    DDP_BUCKET_BYTES,
-    PREFETCHED_LAYERS,
+    LayerCost,
     StageMemory,
     layer_state_bytes,
     saved_bytes_per_sample,
+    stage_memory,
+    stage_tail,
 )
 from autoplan.cost_model.pipeline import micro_batches_in_flight, pipeline_time_s
 from autoplan.errors import AutoplanError
@@ -37,7 +38,7 @@ from autoplan.profiler.analytic import OPTIMIZER_STATE_BYTES_PER_PARAM, tp_shard
 from autoplan.profiler.efficiency import memory_efficiency
 from autoplan.profiler.profile import Profile
 
-__all__ = ["STEP_PARTS", "StageEstimate", "Estimate", "CostModel"]
+__all__ = ["STEP_PARTS", "StageEstimate", "Estimate", "CostModel", "LayerCost"]
 
 STEP_PARTS = ("forward", "backward", "recompute", "tp_comm", "fsdp_comm", "reshard",
               "pp_comm", "bubble", "dp_comm", "optimizer")
@@ -166,34 +167,67 @@ class CostModel:
     def _stage(self, plan: Plan, stage: int,
                layers: list[tuple[LayerNode, LayerPlan]]) -> StageEstimate:
         chunks = self._stage_layers(plan, stage)
-        mine = [layers[i] for chunk in chunks for i in chunk]
+        costs = []
         parts = dict.fromkeys(_MICRO_BATCH_PARTS, 0.0)
         for chunk in chunks:
             for i in chunk:
-                previous = layers[i - 1][1] if i > chunk[0] else None
-                for part, seconds in self._layer_parts(plan, *layers[i], previous).items():
+                cost = self.layer_cost(*layers[i], plan.micro_batch_size, stage)
+                costs.append(cost)
+                for part, seconds in cost.per_micro_batch_s.items():
                     parts[part] += seconds
+                if i > chunk[0]:
+                    parts["reshard"] += self.reshard_s(layers[i][0], layers[i - 1][1],
+                                                       layers[i][1], plan.micro_batch_size)
             parts["pp_comm"] += self._hops(plan, layers, chunk)
-        return StageEstimate(stage=stage, layers=[n.name for n, _ in mine],
-                             per_micro_batch_s=parts, tail_s=self._tail(mine, parts),
-                             memory=self._memory(plan, stage, mine))
+        held = micro_batches_in_flight(plan.schedule, plan.pp, stage, plan.num_micro_batches,
+                                       plan.virtual_stages)
+        return StageEstimate(stage=stage, layers=[layers[i][0].name for c in chunks for i in c],
+                             per_micro_batch_s=parts, tail_s=stage_tail(costs),
+                             memory=stage_memory(costs, held))
 
-    def _layer_parts(self, plan: Plan, node: LayerNode, layer: LayerPlan,
-                     previous: LayerPlan | None) -> dict[str, float]:
-        samples = plan.micro_batch_size // layer.dp
+    def layer_cost(self, node: LayerNode, layer: LayerPlan, micro_batch_size: int,
+                   stage: int = 0) -> LayerCost:
+        """What `node` costs one rank under `layer`'s strategy, apart from its neighbours
+        (resharding, pipeline hops) and from the schedule (micro-batches in flight). Past the
+        first stage a layer also holds the tied weights it shares (Megatron keeps a copy of
+        the embedding on the last stage)."""
+        samples = micro_batch_size // layer.dp
         times = self.compute.times(node, samples, layer.tp, layer.sequence_parallel,
                                    layer.checkpoint)
         tp_fwd, tp_bwd = tp_time_s(self.comm, node, layer, samples)
         tp_recompute = tp_fwd if layer.checkpoint == "full" else 0.0
-        fsdp = fsdp_time_s(self.comm, node, layer, self.elt_bytes)
         # FSDP prefetch hides a gather behind the previous layer's compute (Zhao et al. 2023,
         # sec. 3.3): only what compute cannot cover is exposed.
-        hidden_by = times.fwd_s + times.bwd_s + times.recompute_s
-        reshard = (reshard_time_s(self.comm, node, previous, layer, plan.micro_batch_size)
-                   if previous is not None else 0.0)
-        return {"forward": times.fwd_s, "backward": times.bwd_s, "recompute": times.recompute_s,
-                "tp_comm": tp_fwd + tp_bwd + tp_recompute,
-                "fsdp_comm": max(0.0, fsdp - hidden_by), "reshard": reshard}
+        fsdp = fsdp_time_s(self.comm, node, layer, self.elt_bytes)
+        compute = times.fwd_s + times.bwd_s + times.recompute_s
+        # A layer's gradient sync starts when its backward ends and runs beside the backward
+        # of the layers before it, taken as long as its own (PyTorch DDP/FSDP2 overlap, Li et
+        # al. 2020); what that does not cover is exposed once per step.
+        sync, gather = grad_sync_time_s(self.comm, node, layer, self.elt_bytes)
+        weights, grads, optimizer = layer_state_bytes(node, layer, self.elt_bytes,
+                                                      self.optimizer_bytes,
+                                                      shared=stage > 0)
+        saved = samples * saved_bytes_per_sample(node, layer)
+        whole = samples * saved_bytes_per_sample(
+            node, layer.model_copy(update={"checkpoint": "none"}))
+        return LayerCost(
+            per_micro_batch_s={"forward": times.fwd_s, "backward": times.bwd_s,
+                               "recompute": times.recompute_s,
+                               "tp_comm": tp_fwd + tp_bwd + tp_recompute,
+                               "fsdp_comm": max(0.0, fsdp - compute)},
+            tail_s={"dp_comm": max(0.0, sync - times.bwd_s) + gather,
+                    "optimizer": self._optimizer_s(node, layer)},
+            state_bytes=weights + grads + optimizer,
+            state_parts=(weights, grads, optimizer),
+            saved_bytes=saved, fixed_bytes=node.act_bytes_fixed,
+            transient_bytes=whole if layer.checkpoint != "none" else 0.0,
+            gathered_bytes=weights * layer.dp if layer.zero >= 3 and layer.dp > 1 else 0.0,
+            bucket=layer.dp > 1 and layer.zero < 3)
+
+    def reshard_s(self, node: LayerNode, before: LayerPlan, after: LayerPlan,
+                  micro_batch_size: int) -> float:
+        """Seconds per micro-batch to move `node`'s input from `before`'s layout to `after`'s."""
+        return reshard_time_s(self.comm, node, before, after, micro_batch_size)
 
     def _hops(self, plan: Plan, layers: list[tuple[LayerNode, LayerPlan]],
               chunk: list[int]) -> float:
@@ -201,63 +235,25 @@ class CostModel:
         model) and its input's gradient backward (unless it starts the model)."""
         if plan.pp == 1:
             return 0.0
-        seconds = 0.0
-        last_node, last_layer = layers[chunk[-1]]
-        if chunk[-1] + 1 < len(layers):
-            samples = plan.micro_batch_size // last_layer.dp
-            seconds += p2p_time_s(self.comm, last_node, last_layer, samples, plan.stage_gpus)
-        if chunk[0] > 0:
-            node, layer = layers[chunk[0] - 1]
-            samples = plan.micro_batch_size // layer.dp
-            seconds += p2p_time_s(self.comm, node, layer, samples, plan.stage_gpus)
-        return seconds
+        ends = [chunk[-1]] if chunk[-1] + 1 < len(layers) else []
+        ends += [chunk[0] - 1] if chunk[0] > 0 else []
+        return sum(self.hop_s(*layers[i], plan.micro_batch_size, plan.stage_gpus) for i in ends)
 
-    def _tail(self, mine: list[tuple[LayerNode, LayerPlan]],
-              parts: dict[str, float]) -> dict[str, float]:
-        """After the last micro-batch: the gradient sync that its backward did not hide (it
-        starts as the first gradients are ready, PyTorch DDP, Li et al. 2020), the weights'
-        all-gather of ZeRO 1-2, and the optimizer step, memory-bound."""
-        sync, gather = grad_sync_time_s(self.comm, mine, self.elt_bytes)
-        exposed = max(0.0, sync - parts["backward"]) + gather
-        return {"dp_comm": exposed, "optimizer": self._optimizer_s(mine)}
+    def hop_s(self, node: LayerNode, layer: LayerPlan, micro_batch_size: int,
+              stage_gpus: int) -> float:
+        """One pipeline send of `node`'s output (or its gradient) per micro-batch."""
+        return p2p_time_s(self.comm, node, layer, micro_batch_size // layer.dp, stage_gpus)
 
-    def _optimizer_s(self, mine: list[tuple[LayerNode, LayerPlan]]) -> float:
+    def _optimizer_s(self, node: LayerNode, layer: LayerPlan) -> float:
+        """The optimizer step over this rank's share of `node`, memory-bound: each state
+        byte read and written, the gradient read and the weight written."""
         bandwidth = self.cluster.device.memory_bandwidth
         if not bandwidth:
             return 0.0
-        # each state byte read and written, the gradient read and the weight written
         per_param = 2 * self.optimizer_bytes + 2 * self.elt_bytes
-        params = sum(node.params / tp_shards(node, layer.tp)[0] / (layer.dp if layer.zero else 1)
-                     for node, layer in mine)
+        params = node.params / tp_shards(node, layer.tp)[0] / (layer.dp if layer.zero else 1)
         nbytes = params * per_param
         return nbytes / (bandwidth * memory_efficiency(nbytes, bandwidth)) if nbytes else 0.0
-
-    # ------------------------------------------------------------------------- memory
-
-    def _memory(self, plan: Plan, stage: int,
-                mine: list[tuple[LayerNode, LayerPlan]]) -> StageMemory:
-        held = micro_batches_in_flight(plan.schedule, plan.pp, stage, plan.num_micro_batches,
-                                       plan.virtual_stages)
-        weights = grads = optimizer = saved = fixed = transient = gathered = 0.0
-        bucket = False
-        for node, layer in mine:
-            w, g, o = layer_state_bytes(node, layer, self.elt_bytes, self.optimizer_bytes,
-                                        shared=stage > 0)
-            weights, grads, optimizer = weights + w, grads + g, optimizer + o
-            samples = plan.micro_batch_size // layer.dp
-            saved += samples * saved_bytes_per_sample(node, layer)
-            fixed += node.act_bytes_fixed
-            if layer.checkpoint != "none":
-                whole = saved_bytes_per_sample(node, layer.model_copy(update={"checkpoint":
-                                                                              "none"}))
-                transient = max(transient, samples * whole)
-            if layer.zero >= 3 and layer.dp > 1:
-                gathered = max(gathered, w * layer.dp)
-            bucket = bucket or (layer.dp > 1 and layer.zero < 3)
-        buffers = PREFETCHED_LAYERS * gathered + (DDP_BUCKET_BYTES if bucket else 0)
-        return StageMemory(params=weights, grads=grads, optimizer=optimizer,
-                           activations=held * saved + fixed, transient=transient,
-                           buffers=buffers)
 
     # ------------------------------------------------------------------------- summary
 

@@ -14,8 +14,8 @@ from autoplan.graph import LayerNode
 from autoplan.plan import LayerPlan
 from autoplan.profiler.analytic import TP_SHARDED_KINDS
 
-__all__ = ["StageMemory", "KORTHIKANTI_REPLICATED_TENSORS", "DDP_BUCKET_BYTES",
-           "saved_bytes_per_sample", "layer_state_bytes"]
+__all__ = ["StageMemory", "LayerCost", "KORTHIKANTI_REPLICATED_TENSORS", "DDP_BUCKET_BYTES",
+           "saved_bytes_per_sample", "layer_state_bytes", "stage_memory", "stage_tail"]
 
 KORTHIKANTI_REPLICATED_TENSORS = 5
 """Hidden-state tensors of a transformer block's saved activations that stay whole on every
@@ -52,6 +52,52 @@ class StageMemory:
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self) | {"peak": self.peak}
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One layer under one strategy on one rank: its time per micro-batch and per step, and
+    its memory, apart from neighbours and schedule (CostModel.layer_cost)."""
+
+    per_micro_batch_s: dict[str, float]
+    tail_s: dict[str, float]
+    """Once per step: exposed gradient sync and weight gather, the optimizer step."""
+    state_bytes: float
+    """Weights, gradients and optimizer state."""
+    state_parts: tuple[float, float, float]
+    saved_bytes: float
+    """Saved for backward per micro-batch in flight."""
+    fixed_bytes: float
+    transient_bytes: float
+    """Recomputed activations live during a checkpointed layer's backward."""
+    gathered_bytes: float
+    """Whole weights FSDP gathers for this layer (ZeRO 3)."""
+    bucket: bool
+    """Gradients sync through a bucket (dp > 1, ZeRO 0-2)."""
+
+    @property
+    def micro_batch_s(self) -> float:
+        return sum(self.per_micro_batch_s.values())
+
+
+def stage_tail(costs: list[LayerCost]) -> dict[str, float]:
+    tail = {"dp_comm": 0.0, "optimizer": 0.0}
+    for cost in costs:
+        for part, seconds in cost.tail_s.items():
+            tail[part] += seconds
+    return tail
+
+
+def stage_memory(costs: list[LayerCost], held: float) -> StageMemory:
+    """A stage's memory from its layers' costs with `held` micro-batches in flight: what adds
+    up, plus the largest transient (one layer recomputes at a time) and the buffers."""
+    buffers = PREFETCHED_LAYERS * max((c.gathered_bytes for c in costs), default=0.0)
+    buffers += DDP_BUCKET_BYTES if any(c.bucket for c in costs) else 0
+    return StageMemory(
+        params=sum(c.state_parts[0] for c in costs), grads=sum(c.state_parts[1] for c in costs),
+        optimizer=sum(c.state_parts[2] for c in costs),
+        activations=held * sum(c.saved_bytes for c in costs) + sum(c.fixed_bytes for c in costs),
+        transient=max((c.transient_bytes for c in costs), default=0.0), buffers=buffers)
 
 
 def _sharded(node: LayerNode) -> bool:

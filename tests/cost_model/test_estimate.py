@@ -61,9 +61,8 @@ def test_pure_dp_gradient_all_reduce_is_the_ring_formula() -> None:
     cluster = parse_cluster_spec("h100-sxm:gpus=8")
     graph = _graph(layers=4, params=10_000_000)
     plan = uniform_plan("dp=8", graph, 8, 8)
-    layers = list(zip(graph.nodes, plan.layers, strict=True))
-    sync, gather = grad_sync_time_s(CommModel(cluster), layers, 2)
-    n, nbytes = 8, 4 * 10_000_000 * 2  # bf16 gradients of every layer, one bucketed call
+    sync, gather = grad_sync_time_s(CommModel(cluster), graph.nodes[0], plan.layers[0], 2)
+    n, nbytes = 8, 10_000_000 * 2  # the bf16 gradients of one layer, one collective
     busbw = 450e9 * eff.NVLINK_BUS_FRACTION.value
     alpha = eff.NCCL_BASE_LATENCY_S.value + 2 * (n - 1) * eff.NVLINK_RING_STEP_S.value
     assert sync == pytest.approx(alpha + 2 * (n - 1) / n * nbytes / busbw, rel=1e-12)
