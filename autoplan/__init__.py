@@ -1,3 +1,11 @@
 """autoplan: plans and applies hybrid data/tensor/pipeline parallel training for PyTorch."""
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):  # lazy: `import autoplan` stays free of torch
+    if name == "parallelize":
+        from autoplan.executor import parallelize
+
+        return parallelize
+    raise AttributeError(f"module 'autoplan' has no attribute {name!r}")

@@ -1,4 +1,10 @@
 """autoplan.executor: applies a Plan to a module with torch.distributed building blocks.
 
-Not built yet: the executor issue fills this package (see DESIGN.md).
+`parallelize(model, plan, loss_fn)` builds the DeviceMesh, splits the pipeline, and applies
+tensor/sequence parallelism, activation checkpointing and FSDP2/replication per layer, in
+that order; the Runner it returns trains the result with one `step` call for every plan.
 """
+
+from autoplan.executor.parallelize import LossFn, Runner, parallelize
+
+__all__ = ["LossFn", "Runner", "parallelize"]

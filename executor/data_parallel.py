@@ -1,0 +1,102 @@
+"""Data parallelism per layer: FSDP2 for ZeRO 1/2/3, FSDP2-style replicate() for ZeRO 0.
+
+Each unit (or group of units that share a parameter, such as a tied embedding and output
+head) becomes one FSDP group, then the root takes what is left. ZeRO maps to FSDP2 as:
+- 3: fully_shard(reshard_after_forward=True): parameters, gradients and optimizer state
+  sharded; parameters gathered again in backward.
+- 1 and 2: fully_shard(reshard_after_forward=False): the gathered parameters stay between
+  forward and backward; gradients and optimizer state are sharded. FSDP2 has no mode that
+  keeps gradients whole (ZeRO 1 proper), so 1 runs as 2: the same numbers, less memory.
+- 0: torch.distributed._composable.replicate_with_fsdp.replicate: whole parameters on every
+  rank and an all-reduce of gradients (DDP's algorithm on FSDP2's machinery, so that it
+  composes with DTensor tensor parallelism and with pipelining; the classic DDP wrapper does
+  not take DTensor parameters).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from torch import nn
+from torch.distributed._composable.replicate_with_fsdp import replicate
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+__all__ = ["DPGroup", "apply_fsdp", "apply_replicate", "tied_groups"]
+
+log = logging.getLogger(__name__)
+
+DPGroup = tuple[tuple[str, ...], int]
+"""(unit FQNs that form one group, ZeRO stage)."""
+
+
+def tied_groups(model: nn.Module, units: Sequence[str]) -> list[tuple[str, ...]]:
+    """Units joined into groups where they share a parameter, in order of first unit.
+
+    Example: GPT's wte and lm_head share the embedding weight: [("wte", "lm_head"), ("wpe",),
+    ("h.0",), ...].
+    """
+    owner: dict[int, int] = {}
+    parent = list(range(len(units)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for index, name in enumerate(units):
+        for param in model.get_submodule(name).parameters():
+            if id(param) in owner:
+                parent[find(index)] = find(owner[id(param)])
+            else:
+                owner[id(param)] = index
+    groups: dict[int, list[str]] = {}
+    for index, name in enumerate(units):
+        groups.setdefault(find(index), []).append(name)
+    return [tuple(g) for g in groups.values()]
+
+
+def _modules(model: nn.Module, names: tuple[str, ...]) -> list[nn.Module]:
+    return [m for m in (model.get_submodule(n) for n in names) if any(True for _ in m.parameters())]
+
+
+def apply_fsdp(model: nn.Module, groups: Sequence[DPGroup], dp_mesh: DeviceMesh,
+               mp_policy: MixedPrecisionPolicy | None = None) -> None:
+    """fully_shard each group (reshard after forward only for ZeRO 3), then the root.
+
+    Args:
+        model: the module (or pipeline chunk) to shard; it becomes the FSDP root.
+        groups: (unit FQNs, ZeRO stage >= 1) per group; units without parameters are skipped.
+        dp_mesh: the data-parallel mesh (1-D).
+        mp_policy: mixed precision (default: compute in the parameters' dtype).
+    """
+    mp_policy = mp_policy or MixedPrecisionPolicy()
+    for names, zero in groups:
+        modules = _modules(model, names)
+        if modules:
+            fully_shard(modules if len(modules) > 1 else modules[0], mesh=dp_mesh,
+                        reshard_after_forward=zero == 3, mp_policy=mp_policy)
+    # The root's own parameters are few; its forward ends the step, so keep them gathered.
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=False, mp_policy=mp_policy)
+    log.info("FSDP over %d ranks on %d groups", dp_mesh.size(), len(groups))
+
+
+def apply_replicate(model: nn.Module, groups: Sequence[DPGroup], dp_mesh: DeviceMesh,
+                    mp_policy: MixedPrecisionPolicy | None = None) -> None:
+    """Replicate each group (ZeRO 0: gradient all-reduce per group), then the root.
+
+    Args:
+        model: the module (or pipeline chunk); it becomes the root.
+        groups: (unit FQNs, 0) per group; units without parameters are skipped.
+        dp_mesh: the data-parallel mesh (1-D).
+        mp_policy: mixed precision (default: compute in the parameters' dtype).
+    """
+    mp_policy = mp_policy or MixedPrecisionPolicy()
+    for names, _ in groups:
+        modules = _modules(model, names)
+        if modules:
+            replicate(modules if len(modules) > 1 else modules[0], mesh=dp_mesh,
+                      mp_policy=mp_policy)
+    replicate(model, mesh=dp_mesh, mp_policy=mp_policy)
+    log.info("replicated over %d ranks with %d gradient groups", dp_mesh.size(), len(groups))

@@ -1,0 +1,389 @@
+"""parallelize(model, plan): apply a Plan to an existing module and return a Runner that trains it.
+
+The steps, in torchtitan's fixed order (each takes a mesh and per-layer decisions, never the
+Plan):
+1. build the DeviceMesh (pp, dp_replicate, dp_shard, tp);
+2. split the pipeline into chunks (copies that hold only their units): later steps act on each
+   chunk, so the split comes first;
+3. tensor/sequence parallelism: replaces parameters by DTensors on the tp mesh, which FSDP
+   must then see (so before 5);
+4. activation checkpointing: wraps each unit's forward inside the module hooks of 3 and 5;
+5. data parallelism: FSDP2 per unit then the root (ZeRO >= 1) or replicate (ZeRO 0); last,
+   because it shards whatever parameters (plain or DTensor) the earlier steps left.
+
+Batch convention (autoplan/plan.py): Runner.step takes the global batch (plan.global_batch
+samples) or this rank's data-parallel share of it; each data-parallel rank runs
+global_batch / dp samples as num_micro_batches micro-batches. loss_fn must average over the
+samples of its batch, so that averaging over micro-batches and ranks gives the loss of the
+whole batch, exactly as one process computes it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+
+from autoplan.errors import AutoplanError
+from autoplan.executor.checkpointing import apply_ac
+from autoplan.executor.data_parallel import apply_fsdp, apply_replicate, tied_groups
+from autoplan.executor.mesh import (
+    ParallelDims,
+    build_mesh,
+    get_mesh,
+    get_optional_mesh,
+    parallel_dims,
+)
+from autoplan.executor.pipeline import (
+    build_chunk,
+    build_schedule,
+    chunk_ranks,
+    chunk_units,
+    input_kwargs,
+)
+from autoplan.executor.tensor_parallel import TPLayer, apply_tp, sequence_splits
+from autoplan.graph import LayerGraph
+from autoplan.plan import LayerPlan, Plan, check_plan
+from autoplan.units import find_units
+
+__all__ = ["LossFn", "Runner", "parallelize"]
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
+"""(model output, targets) -> scalar loss, averaged over the samples of the batch."""
+
+
+@dataclass
+class _TiedCopies:
+    """One parameter that several pipeline chunks hold copies of (a tied embedding/head)."""
+
+    fqns: dict[int, str]
+    """chunk index -> the parameter's FQN in that chunk."""
+    group: dist.ProcessGroup | None
+    """The pipeline ranks (same dp/tp coordinate) holding a copy; None when only this one."""
+
+
+@dataclass
+class Runner:
+    """A parallelized model and the one training-step call that works for every plan.
+
+    Example:
+        runner = parallelize(model, plan, loss_fn)
+        optimizer = torch.optim.AdamW(runner.parameters(), lr=1e-3)
+        for inputs, targets in batches:
+            loss = runner.step(inputs, targets, optimizer)
+    """
+
+    plan: Plan
+    dims: ParallelDims
+    mesh: DeviceMesh | None
+    chunks: dict[int, nn.Module]
+    """chunk index -> module on this rank (one chunk, index 0, without pipelining)."""
+    loss_fn: LossFn
+    replicated_layers: list[str] = field(default_factory=list)
+    """Layers with parameters that tensor parallelism left whole."""
+    schedule: Any = None
+    tied: list[_TiedCopies] = field(default_factory=list)
+
+    @property
+    def module(self) -> nn.Module:
+        """The module this rank holds: the model, or its pipeline chunk(s) in a ModuleList."""
+        if len(self.chunks) == 1:
+            return next(iter(self.chunks.values()))
+        return nn.ModuleList(self.chunks[i] for i in sorted(self.chunks))
+
+    def parameters(self) -> list[nn.Parameter]:
+        """This rank's parameters, each once (for the optimizer)."""
+        seen: dict[int, nn.Parameter] = {}
+        for index in sorted(self.chunks):
+            for param in self.chunks[index].parameters():
+                seen.setdefault(id(param), param)
+        return list(seen.values())
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(FQN in the original model, parameter) of this rank, tied names included."""
+        return [(name, param) for index in sorted(self.chunks)
+                for name, param in self.chunks[index].named_parameters(remove_duplicate=False)]
+
+    def step(self, inputs: torch.Tensor | Sequence[torch.Tensor], targets: torch.Tensor,
+             optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:
+        """Forward and backward over one global batch, then optimizer.step() and zero_grad().
+
+        Args:
+            inputs: the model's positional input(s), batch first: the global batch or this
+                rank's data-parallel share of it.
+            targets: what loss_fn compares the output with, batch first, sized like inputs.
+            optimizer: stepped and zeroed after backward; None leaves the gradients.
+
+        Returns:
+            The batch's loss (a detached scalar, the same on every rank).
+
+        Raises:
+            AutoplanError: when the batch is neither the global batch nor this rank's share.
+        """
+        inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+        inputs, targets = self._local_batch(inputs, targets)
+        if self.schedule is None:
+            loss = self._step_without_pipeline(inputs, targets)
+        else:
+            loss = self._step_pipeline(inputs, targets)
+        if self.dims.dp > 1:
+            dist.all_reduce(loss, group=get_mesh(self.mesh, self.dims.dp_axis).get_group())
+            loss /= self.dims.dp
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad()
+        return loss
+
+    def _local_batch(self, inputs: tuple[torch.Tensor, ...],
+                     targets: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """This rank's data-parallel share of the batch (a contiguous slice)."""
+        size, dp = targets.shape[0], self.dims.dp
+        share = self.plan.global_batch // dp
+        if size == share:
+            return inputs, targets
+        if size != self.plan.global_batch:
+            raise AutoplanError(f"batch of {size} samples: give the global batch of "
+                                f"{self.plan.global_batch} or this rank's share of {share}")
+        rank = get_mesh(self.mesh, self.dims.dp_axis).get_local_rank() if dp > 1 else 0
+        cut = slice(rank * share, (rank + 1) * share)
+        return tuple(t[cut] for t in inputs), targets[cut]
+
+    def _step_without_pipeline(self, inputs: tuple[torch.Tensor, ...],
+                               targets: torch.Tensor) -> torch.Tensor:
+        model, count = self.chunks[0], self.plan.num_micro_batches
+        total = torch.zeros(())
+        pieces = zip(*(t.chunk(count) for t in (*inputs, targets)), strict=True)
+        for index, (*micro_inputs, micro_targets) in enumerate(pieces):
+            if hasattr(model, "set_requires_gradient_sync"):  # reduce once, after the last
+                model.set_requires_gradient_sync(index == count - 1)
+            loss = self.loss_fn(model(*micro_inputs), micro_targets)
+            (loss / count).backward()
+            total += loss.detach().float().cpu()
+        return total / count
+
+    def _step_pipeline(self, inputs: tuple[torch.Tensor, ...],
+                       targets: torch.Tensor) -> torch.Tensor:
+        losses: list[torch.Tensor] = []
+        is_last = max(self.chunks) == len(self.plan.stage_boundaries) - 1
+        self.schedule.step(target=targets if is_last else None,
+                           losses=losses if is_last else None, **input_kwargs(inputs))
+        self._sum_tied_grads()
+        loss = torch.stack([x.detach().float().cpu() for x in losses]).mean() if is_last \
+            else torch.zeros(())
+        # Only the last stage knows the loss: a sum over the pipeline ranks tells everyone.
+        dist.all_reduce(loss, group=get_mesh(self.mesh, "pp").get_group())
+        return loss
+
+    def _sum_tied_grads(self) -> None:
+        """Copies of one parameter in several chunks get the sum of their gradients."""
+        for tied in self.tied:
+            params = [self.chunks[c].get_parameter(fqn) for c, fqn in tied.fqns.items()
+                      if c in self.chunks]
+            local = [_grad_like_param(p) for p in params if p.grad is not None]
+            if not local:
+                continue
+            with torch.no_grad():
+                total = torch.stack(local).sum(0)
+                if tied.group is not None:
+                    dist.all_reduce(total, group=tied.group)
+                for grad in local:
+                    grad.copy_(total)
+
+
+def _grad_like_param(param: nn.Parameter) -> torch.Tensor:
+    """The local gradient of `param`, first placed as the parameter is (TP can leave the
+    gradient of a vocabulary-split embedding replicated or partial)."""
+    grad = param.grad
+    if isinstance(grad, DTensor):
+        if grad.placements != param.placements:
+            grad = grad.redistribute(param.device_mesh, param.placements)
+            param.grad = grad
+        return grad.to_local()
+    return grad
+
+
+# ------------------------------------------------------------------------------ checks
+
+
+def _check(model: nn.Module, plan: Plan, graph: LayerGraph | None) -> list[str]:
+    """The model's unit FQNs in execution order, after checking the plan names exactly them.
+
+    Raises:
+        AutoplanError: naming the layers that differ, or the world-size mismatch.
+    """
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if graph is not None:
+        check_plan(plan, graph, world_size=world)
+    elif world != plan.world_size:
+        raise AutoplanError(f"plan is for {plan.world_size} devices; this world has {world}")
+    units = [name for name, _ in find_units(model)]
+    planned = [layer.name for layer in plan.layers if layer.name != "loss"]
+    if sorted(planned) != sorted(units):
+        unknown = [n for n in planned if n not in units]
+        missing = [n for n in units if n not in planned]
+        raise AutoplanError(
+            "the plan's layers do not match this model's"
+            + (f"; the model has no {', '.join(unknown[:5])}" if unknown else "")
+            + (f"; the plan misses {', '.join(missing[:5])}" if missing else "")
+            + ("" if unknown or missing else "; a layer is named twice"))
+    return planned  # execution order (the LayerGraph's), which pipelining cuts
+
+
+# ------------------------------------------------------------------------------ steps
+
+
+def _chunk_plan(plan: Plan, units: list[str], mesh: DeviceMesh | None,
+                dims: ParallelDims) -> tuple[list[list[str]], list[int]]:
+    """Every chunk's units, and the chunk indices this rank runs."""
+    if dims.pp == 1:
+        return [units], [0]
+    chunks = chunk_units(units, plan.stage_boundaries)
+    empty = [i for i, chunk in enumerate(chunks) if not chunk]
+    if empty:
+        raise AutoplanError(f"pipeline chunks {empty} hold no layer (stage_boundaries "
+                            f"{plan.stage_boundaries} of {len(units)} layers before the loss); "
+                            "move the boundaries so that every chunk holds a layer")
+    return chunks, chunk_ranks(len(chunks), dims.pp, get_mesh(mesh, "pp").get_local_rank())
+
+
+def _parallelize_chunk(chunk: nn.Module, layers: dict[str, LayerPlan], units: list[str],
+                       owned: list[str], splits: list[bool], mesh: DeviceMesh | None,
+                       dims: ParallelDims, tp_overrides: dict[str, dict[str, str]]) -> list[str]:
+    """Steps 3-5 on one chunk; returns the layers TP left replicated."""
+    present = set(owned)
+    replicated: list[str] = []
+    tp_mesh = get_optional_mesh(mesh, "tp")
+    if tp_mesh is not None:
+        tp_layers = [TPLayer(n, layers[n].sequence_parallel, tp_overrides.get(n)) for n in units]
+        aliases = _alias_groups(chunk)
+        replicated = apply_tp(chunk, tp_layers, splits, tp_mesh, present)
+        _retie(chunk, aliases)
+    apply_ac(chunk, [(n, layers[n].checkpoint) for n in units], present)
+    dp_mesh = get_optional_mesh(mesh, dims.dp_axis)
+    if dp_mesh is not None:
+        groups = [(g, max(layers[n].zero for n in g)) for g in tied_groups(chunk, owned)]
+        (apply_fsdp if dims.dp_sharded else apply_replicate)(chunk, groups, dp_mesh)
+    return replicated
+
+
+def _alias_groups(chunk: nn.Module) -> list[list[str]]:
+    """FQNs that share one parameter (tied weights), found before TP replaces parameters."""
+    by_param: dict[int, list[str]] = {}
+    for name, param in chunk.named_parameters(remove_duplicate=False):
+        by_param.setdefault(id(param), []).append(name)
+    return [names for names in by_param.values() if len(names) > 1]
+
+
+def _retie(chunk: nn.Module, aliases: list[list[str]]) -> None:
+    """Tensor parallelism replaces each module's parameters: make tied ones one again.
+
+    Raises:
+        AutoplanError: when tied copies were split differently.
+    """
+    for group in aliases:
+        keep = chunk.get_parameter(group[0])
+        for name in group[1:]:
+            other = chunk.get_parameter(name)
+            if other is keep:
+                continue
+            if isinstance(keep, DTensor) != isinstance(other, DTensor) or (
+                    isinstance(keep, DTensor) and keep.placements != other.placements):
+                raise AutoplanError(f"tied parameters {group[0]} and {name} were split "
+                                    "differently by tensor parallelism; give a tp override")
+            module_name, _, attr = name.rpartition(".")
+            setattr(chunk.get_submodule(module_name), attr, keep)
+
+
+def _tied_across_chunks(model: nn.Module, chunks: list[list[str]], mesh: DeviceMesh | None,
+                        dims: ParallelDims) -> list[_TiedCopies]:
+    """Parameters shared by units of different chunks, with a group of their holders."""
+    where: dict[int, dict[int, str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        unit = _unit_of(name, chunks)
+        if unit is not None:
+            where.setdefault(id(param), {}).setdefault(unit, name)
+    tied = []
+    for holders in where.values():
+        if len(holders) < 2:
+            continue
+        ranks = sorted({c % dims.pp for c in holders})
+        tied.append(_TiedCopies(holders, _holder_group(mesh, ranks)))
+    return tied
+
+
+def _unit_of(param_name: str, chunks: list[list[str]]) -> int | None:
+    for index, units in enumerate(chunks):
+        if any(param_name.startswith(u + ".") for u in units):
+            return index
+    return None
+
+
+def _holder_group(mesh: DeviceMesh | None, pp_ranks: list[int]) -> dist.ProcessGroup | None:
+    """The group of the given pipeline ranks at this rank's dp/tp coordinate."""
+    pp_mesh = get_mesh(mesh, "pp")
+    if len(pp_ranks) < 2 or pp_mesh.get_local_rank() not in pp_ranks:
+        return None
+    global_ranks = pp_mesh.mesh.tolist()
+    return dist.new_group([global_ranks[r] for r in pp_ranks], use_local_synchronization=True)
+
+
+# ------------------------------------------------------------------------------ entry
+
+
+def parallelize(model: nn.Module, plan: Plan, loss_fn: LossFn, *,
+                graph: LayerGraph | None = None,
+                tp_overrides: dict[str, dict[str, str]] | None = None,
+                device: torch.device | str | None = None) -> Runner:
+    """Apply `plan` to `model` with torch-native parallelism and return its Runner.
+
+    Call it on every rank after torch.distributed.init_process_group (torchrun, or
+    `autoplan run`), with the same model (same seed) on each. Without pipelining the model is
+    changed in place; with it, each rank keeps copies of its chunks and the model is left
+    as it was.
+
+    Args:
+        model: the module; its units (autoplan.units.find_units) must be the plan's layers.
+        plan: the plan; every layer must share one (dp, tp) layout (see mesh.parallel_dims).
+        loss_fn: (output, targets) -> scalar, averaged over the batch.
+        graph: the model's LayerGraph; when given, the plan's model hash is checked too.
+        tp_overrides: layer FQN -> {sub-module FQN: "colwise" | "rowwise"} replacing the
+            inferred tensor-parallel plan of that layer.
+        device: where the model runs (default: cuda when available, else cpu).
+
+    Returns:
+        The Runner: .step(inputs, targets, optimizer) -> loss, .module, .parameters().
+
+    Raises:
+        AutoplanError: the plan does not fit the model or the world (names the mismatch),
+            or asks for something the executor does not run yet (per-layer (dp, tp)).
+    """
+    units = _check(model, plan, graph)
+    dims = parallel_dims(plan)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    mesh = build_mesh(dims, device.type)                                      # step 1
+    layers = {layer.name: layer for layer in plan.layers}
+    splits = sequence_splits(model, [TPLayer(n, layers[n].sequence_parallel) for n in units])
+    chunk_lists, mine = _chunk_plan(plan, units, mesh, dims)                  # step 2
+    chunks = {c: build_chunk(model, units, chunk_lists[c]) if dims.pp > 1 else model
+              for c in mine}
+    runner = Runner(plan, dims, mesh, chunks, loss_fn)
+    for index, chunk in chunks.items():                                       # steps 3-5
+        runner.replicated_layers += _parallelize_chunk(
+            chunk, layers, units, chunk_lists[index], splits, mesh, dims, tp_overrides or {})
+    if dims.pp > 1:
+        runner.tied = _tied_across_chunks(model, chunk_lists, mesh, dims)
+        runner.schedule = build_schedule(chunks, len(chunk_lists), plan.schedule,
+                                         plan.num_micro_batches, loss_fn,
+                                         get_mesh(mesh, "pp").get_group(), device)
+    log.info("parallelized %d layers: pp %d, dp %d (%s), tp %d", len(units), dims.pp, dims.dp,
+             "sharded" if dims.dp_sharded else "replicated", dims.tp)
+    return runner

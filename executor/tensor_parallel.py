@@ -1,0 +1,175 @@
+"""Tensor and sequence parallelism of each layer: decisions as data first, then parallelize_module.
+
+The plan of a unit comes from autoplan.tp_plan.infer_tp_plan (Megatron's pairing: column-wise
+Linear layers followed by one row-wise Linear). With sequence parallelism (Korthikanti et al.
+2022) the activations between units are split by sequence (dim 1) as local tensors: norms run
+on the local slice (SequenceParallel), each parent of a Linear pair gathers the sequence
+before its column-wise layers, and its row-wise layer reduce-scatters back to a slice.
+Where a sequence-split unit meets a unit that needs the whole sequence, a hook gathers or
+splits the first positional input (DTensor redistribute, so gradients follow).
+
+Embedding units (split by vocabulary rows) and head units (a Linear split by columns) always
+produce whole, replicated outputs. Units with nothing to split stay replicated and are
+reported.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from autoplan.errors import AutoplanError
+from autoplan.tp_plan import COLWISE, infer_tp_plan
+
+__all__ = ["SEQUENCE_DIM", "TPLayer", "tp_styles", "sequence_splits", "apply_tp"]
+
+log = logging.getLogger(__name__)
+
+SEQUENCE_DIM = 1
+"""Activations are (batch, sequence, ...): sequence parallelism splits dim 1."""
+_NORMS = (nn.LayerNorm, nn.RMSNorm)
+
+
+@dataclass(frozen=True)
+class TPLayer:
+    """One unit's tensor-parallel decision."""
+
+    name: str
+    sequence_parallel: bool = False
+    override: dict[str, str] | None = None
+    """sub-module FQN -> "colwise" | "rowwise", replacing the inferred plan."""
+
+
+class _RedistributeInput(ParallelStyle):
+    """Moves a module's first positional input between a sequence slice and the whole tensor."""
+
+    def __init__(self, gather: bool) -> None:
+        super().__init__()
+        self.gather = gather
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        src, dst = (Shard(SEQUENCE_DIM), Replicate()) if self.gather else \
+            (Replicate(), Shard(SEQUENCE_DIM))
+
+        def hook(_: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            if not args or not isinstance(args[0], torch.Tensor):
+                return args
+            moved = DTensor.from_local(args[0], device_mesh, (src,), run_check=False)
+            return (moved.redistribute(device_mesh, (dst,)).to_local(), *args[1:])
+
+        module.register_forward_pre_hook(hook)
+        return module
+
+    def __repr__(self) -> str:
+        return f"_RedistributeInput(gather={self.gather})"
+
+
+def _splits_sequence(unit: nn.Module, sequence_parallel: bool) -> bool:
+    """True when the unit takes and gives sequence slices (not embeddings or heads)."""
+    return sequence_parallel and not isinstance(unit, (nn.Embedding, nn.Linear))
+
+
+def tp_styles(unit: nn.Module, sequence_parallel: bool,
+              override: dict[str, str] | None = None) -> dict[str, ParallelStyle]:
+    """The parallelize_module plan of one unit ({} when nothing in it can be split).
+
+    Args:
+        unit: the unit's module.
+        sequence_parallel: split norms and the activations between sub-layers by sequence.
+        override: sub-module FQN -> "colwise" | "rowwise", used instead of the inferred pairs.
+
+    Example: a GPT block with sequence parallelism gives
+        {"attn": gather, "attn.q": ColwiseParallel(), ..., "attn.proj":
+         RowwiseParallel(output_layouts=Shard(1)), "ln_1": SequenceParallel(...), ...}
+    """
+    plan = infer_tp_plan(unit, override)
+    if not plan.shardable:
+        styles: dict[str, ParallelStyle] = {}
+    elif isinstance(unit, nn.Embedding):
+        return {"": RowwiseParallel(input_layouts=Replicate())}
+    elif isinstance(unit, nn.Linear):
+        return {"": ColwiseParallel(output_layouts=Replicate())}
+    else:
+        styles = {name: _linear_style(style, sequence_parallel)
+                  for name, style in plan.styles.items()}
+    if not _splits_sequence(unit, sequence_parallel):
+        return styles
+    for name, module in unit.named_modules():
+        if isinstance(module, _NORMS):
+            styles[name] = SequenceParallel(use_local_output=True)
+    for parent in {name.rpartition(".")[0] for name in plan.styles}:
+        styles[parent] = _RedistributeInput(gather=True)
+    return styles
+
+
+def _linear_style(style: str, sequence_parallel: bool) -> ParallelStyle:
+    if style == COLWISE:
+        return ColwiseParallel()
+    return RowwiseParallel(output_layouts=Shard(SEQUENCE_DIM)) if sequence_parallel \
+        else RowwiseParallel()
+
+
+def sequence_splits(model: nn.Module, layers: Sequence[TPLayer]) -> list[bool]:
+    """For each layer of the whole (unsplit) model: does it take and give sequence slices?"""
+    return [_splits_sequence(model.get_submodule(lay.name), lay.sequence_parallel)
+            for lay in layers]
+
+
+def apply_tp(model: nn.Module, layers: Sequence[TPLayer], splits: Sequence[bool],
+             tp_mesh: DeviceMesh, present: set[str] | None = None) -> list[str]:
+    """Shard each unit of `layers` over `tp_mesh` (in place), and join sequence-split units to
+    whole-sequence ones with a gather or split of the input.
+
+    Args:
+        model: the module holding the units (a pipeline chunk holds some of them).
+        layers: every unit of the model, in execution order.
+        splits: sequence_splits() of the whole model.
+        tp_mesh: the 1-D tensor-parallel mesh.
+        present: the unit names this module really holds (default: all).
+
+    Returns:
+        The names of units with parameters that stay replicated (nothing to split).
+
+    Raises:
+        AutoplanError: when a split dimension does not divide by the tp degree, or the last
+            layer would give sequence slices as the model's output.
+    """
+    if splits and splits[-1]:
+        raise AutoplanError(f"the last layer {layers[-1].name} would give sequence slices; "
+                            "turn sequence_parallel off there so that the output is whole")
+    replicated: list[str] = []
+    for index, layer in enumerate(layers):
+        if present is not None and layer.name not in present:
+            continue
+        unit = model.get_submodule(layer.name)
+        inferred = infer_tp_plan(unit, layer.override)
+        if not inferred.max_degree_divides(unit, tp_mesh.size()):
+            raise AutoplanError(f"layer {layer.name}: tp {tp_mesh.size()} does not divide the "
+                                "widths of its Linear/Embedding layers; choose a tp that does")
+        previous = splits[index - 1] if index else False
+        if previous != splits[index]:  # registered first: runs before the styles' hooks
+            _RedistributeInput(gather=previous)._apply(unit, tp_mesh)
+        styles = tp_styles(unit, layer.sequence_parallel, layer.override)
+        if "" in styles:  # the unit's own style (parallelize_module takes no "" key)
+            parallelize_module(unit, tp_mesh, styles.pop(""))
+        if styles:
+            parallelize_module(unit, tp_mesh, styles)
+        if not inferred.shardable and any(True for _ in unit.parameters()):
+            replicated.append(layer.name)
+    if replicated:
+        log.info("tensor parallelism left these layers replicated: %s", ", ".join(replicated))
+    return replicated

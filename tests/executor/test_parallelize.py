@@ -1,0 +1,161 @@
+"""parallelize() on gloo worlds of 2 and 4 ranks against a one-process reference (gpt-tiny,
+float32, dropout off, 3 AdamW steps), plus the checks and decisions that need no processes.
+
+Each world runs several plans in one spawn (spawning costs seconds on 2 cores); the tests read
+what the ranks wrote, never only their exit codes (gloo rarely aborts at exit).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
+
+from autoplan.errors import AutoplanError
+from autoplan.executor import parallelize
+from autoplan.executor.data_parallel import tied_groups
+from autoplan.executor.mesh import ParallelDims, parallel_dims
+from autoplan.executor.pipeline import chunk_ranks, chunk_units
+from autoplan.executor.tensor_parallel import tp_styles
+from autoplan.graph import LayerGraph
+from autoplan.models import build_model
+from autoplan.tracing import layer_graph_of_built
+from tests.executor import harness
+
+TWO_RANKS = {
+    "dp_zero0": ("dp=2", {}),
+    "fsdp_zero1": ("dp=2,zero=1", {}),
+    "fsdp_zero3_ckpt": ("dp=2,zero=3", {"h.0": {"checkpoint": "full"}}),
+    "tp": ("tp=2", {}),
+    "tp_sp_ckpt": ("tp=2,sequence_parallel=true",
+                   {"h.0": {"checkpoint": "selective"}, "h.1": {"checkpoint": "full"}}),
+    "pp_gpipe": ("pp=2,schedule=gpipe", {}),
+    "pp_1f1b": ("pp=2,schedule=1f1b", {}),
+}
+FOUR_RANKS = {
+    "tp_fsdp_zero3": ("dp=2,tp=2,zero=3", {}),
+    "tp_sp_dp_zero0": ("dp=2,tp=2,sequence_parallel=true", {"h.1": {"checkpoint": "full"}}),
+    "pp_tp_1f1b": ("pp=2,tp=2,schedule=1f1b", {}),
+    "pp_fsdp_zero2": ("pp=2,dp=2,zero=2,schedule=gpipe", {}),
+}
+# Interleaved 1F1B needs 4 chunks; gpt-tiny has 2 blocks, so the cut is given by hand:
+# (wte, wpe) | h.0 | h.1 | (ln_f, lm_head).
+INTERLEAVED = ("pp=2,dp=2,virtual_stages=2", {}, [0, 2, 3, 4])
+
+
+@pytest.fixture(scope="module")
+def graph() -> LayerGraph:
+    return layer_graph_of_built(build_model(harness.MODEL))
+
+
+@functools.cache
+def _reference(pieces: int) -> dict:
+    return harness.reference(pieces)
+
+
+def _check(world: harness.WorldResult, plan_of: dict, case: str) -> None:
+    plan = plan_of[case]
+    ref = _reference(plan.layers[0].dp * plan.num_micro_batches)
+    assert harness.compare(case, world, ref) == []
+
+
+@pytest.fixture(scope="module")
+def two_rank_world(graph: LayerGraph, tmp_path_factory) -> tuple[harness.WorldResult, dict]:
+    plans = {name: harness.make_plan(graph, 2, text, edit)
+             for name, (text, edit) in TWO_RANKS.items()}
+    return harness.run_world(2, plans, tmp_path_factory.mktemp("world2")), plans
+
+
+@pytest.fixture(scope="module")
+def four_rank_world(graph: LayerGraph, tmp_path_factory) -> tuple[harness.WorldResult, dict]:
+    plans = {name: harness.make_plan(graph, 4, text, edit)
+             for name, (text, edit) in FOUR_RANKS.items()}
+    text, edit, bounds = INTERLEAVED
+    plans["pp_dp_interleaved"] = harness.make_plan(graph, 4, text, edit,
+                                                   stage_boundaries=bounds)
+    return harness.run_world(4, plans, tmp_path_factory.mktemp("world4")), plans
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(TWO_RANKS))
+def test_two_ranks_match_one_process(two_rank_world, case: str) -> None:
+    _check(*two_rank_world, case)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [*FOUR_RANKS, "pp_dp_interleaved"])
+def test_four_ranks_match_one_process(four_rank_world, case: str) -> None:
+    _check(*four_rank_world, case)
+
+
+@pytest.mark.slow
+def test_tp_reports_the_layers_it_leaves_whole(two_rank_world) -> None:
+    world, _ = two_rank_world
+    assert world.info["tp"]["replicated_layers"] == ["ln_f"]
+    assert world.info["dp_zero0"]["replicated_layers"] == []
+
+
+# ------------------------------------------------------------------ without processes
+
+
+def test_mixed_layouts_are_refused_by_name(graph: LayerGraph) -> None:
+    plan = harness.make_plan(graph, 4, "dp=2,tp=2,micro_batch=2", {"h.1": {"dp": 4, "tp": 1}})
+    with pytest.raises(AutoplanError, match=r"h\.1 \(dp 4, tp 1\)"):
+        parallel_dims(plan)
+
+
+def test_zero0_beside_zero3_is_refused(graph: LayerGraph) -> None:
+    plan = harness.make_plan(graph, 2, "dp=2,zero=3", {"h.0": {"zero": 0}})
+    with pytest.raises(AutoplanError, match="h.0 have ZeRO 0"):
+        parallel_dims(plan)
+
+
+def test_parallel_dims_and_mesh_axes(graph: LayerGraph) -> None:
+    dims = parallel_dims(harness.make_plan(graph, 8, "pp=2,tp=2,zero=1"))
+    assert dims == ParallelDims(pp=2, dp=2, tp=2, dp_sharded=True)
+    assert dims.axes == [("pp", 2), ("dp_shard", 2), ("tp", 2)]
+    assert parallel_dims(harness.make_plan(graph, 2, "dp=2")).axes == [("dp_replicate", 2)]
+
+
+def test_world_size_mismatch_is_named(graph: LayerGraph) -> None:
+    plan = harness.make_plan(graph, 2, "dp=2")
+    with pytest.raises(AutoplanError, match="plan is for 2 devices; this world has 1"):
+        parallelize(harness.build(), plan, harness.lm_loss)
+
+
+def test_layers_the_model_lacks_are_named(graph: LayerGraph) -> None:
+    plan = harness.make_plan(graph, 1, "dp=1")
+    other = build_model("gpt:layers=3,hidden=64,heads=4,seq=32,vocab=256", device="cpu").module
+    with pytest.raises(AutoplanError, match="the plan misses h.2"):
+        parallelize(other, plan, harness.lm_loss)
+
+
+def test_one_process_runner_matches_plain_training(graph: LayerGraph) -> None:
+    plan = harness.make_plan(graph, 1, "dp=1,micro_batch=2,ckpt=full")
+    model = harness.build()
+    runner = parallelize(model, plan, harness.lm_loss)
+    opt = harness.optimizer(runner.parameters())
+    losses = [runner.step(ids, targets, opt).item() for ids, targets in harness.batches(model)]
+    ref = _reference(plan.num_micro_batches)
+    assert losses == pytest.approx(ref["losses"], rel=harness.RTOL, abs=0)
+
+
+def test_tp_styles_of_a_gpt_block_are_data() -> None:
+    block = harness.build().h[0]
+    plain = tp_styles(block, sequence_parallel=False)
+    assert {n: type(s) for n, s in plain.items()} == {
+        "attn.q": ColwiseParallel, "attn.k": ColwiseParallel, "attn.v": ColwiseParallel,
+        "attn.proj": RowwiseParallel, "mlp.fc": ColwiseParallel, "mlp.proj": RowwiseParallel}
+    sp = tp_styles(block, sequence_parallel=True)
+    assert isinstance(sp["ln_1"], SequenceParallel) and isinstance(sp["ln_2"], SequenceParallel)
+    assert {"attn", "mlp"} <= set(sp)  # they gather the sequence before the column split
+
+
+def test_chunks_and_tied_groups() -> None:
+    units = ["wte", "wpe", "h.0", "h.1", "ln_f", "lm_head"]
+    assert chunk_units(units, [0, 2, 3, 4]) == [["wte", "wpe"], ["h.0"], ["h.1"],
+                                                ["ln_f", "lm_head"]]
+    assert chunk_ranks(4, 2, 1) == [1, 3]
+    groups = tied_groups(harness.build(), units)
+    assert groups[0] == ("wte", "lm_head") and ("h.0",) in groups
