@@ -127,6 +127,7 @@ class CostModel:
         self.overhead_bytes = int(GPU_FRAMEWORK_OVERHEAD_BYTES.value) if on_gpu else 0
         self.memory_limit_bytes = memory_limit_bytes or cluster.device.memory_bytes
         self.notes = [] if profile is None else [f"profile {profile.mode} {profile.content_hash}"]
+        self._layer_costs: dict[tuple, LayerCost] = {}
 
     # ------------------------------------------------------------------------- the plan
 
@@ -191,6 +192,15 @@ class CostModel:
         (resharding, pipeline hops) and from the schedule (micro-batches in flight). Past the
         first stage a layer also holds the tied weights it shares (Megatron keeps a copy of
         the embedding on the last stage)."""
+        shared = stage > 0 and node.shared_params > 0
+        key = (node.signature, shared, layer.dp, layer.tp, layer.sequence_parallel, layer.zero,
+               layer.checkpoint, micro_batch_size)
+        if key not in self._layer_costs:  # equal signatures cost the same: search asks often
+            self._layer_costs[key] = self._layer_cost(node, layer, micro_batch_size, shared)
+        return self._layer_costs[key]
+
+    def _layer_cost(self, node: LayerNode, layer: LayerPlan, micro_batch_size: int,
+                    shared: bool) -> LayerCost:
         samples = micro_batch_size // layer.dp
         times = self.compute.times(node, samples, layer.tp, layer.sequence_parallel,
                                    layer.checkpoint)
@@ -205,8 +215,7 @@ class CostModel:
         # al. 2020); what that does not cover is exposed once per step.
         sync, gather = grad_sync_time_s(self.comm, node, layer, self.elt_bytes)
         weights, grads, optimizer = layer_state_bytes(node, layer, self.elt_bytes,
-                                                      self.optimizer_bytes,
-                                                      shared=stage > 0)
+                                                      self.optimizer_bytes, shared)
         saved = samples * saved_bytes_per_sample(node, layer)
         whole = samples * saved_bytes_per_sample(
             node, layer.model_copy(update={"checkpoint": "none"}))

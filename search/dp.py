@@ -1,0 +1,63 @@
+"""The stage problem by dynamic programming over the layer chain, exactly: no memory buckets.
+
+State after layer i: the layout of its run and a Pareto front of (memory, time) pairs, each
+the cheapest time known for that much memory or less. A layer extends every point by each
+option of the run's layout (or, at a run's first layer, of any layout, paying the edge);
+dominated points and points over budget are dropped. The answer is the front's fastest point.
+Exact because the objective and the memory are sums and both only grow (Galvatron's DP, but
+with the front in place of its coarse memory buckets).
+"""
+
+from __future__ import annotations
+
+from autoplan.search.problem import INFEASIBLE, Layout, StageProblem, StageSolution
+
+__all__ = ["solve_dp"]
+
+# A point: (memory, time, picks so far as a tuple of option indices per layer).
+_Point = tuple[float, float, tuple[int, ...]]
+
+
+def solve_dp(problem: StageProblem) -> StageSolution:
+    fronts: dict[Layout, list[_Point]] = {}
+    for r, run in enumerate(problem.runs):
+        for i in range(run.count):
+            fronts = _extend(problem, r, i == 0, fronts)
+    points = [p for front in fronts.values() for p in front]
+    if not points:
+        return StageSolution(float("inf"), status=INFEASIBLE)
+    memory, time, flat = min(points, key=lambda p: (p[1], p[0], p[2]))
+    picks, at = [], 0
+    for run in problem.runs:
+        picks.append(flat[at:at + run.count])
+        at += run.count
+    return StageSolution(time, tuple(picks), memory=memory)
+
+
+def _extend(problem: StageProblem, r: int, first: bool,
+            fronts: dict[Layout, list[_Point]]) -> dict[Layout, list[_Point]]:
+    run = problem.runs[r]
+    grown: dict[Layout, list[_Point]] = {}
+    for option in run.options:
+        if first:
+            sources = [(layout, problem.edge(r - 1, layout, option.layout)) for layout in fronts]
+            starts = [(m, t + edge, picks) for layout, edge in sources
+                      for m, t, picks in fronts[layout]] if r else [(0.0, 0.0, ())]
+        else:
+            starts = fronts.get(option.layout, [])
+        for m, t, picks in starts:
+            memory = m + option.memory
+            if memory <= problem.budget:
+                grown.setdefault(option.layout, []).append(
+                    (memory, t + option.time, (*picks, option.index)))
+    return {layout: _pareto(points) for layout, points in grown.items()}
+
+
+def _pareto(points: list[_Point]) -> list[_Point]:
+    """The points no other beats on both memory and time (ties: the smaller picks tuple,
+    so the answer does not depend on the order points arrive in)."""
+    front: list[_Point] = []
+    for point in sorted(points):
+        if not front or point[1] < front[-1][1]:
+            front.append(point)
+    return front

@@ -1,0 +1,430 @@
+"""`autoplan search`: the fastest plan that fits memory, over pipeline degree and stage
+boundaries, micro-batch size, schedule and each layer's (dp, tp, sp, ZeRO, checkpointing).
+
+The outer settings (space.outer_settings) are enumerated cheapest lower bound first and
+skipped once their bound cannot beat the best plan found. Inside one, stage boundaries come
+from a min-max dynamic program over the blocks (each stage's block count within `window` of
+an even split), and each stage's layers from an exact solver of the stage problem (ilp.py or
+dp.py: the sum over layers of m x time per micro-batch + time per step, under the stage's
+memory budget). Every plan found is then priced by the full cost model, which has the last
+word: the search is exact for the stage problem, the cost model for the plan.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from autoplan.cluster import Cluster
+from autoplan.cost_model import CostModel, Estimate
+from autoplan.cost_model.memory import DDP_BUCKET_BYTES, PREFETCHED_LAYERS, LayerCost
+from autoplan.cost_model.pipeline import micro_batches_in_flight
+from autoplan.errors import AutoplanError
+from autoplan.graph import LayerGraph, LayerNode
+from autoplan.plan import LayerPlan, LayerStrategy, Plan, Prediction, Provenance, split_stages
+from autoplan.profiler.profile import Profile
+from autoplan.search.dp import solve_dp
+from autoplan.search.ilp import solve_ilp
+from autoplan.search.problem import Option, Run, StageProblem, StageSolution
+from autoplan.search.space import (
+    Outer,
+    SearchSpace,
+    checkpoint_modes,
+    divisors,
+    layer_strategies,
+    outer_settings,
+)
+
+__all__ = ["SearchOptions", "Candidate", "SearchResult", "Searcher", "SOLVERS"]
+
+SOLVERS = ("ilp", "dp")
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    global_batch: int
+    memory_limit_bytes: int | None = None
+    max_tp: int | None = None
+    """Default: the GPUs of a node."""
+    fix: dict[str, Any] = field(default_factory=dict)
+    solver: str = "ilp"
+    ilp_solver: str = "highs"
+    time_limit_s: float = 30.0
+    top_k: int = 3
+    window: int = 1
+    """Stage block counts tried around an even split: floor(blocks / pp) - window to
+    ceil(blocks / pp) + window."""
+
+    def __post_init__(self) -> None:
+        if self.solver not in SOLVERS:
+            raise AutoplanError(f"solver '{self.solver}' is not one of {', '.join(SOLVERS)}")
+        if self.global_batch < 1 or self.top_k < 0 or self.window < 0:
+            raise AutoplanError("global batch must be >= 1, top-k and window >= 0")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    plan: Plan
+    estimate: Estimate
+    origin: str
+    """"search" or the baseline it is: "ddp", "fsdp", "grid"."""
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    best: Candidate | None
+    runners_up: list[Candidate]
+    baselines: dict[str, Candidate | None]
+    search_time_s: float
+    outer_settings: int
+    outer_solved: int
+    stage_problems: int
+    smallest_fitting_bytes: int | None = None
+    """When nothing fits: the least device memory at which a plan tried would."""
+    binding: str | None = None
+    """When nothing fits: what that plan's memory is mostly made of."""
+
+
+@dataclass(frozen=True)
+class _Choice:
+    """One strategy of one layer with its cost, ready to become an Option."""
+
+    strategy: LayerStrategy
+    cost: LayerCost
+
+
+class Searcher:
+    """Searches plans of one model on one cluster (build once, run once)."""
+
+    def __init__(self, graph: LayerGraph, cluster: Cluster, options: SearchOptions,
+                 profile: Profile | None = None, heads: int | None = None,
+                 kv_heads: int | None = None) -> None:
+        self.graph, self.cluster, self.options, self.profile = graph, cluster, options, profile
+        self.model = CostModel(graph, cluster, profile,
+                               memory_limit_bytes=options.memory_limit_bytes)
+        self.budget = self.model.memory_limit_bytes - self.model.overhead_bytes
+        max_tp = options.max_tp or cluster.gpus_per_node
+        self.space = SearchSpace(max_tp, options.fix, heads, kv_heads)
+        self.blocks = [i for i, n in enumerate(graph.nodes) if n.kind == "block"]
+        self.units = self.blocks or list(range(len(graph.nodes)))
+        self._choices: dict[tuple, list[_Choice]] = {}
+        self._stages: dict[tuple, StageSolution] = {}
+        self.candidates: list[Candidate] = []
+
+    # ------------------------------------------------------------------------- driver
+
+    def run(self, on_progress: Callable[[str, int, int], None] | None = None) -> SearchResult:
+        started = time.perf_counter()
+        baselines = self._baselines()
+        outers = outer_settings(self.cluster.gpus, self.options.global_batch, len(self.units),
+                                self.space)
+        bounds = sorted((self._lower_bound(o), o) for o in outers)
+        solved = 0
+        for done, (bound, outer) in enumerate(bounds, 1):
+            best = self._best()
+            if best is None or bound < best.estimate.step_time_s:
+                solved += 1
+                self._solve_outer(outer)
+            if on_progress:
+                on_progress(f"pp {outer.pp}, micro-batch {outer.micro_batch_size}, "
+                            f"{outer.schedule}", done, len(bounds))
+        ranked = self._ranked()
+        fitting = [c for c in ranked if c.estimate.fits]
+        smallest, binding = (None, None) if fitting else self._smallest_fitting(ranked)
+        return SearchResult(
+            best=fitting[0] if fitting else None,
+            runners_up=fitting[1:1 + self.options.top_k], baselines=baselines,
+            search_time_s=time.perf_counter() - started, outer_settings=len(bounds),
+            outer_solved=solved, stage_problems=len(self._stages),
+            smallest_fitting_bytes=smallest, binding=binding)
+
+    def _ranked(self) -> list[Candidate]:
+        """Distinct plans, fastest first; ties broken by the plan's text (deterministic)."""
+        seen, out = set(), []
+        for c in sorted(self.candidates, key=lambda c: (c.estimate.step_time_s,
+                                                        _plan_key(c.plan))):
+            key = _plan_key(c.plan)
+            if key not in seen:
+                seen.add(key)
+                out.append(c)
+        return out
+
+    def _best(self) -> Candidate | None:
+        fitting = [c for c in self.candidates if c.estimate.fits]
+        return min(fitting, key=lambda c: c.estimate.step_time_s, default=None)
+
+    # ------------------------------------------------------------------------- layers
+
+    def _layer_choices(self, i: int, outer: Outer, stage: int) -> list[_Choice]:
+        """The strategies of layer i in `outer`, with dominated ones dropped: same layout,
+        no faster, and no smaller in any memory term."""
+        node = self.graph.nodes[i]
+        shared = stage > 0 and node.shared_params > 0
+        key = (node.signature, shared, self.cluster.gpus // outer.pp, outer.micro_batch_size)
+        if key not in self._choices:
+            strategies = layer_strategies(node, key[2], outer.micro_batch_size, self.space)
+            choices = [_Choice(s, self.model.layer_cost(node, _as_layer(node, s),
+                                                        outer.micro_batch_size, stage))
+                       for s in strategies]
+            self._choices[key] = _undominated(choices)
+        return self._choices[key]
+
+    def _lower_bound(self, outer: Outer) -> float:
+        """No plan of `outer` is faster. With stage times T_s of mean T, the pipeline takes
+        m T_max + (sum T_s - T_max) / v >= (m + (pp - 1) / v) T, and T >= 1/pp of the
+        fastest layer times; the tail (the slowest stage's) is at least the mean tail."""
+        m = self.options.global_batch // outer.micro_batch_size
+        per_micro_batch = tail = 0.0
+        for i in range(len(self.graph.nodes)):
+            choices = self._layer_choices(i, outer, 0)
+            if not choices:
+                return math.inf
+            per_micro_batch += min(c.cost.micro_batch_s for c in choices)
+            tail += min(sum(c.cost.tail_s.values()) for c in choices)
+        pace = m + (outer.pp - 1) / outer.virtual_stages
+        return (pace * per_micro_batch + tail) / outer.pp
+
+    # ------------------------------------------------------------------------- stages
+
+    def _solve_outer(self, outer: Outer) -> None:
+        if outer.pp == 1:
+            chunks_of = {0: [list(range(len(self.graph.nodes)))]}
+        elif outer.virtual_stages > 1:
+            bounds = [*split_stages(self.graph, outer.pp * outer.virtual_stages),
+                      len(self.graph.nodes)]
+            chunks = [list(range(a, b)) for a, b in zip(bounds, bounds[1:], strict=False)]
+            chunks_of = {s: chunks[s::outer.pp] for s in range(outer.pp)}
+        else:
+            chunks_of = self._partition(outer)
+            if chunks_of is None:
+                return
+        picks: dict[int, LayerStrategy] = {}
+        for stage, chunks in chunks_of.items():
+            solution, layers = self._stage(outer, stage, chunks)
+            if not solution.feasible:
+                return
+            for i, strategy in zip(layers, _flatten(solution, self, outer, stage, layers),
+                                   strict=True):
+                picks[i] = strategy
+        # chunk c runs on stage c mod pp, as its (c div pp)-th chunk
+        boundaries = [chunks_of[c % outer.pp][c // outer.pp][0]
+                      for c in range(outer.pp * outer.virtual_stages)]
+        self._add(outer, boundaries, [picks[i] for i in range(len(self.graph.nodes))], "search")
+
+    def _stage(self, outer: Outer, stage: int,
+               chunks: list[list[int]]) -> tuple[StageSolution, list[int]]:
+        """Solve (cached) the stage problem of the layers in `chunks` on stage `stage`."""
+        m = self.options.global_batch // outer.micro_batch_size
+        held = micro_batches_in_flight(outer.schedule, outer.pp, stage, m, outer.virtual_stages)
+        layers = [i for chunk in chunks for i in chunk]
+        key = (outer, held, stage > 0,
+               tuple(tuple(self.graph.nodes[i].signature for i in chunk) for chunk in chunks))
+        if key not in self._stages:
+            problem = self._problem(outer, stage, chunks, m, held)
+            self._stages[key] = (solve_ilp(problem, self.options.time_limit_s,
+                                           self.options.ilp_solver)
+                                 if self.options.solver == "ilp" else solve_dp(problem))
+        return self._stages[key], layers
+
+    def _problem(self, outer: Outer, stage: int, chunks: list[list[int]], m: int,
+                 held: float) -> StageProblem:
+        """Runs of identical consecutive layers; option time = m x per micro-batch + per
+        step; memory = state + held x saved + fixed. The budget keeps room for the largest
+        transient and FSDP/bucket buffers any choice could bring (conservative)."""
+        runs: list[Run] = []
+        edges: list[dict] = []
+        worst = 0.0
+        for chunk in chunks:
+            start = len(runs)
+            for i in chunk:
+                node = self.graph.nodes[i]
+                choices = self._layer_choices(i, outer, stage)
+                worst = max([worst, *(_buffer_bytes(c.cost) for c in choices)])
+                options = tuple(Option(k, (c.strategy.dp, c.strategy.tp),
+                                       m * c.cost.micro_batch_s + sum(c.cost.tail_s.values()),
+                                       c.cost.state_bytes + held * c.cost.saved_bytes
+                                       + c.cost.fixed_bytes)
+                                for k, c in enumerate(choices))
+                same = len(runs) > start and self.graph.nodes[i - 1].signature == node.signature
+                if same:
+                    runs[-1] = Run(runs[-1].count + 1, runs[-1].options)
+                    continue
+                if len(runs) > start:
+                    edges.append(self._edge(node, runs[-1], options, outer, m))
+                elif runs:
+                    edges.append({})
+                runs.append(Run(1, options))
+        return StageProblem(tuple(runs), tuple(edges), self.budget - worst)
+
+    def _edge(self, node: LayerNode, before: Run, after: tuple[Option, ...], outer: Outer,
+              m: int) -> dict:
+        costs = {}
+        for a in {o.layout for o in before.options}:
+            for b in {o.layout for o in after}:
+                if a != b:
+                    costs[a, b] = m * self.model.reshard_s(
+                        node, LayerStrategy(dp=a[0], tp=a[1]), LayerStrategy(dp=b[0], tp=b[1]),
+                        outer.micro_batch_size)
+        return costs
+
+    def _partition(self, outer: Outer) -> dict[int, list[list[int]]] | None:
+        """Stage boundaries by dynamic programming: minimise the slowest stage's objective
+        (then the sum), each stage taking an even share of the blocks within the window."""
+        pp, units, n = outer.pp, self.units, len(self.units)
+        lo = max(1, n // pp - self.options.window)
+        hi = min(n, math.ceil(n / pp) + self.options.window)
+        # best[k][j]: (slowest, total, starts) for k stages over the first j units
+        best: list[dict[int, tuple[float, float, tuple[int, ...]]]] = [{0: (0.0, 0.0, ())}]
+        for k in range(pp):
+            row: dict[int, tuple[float, float, tuple[int, ...]]] = {}
+            for j0, (slowest, total, starts) in sorted(best[k].items()):
+                for size in range(lo, hi + 1):
+                    j1 = j0 + size
+                    if j1 > n or (k == pp - 1 and j1 != n) or n - j1 < (pp - k - 1) * lo:
+                        continue
+                    first = 0 if k == 0 else units[j0]
+                    last = len(self.graph.nodes) if k == pp - 1 else units[j1]
+                    solution, _ = self._stage(outer, k, [list(range(first, last))])
+                    if not solution.feasible:
+                        continue
+                    value = (max(slowest, solution.objective), total + solution.objective,
+                             (*starts, first))
+                    if j1 not in row or value < row[j1]:
+                        row[j1] = value
+            best.append(row)
+        if n not in best[pp]:
+            return None
+        starts = [*best[pp][n][2], len(self.graph.nodes)]
+        return {s: [list(range(starts[s], starts[s + 1]))] for s in range(pp)}
+
+    # ------------------------------------------------------------------------- plans
+
+    def _add(self, outer: Outer, boundaries: list[int], strategies: list[LayerStrategy],
+             origin: str) -> Candidate | None:
+        m = self.options.global_batch // outer.micro_batch_size
+        plan = Plan(
+            model=self.graph.model, model_hash=self.graph.structural_hash,
+            cluster=self.cluster.spec, world_size=self.cluster.gpus,
+            global_batch=self.options.global_batch, micro_batch_size=outer.micro_batch_size,
+            num_micro_batches=m, pp=outer.pp, virtual_stages=outer.virtual_stages,
+            schedule=outer.schedule, stage_boundaries=boundaries,
+            layers=[_as_layer(node, s) for node, s in zip(self.graph.nodes, strategies,
+                                                          strict=True)],
+            provenance=Provenance(profile_hash=self.profile.content_hash if self.profile
+                                  else None))
+        estimate = self.model.estimate(plan)
+        plan = plan.model_copy(update={"prediction": Prediction(
+            step_time_s=estimate.step_time_s, tokens_per_s=estimate.tokens_per_s,
+            mfu=estimate.mfu, peak_memory_bytes=estimate.peak_memory_bytes)})
+        candidate = Candidate(plan, estimate, origin)
+        self.candidates.append(candidate)
+        return candidate
+
+    def _uniform(self, outer: Outer, strategy: LayerStrategy, origin: str) -> Candidate | None:
+        chunks = outer.pp * outer.virtual_stages
+        if chunks > len(self.units):
+            return None
+        strategies = [strategy if strategy.checkpoint == "none" or
+                      strategy.checkpoint in checkpoint_modes(node) else
+                      strategy.model_copy(update={"checkpoint": "none"})
+                      for node in self.graph.nodes]
+        return self._add(outer, split_stages(self.graph, chunks), strategies, origin)
+
+    def _baselines(self) -> dict[str, Candidate | None]:
+        """Pure DDP and FSDP (ZeRO 3) over all GPUs, and the best uniform Megatron-style
+        TP x PP x DP grid point (ZeRO 1, SP with TP, 1F1B or interleaved), each at its best
+        micro-batch and checkpointing; the fastest that fits, else the smallest."""
+        gpus, batch = self.cluster.gpus, self.options.global_batch
+        found: dict[str, list[Candidate]] = {"ddp": [], "fsdp": [], "grid": []}
+        for per_rank in (1, 2, 4, 8):
+            for ckpt in ("none", "selective", "full"):
+                if batch % (per_rank * gpus) == 0:
+                    outer = Outer(1, per_rank * gpus, "1f1b")
+                    for name, zero in (("ddp", 0), ("fsdp", 3)):
+                        c = self._uniform(outer, LayerStrategy(
+                            dp=gpus, tp=1, zero=zero if gpus > 1 else 0, checkpoint=ckpt), name)
+                        found[name] += [c] if c else []
+                for c in self._grid(per_rank, ckpt):
+                    found["grid"].append(c)
+        return {name: _fastest(cands) for name, cands in found.items()}
+
+    def _grid(self, per_rank: int, ckpt: str) -> list[Candidate]:
+        gpus, batch, out = self.cluster.gpus, self.options.global_batch, []
+        for tp in divisors(min(self.space.max_tp, gpus)):
+            if any(h and h % tp for h in (self.space.heads, self.space.kv_heads)):
+                continue
+            for pp in divisors(gpus // tp):
+                dp = gpus // (tp * pp)
+                if batch % (per_rank * dp) or (pp > 1 and batch // (per_rank * dp) < pp):
+                    continue
+                strategy = LayerStrategy(dp=dp, tp=tp, sequence_parallel=tp > 1,
+                                         zero=1 if dp > 1 else 0, checkpoint=ckpt)
+                schedules = [("1f1b", 1)] + [("interleaved_1f1b", v) for v in (2, 3, 4)
+                                             if pp > 1 and len(self.units) % (pp * v) == 0]
+                for schedule, v in schedules:
+                    c = self._uniform(Outer(pp, per_rank * dp, schedule, v), strategy, "grid")
+                    out += [c] if c else []
+        return out
+
+    def _smallest_fitting(self, ranked: list[Candidate]) -> tuple[int | None, str | None]:
+        if not ranked:
+            return None, None
+        least = min(ranked, key=lambda c: max(c.estimate.peak_memory_bytes))
+        stage = max(least.estimate.stages, key=lambda s: s.memory.peak)
+        parts = {k: v for k, v in stage.memory.as_dict().items() if k != "peak"}
+        part = max(parts, key=parts.get)
+        need = max(least.estimate.peak_memory_bytes) + least.estimate.overhead_bytes
+        middle = least.plan.layers[len(least.plan.layers) // 2]
+        return need, (f"{part} ({parts[part] / 2**30:.1f} GiB of stage {stage.stage}) in the "
+                      f"plan that needs the least memory: pp {least.plan.pp}, dp {middle.dp}, "
+                      f"tp {middle.tp}, zero {middle.zero}, checkpoint {middle.checkpoint}")
+
+
+def _as_layer(node: LayerNode, strategy: LayerStrategy) -> LayerPlan:
+    return LayerPlan(name=node.name, **strategy.model_dump())
+
+
+def _plan_key(plan: Plan) -> str:
+    return plan.model_dump_json(exclude={"prediction", "provenance"})
+
+
+def _fastest(candidates: list[Candidate]) -> Candidate | None:
+    fitting = [c for c in candidates if c.estimate.fits]
+    pool = fitting or candidates
+    return min(pool, key=lambda c: (c.estimate.step_time_s if fitting
+                                    else max(c.estimate.peak_memory_bytes), _plan_key(c.plan)),
+               default=None)
+
+
+def _buffer_bytes(cost: LayerCost) -> float:
+    """What one layer's choice may add beyond the sums of the stage problem."""
+    return (cost.transient_bytes + PREFETCHED_LAYERS * cost.gathered_bytes
+            + (DDP_BUCKET_BYTES if cost.bucket else 0))
+
+
+def _flatten(solution: StageSolution, searcher: Searcher, outer: Outer, stage: int,
+             layers: list[int]) -> list[LayerStrategy]:
+    """The stage's picks as one strategy per layer, in layer order."""
+    flat = [index for run in solution.picks for index in run]
+    return [searcher._layer_choices(i, outer, stage)[k].strategy
+            for i, k in zip(layers, flat, strict=True)]
+
+
+def _undominated(choices: list[_Choice]) -> list[_Choice]:
+    def terms(c: _Choice) -> tuple[float, ...]:
+        cost = c.cost
+        return (cost.micro_batch_s, sum(cost.tail_s.values()), cost.state_bytes,
+                cost.saved_bytes, _buffer_bytes(cost))
+
+    kept = []
+    for c in choices:
+        layout, mine = (c.strategy.dp, c.strategy.tp), terms(c)
+        beaten = any((o.strategy.dp, o.strategy.tp) == layout and o is not c
+                     and all(a <= b for a, b in zip(terms(o), mine, strict=True))
+                     and terms(o) != mine for o in choices)
+        if not beaten:
+            kept.append(c)
+    return kept

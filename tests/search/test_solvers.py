@@ -1,0 +1,65 @@
+"""ILP and DP against brute force on small random stage problems: the same optimum, exactly."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from autoplan.search.dp import solve_dp
+from autoplan.search.ilp import solve_ilp
+from autoplan.search.problem import INFEASIBLE, Option, Run, StageProblem, brute_force
+
+LAYOUTS = [(8, 1), (4, 2), (2, 4), (1, 8)]  # (dp, tp) on a stage of 8 GPUs
+
+
+@st.composite
+def problems(draw) -> StageProblem:
+    counts = draw(st.lists(st.integers(1, 2), min_size=1, max_size=4).filter(
+        lambda c: sum(c) <= 6))
+    runs, index = [], 0
+    for count in counts:
+        options = []
+        for _ in range(draw(st.integers(3, 5))):
+            options.append(Option(index, draw(st.sampled_from(LAYOUTS)),
+                                  draw(st.integers(1, 1000)) / 10,
+                                  draw(st.integers(1, 100)) * 2**30))
+            index += 1
+        runs.append(Run(count, tuple(options)))
+    edges = tuple({(a, b): draw(st.integers(0, 50)) / 10 for a in LAYOUTS for b in LAYOUTS
+                   if a != b} for _ in runs[:-1])
+    lightest = sum(min(o.memory for o in run.options) * run.count for run in runs)
+    heaviest = sum(max(o.memory for o in run.options) * run.count for run in runs)
+    budget = draw(st.integers(int(lightest * 0.9), int(heaviest)))
+    return StageProblem(tuple(runs), edges, float(budget))
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_ilp_and_dp_equal_brute_force(problem: StageProblem) -> None:
+    exact = brute_force(problem)
+    for solution in (solve_ilp(problem), solve_dp(problem)):
+        assert (solution.status == INFEASIBLE) == (exact.status == INFEASIBLE)
+        if exact.feasible:
+            assert solution.objective == pytest.approx(exact.objective, rel=1e-9, abs=1e-9)
+            assert solution.memory <= problem.budget
+            picked = _objective(problem, solution.picks)
+            assert picked == pytest.approx(exact.objective, rel=1e-9, abs=1e-9)
+
+
+def _objective(problem: StageProblem, picks) -> float:
+    """The objective of a solution's picks, recomputed from the problem."""
+    by_index = {o.index: o for run in problem.runs for o in run.options}
+    layouts = [{by_index[i].layout for i in run_picks} for run_picks in picks]
+    assert all(len(layout) == 1 for layout in layouts)  # one layout per run
+    time = sum(by_index[i].time for run_picks in picks for i in run_picks)
+    chain = [layout.pop() for layout in layouts]
+    return time + sum(problem.edge(r, chain[r], chain[r + 1]) for r in range(len(chain) - 1))
+
+
+def test_cbc_agrees_with_highs() -> None:
+    options = tuple(Option(i, LAYOUTS[i % 4], 10.0 - i, (i + 1) * 2**30) for i in range(6))
+    problem = StageProblem((Run(3, options), Run(2, options)), ({},), 12 * 2**30)
+    highs, cbc = solve_ilp(problem), solve_ilp(problem, solver="cbc")
+    assert highs.objective == pytest.approx(cbc.objective) == pytest.approx(
+        brute_force(problem).objective)
