@@ -4,6 +4,10 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):  # lazy: `import autoplan` stays free of torch
+    if name == "search":  # the package, callable: autoplan.search(model, cluster=...)
+        import autoplan.search
+
+        return autoplan.search
     if name == "parallelize":
         from autoplan.executor import parallelize
 

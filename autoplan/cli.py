@@ -22,7 +22,6 @@ __all__ = ["main"]
 _DTYPES = ("bf16", "fp16", "fp32")  # autoplan.models.DTYPES, without importing torch here
 # Commands of the product that later work fills in; each says so instead of pretending.
 _NOT_BUILT = {
-    "search": "find the fastest plan that fits memory (ILP and DP)",
     "run": "train a model under a plan on local processes or torchrun",
     "validate": "run top plans and compare prediction with measurement",
     "plot": "draw a plan's pipeline schedule and memory",
@@ -106,6 +105,28 @@ def _parser() -> argparse.ArgumentParser:
     estimate.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
     estimate.add_argument("--json", action="store_true", help="print JSON")
     estimate.set_defaults(handler=_cmd_estimate)
+
+    search = sub.add_parser("search", help="find the fastest plan that fits memory (ILP, DP)")
+    search.add_argument("--model", required=True,
+                        help="model spec or preset, or a graph.json from `inspect -o`")
+    search.add_argument("--cluster", required=True, help="e.g. h100-sxm:nodes=16")
+    search.add_argument("--global-batch", type=int, required=True, help="samples per step")
+    search.add_argument("--seq", type=int, help="sequence length (overrides the model's)")
+    search.add_argument("--profile", help="profile folder or profile.json")
+    search.add_argument("--solver", choices=("auto", "ilp", "dp"), default="auto",
+                        help="stage solver: the ILP (HiGHS), the exact Pareto DP, or auto: "
+                        "the DP on stages of up to 16 layers, the ILP beyond (all exact)")
+    search.add_argument("--top-k", type=int, default=3, help="runners-up to show")
+    search.add_argument("--memory-limit", type=float, help="GiB per device")
+    search.add_argument("--max-tp", type=int, help="largest TP degree (default: a node)")
+    search.add_argument("--fix", help="fix fields, e.g. pp=8,zero=1,ckpt=full,schedule=1f1b")
+    search.add_argument("--dtype", choices=_DTYPES, default="bf16")
+    search.add_argument("--attention", choices=("flash", "math"), default="flash")
+    search.add_argument("--time-limit", type=float, default=30.0,
+                        help="seconds per ILP before it reports its gap")
+    search.add_argument("--json", action="store_true", help="print JSON")
+    search.add_argument("-o", "--output", help="write the plan here (plan.json)")
+    search.set_defaults(handler=_cmd_search)
 
     for name, text in _NOT_BUILT.items():
         stub = sub.add_parser(name, help=f"{text} (not built yet)")
@@ -245,6 +266,36 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     out = _console()
     for table in estimate_tables(plan, estimate):
         out.print(table)
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from autoplan.search.command import SearchCommand, run_search
+    from autoplan.search.report import result_json, search_tables
+
+    command = SearchCommand(
+        model=args.model, cluster=args.cluster, global_batch=args.global_batch, seq=args.seq,
+        profile=args.profile, solver=args.solver, top_k=args.top_k,
+        memory_limit_gib=args.memory_limit, max_tp=args.max_tp, fix=args.fix, dtype=args.dtype,
+        attention=args.attention, time_limit_s=args.time_limit, output=args.output)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  console=_console(stderr=True), transient=True) as bar:
+        task = bar.add_task(f"tracing {args.model}", total=None)
+
+        def on_progress(text: str, done: int, total: int) -> None:
+            bar.update(task, description=text, completed=done, total=total)
+
+        result = run_search(command, on_progress)
+    if args.json:
+        print(json.dumps(result_json(result), indent=1))
+        return 0
+    out = _console()
+    for table in search_tables(result):
+        out.print(table)
+    if args.output:
+        out.print(f"wrote {args.output}")
     return 0
 
 

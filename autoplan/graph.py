@@ -138,7 +138,7 @@ class LayerGraph:
         """Forward FLOPs per token (training costs about 3x: forward plus backward)."""
         return self.fwd_flops / self.tokens_per_sample if self.tokens_per_sample else None
 
-    @property
+    @cached_property
     def structural_hash(self) -> str:
         """Identifies the model's structure: unit names, kinds, signatures, sizes and edges."""
         parts = [(n.name, n.kind, n.signature, n.params, n.output_shape) for n in self.nodes]

@@ -45,7 +45,7 @@ def load_graph(model: str, dtype: str = "bf16", attention: str = "flash",
                seq: int | None = None) -> tuple[LayerGraph, dict]:
     """The layer graph of a spec (traced) or of a saved graph.json, and the model's head
     counts for plan checks (empty for a saved graph)."""
-    if model.endswith(".json"):
+    if model.endswith(".json") and not model.startswith("hf:"):  # hf: names a config.json
         if seq is not None:
             raise AutoplanError("--seq applies to a model spec, not to a saved graph.json")
         try:

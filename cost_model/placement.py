@@ -7,6 +7,7 @@ a node. The scope and ranks per node pick the link figures (NVLink or the networ
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from autoplan.cluster import Cluster
@@ -26,7 +27,7 @@ def place_group(cluster: Cluster, size: int, stride: int) -> GroupPlace:
     """The placement of a group of `size` ranks, `stride` ranks apart (tp: 1, dp: tp,
     pipeline neighbours: dp x tp)."""
     per_node = cluster.gpus_per_node
-    if size * stride <= per_node or cluster.nodes == 1:
+    span = min(cluster.nodes, math.ceil(size * stride / per_node))  # nodes the group touches
+    if span < 2:
         return GroupPlace(size, "intra", size)
-    on_node = max(1, min(size, per_node // stride))
-    return GroupPlace(size, "inter", on_node)
+    return GroupPlace(size, "inter", math.ceil(size / span))

@@ -1,4 +1,22 @@
 """autoplan.search: the strategy space and the ILP and DP solvers that pick a Plan.
 
-Not built yet: the search issue fills this package (see DESIGN.md).
+`autoplan.search(...)` is both this package and the function that searches: the package's
+module is callable (search_plan), so `autoplan.search("llama3-8b", cluster=..., global_batch=...)`
+returns a Plan while `autoplan.search.ilp` stays importable.
 """
+
+import sys
+import types
+
+from autoplan.search.command import search_plan
+from autoplan.search.search import Searcher, SearchOptions, SearchResult
+
+__all__ = ["search_plan", "Searcher", "SearchOptions", "SearchResult"]
+
+
+class _CallableModule(types.ModuleType):
+    def __call__(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN204
+        return search_plan(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

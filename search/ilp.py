@@ -77,7 +77,8 @@ def _solve(lp: pulp.LpProblem, time_limit_s: float, solver: str) -> tuple[str, f
         raise AutoplanError(f"unknown ILP solver '{solver}'; choose from {', '.join(ILP_SOLVERS)}")
     if solver == "highs" and pulp.HiGHS().available():
         with _quiet_stdout():  # highspy prints its banner on stdout, into --json output
-            lp.solve(pulp.HiGHS(msg=False, timeLimit=time_limit_s, threads=1))
+            lp.solve(pulp.HiGHS(msg=False, timeLimit=time_limit_s, threads=1, gapRel=0.0,
+                                gapAbs=1e-9))
         import highspy
 
         status = lp.solverModel.getModelStatus()

@@ -36,11 +36,17 @@ from autoplan.search.space import (
     divisors,
     layer_strategies,
     outer_settings,
+    plan_respects_fix,
+    tp_fits,
 )
 
 __all__ = ["SearchOptions", "Candidate", "SearchResult", "Searcher", "SOLVERS"]
 
-SOLVERS = ("ilp", "dp")
+SOLVERS = ("auto", "ilp", "dp")
+DP_LAYERS = 16
+"""auto: stage problems of at most this many layers go to the DP, which answers them in a
+millisecond or two where the ILP takes tens; longer chains go to the ILP, whose size does
+not grow with a run's length. Both are exact."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +56,7 @@ class SearchOptions:
     max_tp: int | None = None
     """Default: the GPUs of a node."""
     fix: dict[str, Any] = field(default_factory=dict)
-    solver: str = "ilp"
+    solver: str = "auto"
     ilp_solver: str = "highs"
     time_limit_s: float = 30.0
     top_k: int = 3
@@ -107,12 +113,13 @@ class Searcher:
                                memory_limit_bytes=options.memory_limit_bytes)
         self.budget = self.model.memory_limit_bytes - self.model.overhead_bytes
         max_tp = options.max_tp or cluster.gpus_per_node
-        self.space = SearchSpace(max_tp, options.fix, heads, kv_heads)
+        self.space = SearchSpace(max_tp, cluster.gpus_per_node, options.fix, heads, kv_heads)
         self.blocks = [i for i, n in enumerate(graph.nodes) if n.kind == "block"]
         self.units = self.blocks or list(range(len(graph.nodes)))
         self._choices: dict[tuple, list[_Choice]] = {}
         self._stages: dict[tuple, StageSolution] = {}
         self.candidates: list[Candidate] = []
+        self._incumbent: Candidate | None = None
 
     # ------------------------------------------------------------------------- driver
 
@@ -142,10 +149,12 @@ class Searcher:
             smallest_fitting_bytes=smallest, binding=binding)
 
     def _ranked(self) -> list[Candidate]:
-        """Distinct plans, fastest first; ties broken by the plan's text (deterministic)."""
+        """Distinct plans that keep --fix, fastest first; ties broken by the plan's text
+        (deterministic)."""
         seen, out = set(), []
-        for c in sorted(self.candidates, key=lambda c: (c.estimate.step_time_s,
-                                                        _plan_key(c.plan))):
+        eligible = [c for c in self.candidates
+                    if plan_respects_fix(self.graph.nodes, c.plan, self.options.fix)]
+        for c in sorted(eligible, key=lambda c: (c.estimate.step_time_s, _plan_key(c.plan))):
             key = _plan_key(c.plan)
             if key not in seen:
                 seen.add(key)
@@ -153,8 +162,7 @@ class Searcher:
         return out
 
     def _best(self) -> Candidate | None:
-        fitting = [c for c in self.candidates if c.estimate.fits]
-        return min(fitting, key=lambda c: c.estimate.step_time_s, default=None)
+        return self._incumbent
 
     # ------------------------------------------------------------------------- layers
 
@@ -224,10 +232,17 @@ class Searcher:
                tuple(tuple(self.graph.nodes[i].signature for i in chunk) for chunk in chunks))
         if key not in self._stages:
             problem = self._problem(outer, stage, chunks, m, held)
-            self._stages[key] = (solve_ilp(problem, self.options.time_limit_s,
-                                           self.options.ilp_solver)
-                                 if self.options.solver == "ilp" else solve_dp(problem))
+            self._stages[key] = self._solve(problem)
         return self._stages[key], layers
+
+    def _solve(self, problem: StageProblem) -> StageSolution:
+        solver = self.options.solver
+        if solver == "auto":
+            layers = sum(run.count for run in problem.runs)
+            solver = "dp" if layers <= DP_LAYERS else "ilp"
+        if solver == "dp":
+            return solve_dp(problem)
+        return solve_ilp(problem, self.options.time_limit_s, self.options.ilp_solver)
 
     def _problem(self, outer: Outer, stage: int, chunks: list[list[int]], m: int,
                  held: float) -> StageProblem:
@@ -243,11 +258,11 @@ class Searcher:
                 node = self.graph.nodes[i]
                 choices = self._layer_choices(i, outer, stage)
                 worst = max([worst, *(_buffer_bytes(c.cost) for c in choices)])
-                options = tuple(Option(k, (c.strategy.dp, c.strategy.tp),
-                                       m * c.cost.micro_batch_s + sum(c.cost.tail_s.values()),
-                                       c.cost.state_bytes + held * c.cost.saved_bytes
-                                       + c.cost.fixed_bytes)
-                                for k, c in enumerate(choices))
+                options = _pareto_options([
+                    Option(k, (c.strategy.dp, c.strategy.tp),
+                           m * c.cost.micro_batch_s + sum(c.cost.tail_s.values()),
+                           c.cost.state_bytes + held * c.cost.saved_bytes + c.cost.fixed_bytes)
+                    for k, c in enumerate(choices)])
                 same = len(runs) > start and self.graph.nodes[i - 1].signature == node.signature
                 if same:
                     runs[-1] = Run(runs[-1].count + 1, runs[-1].options)
@@ -321,53 +336,78 @@ class Searcher:
             mfu=estimate.mfu, peak_memory_bytes=estimate.peak_memory_bytes)})
         candidate = Candidate(plan, estimate, origin)
         self.candidates.append(candidate)
+        best = self._incumbent
+        if estimate.fits and (best is None or estimate.step_time_s < best.estimate.step_time_s) \
+                and plan_respects_fix(self.graph.nodes, plan, self.options.fix):
+            self._incumbent = candidate
         return candidate
 
-    def _uniform(self, outer: Outer, strategy: LayerStrategy, origin: str) -> Candidate | None:
-        chunks = outer.pp * outer.virtual_stages
-        if chunks > len(self.units):
-            return None
-        strategies = [strategy if strategy.checkpoint == "none" or
-                      strategy.checkpoint in checkpoint_modes(node) else
-                      strategy.model_copy(update={"checkpoint": "none"})
-                      for node in self.graph.nodes]
-        return self._add(outer, split_stages(self.graph, chunks), strategies, origin)
+    def _uniform_layers(self, strategy: LayerStrategy) -> list[LayerStrategy]:
+        """`strategy` on every layer, without checkpointing where a layer has none to do."""
+        return [strategy if strategy.checkpoint == "none" or
+                strategy.checkpoint in checkpoint_modes(node) else
+                strategy.model_copy(update={"checkpoint": "none"}) for node in self.graph.nodes]
+
+    def _uniform_bound(self, outer: Outer, layers: list[LayerStrategy]) -> float:
+        """The lower bound of _lower_bound for one given strategy per layer."""
+        m = self.options.global_batch // outer.micro_batch_size
+        costs = [self.model.layer_cost(node, _as_layer(node, s), outer.micro_batch_size)
+                 for node, s in zip(self.graph.nodes, layers, strict=True)]
+        per_micro_batch = sum(c.micro_batch_s for c in costs)
+        tail = sum(sum(c.tail_s.values()) for c in costs)
+        return ((m + (outer.pp - 1) / outer.virtual_stages) * per_micro_batch + tail) / outer.pp
 
     def _baselines(self) -> dict[str, Candidate | None]:
         """Pure DDP and FSDP (ZeRO 3) over all GPUs, and the best uniform Megatron-style
         TP x PP x DP grid point (ZeRO 1, SP with TP, 1F1B or interleaved), each at its best
-        micro-batch and checkpointing; the fastest that fits, else the smallest."""
-        gpus, batch = self.cluster.gpus, self.options.global_batch
-        found: dict[str, list[Candidate]] = {"ddp": [], "fsdp": [], "grid": []}
+        micro-batch and checkpointing: the fastest that fits, else the one needing the least
+        memory. Points are priced cheapest bound first; a point whose bound cannot beat its
+        family's best fitting plan is skipped."""
+        points = []
+        for family, outer, strategy in self._baseline_points():
+            layers = self._uniform_layers(strategy)
+            key = (self._uniform_bound(outer, layers), family, outer, strategy.model_dump_json())
+            points.append((key, layers))
+        best: dict[str, Candidate | None] = {"ddp": None, "fsdp": None, "grid": None}
+        tried: dict[str, list[Candidate]] = {"ddp": [], "fsdp": [], "grid": []}
+        for (bound, family, outer, _), layers in sorted(points, key=lambda p: p[0]):
+            incumbent = best[family]
+            if incumbent is not None and bound >= incumbent.estimate.step_time_s:
+                continue
+            bounds = split_stages(self.graph, outer.pp * outer.virtual_stages)
+            candidate = self._add(outer, bounds, layers, family)
+            tried[family].append(candidate)
+            if candidate.estimate.fits and (incumbent is None or candidate.estimate.step_time_s
+                                            < incumbent.estimate.step_time_s):
+                best[family] = candidate
+        return {family: best[family] or _fastest(tried[family]) for family in best}
+
+    def _baseline_points(self) -> list[tuple[str, Outer, LayerStrategy]]:
+        gpus, batch, chunks_max = self.cluster.gpus, self.options.global_batch, len(self.units)
+        points = []
         for per_rank in (1, 2, 4, 8):
             for ckpt in ("none", "selective", "full"):
                 if batch % (per_rank * gpus) == 0:
                     outer = Outer(1, per_rank * gpus, "1f1b")
-                    for name, zero in (("ddp", 0), ("fsdp", 3)):
-                        c = self._uniform(outer, LayerStrategy(
-                            dp=gpus, tp=1, zero=zero if gpus > 1 else 0, checkpoint=ckpt), name)
-                        found[name] += [c] if c else []
-                for c in self._grid(per_rank, ckpt):
-                    found["grid"].append(c)
-        return {name: _fastest(cands) for name, cands in found.items()}
-
-    def _grid(self, per_rank: int, ckpt: str) -> list[Candidate]:
-        gpus, batch, out = self.cluster.gpus, self.options.global_batch, []
-        for tp in divisors(min(self.space.max_tp, gpus)):
-            if any(h and h % tp for h in (self.space.heads, self.space.kv_heads)):
-                continue
-            for pp in divisors(gpus // tp):
-                dp = gpus // (tp * pp)
-                if batch % (per_rank * dp) or (pp > 1 and batch // (per_rank * dp) < pp):
-                    continue
-                strategy = LayerStrategy(dp=dp, tp=tp, sequence_parallel=tp > 1,
-                                         zero=1 if dp > 1 else 0, checkpoint=ckpt)
-                schedules = [("1f1b", 1)] + [("interleaved_1f1b", v) for v in (2, 3, 4)
-                                             if pp > 1 and len(self.units) % (pp * v) == 0]
-                for schedule, v in schedules:
-                    c = self._uniform(Outer(pp, per_rank * dp, schedule, v), strategy, "grid")
-                    out += [c] if c else []
-        return out
+                    points += [(name, outer, LayerStrategy(dp=gpus, tp=1, checkpoint=ckpt,
+                                                           zero=zero if gpus > 1 else 0))
+                               for name, zero in (("ddp", 0), ("fsdp", 3))]
+                for tp in divisors(gpus):
+                    heads = (self.space.heads, self.space.kv_heads)
+                    if not tp_fits(tp, self.space) or any(h and h % tp for h in heads):
+                        continue
+                    for pp in divisors(gpus // tp):
+                        dp = gpus // (tp * pp)
+                        if batch % (per_rank * dp) or (pp > 1 and batch // (per_rank * dp) < pp):
+                            continue
+                        strategy = LayerStrategy(dp=dp, tp=tp, sequence_parallel=tp > 1,
+                                                 zero=1 if dp > 1 else 0, checkpoint=ckpt)
+                        schedules = [("1f1b", 1)] + [
+                            ("interleaved_1f1b", v) for v in (2, 3, 4)
+                            if pp > 1 and len(self.units) % (pp * v) == 0]
+                        points += [("grid", Outer(pp, per_rank * dp, schedule, v), strategy)
+                                   for schedule, v in schedules if pp * v <= chunks_max]
+        return points
 
     def _smallest_fitting(self, ranked: list[Candidate]) -> tuple[int | None, str | None]:
         if not ranked:
@@ -384,7 +424,8 @@ class Searcher:
 
 
 def _as_layer(node: LayerNode, strategy: LayerStrategy) -> LayerPlan:
-    return LayerPlan(name=node.name, **strategy.model_dump())
+    """A LayerPlan without validating again what LayerStrategy validated."""
+    return LayerPlan.model_construct(name=node.name, **dict(strategy))
 
 
 def _plan_key(plan: Plan) -> str:
@@ -411,6 +452,20 @@ def _flatten(solution: StageSolution, searcher: Searcher, outer: Outer, stage: i
     flat = [index for run in solution.picks for index in run]
     return [searcher._layer_choices(i, outer, stage)[k].strategy
             for i, k in zip(layers, flat, strict=True)]
+
+
+def _pareto_options(options: list[Option]) -> tuple[Option, ...]:
+    """Per layout, the options no other of that layout beats on both time and memory: the
+    stage problem sees nothing else of an option, so dropping the rest loses no optimum."""
+    kept = []
+    for layout in sorted({o.layout for o in options}):
+        best_time = float("inf")
+        for o in sorted((o for o in options if o.layout == layout),
+                        key=lambda o: (o.memory, o.time, o.index)):
+            if o.time < best_time:
+                kept.append(o)
+                best_time = o.time
+    return tuple(sorted(kept, key=lambda o: o.index))
 
 
 def _undominated(choices: list[_Choice]) -> list[_Choice]:

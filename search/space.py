@@ -9,11 +9,12 @@ from typing import Any
 
 from autoplan.errors import AutoplanError
 from autoplan.graph import LayerNode
-from autoplan.plan import CHECKPOINT_MODES, SCHEDULES, LayerStrategy
+from autoplan.plan import CHECKPOINT_MODES, SCHEDULES, LayerStrategy, Plan
 from autoplan.specs import parse_bool, parse_int, parse_kv
 
 __all__ = ["FIXABLE", "SearchSpace", "Outer", "divisors", "parse_fix", "layer_strategies",
-           "checkpoint_modes", "outer_settings"]
+           "checkpoint_modes", "outer_settings", "tp_fits", "respects_fix",
+           "plan_respects_fix"]
 
 FIXABLE = ("pp", "dp", "tp", "sequence_parallel", "zero", "ckpt", "schedule", "virtual_stages",
            "micro_batch_size")
@@ -57,6 +58,7 @@ def parse_fix(text: str | None) -> dict[str, Any]:
 @dataclass(frozen=True)
 class SearchSpace:
     max_tp: int
+    gpus_per_node: int
     fix: dict[str, Any] = field(default_factory=dict)
     heads: int | None = None
     kv_heads: int | None = None
@@ -87,18 +89,53 @@ def layer_strategies(node: LayerNode, stage_gpus: int, micro_batch_size: int,
         dp = stage_gpus // tp
         heads_ok = node.kind != "block" or all(not h or h % tp == 0
                                                for h in (space.heads, space.kv_heads))
-        if tp > space.max_tp or micro_batch_size % dp or not heads_ok:
+        if not tp_fits(tp, space) or micro_batch_size % dp or not heads_ok:
             continue
         if not (_allowed(space, "tp", tp) and _allowed(space, "dp", dp)):
             continue
         for sp in (False, True) if tp > 1 else (False,):
             for zero in (0, 1, 2, 3) if dp > 1 else (0,):
                 for ckpt in checkpoint_modes(node):
-                    if all(_allowed(space, k, v) for k, v in
-                           (("sequence_parallel", sp), ("zero", zero), ("ckpt", ckpt))):
-                        out.append(LayerStrategy(dp=dp, tp=tp, sequence_parallel=sp, zero=zero,
-                                                 checkpoint=ckpt))
+                    strategy = LayerStrategy(dp=dp, tp=tp, sequence_parallel=sp, zero=zero,
+                                             checkpoint=ckpt)
+                    if respects_fix(node, strategy, space.fix):
+                        out.append(strategy)
     return out
+
+
+def respects_fix(node: LayerNode, strategy: LayerStrategy, fix: dict[str, Any]) -> bool:
+    """Whether a layer's strategy keeps the user's fixed fields. A fixed ZeRO stage, SP or
+    checkpointing binds only the layers it can apply to (dp > 1, tp > 1, a layer with that
+    checkpointing); the others keep the neutral value."""
+    values = {"dp": strategy.dp, "tp": strategy.tp, "sequence_parallel":
+              strategy.sequence_parallel, "zero": strategy.zero, "ckpt": strategy.checkpoint}
+    applies = {"sequence_parallel": strategy.tp > 1, "zero": strategy.dp > 1,
+               "ckpt": fix.get("ckpt") in checkpoint_modes(node)}
+    neutral = {"sequence_parallel": False, "zero": 0, "ckpt": "none"}
+    for key, value in values.items():
+        if key not in fix:
+            continue
+        wanted = fix[key] if applies.get(key, True) else neutral[key]
+        if value != wanted:
+            return False
+    return True
+
+
+def plan_respects_fix(nodes: list[LayerNode], plan: Plan, fix: dict[str, Any]) -> bool:
+    """Whether a whole plan keeps the user's fixed fields (baselines may not)."""
+    outer = {"pp": plan.pp, "schedule": plan.schedule, "virtual_stages": plan.virtual_stages,
+             "micro_batch_size": plan.micro_batch_size}
+    if any(key in fix and fix[key] != value for key, value in outer.items()):
+        return False
+    return all(respects_fix(node, layer, fix) for node, layer in zip(nodes, plan.layers,
+                                                                       strict=True))
+
+
+def tp_fits(tp: int, space: SearchSpace) -> bool:
+    """TP groups tile nodes (tp divides a node, or whole nodes make one group) and stay
+    within max_tp."""
+    node = space.gpus_per_node
+    return tp <= space.max_tp and (node % tp == 0 or tp % node == 0)
 
 
 def checkpoint_modes(node: LayerNode) -> list[str]:

@@ -1,0 +1,108 @@
+"""`autoplan search` and `autoplan.search()`: load what the options name, search, write."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from autoplan.cluster import parse_cluster_spec
+from autoplan.cost_model.command import GiB, load_graph
+from autoplan.errors import AutoplanError
+from autoplan.graph import LayerGraph
+from autoplan.plan import Plan
+from autoplan.profiler.profile import load_profile
+from autoplan.search.search import Searcher, SearchOptions, SearchResult
+from autoplan.search.space import parse_fix
+
+__all__ = ["SearchCommand", "run_search", "search_plan", "no_plan_message"]
+
+
+@dataclass(frozen=True)
+class SearchCommand:
+    model: str
+    cluster: str
+    global_batch: int
+    seq: int | None = None
+    profile: str | None = None
+    solver: str = "auto"
+    top_k: int = 3
+    memory_limit_gib: float | None = None
+    max_tp: int | None = None
+    fix: str | None = None
+    dtype: str = "bf16"
+    attention: str = "flash"
+    time_limit_s: float = 30.0
+    output: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.memory_limit_gib is not None and self.memory_limit_gib <= 0:
+            raise AutoplanError(f"--memory-limit must be positive GiB, got {self.memory_limit_gib}")
+        if self.max_tp is not None and self.max_tp < 1:
+            raise AutoplanError(f"--max-tp must be at least 1, got {self.max_tp}")
+        if self.top_k < 0 or self.time_limit_s <= 0:
+            raise AutoplanError("--top-k must be >= 0 and --time-limit positive")
+
+
+def run_search(command: SearchCommand,
+               on_progress: Callable[[str, int, int], None] | None = None) -> SearchResult:
+    """Search as `command` says and write the best plan to its output, if it names one.
+
+    Raises:
+        AutoplanError: on bad input, or when no plan fits (naming the memory that would do).
+    """
+    graph, heads = load_graph(command.model, command.dtype, command.attention, command.seq)
+    result = _search(graph, command, heads, on_progress)
+    if command.output:
+        result.best.plan.save(Path(command.output))
+    return result
+
+
+def _search(graph: LayerGraph, command: SearchCommand, heads: dict,
+            on_progress: Callable[[str, int, int], None] | None) -> SearchResult:
+    cluster = parse_cluster_spec(command.cluster)
+    profile = load_profile(command.profile) if command.profile else None
+    if profile is not None and profile.model_hash != graph.structural_hash:
+        raise AutoplanError(f"profile '{command.profile}' is of model {profile.model}, not "
+                            f"{graph.model}; profile this model")
+    limit = int(command.memory_limit_gib * GiB) if command.memory_limit_gib else None
+    options = SearchOptions(global_batch=command.global_batch, memory_limit_bytes=limit,
+                            max_tp=command.max_tp, fix=parse_fix(command.fix),
+                            solver=command.solver, time_limit_s=command.time_limit_s,
+                            top_k=command.top_k)
+    searcher = Searcher(graph, cluster, options, profile, heads.get("heads"),
+                        heads.get("kv_heads"))
+    result = searcher.run(on_progress)
+    if result.best is None:
+        raise AutoplanError(no_plan_message(result, searcher.model.memory_limit_bytes))
+    return result
+
+
+def no_plan_message(result: SearchResult, limit: int) -> str:
+    if result.smallest_fitting_bytes is None:
+        return "no plan exists for these settings (check --fix, --max-tp and the batch)"
+    return (f"no plan fits in {limit / GiB:.1f} GiB per device; the least memory a plan tried "
+            f"needs is {result.smallest_fitting_bytes / GiB:.1f} GiB, most of it {result.binding}")
+
+
+def search_plan(model: str | LayerGraph, *, cluster: str, global_batch: int,
+                **options: Any) -> Plan:
+    """The fastest plan for `model` (a spec such as "llama3-8b", a graph.json path, or a
+    LayerGraph from autoplan.tracing.layer_graph for your own nn.Module) on `cluster`.
+
+    Options are SearchCommand's: seq, profile, solver, top_k, memory_limit_gib, max_tp, fix
+    ("pp=8,zero=1"), dtype, attention, time_limit_s, output.
+
+    Raises:
+        AutoplanError: on bad input or when no plan fits.
+    """
+    if isinstance(model, LayerGraph):
+        command = SearchCommand(model=model.model, cluster=cluster, global_batch=global_batch,
+                                **options)
+        result = _search(model, command, {}, None)
+        if command.output:
+            result.best.plan.save(Path(command.output))
+        return result.best.plan
+    command = SearchCommand(model=model, cluster=cluster, global_batch=global_batch, **options)
+    return run_search(command).best.plan
