@@ -15,8 +15,17 @@ its counts, and each point records the S actually moved.
 
 Timing: a barrier over the group, then time.perf_counter around the op on CPU (gloo) or CUDA
 events on GPU (NCCL); the slowest rank's time is kept for each repeat (an op is done when every
-rank is done), then the median and spread (max - min) over repeats. send_recv is a ping-pong
-between two ranks (0 -> 1 -> 0) whose time is halved: one clock, no skew between hosts.
+rank is done), then the median and spread (max - min) over repeats (below 1 MiB up to 10x more
+repeats, repeats_for). One op per repeat, not nccl-tests' mean over a batch of back-to-back
+ops: on a shared CPU a batch's mean takes in every time a rank loses its core, while the
+median of single ops sets those repeats aside (benchmarks/results/comm_fit_notes.md). Ranks
+outside the group being measured wait on the store, not in a gloo barrier, which spins and
+would take cores from the ranks being timed. send_recv is a ping-pong between two ranks
+(0 -> 1 -> 0) whose time is halved: one clock, no skew between hosts.
+
+Fits (fit_alpha_beta): time = alpha + S / bandwidth per collective, group size and scope, by
+least squares of the relative error; a second line for large messages is kept where one line
+cannot follow the data (see _fit_series).
 
 gloo in torch 2.13 runs every collective here, reduce_scatter_tensor and all_to_all_single
 included; torch 2.13 renames all_gather_into_tensor / reduce_scatter_tensor to *_single and
@@ -25,7 +34,8 @@ shows in the figures (benchmarks/results/comm_fit_notes.md): its reduce_scatter 
 input and all-reduces all of it (ProcessGroupGloo::reduce_scatter_tensor_coalesced), so it
 takes as long as an all_reduce of S and its busbw is about half the all_reduce's; its
 all_gather and reduce_scatter allocate an S-byte temporary per call, which glibc maps fresh
-from 32 MiB up, so their busbw drops above 16 MiB (all_gather's by half).
+from 32 MiB up, so their busbw drops above 16 MiB (all_gather's by half); the two-regime
+fit follows such a drop when at least 3 measured sizes lie on each side of it.
 """
 
 from __future__ import annotations
@@ -263,21 +273,44 @@ def _measure_rank(request: _Request, groups: list[_Group], device: torch.device,
     """This rank's part of the measurement; rank 0 (a member of every group) returns the points.
 
     Every rank creates every group (dist.new_group must be called by all), then the groups
-    measure one at a time while the other ranks wait at a world barrier.
+    measure one at a time while the other ranks wait for a key in the c10d store (a gloo
+    barrier would spin on their cores, which the ranks being timed share), then at a world
+    barrier.
     """
     timeout = timedelta(seconds=request.timeout_s)
     pgs = [dist.new_group(list(group.ranks), timeout=timeout) for group in groups]
     rank = dist.get_rank()
+    store = _idle_store()
+    global _calls
+    _calls += 1
     points: list[CommPoint] = []
-    for group, pg in zip(groups, pgs, strict=True):
+    for i, (group, pg) in enumerate(zip(groups, pgs, strict=True)):
+        done_key = f"autoplan-comm/{_calls}/group-{i}/done"
         if rank in group.ranks:
             found = _measure_group(group, pg, request, device, on_progress)
             points += found if rank == 0 else []
+            if store is not None and rank == group.ranks[0]:
+                store.set(done_key, "1")
+        elif store is not None:
+            store.wait([done_key], timeout)  # blocks on a socket: no core taken
         dist.barrier()
     for group, pg in zip(groups, pgs, strict=True):
         if rank in group.ranks:
             dist.destroy_process_group(pg)
     return points
+
+
+_calls = 0  # measure_in_world calls in this process: keeps each call's store keys apart
+
+
+def _idle_store() -> dist.Store | None:
+    """The default process group's store, where ranks outside a group wait; None (then they
+    wait at the world barrier alone) if this torch does not expose it."""
+    get_store = getattr(dist.distributed_c10d, "_get_default_store", None)
+    try:
+        return get_store() if get_store is not None else None
+    except (RuntimeError, ValueError):
+        return None
 
 
 def _init_world(timeout_s: float) -> torch.device:
@@ -461,15 +494,21 @@ def _worker_main(spec_path: str) -> None:
     os._exit(0)  # skips interpreter teardown, where gloo rarely aborts (NOTES-torch.md)
 
 
-def fit_alpha_beta(points: list[CommPoint]) -> list[CommFit]:
-    """Fit time = alpha_s + nbytes / bandwidth per (collective, group_size, scope).
+def fit_alpha_beta(points: list[CommPoint], max_regimes: int = 2) -> list[CommFit]:
+    """Fit time = alpha_s + nbytes / bandwidth per (collective, group_size, scope), with a
+    second line for large messages where the data call for one.
 
-    Least squares of the relative error, since sizes span five orders of magnitude and a plain
-    fit would ignore every small message; alpha_s >= 0. busbw is the highest busbw seen.
+    Each line is a least-squares fit of the relative error, since sizes span five orders of
+    magnitude and a plain fit would ignore every small message; alpha_s >= 0. busbw is the
+    highest busbw seen. With max_regimes=2 the series may split at one of its sizes: see
+    _fit_series for how the breakpoint is chosen and when a split is kept.
 
     Raises:
-        AutoplanError: a point with time 0 (no relative error to weigh).
+        AutoplanError: a point with time 0 (no relative error to weigh), or max_regimes
+            other than 1 or 2.
     """
+    if max_regimes not in (1, 2):
+        raise AutoplanError(f"max_regimes {max_regimes} must be 1 or 2")
     by_key: dict[tuple[str, int, str], list[CommPoint]] = {}
     for point in points:
         by_key.setdefault((point.collective, point.group_size, point.scope), []).append(point)
@@ -478,15 +517,77 @@ def fit_alpha_beta(points: list[CommPoint]) -> list[CommFit]:
         if min(p.time_s for p in series) <= 0:
             raise AutoplanError(f"{scope} {collective} over {group_size} ranks has a time of "
                                 f"0 s: cannot weigh its relative error")
-        alpha_s, seconds_per_byte = _fit_relative([p.nbytes for p in series],
-                                                  [p.time_s for p in series])
+        regimes = _fit_series([p.nbytes for p in series], [p.time_s for p in series],
+                              max_regimes)
+        (alpha_s, seconds_per_byte), large = regimes[0], regimes[1:]
+        extra = {}
+        if large:
+            from_bytes, large_alpha_s, large_seconds_per_byte = large[0]
+            extra = {"large_from_bytes": from_bytes, "large_alpha_s": large_alpha_s,
+                     "large_bandwidth": 1.0 / large_seconds_per_byte}
         fits.append(CommFit(collective=collective, group_size=group_size, scope=scope,
                             alpha_s=alpha_s, bandwidth=1.0 / seconds_per_byte,
-                            busbw=max(p.busbw for p in series)))
+                            busbw=max(p.busbw for p in series), **extra))
     return fits
 
 
-def _fit_relative(nbytes: list[int], times_s: list[float]) -> tuple[float, float]:
+# A regime keeps at least this many distinct message sizes: two fix its line, the third
+# leaves a residual, so a regime cannot be carved around one or two stray points.
+_MIN_SIZES_PER_REGIME = 3
+# A second regime is kept only when it cuts the RMS relative error of the series to at most
+# this fraction of the single line's (that is, its sum of squares to a quarter) ...
+_SPLIT_RMS_RATIO = 0.5
+# ... and the single line misses by more than this RMS relative error; below it the line
+# already fits within run-to-run noise, and a split would only fit that noise.
+_SPLIT_MIN_RMS = 0.02
+
+
+def _fit_series(nbytes: list[int], times_s: list[float], max_regimes: int = 2,
+                ) -> list[tuple[float, float] | tuple[int, float, float]]:
+    """[(alpha_s, seconds per byte)] for one line, or that and (from_bytes, alpha_s, seconds
+    per byte) of the large-message line.
+
+    The breakpoint is the size, among the series' own, that minimises the summed squared
+    relative error of the two lines, each regime keeping _MIN_SIZES_PER_REGIME sizes. The
+    second line is fitted with its time at the breakpoint >= 0, so its intercept may be
+    negative (it only applies from there up). The split is kept when its RMS relative error
+    is at most _SPLIT_RMS_RATIO of the single line's and the single line's exceeds
+    _SPLIT_MIN_RMS; with 9 sizes, this asks more than BIC would for the three extra
+    parameters (breakpoint, intercept, slope): a fall of the sum of squares by 4x, not 2.1x.
+    """
+    x, t = np.asarray(nbytes, dtype=float), np.asarray(times_s, dtype=float)
+    one = _fit_relative(x, t)
+    one_cost = _relative_cost(one, x, t)
+    sizes = np.unique(x)
+    if max_regimes < 2 or len(sizes) < 2 * _MIN_SIZES_PER_REGIME:
+        return [one]
+    best: tuple[float, float, tuple[float, float], tuple[float, float]] | None = None
+    for x0 in sizes[_MIN_SIZES_PER_REGIME:len(sizes) - _MIN_SIZES_PER_REGIME + 1]:
+        small, large = x < x0, x >= x0
+        first = _fit_relative(x[small], t[small])
+        # the large line as (time at x0, slope): the bound time >= 0 is alpha >= 0 shifted
+        at_x0, slope = _fit_relative(x[large] - x0, t[large])
+        second = (at_x0 - slope * x0, slope)
+        cost = _relative_cost(first, x[small], t[small]) + _relative_cost(second, x[large],
+                                                                          t[large])
+        if best is None or cost < best[0]:
+            best = (cost, float(x0), first, second)
+    assert best is not None
+    cost, x0, first, second = best
+    one_rms, two_rms = np.sqrt(one_cost / len(x)), np.sqrt(cost / len(x))
+    if one_rms <= _SPLIT_MIN_RMS or two_rms > _SPLIT_RMS_RATIO * one_rms \
+            or second[0] + second[1] * x0 <= 0:
+        return [one]
+    return [first, (int(x0), second[0], second[1])]
+
+
+def _relative_cost(line: tuple[float, float], x: np.ndarray, t: np.ndarray) -> float:
+    """sum(((alpha + b x) / t - 1)^2) of a line (alpha, b) over the points (x, t)."""
+    return float(np.sum(((line[0] + line[1] * x) / t - 1.0) ** 2))
+
+
+def _fit_relative(nbytes: list[int] | np.ndarray, times_s: list[float] | np.ndarray,
+                  ) -> tuple[float, float]:
     """(alpha_s, seconds per byte) minimising sum(((alpha + b x) / t - 1)^2), alpha >= 0,
     b >= _MIN_SECONDS_PER_BYTE: the best of the free optimum (when feasible) and each bound's
     own optimum, which covers every case of a convex problem in two variables."""
@@ -497,8 +598,9 @@ def _fit_relative(nbytes: list[int], times_s: list[float]) -> tuple[float, float
         return float(np.sum((ab[0] * u + ab[1] * v - 1.0) ** 2))
 
     b_min = _MIN_SECONDS_PER_BYTE
-    candidates = [(0.0, max(float(v.sum() / (v @ v)), b_min)),
-                  (max(float((u @ (1.0 - b_min * v)) / (u @ u)), 0.0), b_min)]
+    candidates = [(max(float((u @ (1.0 - b_min * v)) / (u @ u)), 0.0), b_min)]
+    if v @ v > 0:
+        candidates.append((0.0, max(float(v.sum() / (v @ v)), b_min)))
     if len(np.unique(x)) >= 2:
         design = np.column_stack([u, v])
         scale = np.linalg.norm(design, axis=0)  # columns differ by ~1e6: scale for lstsq

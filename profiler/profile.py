@@ -158,7 +158,14 @@ class CommPoint(BaseModel):
 
 
 class CommFit(BaseModel):
-    """time = alpha_s + nbytes / bandwidth for one collective, group size and scope."""
+    """time = alpha_s + nbytes / bandwidth for one collective, group size and scope.
+
+    A measured fit may have a second regime for large messages (profiler.comm.fit_alpha_beta):
+    from large_from_bytes up, time = large_alpha_s + nbytes / large_bandwidth. The three
+    large_* fields are set together or not at all; fits without them (analytic ones, and
+    profiles written before they existed) are one line. Call time_s rather than reading
+    alpha_s and bandwidth, which describe the first regime only.
+    """
 
     model_config = _FROZEN
     collective: Collective
@@ -167,8 +174,33 @@ class CommFit(BaseModel):
     alpha_s: float = Field(ge=0, description="latency")
     bandwidth: float = Field(gt=0, description="effective bytes/s of the message size")
     busbw: float = Field(ge=0, description="peak bus bandwidth seen, bytes/s")
+    large_from_bytes: int | None = Field(
+        None, ge=1, description="the smallest message size of the second regime, if any")
+    large_alpha_s: float | None = Field(
+        None, description="intercept of the second regime's line; it may be negative, since "
+        "the line only applies from large_from_bytes, where its time is positive")
+    large_bandwidth: float | None = Field(None, gt=0, description="bytes/s, second regime")
+
+    @model_validator(mode="after")
+    def _regimes_complete(self) -> CommFit:
+        large = (self.large_from_bytes, self.large_alpha_s, self.large_bandwidth)
+        if any(v is None for v in large) and any(v is not None for v in large):
+            raise ValueError("large_from_bytes, large_alpha_s and large_bandwidth are set "
+                             "together or not at all")
+        if self.large_from_bytes is not None and self.time_s(self.large_from_bytes) <= 0:
+            raise ValueError(f"the second regime's time at {self.large_from_bytes} B is not "
+                             f"positive")
+        return self
+
+    @property
+    def regimes(self) -> int:
+        """1, or 2 when the fit has a large-message regime."""
+        return 1 if self.large_from_bytes is None else 2
 
     def time_s(self, nbytes: float) -> float:
+        if self.large_from_bytes is not None and nbytes >= self.large_from_bytes:
+            assert self.large_alpha_s is not None and self.large_bandwidth is not None
+            return self.large_alpha_s + nbytes / self.large_bandwidth
         return self.alpha_s + nbytes / self.bandwidth
 
 

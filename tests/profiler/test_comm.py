@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from autoplan.errors import AutoplanError
 from autoplan.profiler.comm import (
@@ -22,7 +24,14 @@ from autoplan.profiler.comm import (
     measure_collectives,
 )
 from autoplan.profiler.launch import _describe_exit
-from autoplan.profiler.profile import COLLECTIVES, CommPoint, bus_factor
+from autoplan.profiler.profile import (
+    COLLECTIVES,
+    PROFILE_FORMAT_VERSION,
+    CommFit,
+    CommPoint,
+    bus_factor,
+    load_profile,
+)
 
 TEST_LIMIT_S = 90  # no test here may run longer; SIGALRM ends it (pytest-timeout is not used)
 TAG_ENV = "AUTOPLAN_COMM_TEST_TAG"  # inherited by workers, so leftovers can be found
@@ -137,6 +146,86 @@ def test_fit_keeps_alpha_non_negative() -> None:
     (fit,) = fit_alpha_beta(points)
     assert fit.alpha_s == 0.0
     assert 0.9e9 < fit.bandwidth < 1.3e9
+
+
+def _points(collective: str, n: int, sizes: list[int], times: list[float]) -> list[CommPoint]:
+    return [CommPoint(collective=collective, group_size=n, nbytes=b, time_s=t, algbw=b / t,
+                      busbw=b / t * bus_factor(collective, n))
+            for b, t in zip(sizes, times, strict=True)]
+
+
+def test_two_regime_series_recovers_its_breakpoint() -> None:
+    """A bandwidth that halves from 16 MiB up (as gloo's all_gather does when glibc maps its
+    temporary fresh): the fit splits there and recovers both lines exactly."""
+    sizes = [1024 * 2**i for i in range(17)]  # 1 KiB .. 64 MiB
+    knee = 16 * 2**20
+
+    def true_s(nbytes: int) -> float:
+        return 500e-6 + nbytes / 1e9 if nbytes < knee else 2e-3 + nbytes / 0.5e9
+
+    (fit,) = fit_alpha_beta(_points("all_gather", 2, sizes, [true_s(b) for b in sizes]))
+    assert fit.regimes == 2 and fit.large_from_bytes == knee
+    assert fit.alpha_s == pytest.approx(500e-6, rel=1e-6)
+    assert fit.bandwidth == pytest.approx(1e9, rel=1e-6)
+    assert fit.large_alpha_s == pytest.approx(2e-3, rel=1e-6)
+    assert fit.large_bandwidth == pytest.approx(0.5e9, rel=1e-6)
+    for nbytes in sizes + [knee - 1, 24 * 2**20]:
+        assert fit.time_s(nbytes) == pytest.approx(true_s(nbytes), rel=1e-6)
+    (line,) = fit_alpha_beta(_points("all_gather", 2, sizes, [true_s(b) for b in sizes]),
+                             max_regimes=1)
+    assert line.regimes == 1 and abs(line.time_s(32 * 2**20) / true_s(32 * 2**20) - 1) > 0.1
+
+
+def test_one_line_series_stays_one_regime() -> None:
+    """An exact line, and a line with +-8% alternating noise (which a second line cannot
+    follow), keep one regime; so does every series with max_regimes=1."""
+    sizes = [1024 * 2**i for i in range(17)]
+    exact = [300e-6 + b / 2e9 for b in sizes]
+    noisy = [t * (1.08 if i % 2 else 0.92) for i, t in enumerate(exact)]
+    for times in (exact, noisy):
+        (fit,) = fit_alpha_beta(_points("all_reduce", 2, sizes, times))
+        assert fit.regimes == 1 and fit.large_from_bytes is None
+        assert fit.large_alpha_s is None and fit.large_bandwidth is None
+    (fit,) = fit_alpha_beta(_points("all_reduce", 2, sizes, noisy))
+    assert fit.alpha_s == pytest.approx(300e-6, rel=0.1)
+    assert fit.bandwidth == pytest.approx(2e9, rel=0.1)
+    with pytest.raises(AutoplanError, match="max_regimes 3 must be 1 or 2"):
+        fit_alpha_beta(_points("all_reduce", 2, sizes, exact), max_regimes=3)
+
+
+def test_a_regime_keeps_three_sizes() -> None:
+    """A jump at the last two sizes cannot make a regime of its own: one line stays."""
+    sizes = [1024 * 4**i for i in range(9)]
+    times = [200e-6 + b / 1e9 * (3.0 if i >= 7 else 1.0) for i, b in enumerate(sizes)]
+    (fit,) = fit_alpha_beta(_points("reduce_scatter", 2, sizes, times))
+    assert fit.large_from_bytes is None or fit.large_from_bytes <= sizes[6]
+
+
+def test_comm_fit_regime_fields_go_together() -> None:
+    base = {"collective": "all_gather", "group_size": 2, "alpha_s": 1e-4, "bandwidth": 1e9,
+            "busbw": 5e8}
+    with pytest.raises(ValidationError, match="set together"):
+        CommFit(**base, large_from_bytes=2**20)
+    with pytest.raises(ValidationError, match="not positive"):
+        CommFit(**base, large_from_bytes=2**20, large_alpha_s=-1.0, large_bandwidth=1e9)
+    fit = CommFit(**base, large_from_bytes=2**20, large_alpha_s=-1e-4, large_bandwidth=0.5e9)
+    assert fit.time_s(2**20 - 1) == pytest.approx(1e-4 + (2**20 - 1) / 1e9)
+    assert fit.time_s(2**20) == pytest.approx(-1e-4 + 2**20 / 0.5e9)
+
+
+def test_v1_profile_without_regime_fields_loads(tmp_path: Path) -> None:
+    """A version-1 profile.json written before the two-regime fields existed loads as is."""
+    old_fit = {"collective": "all_reduce", "group_size": 2, "scope": "intra",
+               "alpha_s": 0.0009, "bandwidth": 1e9, "busbw": 9.7e8}
+    data = {"version": 1, "mode": "measure", "model": "gpt", "model_hash": "abc",
+            "dtype": "float32", "cluster": {"name": "local-cpu"}, "layers": [],
+            "comm_points": [], "comm": [old_fit], "content_hash": "0123456789abcdef"}
+    (tmp_path / "profile.json").write_text(json.dumps(data))
+    assert PROFILE_FORMAT_VERSION == 1
+    profile = load_profile(tmp_path)
+    fit = profile.comm_fit("all_reduce", 2)
+    assert fit.regimes == 1 and fit.large_from_bytes is None
+    assert fit.time_s(1e6) == pytest.approx(0.0009 + 1e6 / 1e9)
 
 
 def test_groups_split_intra_and_inter_node() -> None:
