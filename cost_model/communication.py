@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from autoplan.cost_model.collectives import CommModel
 from autoplan.graph import LayerNode
-from autoplan.plan import LayerPlan
+from autoplan.plan import LayerStrategy
 
 __all__ = ["tp_time_s", "fsdp_time_s", "grad_sync_time_s", "reshard_time_s", "p2p_time_s"]
 
@@ -23,7 +23,7 @@ _TP_FORWARD = {"block": ("out", 2), "embedding": ("out", 1), "head": ("in", 0)}
 _TP_BACKWARD = {"block": ("in", 2), "embedding": ("out", 0), "head": ("in", 1)}
 
 
-def _tp_pass_s(comm: CommModel, node: LayerNode, layer: LayerPlan, samples: int,
+def _tp_pass_s(comm: CommModel, node: LayerNode, layer: LayerStrategy, samples: int,
                table: dict[str, tuple[str, int]]) -> float:
     which, count = table.get(node.kind, ("out", 0))
     nbytes = samples * (node.output_bytes if which == "out" else node.input_bytes)
@@ -37,7 +37,7 @@ def _tp_pass_s(comm: CommModel, node: LayerNode, layer: LayerPlan, samples: int,
     return count * one
 
 
-def tp_time_s(comm: CommModel, node: LayerNode, layer: LayerPlan,
+def tp_time_s(comm: CommModel, node: LayerNode, layer: LayerStrategy,
               samples: int) -> tuple[float, float]:
     """(forward, backward) TP collective seconds of `node` per micro-batch on one rank; the
     forward's repeat under full recomputation is the caller's (it multiplies the forward)."""
@@ -45,12 +45,12 @@ def tp_time_s(comm: CommModel, node: LayerNode, layer: LayerPlan,
             _tp_pass_s(comm, node, layer, samples, _TP_BACKWARD))
 
 
-def _shard_bytes(node: LayerNode, layer: LayerPlan, elt_bytes: int) -> float:
+def _shard_bytes(node: LayerNode, layer: LayerStrategy, elt_bytes: int) -> float:
     sharded = node.kind in ("block", "embedding", "head")
     return node.params * elt_bytes / (layer.tp if sharded else 1)
 
 
-def fsdp_time_s(comm: CommModel, node: LayerNode, layer: LayerPlan, elt_bytes: int) -> float:
+def fsdp_time_s(comm: CommModel, node: LayerNode, layer: LayerStrategy, elt_bytes: int) -> float:
     """ZeRO-3 per micro-batch: gather the weights for forward and again for backward, then
     reduce-scatter the gradients, over the dp group (members tp apart)."""
     if layer.zero < 3 or layer.dp < 2:
@@ -60,7 +60,7 @@ def fsdp_time_s(comm: CommModel, node: LayerNode, layer: LayerPlan, elt_bytes: i
             + comm.time_s("reduce_scatter", nbytes, layer.dp, layer.tp))
 
 
-def grad_sync_time_s(comm: CommModel, node: LayerNode, layer: LayerPlan,
+def grad_sync_time_s(comm: CommModel, node: LayerNode, layer: LayerStrategy,
                      elt_bytes: int) -> tuple[float, float]:
     """(gradient sync, weight all-gather) seconds per step of a layer under ZeRO 0-2: an
     all-reduce (ZeRO 0) or reduce-scatter (1, 2) of its gradients over the dp group, and for
@@ -75,7 +75,7 @@ def grad_sync_time_s(comm: CommModel, node: LayerNode, layer: LayerPlan,
     return sync, gather
 
 
-def reshard_time_s(comm: CommModel, node: LayerNode, before: LayerPlan, after: LayerPlan,
+def reshard_time_s(comm: CommModel, node: LayerNode, before: LayerStrategy, after: LayerStrategy,
                    micro_batch: int) -> float:
     """Moving `node`'s input between two layouts of the same stage, forward (activation) and
     backward (its gradient): each rank gathers the samples its new dp shard needs from the
@@ -88,7 +88,7 @@ def reshard_time_s(comm: CommModel, node: LayerNode, before: LayerPlan, after: L
     return 2 * comm.time_s("all_gather", nbytes, group, min(before.tp, after.tp))
 
 
-def p2p_time_s(comm: CommModel, node: LayerNode, layer: LayerPlan, samples: int,
+def p2p_time_s(comm: CommModel, node: LayerNode, layer: LayerStrategy, samples: int,
                stage_gpus: int) -> float:
     """One pipeline hop of `node`'s output per micro-batch: each of tp ranks sends 1/tp."""
     nbytes = samples * node.output_bytes / layer.tp

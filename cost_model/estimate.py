@@ -33,7 +33,7 @@ from autoplan.cost_model.memory import (
 from autoplan.cost_model.pipeline import micro_batches_in_flight, pipeline_time_s
 from autoplan.errors import AutoplanError
 from autoplan.graph import LayerGraph, LayerNode
-from autoplan.plan import LayerPlan, Plan
+from autoplan.plan import LayerPlan, LayerStrategy, Plan
 from autoplan.profiler.analytic import OPTIMIZER_STATE_BYTES_PER_PARAM, tp_shards
 from autoplan.profiler.efficiency import memory_efficiency
 from autoplan.profiler.profile import Profile
@@ -186,7 +186,7 @@ class CostModel:
                              per_micro_batch_s=parts, tail_s=stage_tail(costs),
                              memory=stage_memory(costs, held))
 
-    def layer_cost(self, node: LayerNode, layer: LayerPlan, micro_batch_size: int,
+    def layer_cost(self, node: LayerNode, layer: LayerStrategy, micro_batch_size: int,
                    stage: int = 0) -> LayerCost:
         """What `node` costs one rank under `layer`'s strategy, apart from its neighbours
         (resharding, pipeline hops) and from the schedule (micro-batches in flight). Past the
@@ -199,7 +199,7 @@ class CostModel:
             self._layer_costs[key] = self._layer_cost(node, layer, micro_batch_size, shared)
         return self._layer_costs[key]
 
-    def _layer_cost(self, node: LayerNode, layer: LayerPlan, micro_batch_size: int,
+    def _layer_cost(self, node: LayerNode, layer: LayerStrategy, micro_batch_size: int,
                     shared: bool) -> LayerCost:
         samples = micro_batch_size // layer.dp
         times = self.compute.times(node, samples, layer.tp, layer.sequence_parallel,
@@ -233,7 +233,7 @@ class CostModel:
             gathered_bytes=weights * layer.dp if layer.zero >= 3 and layer.dp > 1 else 0.0,
             bucket=layer.dp > 1 and layer.zero < 3)
 
-    def reshard_s(self, node: LayerNode, before: LayerPlan, after: LayerPlan,
+    def reshard_s(self, node: LayerNode, before: LayerStrategy, after: LayerStrategy,
                   micro_batch_size: int) -> float:
         """Seconds per micro-batch to move `node`'s input from `before`'s layout to `after`'s."""
         return reshard_time_s(self.comm, node, before, after, micro_batch_size)
@@ -248,12 +248,12 @@ class CostModel:
         ends += [chunk[0] - 1] if chunk[0] > 0 else []
         return sum(self.hop_s(*layers[i], plan.micro_batch_size, plan.stage_gpus) for i in ends)
 
-    def hop_s(self, node: LayerNode, layer: LayerPlan, micro_batch_size: int,
+    def hop_s(self, node: LayerNode, layer: LayerStrategy, micro_batch_size: int,
               stage_gpus: int) -> float:
         """One pipeline send of `node`'s output (or its gradient) per micro-batch."""
         return p2p_time_s(self.comm, node, layer, micro_batch_size // layer.dp, stage_gpus)
 
-    def _optimizer_s(self, node: LayerNode, layer: LayerPlan) -> float:
+    def _optimizer_s(self, node: LayerNode, layer: LayerStrategy) -> float:
         """The optimizer step over this rank's share of `node`, memory-bound: each state
         byte read and written, the gradient read and the weight written."""
         bandwidth = self.cluster.device.memory_bandwidth

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from autoplan.graph import LayerNode
-from autoplan.plan import LayerPlan
+from autoplan.plan import LayerStrategy
 from autoplan.profiler.analytic import TP_SHARDED_KINDS
 
 __all__ = ["StageMemory", "LayerCost", "KORTHIKANTI_REPLICATED_TENSORS", "DDP_BUCKET_BYTES",
@@ -104,7 +104,7 @@ def _sharded(node: LayerNode) -> bool:
     return node.kind in TP_SHARDED_KINDS
 
 
-def saved_bytes_per_sample(node: LayerNode, layer: LayerPlan) -> float:
+def saved_bytes_per_sample(node: LayerNode, layer: LayerStrategy) -> float:
     """Bytes `node` keeps per sample on one rank until its backward, under `layer`'s plan.
 
     Full checkpointing keeps the input (sequence-sharded with SP, Korthikanti et al. 2022
@@ -122,7 +122,7 @@ def saved_bytes_per_sample(node: LayerNode, layer: LayerPlan) -> float:
     return act / tp if sp and node.kind == "norm" else act
 
 
-def layer_state_bytes(node: LayerNode, layer: LayerPlan, elt_bytes: int, optimizer_bytes: int,
+def layer_state_bytes(node: LayerNode, layer: LayerStrategy, elt_bytes: int, optimizer_bytes: int,
                       shared: bool) -> tuple[float, float, float]:
     """(weights, gradients, optimizer state) bytes of `node` on one rank.
 

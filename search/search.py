@@ -116,6 +116,12 @@ class Searcher:
         self.space = SearchSpace(max_tp, cluster.gpus_per_node, options.fix, heads, kv_heads)
         self.blocks = [i for i, n in enumerate(graph.nodes) if n.kind == "block"]
         self.units = self.blocks or list(range(len(graph.nodes)))
+        # (first layer, how many) of each signature: equal layers cost alike, so bounds
+        # sum each kind once
+        firsts: dict[str, list[int]] = {}
+        for i, node in enumerate(graph.nodes):
+            firsts.setdefault(node.signature, []).append(i)
+        self.kinds = [(found[0], len(found)) for found in firsts.values()]
         self._choices: dict[tuple, list[_Choice]] = {}
         self._stages: dict[tuple, StageSolution] = {}
         self.candidates: list[Candidate] = []
@@ -174,8 +180,7 @@ class Searcher:
         key = (node.signature, shared, self.cluster.gpus // outer.pp, outer.micro_batch_size)
         if key not in self._choices:
             strategies = layer_strategies(node, key[2], outer.micro_batch_size, self.space)
-            choices = [_Choice(s, self.model.layer_cost(node, _as_layer(node, s),
-                                                        outer.micro_batch_size, stage))
+            choices = [_Choice(s, self.model.layer_cost(node, s, outer.micro_batch_size, stage))
                        for s in strategies]
             self._choices[key] = _undominated(choices)
         return self._choices[key]
@@ -186,12 +191,12 @@ class Searcher:
         fastest layer times; the tail (the slowest stage's) is at least the mean tail."""
         m = self.options.global_batch // outer.micro_batch_size
         per_micro_batch = tail = 0.0
-        for i in range(len(self.graph.nodes)):
+        for i, count in self.kinds:
             choices = self._layer_choices(i, outer, 0)
             if not choices:
                 return math.inf
-            per_micro_batch += min(c.cost.micro_batch_s for c in choices)
-            tail += min(sum(c.cost.tail_s.values()) for c in choices)
+            per_micro_batch += count * min(c.cost.micro_batch_s for c in choices)
+            tail += count * min(sum(c.cost.tail_s.values()) for c in choices)
         pace = m + (outer.pp - 1) / outer.virtual_stages
         return (pace * per_micro_batch + tail) / outer.pp
 
@@ -351,10 +356,11 @@ class Searcher:
     def _uniform_bound(self, outer: Outer, layers: list[LayerStrategy]) -> float:
         """The lower bound of _lower_bound for one given strategy per layer."""
         m = self.options.global_batch // outer.micro_batch_size
-        costs = [self.model.layer_cost(node, _as_layer(node, s), outer.micro_batch_size)
-                 for node, s in zip(self.graph.nodes, layers, strict=True)]
-        per_micro_batch = sum(c.micro_batch_s for c in costs)
-        tail = sum(sum(c.tail_s.values()) for c in costs)
+        per_micro_batch = tail = 0.0
+        for i, count in self.kinds:
+            cost = self.model.layer_cost(self.graph.nodes[i], layers[i], outer.micro_batch_size)
+            per_micro_batch += count * cost.micro_batch_s
+            tail += count * sum(cost.tail_s.values())
         return ((m + (outer.pp - 1) / outer.virtual_stages) * per_micro_batch + tail) / outer.pp
 
     def _baselines(self) -> dict[str, Candidate | None]:
