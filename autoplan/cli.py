@@ -22,7 +22,6 @@ __all__ = ["main"]
 _DTYPES = ("bf16", "fp16", "fp32")  # autoplan.models.DTYPES, without importing torch here
 # Commands of the product that later work fills in; each says so instead of pretending.
 _NOT_BUILT = {
-    "run": "train a model under a plan on local processes or torchrun",
     "validate": "run top plans and compare prediction with measurement",
     "plot": "draw a plan's pipeline schedule and memory",
     "export": "write a plan as torchtitan, Megatron-LM or DeepSpeed config",
@@ -127,6 +126,34 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--json", action="store_true", help="print JSON")
     search.add_argument("-o", "--output", help="write the plan here (plan.json)")
     search.set_defaults(handler=_cmd_search)
+
+    run = sub.add_parser("run", help="train a model under a plan on local processes or "
+                         "torchrun, and compare with the prediction")
+    run.add_argument("--model", required=True, help="model spec or preset name")
+    run.add_argument("--plan", required=True,
+                     help='plan.json, or "dp=..,tp=..,pp=..,micro_batch=..,zero=.."')
+    run.add_argument("--nproc", type=int, help="local processes (default: the plan's world "
+                     "size, dp x tp x pp for shorthand; under torchrun: the launched world)")
+    run.add_argument("--steps", type=int, default=20, help="training steps (default 20)")
+    run.add_argument("--warmup", type=int, default=2,
+                     help="steps left out of the measured step time (default 2)")
+    run.add_argument("--global-batch", type=int, help="samples per step (default: the plan "
+                     "file's, or 2 micro-batches per pipeline chunk)")
+    run.add_argument("--verify", action="store_true", help="also train in one process and "
+                     "compare losses, gradients and parameters; exit 1 when they differ")
+    run.add_argument("--force", action="store_true",
+                     help="run a plan predicted not to fit memory")
+    run.add_argument("--profile", help="profile folder or profile.json, for the prediction")
+    run.add_argument("--cluster", help="cluster the prediction is for (default "
+                     "local-cpu:procs=NPROC)")
+    run.add_argument("--memory-limit", type=float, help="GiB per device for the fit check "
+                     "(default: the device's memory)")
+    run.add_argument("--seed", type=int, default=0, help="model and data seed")
+    run.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    run.add_argument("--timeout", type=float, default=300.0,
+                     help="seconds without a finished step before the workers are stopped")
+    run.add_argument("--json", action="store_true", help="print JSON")
+    run.set_defaults(handler=_cmd_run)
 
     for name, text in _NOT_BUILT.items():
         stub = sub.add_parser(name, help=f"{text} (not built yet)")
@@ -267,6 +294,34 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     for table in estimate_tables(plan, estimate):
         out.print(table)
     return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from autoplan.executor.run import RunFailed, RunOptions, report_lines, run_plan
+
+    options = RunOptions(
+        model=args.model, plan=args.plan, nproc=args.nproc, steps=args.steps,
+        global_batch=args.global_batch, warmup=args.warmup, verify=args.verify,
+        force=args.force, profile=args.profile, cluster=args.cluster,
+        memory_limit_gib=args.memory_limit, seed=args.seed, timeout_s=args.timeout,
+        device=args.device)
+    try:
+        report = run_plan(options)
+    except RunFailed as err:  # the run failed, the input was fine: status 1
+        if args.debug:
+            raise
+        print(f"autoplan run: error: {err}", file=sys.stderr)
+        return 1
+    if report is None:  # a torchrun rank other than 0: rank 0 reports
+        return 0
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1))
+    else:
+        for line in report_lines(report):
+            print(line)
+    if report.note:
+        print(f"autoplan run: {report.note}", file=sys.stderr)
+    return 0 if report.comparison is None or report.comparison.ok else 1
 
 
 def _cmd_search(args: argparse.Namespace) -> int:

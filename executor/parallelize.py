@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +35,7 @@ from torch.distributed.tensor import DTensor
 from autoplan.errors import AutoplanError
 from autoplan.executor.checkpointing import apply_ac
 from autoplan.executor.data_parallel import apply_fsdp, apply_replicate, tied_groups
+from autoplan.executor.distributed_checkpoint import load_checkpoint, save_checkpoint
 from autoplan.executor.mesh import (
     ParallelDims,
     build_mesh,
@@ -112,6 +114,16 @@ class Runner:
         """(FQN in the original model, parameter) of this rank, tied names included."""
         return [(name, param) for index in sorted(self.chunks)
                 for name, param in self.chunks[index].named_parameters(remove_duplicate=False)]
+
+    def save(self, path: str | Path, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Write a distributed checkpoint of the model (and optimizer) that any plan of the
+        same model can load (executor/distributed_checkpoint.py). Call on every rank."""
+        save_checkpoint([self.chunks[i] for i in sorted(self.chunks)], path, optimizer)
+
+    def load(self, path: str | Path, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Read a checkpoint written by save() under this or another plan. Call on every rank,
+        after creating the optimizer."""
+        load_checkpoint([self.chunks[i] for i in sorted(self.chunks)], path, optimizer)
 
     def step(self, inputs: torch.Tensor | Sequence[torch.Tensor], targets: torch.Tensor,
              optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:

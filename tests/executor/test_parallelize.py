@@ -8,15 +8,17 @@ what the ranks wrote, never only their exit codes (gloo rarely aborts at exit).
 from __future__ import annotations
 
 import functools
+import json
 
 import pytest
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
 
 from autoplan.errors import AutoplanError
-from autoplan.executor import parallelize
+from autoplan.executor import parallelize, verify
 from autoplan.executor.data_parallel import tied_groups
 from autoplan.executor.mesh import ParallelDims, parallel_dims
 from autoplan.executor.pipeline import chunk_ranks, chunk_units
+from autoplan.executor.run import RunOptions, load_run_plan, reference_run
 from autoplan.executor.tensor_parallel import tp_styles
 from autoplan.graph import LayerGraph
 from autoplan.models import build_model
@@ -39,6 +41,25 @@ FOUR_RANKS = {
     "pp_tp_1f1b": ("pp=2,tp=2,schedule=1f1b", {}),
     "pp_fsdp_zero2": ("pp=2,dp=2,zero=2,schedule=gpipe", {}),
 }
+# Other models, trained as `autoplan run --verify` trains them (executor/run.py): an HF Llama
+# built from a config and a custom non-transformer module, under DP, FSDP and TP.
+HF_LLAMA_CONFIG = {
+    "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256,
+    "max_position_embeddings": 16, "tie_word_embeddings": False, "attention_dropout": 0.0}
+CUSTOM = "module:tests.executor.custom_models:build_residual_mlp"
+RESNET = "module:tests.core.factories:build_resnet"
+OTHER_MODELS = {  # case -> (model, plan shorthand); "hf" is replaced by the config's spec
+    "hf_llama_dp": ("hf", "dp=2"),
+    "hf_llama_fsdp_zero3": ("hf", "dp=2,zero=3"),
+    "hf_llama_tp": ("hf", "tp=2"),
+    "custom_dp": (CUSTOM, "dp=2"),
+    "custom_fsdp_zero2": (CUSTOM, "dp=2,zero=2"),
+    "custom_tp": (CUSTOM, "tp=2"),
+    "resnet_fsdp_zero3": (RESNET, "dp=2,zero=3"),
+}
+# A checkpoint saved under TP2 x DP2 loads under PP2 x DP2 (FSDP) and training goes on.
+RESUME = ("dp=2,tp=2", "pp=2,dp=2,zero=1,schedule=1f1b")
 # Interleaved 1F1B needs 4 chunks; gpt-tiny has 2 blocks, so the cut is given by hand:
 # (wte, wpe) | h.0 | h.1 | (ln_f, lm_head).
 INTERLEAVED = ("pp=2,dp=2,virtual_stages=2", {}, [0, 2, 3, 4])
@@ -50,7 +71,7 @@ def graph() -> LayerGraph:
 
 
 @functools.cache
-def _reference(pieces: int) -> dict:
+def _reference(pieces: int) -> verify.Trace:
     return harness.reference(pieces)
 
 
@@ -60,11 +81,28 @@ def _check(world: harness.WorldResult, plan_of: dict, case: str) -> None:
     assert harness.compare(case, world, ref) == []
 
 
+def _other_model_options(case: str, folder) -> RunOptions:  # noqa: ANN001
+    model, text = OTHER_MODELS[case]
+    if model == "hf":
+        model = f"hf:{folder / 'llama_config.json'}"
+    return RunOptions(model=model, plan=text, nproc=2, steps=harness.STEPS,
+                      global_batch=harness.GLOBAL_BATCH, seed=harness.SEED, lr=harness.LR)
+
+
 @pytest.fixture(scope="module")
 def two_rank_world(graph: LayerGraph, tmp_path_factory) -> tuple[harness.WorldResult, dict]:
+    folder = tmp_path_factory.mktemp("world2")
+    (folder / "llama_config.json").write_text(json.dumps(HF_LLAMA_CONFIG))
     plans = {name: harness.make_plan(graph, 2, text, edit)
              for name, (text, edit) in TWO_RANKS.items()}
-    return harness.run_world(2, plans, tmp_path_factory.mktemp("world2")), plans
+    extra = {}
+    for case in OTHER_MODELS:
+        options = _other_model_options(case, folder)
+        plans[case] = load_run_plan(options, 2)[0]
+        extra[case] = {"kind": "run", "model": options.model, "options": options}
+    world = harness.run_world(2, plans, folder, extra={
+        case: {k: v for k, v in e.items() if k != "options"} for case, e in extra.items()})
+    return world, plans | {"_options": {c: e["options"] for c, e in extra.items()}}
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +112,10 @@ def four_rank_world(graph: LayerGraph, tmp_path_factory) -> tuple[harness.WorldR
     text, edit, bounds = INTERLEAVED
     plans["pp_dp_interleaved"] = harness.make_plan(graph, 4, text, edit,
                                                    stage_boundaries=bounds)
-    return harness.run_world(4, plans, tmp_path_factory.mktemp("world4")), plans
+    plans["tp_dp_save"] = harness.make_plan(graph, 4, RESUME[0])
+    plans["_pp_dp_load"] = harness.make_plan(graph, 4, RESUME[1])
+    extra = {"tp_dp_save": {"kind": "resume", "plan": "_pp_dp_load"}}
+    return harness.run_world(4, plans, tmp_path_factory.mktemp("world4"), extra=extra), plans
 
 
 @pytest.mark.slow
@@ -87,6 +128,32 @@ def test_two_ranks_match_one_process(two_rank_world, case: str) -> None:
 @pytest.mark.parametrize("case", [*FOUR_RANKS, "pp_dp_interleaved"])
 def test_four_ranks_match_one_process(four_rank_world, case: str) -> None:
     _check(*four_rank_world, case)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(OTHER_MODELS))
+def test_other_models_match_one_process(two_rank_world, case: str) -> None:
+    world, plans = two_rank_world
+    options = plans["_options"][case]
+    ref = reference_run(options, plans[case])
+    run = verify.Trace(world.losses[case], world.params[case], world.grads[case])
+    assert verify.compare(run, ref, harness.LR).problems == []
+
+
+@pytest.mark.slow
+def test_tp_infers_pairs_of_other_models(two_rank_world) -> None:
+    world, _ = two_rank_world
+    # The HF Llama's blocks split (its final norm stays whole); the custom MLP blocks split.
+    assert world.info["hf_llama_tp"]["replicated_layers"] == ["model.norm"]
+    assert world.info["custom_tp"]["replicated_layers"] == []
+
+
+@pytest.mark.slow
+def test_checkpoint_of_one_plan_resumes_under_another(four_rank_world) -> None:
+    world, _ = four_rank_world
+    info = world.info["tp_dp_save"]
+    assert len(info["resumed"]) == harness.STEPS - 1
+    assert info["resumed"] == pytest.approx(info["losses"], rel=1e-5, abs=0)
 
 
 @pytest.mark.slow
@@ -138,7 +205,7 @@ def test_one_process_runner_matches_plain_training(graph: LayerGraph) -> None:
     opt = harness.optimizer(runner.parameters())
     losses = [runner.step(ids, targets, opt).item() for ids, targets in harness.batches(model)]
     ref = _reference(plan.num_micro_batches)
-    assert losses == pytest.approx(ref["losses"], rel=harness.RTOL, abs=0)
+    assert losses == pytest.approx(ref.losses, rel=verify.RTOL, abs=0)
 
 
 def test_tp_styles_of_a_gpt_block_are_data() -> None:

@@ -10,40 +10,59 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
-from autoplan.executor import parallelize
+from autoplan.executor import parallelize, verify
+from autoplan.executor.run import RunOptions, train_rank
 from autoplan.io import atomic_write_text
+from autoplan.models import build_model
 from autoplan.plan import Plan
 from autoplan.profiler.launch import watch_parent
 from tests.executor import harness
 
 
-def _full(runner, pick) -> dict[str, torch.Tensor]:
-    """FQN -> whole tensor (gathered from DTensor shards) for each parameter this rank holds."""
-    out = {}
-    for fqn, param in runner.named_parameters():
-        value = pick(param)
-        value = value.full_tensor() if isinstance(value, DTensor) else value
-        out[fqn] = value.detach().clone()
-    return out
-
-
 def _run_case(name: str, model_name: str, folder: Path, rank: int) -> dict:
     plan = Plan.model_validate_json((folder / f"{name}.plan.json").read_text())
     model = harness.build(model_name)
-    data = harness.batches(model)
+    data = [((ids,), targets) for ids, targets in harness.batches(model)]
     runner = parallelize(model, plan, harness.lm_loss)
-    opt = harness.optimizer(runner.parameters())
-    # Step 1 without the optimizer, to read the gradients; the Runner zeroes nothing then.
-    losses = [runner.step(*data[0]).item()]
-    grads = _full(runner, lambda p: p.grad)
-    opt.step()
-    opt.zero_grad()
-    losses += [runner.step(ids, targets, opt).item() for ids, targets in data[1:]]
-    torch.save({"params": _full(runner, lambda p: p), "grads": grads},
+    trace = verify.train(runner, harness.optimizer(runner.parameters()), data, keep=True)
+    torch.save({"params": trace.params, "grads": trace.grads}, folder / f"{name}.rank{rank}.pt")
+    return {"losses": trace.losses, "replicated_layers": runner.replicated_layers}
+
+
+def _run_model_case(name: str, model_spec: str, folder: Path, rank: int) -> dict:
+    """A case of another model, trained as `autoplan run --verify` trains it."""
+    plan = Plan.model_validate_json((folder / f"{name}.plan.json").read_text())
+    options = RunOptions(model=model_spec, plan=str(folder / f"{name}.plan.json"),
+                         steps=harness.STEPS, verify=True, seed=harness.SEED, lr=harness.LR,
+                         device="cpu")
+    result = train_rank(options, plan)
+    torch.save({"params": result["params"], "grads": result["grads"]},
                folder / f"{name}.rank{rank}.pt")
-    return {"losses": losses, "replicated_layers": runner.replicated_layers}
+    return {"losses": result["losses"], "replicated_layers": result["replicated_layers"]}
+
+
+def _resume_case(name: str, model_name: str, folder: Path, rank: int, other: str) -> dict:
+    """Train under this case's plan, save after step 1, go on; then load the checkpoint into
+    a differently initialised model under plan `other` and train the same later steps."""
+    data = [((ids,), targets) for ids, targets in harness.batches(harness.build(model_name))]
+    runner = parallelize(harness.build(model_name), _plan(folder, name), harness.lm_loss)
+    opt = harness.optimizer(runner.parameters())
+    runner.step(*data[0], opt)
+    runner.save(folder / f"{name}.ckpt", opt)
+    losses = [runner.step(*batch, opt).item() for batch in data[1:]]
+    torch.manual_seed(harness.SEED + 99)  # another init: only the checkpoint can match
+    fresh = build_model(model_name, device="cpu").module
+    resumed = parallelize(fresh, _plan(folder, other), harness.lm_loss)
+    opt = harness.optimizer(resumed.parameters())
+    resumed.load(folder / f"{name}.ckpt", opt)
+    later = [resumed.step(*batch, opt).item() for batch in data[1:]]
+    torch.save({"params": {}, "grads": {}}, folder / f"{name}.rank{rank}.pt")
+    return {"losses": losses, "resumed": later}
+
+
+def _plan(folder: Path, name: str) -> Plan:
+    return Plan.model_validate_json((folder / f"{name}.plan.json").read_text())
 
 
 def main(spec_path: str) -> None:
@@ -55,7 +74,13 @@ def main(spec_path: str) -> None:
     rank = dist.get_rank()
     results = {}
     for name in spec["cases"]:
-        results[name] = _run_case(name, spec["model"], folder, rank)
+        extra = spec.get("extra", {}).get(name, {})
+        if extra.get("kind") == "run":
+            results[name] = _run_model_case(name, extra["model"], folder, rank)
+        elif extra.get("kind") == "resume":
+            results[name] = _resume_case(name, spec["model"], folder, rank, extra["plan"])
+        else:
+            results[name] = _run_case(name, spec["model"], folder, rank)
         dist.barrier()
         if rank == 0:
             with open(folder / "progress.log", "a") as f:

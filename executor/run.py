@@ -1,0 +1,532 @@
+"""`autoplan run`: train a model under a plan on synthetic data, on local worker processes or
+as one rank that torchrun started, and report measured step time and per-rank memory beside
+the plan's prediction (and, with verify, the difference from a one-process reference).
+
+Flow (run_plan):
+1. load the model's layer graph and the plan, check them against each other and the world;
+2. predict the plan with the CostModel (needs a profile or a cluster with datasheet figures)
+   and refuse a plan that does not fit memory unless forced;
+3. train: in this process when torchrun started it (RANK/WORLD_SIZE set) or for one rank,
+   else in `nproc` local workers (profiler/launch.py: a worker that dies stops them all);
+4. with verify, train the same model, seed and batches in this process without parallelism
+   and compare (executor/verify.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import statistics
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils._pytree import tree_leaves
+
+from autoplan import fmt
+from autoplan.cluster import parse_cluster_spec
+from autoplan.cost_model.command import load_graph
+from autoplan.cost_model.estimate import CostModel, Estimate
+from autoplan.errors import AutoplanError
+from autoplan.executor.parallelize import parallelize
+from autoplan.executor.verify import Batch, Comparison, Trace, compare, reference_trace, train
+from autoplan.graph import LayerGraph
+from autoplan.io import atomic_write_text
+from autoplan.models import BuiltModel, build_model, lm_loss
+from autoplan.plan import Plan, check_plan, load_plan, parse_plan_shorthand
+from autoplan.profiler.launch import run_workers, watch_parent
+from autoplan.profiler.profile import load_profile
+
+__all__ = ["RUN_FAULT_ENV", "RunFailed", "RunOptions", "RunReport", "load_run_plan", "merge_ranks",
+           "predict", "reference_run", "report_lines", "run_plan", "train_rank", "under_torchrun"]
+
+log = logging.getLogger(__name__)
+
+RUN_FAULT_ENV = "AUTOPLAN_RUN_FAULT"
+"""Test-only: "kill:RANK:STEP" makes that rank SIGKILL itself as step STEP (from 1) begins."""
+GiB = 2**30
+_PROCESS_GROUP_TIMEOUT = timedelta(seconds=120)
+"""Every collective and the rendezvous give up after this (issue 9: nothing hangs)."""
+_NO_TORCHRUN_KEYS = ("RANK", "WORLD_SIZE")
+
+
+class RunFailed(AutoplanError):
+    """The run itself failed (a worker died or stalled): the CLI exits 1, not 2."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What `autoplan run` was asked to do."""
+
+    model: str
+    """A model spec or preset (`autoplan models`)."""
+    plan: str
+    """A plan.json path or shorthand ("dp=2,tp=2")."""
+    nproc: int | None = None
+    """Local worker processes; None: the plan file's world size, or the product of the degrees
+    a shorthand plan names (under torchrun: the launched world)."""
+    steps: int = 20
+    global_batch: int | None = None
+    """Samples per step; None: the plan file's, or 2 micro-batches per pipeline chunk."""
+    warmup: int = 2
+    """Steps left out of the measured step time (at most steps - 1)."""
+    verify: bool = False
+    force: bool = False
+    """Run a plan whose predicted peak memory exceeds the limit."""
+    profile: str | None = None
+    cluster: str | None = None
+    """What the prediction is for; None: local-cpu with one process per rank."""
+    memory_limit_gib: float | None = None
+    """GiB per device for the fit check; None: the cluster device's memory."""
+    seed: int = 0
+    lr: float = 1e-3
+    """AdamW learning rate."""
+    timeout_s: float = 300.0
+    """Local workers are stopped after this long without finishing a step."""
+    device: str | None = None
+    """"cpu" or "cuda"; None: cuda when available."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise AutoplanError(f"--steps must be at least 1, got {self.steps}")
+        if self.nproc is not None and self.nproc < 1:
+            raise AutoplanError(f"--nproc must be at least 1, got {self.nproc}")
+        if self.global_batch is not None and self.global_batch < 1:
+            raise AutoplanError(f"--global-batch must be at least 1, got {self.global_batch}")
+        if self.warmup < 0:
+            raise AutoplanError(f"--warmup must be at least 0, got {self.warmup}")
+        if self.memory_limit_gib is not None and self.memory_limit_gib <= 0:
+            raise AutoplanError(f"--memory-limit must be positive GiB, got "
+                                f"{self.memory_limit_gib}")
+        if self.device not in (None, "cpu", "cuda"):
+            raise AutoplanError(f"--device '{self.device}' is not cpu or cuda")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise AutoplanError("--device cuda asked for, but CUDA is not available")
+
+    @property
+    def device_type(self) -> str:
+        return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """Measured against predicted, per rank, and the verification when asked for."""
+
+    plan: Plan
+    device: str
+    losses: list[float]
+    step_times_s: list[float]
+    """Per step, the slowest rank's time."""
+    warmup: int
+    ranks: list[dict[str, int]]
+    """Per rank: stage, params/grads/optimizer/state bytes (and max_allocated on CUDA)."""
+    prediction: Estimate | None
+    note: str | None = None
+    """Why there is no prediction."""
+    comparison: Comparison | None = None
+
+    @property
+    def step_time_s(self) -> float:
+        """Median over the steps after warm-up."""
+        return statistics.median(self.step_times_s[self.warmup:])
+
+    def to_dict(self) -> dict:
+        pred = self.prediction
+        out: dict[str, Any] = {
+            "model": self.plan.model, "world_size": self.plan.world_size, "device": self.device,
+            "steps": len(self.losses), "warmup": self.warmup, "losses": self.losses,
+            "step_time_s": self.step_time_s, "step_times_s": self.step_times_s,
+            "ranks": self.ranks,
+            "prediction": None if pred is None else {
+                "step_time_s": pred.step_time_s, "peak_memory_bytes": pred.peak_memory_bytes,
+                "memory_limit_bytes": pred.memory_limit_bytes, "fits": pred.fits,
+                "stages": [s.memory.as_dict() for s in pred.stages]},
+            "note": self.note,
+        }
+        if self.comparison is not None:
+            out |= self.comparison.to_dict()
+        return out
+
+
+# ------------------------------------------------------------------------------ synthetic data
+
+
+def _lm_loss(output: Any, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy of (B, S, V) logits (or an output with .logits)."""
+    logits = getattr(output, "logits", output)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def _regression_loss(output: Any, targets: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of the first output tensor against random targets."""
+    first = next(t for t in tree_leaves(output) if isinstance(t, torch.Tensor))
+    return F.mse_loss(first.float(), targets)
+
+
+@dataclass
+class _SyntheticData:
+    """Seeded batches for a built model: token ids and next tokens for language models; for
+    any other module, its example inputs with random values and random regression targets."""
+
+    built: BuiltModel
+    global_batch: int
+    seed: int
+    device: str = "cpu"
+    target_shape: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.language_model:
+            module = self.built.module
+            was_training = module.training
+            module.eval()
+            with torch.no_grad():
+                out = module(*self.built.example_inputs(1))
+            module.train(was_training)
+            first = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            if not first:
+                raise AutoplanError(f"model {self.built.spec.text} returned no tensor")
+            self.target_shape = tuple(first[0].shape[1:])
+
+    @property
+    def language_model(self) -> bool:
+        return self.built.loss_fn is lm_loss
+
+    @property
+    def loss_fn(self) -> Callable[[Any, torch.Tensor], torch.Tensor]:
+        return _lm_loss if self.language_model else _regression_loss
+
+    def batch(self, step: int) -> Batch:
+        """The global batch of step `step` (from 0): the same on every rank and process."""
+        gen = torch.Generator().manual_seed(self.seed + 1 + step)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed + 1 + step)
+            inputs = tuple(t.cpu() for t in self.built.example_inputs(self.global_batch))
+        inputs = tuple(torch.randn(t.shape, generator=gen, dtype=t.dtype)
+                       if t.is_floating_point() else t for t in inputs)
+        if self.language_model:
+            targets = inputs[0].roll(-1, dims=1)
+        else:
+            targets = torch.randn((self.global_batch, *self.target_shape), generator=gen)
+        return tuple(t.to(self.device) for t in inputs), targets.to(self.device)
+
+
+def _build(model: str, seed: int) -> BuiltModel:
+    """The model on the CPU, initialised from `seed` (the same on every rank)."""
+    torch.manual_seed(seed)
+    return build_model(model, device="cpu")
+
+
+def _optimizer(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, foreach=False)
+
+
+# ------------------------------------------------------------------------------ step 1-2
+
+
+def under_torchrun() -> bool:
+    """True in a process that torchrun (or a launcher like it) started as one rank."""
+    return all(k in os.environ for k in _NO_TORCHRUN_KEYS)
+
+
+def _world_size(options: RunOptions) -> int:
+    if under_torchrun():
+        world = int(os.environ["WORLD_SIZE"])
+        if options.nproc is not None and options.nproc != world:
+            raise AutoplanError(f"--nproc {options.nproc}, but torchrun started a world of "
+                                f"{world}; leave --nproc out under torchrun")
+        return world
+    if options.nproc is not None:
+        return options.nproc
+    if options.plan.endswith(".json") or Path(options.plan).is_file():
+        return load_plan(options.plan).world_size
+    values = parse_plan_shorthand(options.plan)  # dp x tp x pp, the degrees it names
+    return values.get("dp", 1) * values.get("tp", 1) * values.get("pp", 1)
+
+
+def _default_global_batch(options: RunOptions, world: int) -> int | None:
+    """Two micro-batches per pipeline chunk for a shorthand plan (None for a plan file)."""
+    if options.global_batch is not None or options.plan.endswith(".json") \
+            or Path(options.plan).is_file():
+        return options.global_batch
+    values = parse_plan_shorthand(options.plan)
+    tp, pp = values.get("tp", 1), values.get("pp", 1)
+    dp = values.get("dp", max(1, world // (tp * pp)))
+    return dp * values.get("micro_batch", 1) * 2 * pp * values.get("virtual_stages", 1)
+
+
+def load_run_plan(options: RunOptions, world: int) -> tuple[Plan, LayerGraph]:
+    """The plan (from its file or expanded from shorthand), checked against model and world.
+
+    Raises:
+        AutoplanError: naming the mismatch.
+    """
+    graph, heads = load_graph(options.model, dtype="fp32")
+    global_batch = _default_global_batch(options, world)
+    plan = load_plan(options.plan, graph, world, global_batch)
+    if global_batch is not None and plan.global_batch != global_batch:
+        raise AutoplanError(f"plan is for global batch {plan.global_batch}, not {global_batch}")
+    check_plan(plan, graph, world_size=world, **heads)
+    return plan, graph
+
+
+def _cluster_spec(options: RunOptions, world: int) -> str:
+    if options.cluster:
+        return options.cluster
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return f"local-cpu:procs={world}" + (f",gpus_per_node={local}" if local < world else "")
+
+
+def predict(options: RunOptions, plan: Plan, graph: LayerGraph,
+            world: int) -> tuple[Estimate | None, str | None]:
+    """The CostModel's estimate of `plan`, or None and why not.
+
+    Raises:
+        AutoplanError: on a bad cluster or profile, or when the plan does not fit memory and
+            options.force is not set (naming the peak and the limit).
+    """
+    cluster = parse_cluster_spec(_cluster_spec(options, world))
+    profile = load_profile(options.profile) if options.profile else None
+    if profile is not None and profile.model_hash != graph.structural_hash:
+        hint = "" if "32" in profile.dtype else (f"; it was made for {profile.dtype}, and "
+                                                 "`autoplan run` trains in fp32: profile "
+                                                 "with --dtype fp32")
+        raise AutoplanError(f"profile '{options.profile}' is of model {profile.model} (hash "
+                            f"{profile.model_hash}), not {graph.model} ({graph.structural_hash})"
+                            f"{hint}")
+    limit = int(options.memory_limit_gib * GiB) if options.memory_limit_gib else None
+    try:
+        model = CostModel(graph, cluster, profile, "adamw", limit)
+    except AutoplanError:
+        if profile is not None:
+            raise
+        return None, "no prediction: give --profile"
+    estimate = model.estimate(plan)
+    if not estimate.fits and not options.force:
+        stage = max(range(plan.pp), key=lambda s: estimate.peak_memory_bytes[s])
+        peak = estimate.peak_memory_bytes[stage] + estimate.overhead_bytes
+        raise AutoplanError(f"plan does not fit memory: predicted peak {fmt.nbytes(peak)} per "
+                            f"rank (stage {stage}) exceeds the limit of "
+                            f"{fmt.nbytes(estimate.memory_limit_bytes)}; give --force to run "
+                            "it anyway")
+    return estimate, None
+
+
+# ------------------------------------------------------------------------------ step 3
+
+
+def _maybe_fault(rank: int, step: int) -> None:
+    """Test-only: SIGKILL this rank at the step RUN_FAULT_ENV names."""
+    kind, _, rest = os.environ.get(RUN_FAULT_ENV, "").partition(":")
+    target, _, at = rest.partition(":")
+    if kind == "kill" and int(target) == rank and int(at or 1) == step + 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train_rank(options: RunOptions, plan: Plan,
+               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train on this rank (a process group of the plan's world is up, or the world is one).
+
+    Returns:
+        This rank's results: losses, step times, state bytes (and, with verify, the whole
+        step-1 gradients and final parameters it holds).
+    """
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    device = options.device_type
+    built = _build(options.model, options.seed)
+    data = _SyntheticData(built, plan.global_batch, options.seed, device)
+    module = built.module.to(device)
+    runner = parallelize(module, plan, data.loss_fn, device=device)
+    optimizer = _optimizer(runner.parameters(), options.lr)
+
+    def batch(step: int) -> Batch:
+        _maybe_fault(rank, step)
+        if progress is not None and step:
+            progress(f"step {step}/{options.steps} done")
+        return data.batch(step)
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trace = train(runner, optimizer, steps=options.steps, make_batch=batch,
+                  keep=options.verify, device_type=device)
+    state = dict(trace.state_bytes)
+    state["state"] = sum(state.values())
+    state["stage"] = _stage_of(rank, plan)
+    if device == "cuda":
+        state["max_allocated"] = torch.cuda.max_memory_allocated()
+    return {"losses": trace.losses, "step_times_s": trace.step_times_s, "memory": state,
+            "params": trace.params, "grads": trace.grads,
+            "replicated_layers": runner.replicated_layers}
+
+
+def _stage_of(rank: int, plan: Plan) -> int:
+    """The pipeline stage of a rank: the mesh puts pp outermost (executor/mesh.py)."""
+    return rank // plan.stage_gpus
+
+
+def _init_world(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if device == "cuda" else "gloo",
+                            timeout=_PROCESS_GROUP_TIMEOUT)
+
+
+def _train_world(options: RunOptions, plan: Plan,
+                 progress: Callable[[str], None] | None = None) -> list[dict] | None:
+    """Every rank trains; rank 0 gets all ranks' results (the others None)."""
+    _init_world(options.device_type)
+    result = train_rank(options, plan, progress)
+    gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 \
+        else None
+    dist.gather_object(result, gathered, dst=0)
+    return gathered
+
+
+def _launch(options: RunOptions, plan: Plan, world: int) -> list[dict]:
+    """Run the world as local workers and read rank 0's file of all ranks' results.
+
+    Raises:
+        RunFailed: a worker died or stalled (every worker is stopped first).
+    """
+    with tempfile.TemporaryDirectory(prefix="autoplan-run-") as tmp:
+        folder = Path(tmp)
+        plan.save(folder / "plan.json")
+        result = folder / "result.pt"
+        spec = {"options": asdict(options), "plan": str(folder / "plan.json"),
+                "result": str(result), "progress": str(folder / "progress.log")}
+        atomic_write_text(folder / "spec.json", json.dumps(spec))
+        argv = [sys.executable, "-m", "autoplan.executor.run", str(folder / "spec.json")]
+        try:
+            run_workers(world, argv, folder, options.timeout_s,
+                        progress_path=folder / "progress.log", done=result.exists,
+                        label="run worker")
+        except AutoplanError as err:
+            raise RunFailed(str(err)) from None
+        if not result.exists():
+            raise RunFailed("run workers ended without writing their results")
+        return torch.load(result, weights_only=True)["ranks"]
+
+
+def _worker_main(spec_path: str) -> None:
+    """One local rank: train, rank 0 writes every rank's results, exit without teardown."""
+    watch_parent()
+    spec = json.loads(Path(spec_path).read_text())
+    options = RunOptions(**spec["options"])
+    plan = load_plan(spec["plan"])
+    torch.set_num_threads(1)
+
+    def progress(line: str) -> None:
+        with open(spec["progress"], "a") as f:
+            f.write(line + "\n")
+
+    ranks = _train_world(options, plan, progress if int(os.environ["RANK"]) == 0 else None)
+    if ranks is not None:
+        tmp = Path(spec["result"]).with_suffix(".tmp")
+        torch.save({"ranks": ranks}, tmp)
+        os.replace(tmp, spec["result"])
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skips interpreter teardown, where gloo rarely aborts (NOTES-torch.md)
+
+
+# ------------------------------------------------------------------------------ step 4
+
+
+def reference_run(options: RunOptions, plan: Plan) -> Trace:
+    """The same model, seed and batches trained in this process without parallelism, in as
+    many accumulated slices as the plan has (data-parallel ranks x micro-batches)."""
+    built = _build(options.model, options.seed)
+    data = _SyntheticData(built, plan.global_batch, options.seed)
+    batches = [data.batch(step) for step in range(options.steps)]
+    pieces = plan.layers[0].dp * plan.num_micro_batches
+    return reference_trace(built.module, batches, data.loss_fn, pieces,
+                           _optimizer(list(built.module.parameters()), options.lr))
+
+
+def merge_ranks(ranks: list[dict]) -> Trace:
+    """One Trace of the whole run from every rank's train_rank results."""
+    run = Trace(ranks[0]["losses"])
+    for rank in ranks:
+        run.params.update(rank["params"])
+        run.grads.update(rank["grads"])
+    return run
+
+
+def _verify(options: RunOptions, plan: Plan, ranks: list[dict]) -> Comparison:
+    """Compare the merged run with the one-process reference."""
+    return compare(merge_ranks(ranks), reference_run(options, plan), options.lr)
+
+
+# ------------------------------------------------------------------------------ entry
+
+
+def run_plan(options: RunOptions) -> RunReport | None:
+    """Check, predict, train and (with verify) compare, as the module docstring says.
+
+    Returns:
+        The report; None on a torchrun rank other than 0 (rank 0 reports for the world).
+
+    Raises:
+        AutoplanError: bad input, or a plan that does not fit memory without force.
+        RunFailed: a worker died or stalled.
+    """
+    world = _world_size(options)
+    plan, graph = load_run_plan(options, world)
+    estimate, note = predict(options, plan, graph, world)
+    if under_torchrun():
+        ranks = _train_world(options, plan)
+        dist.destroy_process_group()
+        if ranks is None:
+            return None
+    elif world == 1:
+        ranks = [train_rank(options, plan)]
+    else:
+        ranks = _launch(options, plan, world)
+    comparison = _verify(options, plan, ranks) if options.verify else None
+    step_times = [max(r["step_times_s"][i] for r in ranks) for i in range(options.steps)]
+    return RunReport(plan, options.device_type, ranks[0]["losses"], step_times,
+                     min(options.warmup, options.steps - 1), [r["memory"] for r in ranks],
+                     estimate, note, comparison)
+
+
+def report_lines(report: RunReport) -> list[str]:
+    """The report as text lines for the terminal."""
+    plan, pred = report.plan, report.prediction
+    lines = [f"{plan.model}: {plan.world_size} ranks on {report.device}, pp {plan.pp}, "
+             f"global batch {plan.global_batch}, {len(report.losses)} steps, loss "
+             f"{report.losses[0]:.4f} -> {report.losses[-1]:.4f}"]
+    predicted = f"predicted {fmt.seconds(pred.step_time_s)}" if pred else report.note
+    lines.append(f"step time: measured {fmt.seconds(report.step_time_s)} (median after "
+                 f"{report.warmup} warm-up steps); {predicted}")
+    for rank, mem in enumerate(report.ranks):
+        text = (f"rank {rank} (stage {mem['stage']}): params {fmt.nbytes(mem['params'])}, grads "
+                f"{fmt.nbytes(mem['grads'])}, optimizer {fmt.nbytes(mem['optimizer'])}")
+        if "max_allocated" in mem:
+            text += f", max allocated {fmt.nbytes(mem['max_allocated'])}"
+        if pred is not None:
+            stage = pred.stages[mem["stage"]].memory
+            text += (f"; predicted params {fmt.nbytes(stage.params)}, grads "
+                     f"{fmt.nbytes(stage.grads)}, optimizer {fmt.nbytes(stage.optimizer)}, "
+                     f"peak {fmt.nbytes(stage.peak)}")
+        lines.append(text)
+    if report.comparison is not None:
+        c = report.comparison
+        verdict = "matches" if c.ok else "DIFFERS from"
+        lines.append(f"verify: {verdict} the one-process reference: max_rel_param_diff "
+                     f"{c.max_rel_param_diff:.2e}, loss_diff {c.loss_diff:.2e}, max_rel_grad_diff "
+                     f"{c.max_rel_grad_diff:.2e}")
+        lines += [f"  {problem}" for problem in c.problems[:10]]
+    return lines
+
+
+if __name__ == "__main__":
+    _worker_main(sys.argv[1])
