@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml
 DEMO_MODEL := gpt:layers=4,hidden=256,heads=4,seq=128,vocab=1024
 
 # The chain as far as it is built: presets -> layer graphs -> a plan checked and saved ->
-# a profile measured here and one derived for 1024 H100s.
+# a profile measured here and one derived for 1024 H100s -> an estimate -> a search -> a
+# plan trained on two local processes and verified against one.
 demo: $(STAMP)
 	$(PY) -m autoplan models
 	$(PY) -m autoplan inspect --model gpt3-1.7b
@@ -29,6 +30,13 @@ demo: $(STAMP)
 		--tp 1,2 --repeats 5 --comm-sizes 4096,65536,1048576,4194304 -o out/demo/profile-local
 	$(PY) -m autoplan profile --model llama3-70b --mode analytic \
 		--cluster h100-sxm:nodes=128 -o out/demo/profile-h100
+	$(PY) -m autoplan estimate --model gpt-22b --cluster a100-80g:gpus=8 --global-batch 4 \
+		--plan "tp=8,micro_batch=4,ckpt=selective,sequence_parallel=true" --dtype fp16 \
+		--attention math
+	$(PY) -m autoplan search --model llama3-70b --cluster h100-sxm:gpus=1024 \
+		--global-batch 2048 -o out/demo/plan-llama3-70b.json
+	$(PY) -m autoplan run --model "$(DEMO_MODEL)" --plan "dp=2,micro_batch=2" --nproc 2 \
+		--steps 6 --profile out/demo/profile-local --verify
 
 test: $(STAMP)
 	$(PY) -m ruff check .

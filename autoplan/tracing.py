@@ -414,8 +414,12 @@ def _assemble(root: nn.Module, units: list[tuple[str, bool]],
         kind = _kind(module, unit in blocks, unit == last_param_unit)
         nodes.append(_node(unit, kind, module, records[unit], params.get(unit, 0),
                            shared.get(unit, 0), memo))
+    # sources in execution order: a glue op's producers are a set, whose iteration order
+    # follows string hashing and so changes from one process to the next
     edges = [LayerEdge(src, dst, nbytes) for dst in [*ran, _LOSS]
-             for src, nbytes in records[dst].inputs_from.items() if src in params]
+             for src, nbytes in sorted(records[dst].inputs_from.items(),
+                                       key=lambda item: records[item[0]].order)
+             if src in params]
     return nodes, edges
 
 

@@ -126,6 +126,7 @@ class Searcher:
         self._stages: dict[tuple, StageSolution] = {}
         self.candidates: list[Candidate] = []
         self._incumbent: Candidate | None = None
+        self._layer_plans: dict[tuple[int, LayerStrategy], LayerPlan] = {}
 
     # ------------------------------------------------------------------------- driver
 
@@ -331,8 +332,7 @@ class Searcher:
             global_batch=self.options.global_batch, micro_batch_size=outer.micro_batch_size,
             num_micro_batches=m, pp=outer.pp, virtual_stages=outer.virtual_stages,
             schedule=outer.schedule, stage_boundaries=boundaries,
-            layers=[_as_layer(node, s) for node, s in zip(self.graph.nodes, strategies,
-                                                          strict=True)],
+            layers=[self._layer_plan(i, s) for i, s in enumerate(strategies)],
             provenance=Provenance(profile_hash=self.profile.content_hash if self.profile
                                   else None))
         estimate = self.model.estimate(plan)
@@ -346,6 +346,14 @@ class Searcher:
                 and plan_respects_fix(self.graph.nodes, plan, self.options.fix):
             self._incumbent = candidate
         return candidate
+
+    def _layer_plan(self, i: int, strategy: LayerStrategy) -> LayerPlan:
+        """Layer i's LayerPlan under `strategy`, made once (plans share them; they are
+        frozen)."""
+        key = (i, strategy)
+        if key not in self._layer_plans:
+            self._layer_plans[key] = _as_layer(self.graph.nodes[i], strategy)
+        return self._layer_plans[key]
 
     def _uniform_layers(self, strategy: LayerStrategy) -> list[LayerStrategy]:
         """`strategy` on every layer, without checkpointing where a layer has none to do."""

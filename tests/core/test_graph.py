@@ -229,3 +229,18 @@ def test_a_model_returning_no_tensor_is_a_clear_error() -> None:
 
     with pytest.raises(AutoplanError, match="returned no tensor"):
         layer_graph(Odd(), (torch.zeros(1, 2),))
+
+
+def test_structural_hash_does_not_depend_on_string_hashing() -> None:
+    """Plans and profiles name the hash; another process must compute the same one."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from autoplan.inspection import inspect_model; "
+            "print(inspect_model('gpt-tiny', dtype='fp32').graph.structural_hash)")
+    hashes = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True, timeout=120,
+                             env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip()
+              for seed in ("1", "2", "3")}
+    assert len(hashes) == 1, hashes
