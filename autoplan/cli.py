@@ -119,6 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--memory-limit", type=float, help="GiB per device")
     search.add_argument("--max-tp", type=int, help="largest TP degree (default: a node)")
     search.add_argument("--fix", help="fix fields, e.g. pp=8,zero=1,ckpt=full,schedule=1f1b")
+    search.add_argument("--schedule", choices=("gpipe", "1f1b", "interleaved_1f1b"),
+                        help="pipeline schedule (the same as --fix schedule=...)")
     search.add_argument("--dtype", choices=_DTYPES, default="bf16")
     search.add_argument("--attention", choices=("flash", "math"), default="flash")
     search.add_argument("--time-limit", type=float, default=30.0,
@@ -333,7 +335,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
     command = SearchCommand(
         model=args.model, cluster=args.cluster, global_batch=args.global_batch, seq=args.seq,
         profile=args.profile, solver=args.solver, top_k=args.top_k,
-        memory_limit_gib=args.memory_limit, max_tp=args.max_tp, fix=args.fix, dtype=args.dtype,
+        memory_limit_gib=args.memory_limit, max_tp=args.max_tp,
+        fix=",".join(filter(None, [args.fix, args.schedule and f"schedule={args.schedule}"]))
+        or None, dtype=args.dtype,
         attention=args.attention, time_limit_s=args.time_limit, output=args.output)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   console=_console(stderr=True), transient=True) as bar:

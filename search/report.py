@@ -67,7 +67,10 @@ def _summary(result: SearchResult) -> Table:
            f"{fmt.nbytes(e.memory_limit_bytes)})"),
         ("search", f"{result.search_time_s:.2f} s: {result.outer_solved} of "
                    f"{result.outer_settings} outer settings solved, {result.stage_problems} "
-                   "stage problems"),
+                   "stage problems, "
+                   + ("all proven optimal" if not result.unproven else
+                      f"{result.unproven} stopped at the time limit (gap up to "
+                      f"{result.worst_gap:.2%})")),
     ):
         table.add_row(key, value)
     return table
@@ -106,6 +109,7 @@ def result_json(result: SearchResult) -> dict:
     best = result.best
     return json.loads(best.plan.to_json()) | {
         "search_time_s": result.search_time_s,
+        "unproven_stage_problems": result.unproven, "worst_gap": result.worst_gap,
         "estimate": best.estimate.to_dict(),
         "baselines": {name: _brief(c, best.estimate.step_time_s)
                       for name, c in result.baselines.items()},

@@ -88,6 +88,10 @@ class SearchResult:
     outer_settings: int
     outer_solved: int
     stage_problems: int
+    unproven: int = 0
+    """Stage problems the ILP left at its time limit (a feasible answer, not proven best)."""
+    worst_gap: float = 0.0
+    """The largest relative optimality gap among those."""
     smallest_fitting_bytes: int | None = None
     """When nothing fits: the least device memory at which a plan tried would."""
     binding: str | None = None
@@ -153,6 +157,9 @@ class Searcher:
             runners_up=fitting[1:1 + self.options.top_k], baselines=baselines,
             search_time_s=time.perf_counter() - started, outer_settings=len(bounds),
             outer_solved=solved, stage_problems=len(self._stages),
+            unproven=sum(s.status == "time_limit" for s in self._stages.values()),
+            worst_gap=max((s.gap for s in self._stages.values() if s.status == "time_limit"),
+                          default=0.0),
             smallest_fitting_bytes=smallest, binding=binding)
 
     def _ranked(self) -> list[Candidate]:
