@@ -12,10 +12,15 @@ from dataclasses import dataclass
 from autoplan.cluster import Cluster
 from autoplan.errors import AutoplanError
 from autoplan.graph import LayerNode
-from autoplan.profiler.analytic import layer_pass_work, pass_time_s, tp_shards
+from autoplan.profiler.analytic import (
+    TP_SHARDED_KINDS,
+    layer_pass_work,
+    pass_time_s,
+    tp_shards,
+)
 from autoplan.profiler.profile import LayerProfile, Profile
 
-__all__ = ["LayerTimes", "ComputeModel"]
+__all__ = ["LayerTimes", "ComputeModel", "core_share"]
 
 _ELEMENT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 
@@ -38,8 +43,10 @@ class ComputeModel:
         self.device = cluster.device
         self.elt_bytes = _ELEMENT_BYTES.get(dtype.removeprefix("torch."), 2)
         self.layers: dict[str, LayerProfile] = {}
+        self.core_share = 1.0
         if profile is not None:
             self.layers = {layer.signature: layer for layer in profile.layers}
+            self.core_share = core_share(cluster, profile)
         elif self.device.peak_flops is None or self.device.memory_bandwidth is None:
             raise AutoplanError(f"cluster '{cluster.spec}' has no datasheet figures: give "
                                 "--profile DIR from `autoplan profile`")
@@ -58,13 +65,16 @@ class ComputeModel:
         if layer is None:
             raise AutoplanError(f"the profile has no layer like {node.name} (signature "
                                 f"{node.signature}); profile this model again")
+        if node.kind not in TP_SHARDED_KINDS:
+            tp = 1  # replicated on every TP rank: its shape and time do not change with tp
         try:
             fit = layer.fit(tp)
         except KeyError:
             have = ", ".join(str(f.tp) for f in layer.fits)
             raise AutoplanError(f"layer {node.name}: tp {tp} not profiled (have {have}); "
                                 f"profile with --tp including {tp}") from None
-        fwd, bwd = fit.fwd_s(samples), fit.bwd_s(samples)
+        fwd = fit.fwd_s(samples) * self.core_share
+        bwd = fit.bwd_s(samples) * self.core_share
         share = node.attn_fwd_flops / node.fwd_flops if node.fwd_flops else 0.0
         recompute = {"none": 0.0, "selective": fwd * share, "full": fwd}[checkpoint]
         return LayerTimes(fwd, bwd, recompute, _recompute_flops(node, samples, tp, checkpoint))
@@ -82,6 +92,17 @@ class ComputeModel:
             recompute = pass_time_s(samples * node.attn_fwd_flops / flop_div,
                                     samples * node.attn_fwd_io_bytes / byte_div, self.device)
         return LayerTimes(fwd, bwd, recompute, _recompute_flops(node, samples, tp, checkpoint))
+
+
+def core_share(cluster: Cluster, profile: Profile) -> float:
+    """How much slower a layer runs in the cluster's processes than when it was profiled:
+    when a node's processes need more threads than it has cores, they share them, and each
+    computes at cores / (processes x threads) of its rate alone (measured on this 2-core
+    machine: 4 one-thread ranks take 2x, ../shared/NOTES-torch.md). 1 on GPUs."""
+    cores = cluster.device.cores_per_node
+    if cores is None or profile.machine is None:
+        return 1.0
+    return max(1.0, cluster.gpus_per_node * profile.machine.threads / cores)
 
 
 def _recompute_flops(node: LayerNode, samples: int, tp: int, checkpoint: str) -> float:

@@ -216,6 +216,8 @@ class CostModel:
         sync, gather = grad_sync_time_s(self.comm, node, layer, self.elt_bytes)
         weights, grads, optimizer = layer_state_bytes(node, layer, self.elt_bytes,
                                                       self.optimizer_bytes, shared)
+        # ZeRO 1/2 on FSDP2 keep each layer's whole weights from its forward to its backward.
+        kept = weights * layer.dp if layer.zero in (1, 2) and layer.dp > 1 else 0.0
         saved = samples * saved_bytes_per_sample(node, layer)
         whole = samples * saved_bytes_per_sample(
             node, layer.model_copy(update={"checkpoint": "none"}))
@@ -226,12 +228,12 @@ class CostModel:
                                "fsdp_comm": max(0.0, fsdp - compute)},
             tail_s={"dp_comm": max(0.0, sync - times.bwd_s) + gather,
                     "optimizer": self._optimizer_s(node, layer)},
-            state_bytes=weights + grads + optimizer,
+            state_bytes=weights + grads + optimizer + kept,
             state_parts=(weights, grads, optimizer),
             saved_bytes=saved, fixed_bytes=node.act_bytes_fixed,
             transient_bytes=whole if layer.checkpoint != "none" else 0.0,
             gathered_bytes=weights * layer.dp if layer.zero >= 3 and layer.dp > 1 else 0.0,
-            bucket=layer.dp > 1 and layer.zero < 3)
+            bucket=layer.dp > 1 and layer.zero < 3, kept_bytes=kept)
 
     def reshard_s(self, node: LayerNode, before: LayerStrategy, after: LayerStrategy,
                   micro_batch_size: int) -> float:

@@ -15,13 +15,21 @@ from autoplan.plan import LayerStrategy
 from autoplan.profiler.analytic import TP_SHARDED_KINDS
 
 __all__ = ["StageMemory", "LayerCost", "KORTHIKANTI_REPLICATED_TENSORS", "DDP_BUCKET_BYTES",
-           "saved_bytes_per_sample", "layer_state_bytes", "stage_memory", "stage_tail"]
+           "TORCH_SP_GATHERED_TENSORS", "saved_bytes_per_sample", "layer_state_bytes",
+           "stage_memory", "stage_tail"]
 
 KORTHIKANTI_REPLICATED_TENSORS = 5
 """Hidden-state tensors of a transformer block's saved activations that stay whole on every
 TP rank without sequence parallelism: Korthikanti et al. 2022, eq. 2 counts 10sbh bytes of
 34sbh + 5as^2b outside the sharded regions (norm inputs, dropout masks), five tensors of sbh
 two-byte elements."""
+
+TORCH_SP_GATHERED_TENSORS = 2
+"""Hidden-state tensors of a transformer block's saved activations that stay whole on every
+TP rank with sequence parallelism as torch runs it: ColwiseParallel saves the all-gathered
+input of each column-parallel group (attention q/k/v, MLP fc) for its weight gradient, where
+Megatron-LM saves the sequence slice and gathers it again in backward (Korthikanti et al.
+2022, sec. 4.2.2). Measured: tests/cost_model/test_memory_vs_executor.py."""
 
 DDP_BUCKET_BYTES = 25 * 2**20
 """Gradient bucket of one all-reduce in flight: torch DistributedDataParallel bucket_cap_mb=25."""
@@ -43,7 +51,8 @@ class StageMemory:
     transient: float
     """Recomputed activations of one checkpointed layer, live during its backward."""
     buffers: float
-    """Gathered FSDP weights, gradient buckets."""
+    """Gathered FSDP weights (ZeRO 3: the prefetched layers; ZeRO 1/2: every layer's, kept
+    from its forward to its backward), gradient buckets."""
 
     @property
     def peak(self) -> float:
@@ -74,6 +83,9 @@ class LayerCost:
     """Whole weights FSDP gathers for this layer (ZeRO 3)."""
     bucket: bool
     """Gradients sync through a bucket (dp > 1, ZeRO 0-2)."""
+    kept_bytes: float = 0.0
+    """Whole weights FSDP keeps gathered from this layer's forward to its backward (ZeRO 1
+    and 2, dp > 1): held at the stage's peak, so also counted in state_bytes."""
 
     @property
     def micro_batch_s(self) -> float:
@@ -93,6 +105,7 @@ def stage_memory(costs: list[LayerCost], held: float) -> StageMemory:
     up, plus the largest transient (one layer recomputes at a time) and the buffers."""
     buffers = PREFETCHED_LAYERS * max((c.gathered_bytes for c in costs), default=0.0)
     buffers += DDP_BUCKET_BYTES if any(c.bucket for c in costs) else 0
+    buffers += sum(c.kept_bytes for c in costs)
     return StageMemory(
         params=sum(c.state_parts[0] for c in costs), grads=sum(c.state_parts[1] for c in costs),
         optimizer=sum(c.state_parts[2] for c in costs),
@@ -108,16 +121,18 @@ def saved_bytes_per_sample(node: LayerNode, layer: LayerStrategy) -> float:
     """Bytes `node` keeps per sample on one rank until its backward, under `layer`'s plan.
 
     Full checkpointing keeps the input (sequence-sharded with SP, Korthikanti et al. 2022
-    sec. 5); selective drops the S x S tensors (LayerNode.attn_act_bytes); under TP the
-    sharded kinds divide by tp except KORTHIKANTI_REPLICATED_TENSORS of a block without SP.
+    sec. 5); selective drops the S x S tensors (LayerNode.attn_act_bytes). Under TP a block
+    divides by tp except KORTHIKANTI_REPLICATED_TENSORS without SP, TORCH_SP_GATHERED_TENSORS
+    with it; an embedding or head splits its weight only: it saves its whole input (token
+    ids; the gathered hidden state that a column-parallel head multiplies).
     """
     tp, sp = layer.tp, layer.sequence_parallel
     if layer.checkpoint == "full":
         return node.input_bytes / (tp if sp and _sharded(node) else 1)
     act = node.act_bytes - (node.attn_act_bytes if layer.checkpoint == "selective" else 0)
-    if _sharded(node):
-        whole = 0.0 if sp or node.kind != "block" else min(
-            act, KORTHIKANTI_REPLICATED_TENSORS * node.output_bytes)
+    if node.kind == "block":
+        tensors = TORCH_SP_GATHERED_TENSORS if sp else KORTHIKANTI_REPLICATED_TENSORS
+        whole = min(act, tensors * node.output_bytes)
         return whole + (act - whole) / tp
     return act / tp if sp and node.kind == "norm" else act
 
@@ -130,8 +145,6 @@ def layer_state_bytes(node: LayerNode, layer: LayerStrategy, elt_bytes: int, opt
     Megatron keeps a copy of the embedding on the last stage)."""
     params = node.params + (node.shared_params if shared else 0)
     per_rank = params / (layer.tp if _sharded(node) else 1)
-    dp = layer.dp
-    weights = per_rank * elt_bytes / (dp if layer.zero >= 3 else 1)
-    grads = per_rank * elt_bytes / (dp if layer.zero >= 2 else 1)
-    optimizer = per_rank * optimizer_bytes / (dp if layer.zero >= 1 else 1)
-    return weights, grads, optimizer
+    shards = layer.dp if layer.zero >= 1 else 1  # FSDP2 shards all three (module docstring)
+    return (per_rank * elt_bytes / shards, per_rank * elt_bytes / shards,
+            per_rank * optimizer_bytes / shards)

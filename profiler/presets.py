@@ -29,6 +29,8 @@ class DevicePreset:
     """Bytes/s per device, each direction, between nodes (one NIC per GPU)."""
     gpus_per_node: int
     source: str
+    cores_per_node: int | None = None
+    """CPU cores a node's processes share (local-cpu); None for GPUs, one per process."""
 
 
 _A100 = "NVIDIA A100 datasheet; DGX A100: 8x HDR 200 Gb/s InfiniBand (HARDWARE.md)"
@@ -51,4 +53,5 @@ def local_cpu_preset(procs: int | None = None) -> DevicePreset:
     procs = procs or os.cpu_count() or 1
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return DevicePreset("local-cpu", None, memory // procs, None, None, None, procs,
-                        "this machine: os.cpu_count() and physical memory shared by procs")
+                        "this machine: os.cpu_count() and physical memory shared by procs",
+                        cores_per_node=os.cpu_count() or 1)
