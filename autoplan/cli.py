@@ -21,11 +21,7 @@ __all__ = ["main"]
 
 _DTYPES = ("bf16", "fp16", "fp32")  # autoplan.models.DTYPES, without importing torch here
 # Commands of the product that later work fills in; each says so instead of pretending.
-_NOT_BUILT = {
-    "validate": "run top plans and compare prediction with measurement",
-    "plot": "draw a plan's pipeline schedule and memory",
-    "export": "write a plan as torchtitan, Megatron-LM or DeepSpeed config",
-}
+_NOT_BUILT: dict[str, str] = {}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -157,6 +153,46 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print JSON")
     run.set_defaults(handler=_cmd_run)
 
+    validate = sub.add_parser("validate", help="profile, predict and really run many plans "
+                              "on local processes; report MAPE, Spearman, regret")
+    validate.add_argument("--model", required=True, help="model spec or preset name")
+    validate.add_argument("--nproc", type=int, default=4, help="local processes (default 4)")
+    validate.add_argument("--global-batch", type=int, default=16, help="samples per step")
+    validate.add_argument("--top-k", type=int, default=10, help="plans to run, besides DDP "
+                          "and FSDP (default 10)")
+    validate.add_argument("--steps", type=int, default=8, help="steps per run (default 8)")
+    validate.add_argument("--warmup", type=int, default=3, help="steps left out (default 3)")
+    validate.add_argument("--profile", help="a profile made with --threads 1 --dtype fp32 "
+                          "(default: measure one)")
+    validate.add_argument("--json", action="store_true", help="print JSON")
+    validate.add_argument("-o", "--output", help="folder for plans.csv, scatter.png, profile/")
+    validate.set_defaults(handler=_cmd_validate)
+
+    plot = sub.add_parser("plot", help="draw a plan's pipeline schedule (Gantt chart per "
+                          "stage) and memory per stage as a PNG")
+    plot.add_argument("plan", help="plan.json (from `autoplan search -o` or `inspect -o`)")
+    plot.add_argument("-o", "--output", required=True, help="picture to write, e.g. plan.png")
+    plot.add_argument("--model", help="model spec or graph.json (default: the plan's model)")
+    plot.add_argument("--cluster", help="cluster spec (default: the plan's cluster)")
+    plot.add_argument("--profile", help="profile folder or profile.json (default: the "
+                      "cluster's datasheet figures)")
+    plot.add_argument("--dtype", choices=_DTYPES, default="bf16")
+    plot.add_argument("--attention", choices=("flash", "math"), default="flash")
+    plot.add_argument("--memory-limit", type=float, help="GiB per device (default: the "
+                      "device's memory)")
+    plot.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    plot.set_defaults(handler=_cmd_plot)
+
+    export = sub.add_parser("export", help="write a plan as torchtitan TOML, Megatron-LM "
+                            "arguments or DeepSpeed JSON")
+    export.add_argument("plan", help="plan.json")
+    export.add_argument("--to", required=True, choices=("torchtitan", "megatron", "deepspeed"),
+                        help="target trainer")
+    export.add_argument("--dtype", choices=_DTYPES, default="bf16",
+                        help="training dtype (a plan does not record it; default bf16)")
+    export.add_argument("-o", "--output", help="file to write (default: print)")
+    export.set_defaults(handler=_cmd_export)
+
     for name, text in _NOT_BUILT.items():
         stub = sub.add_parser(name, help=f"{text} (not built yet)")
         stub.set_defaults(handler=_not_built(name))
@@ -179,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AutoplanError as err:
         if args.debug:
             raise
-        print(f"autoplan {args.command}: error: {err}", file=sys.stderr)
+        print(f"autoplan {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"autoplan {args.command}: interrupted", file=sys.stderr)
@@ -190,8 +226,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:  # a path that cannot be read or written
         if args.debug:
             raise
-        print(f"autoplan {args.command}: error: {err}", file=sys.stderr)
+        print(f"autoplan {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+
+
+def _one_line(err: BaseException) -> str:
+    """The message on one line: line breaks that came in with the input are escaped."""
+    return str(err).replace("\r", "\\r").replace("\n", "\\n")
 
 
 def _not_built(name: str) -> Callable[[argparse.Namespace], int]:
@@ -312,7 +353,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except RunFailed as err:  # the run failed, the input was fine: status 1
         if args.debug:
             raise
-        print(f"autoplan run: error: {err}", file=sys.stderr)
+        print(f"autoplan run: error: {_one_line(err)}", file=sys.stderr)
         return 1
     if report is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
@@ -355,6 +396,69 @@ def _cmd_search(args: argparse.Namespace) -> int:
         out.print(table)
     if args.output:
         out.print(f"wrote {args.output}")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from autoplan.validate import ValidateOptions, validate, write_outputs
+
+    options = ValidateOptions(model=args.model, nproc=args.nproc, global_batch=args.global_batch,
+                              top_k=args.top_k, steps=args.steps, warmup=args.warmup,
+                              profile=args.profile, output=args.output)
+    console = _console(stderr=True)
+    with console.status("validating") as status:
+        result = validate(options, lambda text: status.update(text))
+    paths = write_outputs(result, args.output) if args.output else []
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1))
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f"{args.model}: predicted vs measured on {args.nproc} local processes")
+    for name in ("plan", "role", "predicted", "measured", "error", "state memory error"):
+        table.add_column(name)
+    for p in result.plans:
+        table.add_row(p.plan, p.role, f"{p.predicted_s * 1e3:.0f} ms",
+                      f"{p.measured_s * 1e3:.0f} ms", f"{p.time_error:+.1%}",
+                      f"{p.memory_error:+.1%}")
+    out = _console()
+    out.print(table)
+    out.print(f"MAPE {result.mape:.1%}, Spearman {result.spearman:.2f}, regret "
+              f"{result.regret:.2f}, memory error {result.memory_error:.1%}")
+    for path in paths:
+        out.print(f"wrote {path}")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from autoplan.plotting import PlotOptions, run_plot
+
+    options = PlotOptions(plan=args.plan, output=args.output, model=args.model,
+                          cluster=args.cluster, profile=args.profile, dtype=args.dtype,
+                          attention=args.attention, memory_limit_gib=args.memory_limit,
+                          optimizer=args.optimizer)
+    with _console(stderr=True).status(f"drawing {args.plan}"):
+        _, estimate, timeline = run_plot(options)
+    print(f"wrote {args.output}: simulated pipeline {timeline.makespan_s:.4g} s, bubble "
+          f"{timeline.bubble_fraction():.0%}; predicted step {estimate.step_time_s:.4g} s")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from autoplan.export import export_plan
+    from autoplan.io import atomic_write_text
+    from autoplan.plan import load_plan
+
+    if not Path(args.plan).is_file():
+        raise AutoplanError(f"plan file '{args.plan}' does not exist")
+    result = export_plan(load_plan(args.plan), args.to, args.dtype)
+    for note in result.notes:
+        print(f"autoplan export: note: {note}", file=sys.stderr)
+    if args.output:
+        atomic_write_text(args.output, result.text)
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(result.text)
     return 0
 
 

@@ -61,7 +61,9 @@ def run_case(spec: str, cluster: str, batch: int) -> dict:
 
 def _in_process(spec: str, cluster: str, batch: int) -> dict:
     out = subprocess.run([sys.executable, __file__, "--case", spec, cluster, str(batch)],
-                         check=True, capture_output=True, text=True)
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"case {spec} on {cluster} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

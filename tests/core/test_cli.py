@@ -28,13 +28,6 @@ def test_help_lists_every_command() -> None:
         assert command in out.stdout
 
 
-@pytest.mark.parametrize("command", ["validate", "plot", "export"])
-def test_commands_not_built_yet_say_so(command: str, capsys) -> None:
-    assert main([command, "--model", "gpt-tiny"]) == 2
-    err = capsys.readouterr().err
-    assert f"autoplan {command}: not built yet" in err and len(err.strip().splitlines()) == 1
-
-
 def test_bad_model_is_one_line_exit_2_without_traceback() -> None:
     out = _autoplan("inspect", "--model", "gpt:layers=2,hidden=10,heads=3,seq=4,vocab=8")
     assert out.returncode == 2

@@ -1,0 +1,272 @@
+"""`autoplan validate`: profile here, predict many plans, run them for real, and say how well
+prediction and measurement agree (MAPE, Spearman, regret, memory error).
+
+The plans are the ones the executor can run (one (dp, tp) layout and one ZeRO family for all
+layers): every uniform point of pp x tp x dp x ZeRO x checkpointing x micro-batch on the
+local processes, priced by the cost model with the measured profile. The fastest predicted
+is the chosen plan; the runs take the fastest few, an even spread over the rest of the
+ranking (so that rank correlation means something), and the DDP and FSDP baselines.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from autoplan.cluster import parse_cluster_spec
+from autoplan.cost_model import CostModel
+from autoplan.cost_model.command import load_graph
+from autoplan.errors import AutoplanError
+from autoplan.graph import LayerGraph
+from autoplan.io import atomic_write_text
+from autoplan.plan import uniform_plan
+from autoplan.profiler.profile import Profile, load_profile
+
+__all__ = ["ValidateOptions", "PlanOutcome", "Validation", "candidate_plans", "validate",
+           "spearman", "write_outputs"]
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ValidateOptions:
+    model: str
+    nproc: int = 4
+    global_batch: int = 16
+    top_k: int = 10
+    steps: int = 8
+    warmup: int = 3
+    profile: str | None = None
+    output: str | None = None
+    repeats: int = 5
+    timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.nproc < 2:
+            raise AutoplanError(f"--nproc must be at least 2, got {self.nproc}")
+        if self.global_batch < 1 or self.top_k < 2:
+            raise AutoplanError("--global-batch must be >= 1 and --top-k >= 2")
+        if self.steps <= self.warmup or self.warmup < 0:
+            raise AutoplanError(f"--steps ({self.steps}) must exceed the warm-up steps "
+                                f"({self.warmup})")
+
+
+@dataclass(frozen=True)
+class PlanOutcome:
+    plan: str
+    """The shorthand it ran under."""
+    role: str
+    """chosen, runner-up, spread, ddp or fsdp."""
+    predicted_s: float
+    measured_s: float
+    predicted_state_bytes: float
+    """Weights + gradients + optimizer state of the fullest rank, predicted."""
+    measured_state_bytes: float
+
+    @property
+    def time_error(self) -> float:
+        return self.predicted_s / self.measured_s - 1
+
+    @property
+    def memory_error(self) -> float:
+        return self.predicted_state_bytes / self.measured_state_bytes - 1
+
+
+@dataclass(frozen=True)
+class Validation:
+    plans: list[PlanOutcome]
+    mape: float
+    spearman: float
+    regret: float
+    memory_error: float
+    """Mean absolute relative error of the per-rank state bytes."""
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"plans": [asdict(p) | {"time_error": p.time_error,
+                                       "memory_error": p.memory_error} for p in self.plans],
+                "mape": self.mape, "spearman": self.spearman, "regret": self.regret,
+                "memory_error": self.memory_error, "notes": self.notes}
+
+
+def candidate_plans(graph: LayerGraph, nproc: int, global_batch: int,
+                    heads: int | None = None) -> list[str]:
+    """Every uniform plan the executor runs on `nproc` processes, as shorthand."""
+    blocks = sum(node.kind == "block" for node in graph.nodes)
+    out = []
+    for tp in _divisors(nproc):
+        if heads and heads % tp:
+            continue
+        for pp in _divisors(nproc // tp):
+            dp = nproc // (tp * pp)
+            if pp > max(blocks, 1):
+                continue
+            for per_rank in (1, 2, 4):
+                micro = per_rank * dp
+                if global_batch % micro or (pp > 1 and global_batch // micro < pp):
+                    continue
+                for zero in (0, 2, 3) if dp > 1 else (0,):
+                    for ckpt in ("none", "full"):
+                        schedules = ("1f1b", "gpipe") if pp > 1 else ("1f1b",)
+                        out += [f"dp={dp},tp={tp},pp={pp},micro_batch={per_rank},zero={zero},"
+                                f"ckpt={ckpt},schedule={s}" for s in schedules]
+    return out
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _profile(options: ValidateOptions, on_progress: Progress | None) -> Profile:
+    """Measure layers and collectives as the runs will use them: fp32, one thread per rank."""
+    if options.profile:
+        return load_profile(options.profile)
+    from autoplan.profiler.command import ProfileOptions, run_profile
+    from autoplan.profiler.output import write_profile
+
+    tps = tuple(tp for tp in (1, 2, 4, 8) if options.nproc % tp == 0)
+    profile = run_profile(ProfileOptions(
+        model=options.model, nproc=options.nproc, micro_batches=(1, 2, 4, 8), tps=tps,
+        repeats=options.repeats, threads=1, dtype="fp32"),
+        (lambda stage, text: on_progress(f"profile {stage}: {text}")) if on_progress else None)
+    if options.output:
+        write_profile(profile, Path(options.output) / "profile")
+    return profile
+
+
+def _select(ranked: list[tuple[float, str]], top_k: int) -> list[tuple[str, str]]:
+    """(shorthand, role): the fastest few and an even spread over the rest of the ranking."""
+    head = max(2, top_k // 2)
+    chosen = [(ranked[0][1], "chosen")] + [(p, "runner-up") for _, p in ranked[1:head]]
+    rest = ranked[head:]
+    want = top_k - len(chosen)
+    if rest and want > 0:
+        step = max(1, len(rest) // want)
+        chosen += [(p, "spread") for _, p in rest[step - 1::step][:want]]
+    return chosen
+
+
+def validate(options: ValidateOptions, on_progress: Progress | None = None) -> Validation:
+    """Profile (or load), predict every runnable plan, run the selected ones, compare.
+
+    Raises:
+        AutoplanError: on bad input; RunFailed when a worker dies.
+    """
+    from autoplan.executor.run import RunOptions, run_plan
+
+    graph, heads = load_graph(options.model, dtype="fp32")
+    profile = _profile(options, on_progress)
+    if profile.model_hash != graph.structural_hash:
+        raise AutoplanError(f"profile is of model {profile.model}, not {graph.model}")
+    cluster = parse_cluster_spec(f"local-cpu:procs={options.nproc}")
+    model = CostModel(graph, cluster, profile)
+    ranked = []
+    for shorthand in candidate_plans(graph, options.nproc, options.global_batch,
+                                     heads.get("heads")):
+        estimate = model.estimate(uniform_plan(shorthand, graph, options.nproc,
+                                               options.global_batch))
+        if estimate.fits:
+            ranked.append((estimate.step_time_s, shorthand))
+    if len(ranked) < 2:
+        raise AutoplanError(f"fewer than two runnable plans for {options.nproc} processes and "
+                            f"global batch {options.global_batch}")
+    ranked.sort()
+    runs = _select(ranked, options.top_k)
+    per_rank = options.global_batch // options.nproc
+    runs += [(f"dp={options.nproc},zero={zero},micro_batch={per_rank}", name)
+             for name, zero in (("ddp", 0), ("fsdp", 3)) if per_rank >= 1
+             and options.global_batch % options.nproc == 0]
+    outcomes, seen = [], set()
+    for done, (shorthand, role) in enumerate(runs, 1):
+        plan = uniform_plan(shorthand, graph, options.nproc, options.global_batch)
+        key = plan.model_dump_json(exclude={"provenance"})
+        if key in seen:  # a baseline that is also in the ranking runs once
+            continue
+        seen.add(key)
+        if on_progress:
+            on_progress(f"run {done}/{len(runs)}: {shorthand}")
+        report = run_plan(RunOptions(
+            model=options.model, plan=shorthand, nproc=options.nproc, steps=options.steps,
+            warmup=options.warmup, global_batch=options.global_batch,
+            timeout_s=options.timeout_s, device="cpu"))
+        outcomes.append(_outcome(shorthand, role, model.estimate(plan), report))
+    return _summary(outcomes, len(ranked))
+
+
+def _outcome(shorthand: str, role: str, estimate, report) -> PlanOutcome:  # noqa: ANN001
+    def state(memory) -> float:  # noqa: ANN001
+        return memory.params + memory.grads + memory.optimizer
+
+    predicted = max(state(s.memory) for s in estimate.stages)
+    measured = max(r["params"] + r["grads"] + r["optimizer"] for r in report.ranks)
+    return PlanOutcome(shorthand, role, estimate.step_time_s, report.step_time_s, predicted,
+                       measured)
+
+
+def _summary(outcomes: list[PlanOutcome], priced: int) -> Validation:
+    mape = statistics.fmean(abs(o.time_error) for o in outcomes)
+    rho = spearman([o.predicted_s for o in outcomes], [o.measured_s for o in outcomes])
+    chosen = next(o for o in outcomes if o.role == "chosen")
+    regret = chosen.measured_s / min(o.measured_s for o in outcomes)
+    memory = statistics.fmean(abs(o.memory_error) for o in outcomes)
+    notes = [f"{priced} runnable plans priced, {len(outcomes)} run",
+             "memory compares weights + gradients + optimizer state of the fullest rank"]
+    return Validation(outcomes, mape, rho, regret, memory, notes)
+
+
+def spearman(xs: list[float], ys: list[float]) -> float:
+    """Spearman's rank correlation: Pearson's of the ranks (ties share their mean rank)."""
+    import pandas as pd
+
+    return float(pd.Series(xs).rank().corr(pd.Series(ys).rank()))
+
+
+def write_outputs(result: Validation, folder: str | Path) -> list[Path]:
+    """plans.csv and a predicted-vs-measured scatter plot, written atomically."""
+    folder = Path(folder)
+    rows = result.to_dict()["plans"]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(folder / "plans.csv", text.getvalue())
+    return [folder / "plans.csv", _scatter(result, folder / "scatter.png")]
+
+
+def _scatter(result: Validation, path: Path) -> Path:
+    import os
+    import tempfile
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for role, marker in (("chosen", "*"), ("runner-up", "o"), ("spread", "s"), ("ddp", "^"),
+                         ("fsdp", "v")):
+        mine = [p for p in result.plans if p.role == role]
+        if mine:
+            ax.scatter([p.predicted_s * 1e3 for p in mine], [p.measured_s * 1e3 for p in mine],
+                       marker=marker, s=90 if role == "chosen" else 40, label=role)
+    top = max(max(p.predicted_s, p.measured_s) for p in result.plans) * 1e3 * 1.1
+    ax.plot([0, top], [0, top], "k--", lw=0.8, label="measured = predicted")
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, top)
+    ax.set_xlabel("predicted step time (ms)")
+    ax.set_ylabel("measured step time (ms)")
+    ax.set_title(f"MAPE {result.mape:.1%}, Spearman {result.spearman:.2f}, "
+                 f"regret {result.regret:.2f}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

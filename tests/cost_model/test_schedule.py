@@ -1,0 +1,132 @@
+"""The simulated pipeline schedule against the closed forms of cost_model/pipeline.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from autoplan.cluster import parse_cluster_spec
+from autoplan.cost_model import CostModel
+from autoplan.cost_model.pipeline import micro_batches_in_flight, pipeline_time_s
+from autoplan.cost_model.schedule import (
+    ChunkTimes,
+    chunk_times_from_estimate,
+    op_order,
+    plan_timeline,
+    simulate_schedule,
+)
+from autoplan.graph import LayerGraph, LayerNode
+from autoplan.plan import uniform_plan
+
+EQUAL = ChunkTimes(forward_s=1.0, backward_s=2.0, recompute_s=0.5, comm_s=0.25)
+T = 3.75  # EQUAL's seconds per micro-batch
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("pp", [1, 2, 4, 8])
+@pytest.mark.parametrize("m", [1, 3, 8, 13, 64])
+def test_equal_stages_end_at_m_plus_pp_minus_1_times_t(schedule: str, pp: int, m: int) -> None:
+    timeline = simulate_schedule(schedule, pp, m, [EQUAL] * pp)
+    assert timeline.makespan_s == pytest.approx((m + pp - 1) * T)
+    assert timeline.makespan_s == pytest.approx(pipeline_time_s([T] * pp, m))
+
+
+@pytest.mark.parametrize("pp", [2, 4, 8])
+@pytest.mark.parametrize("virtual", [2, 3, 4])
+@pytest.mark.parametrize("rounds", [1, 2, 5])
+def test_interleaved_equal_chunks_end_at_the_closed_form(pp: int, virtual: int,
+                                                         rounds: int) -> None:
+    m, chunk = rounds * pp, ChunkTimes(1.0 / virtual, 2.0 / virtual)
+    timeline = simulate_schedule("interleaved_1f1b", pp, m, [chunk] * (pp * virtual), virtual)
+    assert timeline.makespan_s == pytest.approx(pipeline_time_s([3.0] * pp, m, virtual))
+
+
+@pytest.mark.parametrize("schedule,virtual", [("gpipe", 1), ("1f1b", 1),
+                                              ("interleaved_1f1b", 2),
+                                              ("interleaved_1f1b", 3)])
+@pytest.mark.parametrize("pp", [1, 2, 3, 4])
+@pytest.mark.parametrize("m", [1, 2, 5, 7, 12])
+def test_each_op_runs_once_after_what_it_needs(schedule: str, virtual: int, pp: int,
+                                               m: int) -> None:
+    chunks = [ChunkTimes(1.0 + 0.3 * c, 2.0 + 0.1 * c) for c in range(pp * virtual)]
+    timeline = simulate_schedule(schedule, pp, m, chunks, virtual)
+    ends = {(op.kind, op.chunk, op.micro_batch): op for op in timeline.ops}
+    assert len(ends) == len(timeline.ops) == 2 * m * pp * virtual
+    last = pp * virtual - 1
+    for op in timeline.ops:
+        assert op.rank == op.chunk % pp
+        if op.kind == "forward" and op.chunk > 0:
+            assert op.start_s >= ends[("forward", op.chunk - 1, op.micro_batch)].end_s
+        if op.kind == "backward":
+            before = ("forward", last, op.micro_batch) if op.chunk == last else \
+                ("backward", op.chunk + 1, op.micro_batch)
+            assert op.start_s >= ends[before].end_s
+    for rank in range(pp):  # a rank runs one op at a time
+        mine = sorted((op.start_s, op.end_s) for op in timeline.ops if op.rank == rank)
+        assert all(a[1] <= b[0] + 1e-12 for a, b in zip(mine, mine[1:], strict=False))
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_micro_batches_held_match_the_memory_model(schedule: str) -> None:
+    pp, m = 4, 10
+    for rank in range(pp):
+        held = most = 0
+        for kind, _, _ in op_order(schedule, pp, rank, m):
+            held += 1 if kind == "forward" else -1
+            most = max(most, held)
+        assert most == micro_batches_in_flight(schedule, pp, rank, m)
+
+
+def test_parts_of_the_ops_add_up_to_the_chunk_time() -> None:
+    forward, backward = EQUAL.parts("forward"), EQUAL.parts("backward")
+    assert [p for p, _ in forward] == ["forward", "comm"]
+    assert [p for p, _ in backward] == ["recompute", "backward", "comm"]
+    assert sum(s for _, s in forward + backward) == pytest.approx(T)
+
+
+def test_wrong_chunk_count_and_unknown_schedule_are_refused() -> None:
+    with pytest.raises(ValueError, match="chunk times"):
+        simulate_schedule("1f1b", 4, 8, [EQUAL] * 3)
+    with pytest.raises(ValueError, match="not one of"):
+        simulate_schedule("zigzag", 2, 8, [EQUAL] * 2)
+    with pytest.raises(ValueError, match="interleaved_1f1b"):
+        op_order("1f1b", 2, 0, 4, virtual=2)
+
+
+def _graph(blocks: int = 8) -> LayerGraph:
+    def node(i: int) -> LayerNode:
+        return LayerNode(name=f"layers.{i}", kind="block", module_type="Synthetic",
+                         signature="b", params=10**6, shared_params=0, param_bytes=2 * 10**6,
+                         fwd_flops=1e12, bwd_flops=2e12, act_bytes=1000, act_bytes_fixed=0,
+                         input_bytes=100, output_bytes=100, output_shape=(1, 8, 8),
+                         fwd_io_bytes=1000, bwd_io_bytes=2000)
+    return LayerGraph("synthetic", "bfloat16", "flash", 8, tuple(map(node, range(blocks))), ())
+
+
+@pytest.mark.parametrize("shorthand", ["pp=4,schedule=1f1b", "pp=4,schedule=gpipe",
+                                       "pp=2,virtual_stages=2", "pp=1"])
+def test_a_plan_timeline_uses_the_estimate_times(shorthand: str) -> None:
+    graph = _graph()
+    model = CostModel(graph, parse_cluster_spec("h100-sxm:gpus=8"))
+    plan = uniform_plan(shorthand, graph, 8, 64)
+    estimate = model.estimate(plan)
+    timeline = plan_timeline(model, plan, estimate)
+    tail = max(sum(s.tail_s.values()) for s in estimate.stages)
+    # equal blocks, pp dividing m: the simulation meets the closed form the estimate uses, up
+    # to the pipeline hop the first and last stage send one fewer of
+    assert timeline.makespan_s + tail == pytest.approx(estimate.step_time_s, rel=1e-3)
+    for rank, stage in enumerate(estimate.stages):
+        assert timeline.busy_s(rank) == pytest.approx(plan.num_micro_batches
+                                                      * stage.micro_batch_s)
+
+
+def test_chunk_times_follow_the_weights_and_add_up_to_the_stage() -> None:
+    graph = _graph()
+    model = CostModel(graph, parse_cluster_spec("h100-sxm:gpus=8"))
+    plan = uniform_plan("pp=2,virtual_stages=2", graph, 8, 64)
+    estimate = model.estimate(plan)
+    times = chunk_times_from_estimate(estimate, 2, 2, [1.0, 1.0, 3.0, 1.0])
+    stage0 = estimate.stages[0].per_micro_batch_s
+    assert times[0].forward_s == pytest.approx(stage0["forward"] / 4)
+    assert times[2].forward_s == pytest.approx(stage0["forward"] * 3 / 4)
+    assert times[1].backward_s + times[3].backward_s == pytest.approx(
+        estimate.stages[1].per_micro_batch_s["backward"])
