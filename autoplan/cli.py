@@ -91,13 +91,7 @@ def _parser() -> argparse.ArgumentParser:
                           help='plan.json, or "dp=..,tp=..,pp=..,micro_batch=..,ckpt=full,'
                           'zero=1,schedule=1f1b"')
     estimate.add_argument("--seq", type=int, help="sequence length (overrides the model's)")
-    estimate.add_argument("--profile", help="profile folder or profile.json (default: the "
-                          "cluster's datasheet figures)")
-    estimate.add_argument("--dtype", choices=_DTYPES, default="bf16")
-    estimate.add_argument("--attention", choices=("flash", "math"), default="flash")
-    estimate.add_argument("--memory-limit", type=float, help="GiB per device (default: the "
-                          "device's memory)")
-    estimate.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    _add_pricing_arguments(estimate)
     estimate.add_argument("--json", action="store_true", help="print JSON")
     estimate.set_defaults(handler=_cmd_estimate)
 
@@ -174,13 +168,7 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("-o", "--output", required=True, help="picture to write, e.g. plan.png")
     plot.add_argument("--model", help="model spec or graph.json (default: the plan's model)")
     plot.add_argument("--cluster", help="cluster spec (default: the plan's cluster)")
-    plot.add_argument("--profile", help="profile folder or profile.json (default: the "
-                      "cluster's datasheet figures)")
-    plot.add_argument("--dtype", choices=_DTYPES, default="bf16")
-    plot.add_argument("--attention", choices=("flash", "math"), default="flash")
-    plot.add_argument("--memory-limit", type=float, help="GiB per device (default: the "
-                      "device's memory)")
-    plot.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    _add_pricing_arguments(plot)
     plot.set_defaults(handler=_cmd_plot)
 
     export = sub.add_parser("export", help="write a plan as torchtitan TOML, Megatron-LM "
@@ -197,6 +185,17 @@ def _parser() -> argparse.ArgumentParser:
         stub = sub.add_parser(name, help=f"{text} (not built yet)")
         stub.set_defaults(handler=_not_built(name))
     return parser
+
+
+def _add_pricing_arguments(parser: argparse.ArgumentParser) -> None:
+    """What the cost model needs besides the plan: estimate and plot take the same."""
+    parser.add_argument("--profile", help="profile folder or profile.json (default: the "
+                        "cluster's datasheet figures)")
+    parser.add_argument("--dtype", choices=_DTYPES, default="bf16")
+    parser.add_argument("--attention", choices=("flash", "math"), default="flash")
+    parser.add_argument("--memory-limit", type=float, help="GiB per device (default: the "
+                        "device's memory)")
+    parser.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,6 +17,7 @@ import pytest
 from autoplan.cli import main
 from autoplan.executor.run import RUN_FAULT_ENV
 from autoplan.models import build_model
+from tests.processes import processes_with
 
 TAG_ENV = "AUTOPLAN_TEST_TAG"
 RUN_TIMEOUT_S = 120
@@ -29,18 +30,7 @@ def _autoplan(*args: str, env: dict[str, str] | None = None,
 
 
 def _processes_with(tag: str) -> list[int]:
-    """Live processes (other than this one) whose environment holds the tag."""
-    needle = f"{TAG_ENV}={tag}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if needle in (entry / "environ").read_bytes():
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
+    return processes_with(TAG_ENV, tag)
 
 
 def _one_line_error(err: str, command: str = "run") -> str:

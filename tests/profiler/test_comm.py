@@ -32,6 +32,7 @@ from autoplan.profiler.profile import (
     bus_factor,
     load_profile,
 )
+from tests.processes import processes_with
 
 TEST_LIMIT_S = 90  # no test here may run longer; SIGALRM ends it (pytest-timeout is not used)
 TAG_ENV = "AUTOPLAN_COMM_TEST_TAG"  # inherited by workers, so leftovers can be found
@@ -61,18 +62,7 @@ def tag(monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def _processes_with(tag: str) -> list[int]:
-    """Live processes (other than this one) whose environment holds the tag."""
-    needle = f"{TAG_ENV}={tag}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if needle in (entry / "environ").read_bytes():
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
+    return processes_with(TAG_ENV, tag)
 
 
 def _check_points(points: list[CommPoint], expected: set[tuple[str, int, str]],
