@@ -4,17 +4,21 @@ file) parsed into a frozen Cluster."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+import math
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 
 from autoplan.errors import AutoplanError
 from autoplan.formats import check_version
 from autoplan.profiler.presets import HARDWARE_PRESETS, DevicePreset, local_cpu_preset
-from autoplan.specs import parse_int, parse_kv
+from autoplan.specs import parse_int, parse_kv, shown
 
-__all__ = ["CLUSTER_FORMAT_VERSION", "Cluster", "parse_cluster_spec"]
+__all__ = ["CLUSTER_FORMAT_VERSION", "MAX_DEVICES", "Cluster", "parse_cluster_spec"]
 
 CLUSTER_FORMAT_VERSION = 1
+MAX_DEVICES = 2**20
+"""The largest cluster autoplan plans for (the largest trained on had about 10**5 GPUs); a
+bound keeps the search's enumeration of degrees finite on a mistyped count."""
 _PRESET_NAMES = [*HARDWARE_PRESETS, "local-cpu"]
 
 
@@ -30,7 +34,13 @@ class Cluster:
     def __post_init__(self) -> None:
         if self.gpus < 1:
             raise AutoplanError(f"cluster '{self.spec}': needs at least one device")
+        if self.gpus > MAX_DEVICES:
+            raise AutoplanError(f"cluster '{self.spec}': {self.gpus} devices; autoplan plans "
+                                f"for at most {MAX_DEVICES}")
         per_node = self.device.gpus_per_node
+        if not isinstance(per_node, int) or isinstance(per_node, bool) or per_node < 1:
+            raise AutoplanError(f"cluster '{self.spec}': gpus_per_node must be an integer >= 1, "
+                                f"got {per_node!r}")
         if self.gpus > per_node and self.gpus % per_node:
             raise AutoplanError(
                 f"cluster '{self.spec}': {self.gpus} devices do not fill nodes of {per_node}; "
@@ -50,11 +60,50 @@ class Cluster:
 
     @classmethod
     def from_dict(cls, data: dict, spec: str) -> Cluster:
-        check_version(data, f"cluster file '{spec}'", CLUSTER_FORMAT_VERSION)
-        try:
-            return cls(spec, DevicePreset(**data["device"]), int(data["gpus"]))
-        except (KeyError, TypeError, ValueError) as err:
-            raise AutoplanError(f"cluster file '{spec}' is malformed: {err}") from None
+        what = f"cluster file '{spec}'"
+        check_version(data, what, CLUSTER_FORMAT_VERSION)
+        device, gpus = data.get("device"), data.get("gpus")
+        if not isinstance(device, dict):
+            raise AutoplanError(f"{what} is malformed: device must be an object, got "
+                                f"{shown(repr(device))}")
+        if not _is_int(gpus, 1):
+            raise AutoplanError(f"{what} is malformed: gpus must be an integer >= 1, got "
+                                f"{shown(repr(gpus))}")
+        known = {f.name: f.default is MISSING for f in fields(DevicePreset)}
+        unknown = sorted(set(device) - set(known))
+        missing = [name for name, required in known.items() if required and name not in device]
+        if unknown or missing:
+            raise AutoplanError(f"{what} is malformed: device field "
+                                f"{shown(unknown[0]) if unknown else missing[0]} is "
+                                f"{'unknown' if unknown else 'missing'}")
+        for name, (check, wanted) in _DEVICE_FIELDS.items():
+            if name in device and not check(device[name]):
+                raise AutoplanError(f"{what} is malformed: device.{name} must be {wanted}, "
+                                    f"got {shown(repr(device[name]))}")
+        return cls(spec, DevicePreset(**device), gpus)
+
+
+def _is_int(value: object, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_rate(value: object) -> bool:
+    """A positive finite number, or None (unknown until measured)."""
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool)
+                             and 0 < value < math.inf)
+
+
+_DEVICE_FIELDS = {
+    "name": (lambda v: isinstance(v, str), "a string"),
+    "peak_flops": (_is_rate, "a positive number or null"),
+    "memory_bytes": (lambda v: _is_int(v, 1), "an integer >= 1"),
+    "memory_bandwidth": (_is_rate, "a positive number or null"),
+    "intra_node_bandwidth": (_is_rate, "a positive number or null"),
+    "inter_node_bandwidth": (_is_rate, "a positive number or null"),
+    "gpus_per_node": (lambda v: _is_int(v, 1), "an integer >= 1"),
+    "source": (lambda v: isinstance(v, str), "a string"),
+    "cores_per_node": (lambda v: v is None or _is_int(v, 1), "an integer >= 1 or null"),
+}
 
 
 def parse_cluster_spec(text: str) -> Cluster:
@@ -75,18 +124,20 @@ def parse_cluster_spec(text: str) -> Cluster:
     opts = parse_kv(rest, f"cluster spec '{text}'", ["nodes", "gpus", "procs", "gpus_per_node"])
     if sum(k in opts for k in ("nodes", "gpus", "procs")) > 1:
         raise AutoplanError(f"cluster spec '{text}': give one of nodes, gpus or procs")
+    what = f"cluster spec '{text}':"
     if name == "local-cpu":
-        procs = parse_int(opts.get("procs") or opts.get("gpus") or "0", "procs", 0) or None
-        device = local_cpu_preset(procs)
+        procs = parse_int(opts.get("procs") or opts.get("gpus") or "0", f"{what} procs", 0)
+        device = local_cpu_preset(procs or None)
     else:
         device = HARDWARE_PRESETS[name]
     if "gpus_per_node" in opts:
-        device = replace(device, gpus_per_node=parse_int(opts["gpus_per_node"], "gpus_per_node"))
+        device = replace(device, gpus_per_node=parse_int(opts["gpus_per_node"],
+                                                         f"{what} gpus_per_node"))
     if "nodes" in opts:
-        gpus = parse_int(opts["nodes"], "nodes") * device.gpus_per_node
+        gpus = parse_int(opts["nodes"], f"{what} nodes") * device.gpus_per_node
     else:
         count = opts.get("gpus") or opts.get("procs")
-        gpus = parse_int(count, "gpus") if count else device.gpus_per_node
+        gpus = parse_int(count, f"{what} gpus") if count else device.gpus_per_node
     return Cluster(text, device, gpus)
 
 

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from autoplan import __version__
 from autoplan.errors import AutoplanError
+from autoplan.specs import shown
 
 __all__ = ["check_version", "first_error"]
 
@@ -22,6 +23,10 @@ def check_version(data: Any, what: str, supported: int) -> None:
         AutoplanError: (a ValueError, so pydantic validators may raise it too).
     """
     version = data.get("version", supported) if isinstance(data, dict) else supported
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise AutoplanError(f"{what} format version must be an integer, got "
+                            f"{shown(repr(version))} (this autoplan {__version__} reads "
+                            f"version {supported})")
     if version != supported:
         raise AutoplanError(f"{what} format version {version} is not supported "
                             f"(this autoplan {__version__} reads version {supported})")

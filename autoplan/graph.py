@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -154,25 +155,110 @@ class LayerGraph:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> LayerGraph:
-        """Rebuild a graph from to_dict() output.
+    def from_dict(cls, data: dict, source: str = "layer graph") -> LayerGraph:
+        """Rebuild a graph from to_dict() output, checking every field's type.
 
         Raises:
-            AutoplanError: on another format version or missing fields.
+            AutoplanError: on another format version, a missing, unknown or mistyped field,
+                repeated layer names or an edge between unknown layers.
         """
-        check_version(data, "layer graph", GRAPH_FORMAT_VERSION)
-        try:
-            nodes = tuple(LayerNode(**{**n, "output_shape": tuple(n["output_shape"])})
-                          for n in data["nodes"])
-            edges = tuple(LayerEdge(**e) for e in data["edges"])
-            return cls(data["model"], data["dtype"], data["attention"],
-                       data["tokens_per_sample"], nodes, edges)
-        except (KeyError, TypeError) as err:
-            raise AutoplanError(f"layer graph is malformed: {err}") from None
+        check_version(data, source, GRAPH_FORMAT_VERSION)
+        top = _fields_of(data, source, "", _GRAPH_FIELDS, required=("model", "nodes", "edges"))
+        for key in ("nodes", "edges"):
+            if not isinstance(top[key], list):
+                raise AutoplanError(f"{source}: {key} must be a list, got {_short(top[key])}")
+        nodes = tuple(LayerNode(**_fields_of(n, source, f"nodes[{i}].", _NODE_FIELDS))
+                      for i, n in enumerate(top["nodes"]))
+        edges = tuple(LayerEdge(**_fields_of(e, source, f"edges[{i}].", _EDGE_FIELDS))
+                      for i, e in enumerate(top["edges"]))
+        names = [n.name for n in nodes]
+        if len(set(names)) != len(names):
+            raise AutoplanError(f"{source}: layer names repeat")
+        for edge in edges:
+            if edge.src not in names or edge.dst not in names:
+                raise AutoplanError(f"{source}: edge {edge.src} -> {edge.dst} names an unknown "
+                                    "layer")
+        return cls(top["model"], top.get("dtype", "bfloat16"), top.get("attention", "flash"),
+                   top.get("tokens_per_sample"), nodes, edges)
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> LayerGraph:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read a graph.json that save() wrote.
+
+        Raises:
+            AutoplanError: when the file cannot be read, is not JSON or not a layer graph.
+        """
+        source = f"layer graph '{path}'"
+        try:
+            data = json.loads(Path(path).read_text())
+        except OSError as err:
+            raise AutoplanError(f"{source} cannot be read: {err.strerror}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise AutoplanError(f"{source} is not JSON: {err}") from None
+        return cls.from_dict(data, source)
+
+
+# ------------------------------------------------------------------ checking loaded fields
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_amount(value: object) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value >= 0)
+
+
+def _is_shape(value: object) -> bool:
+    return isinstance(value, list | tuple) and all(_is_count(v) for v in value)
+
+
+_CHECKS = {"str": (lambda v: isinstance(v, str), "a string"),
+           "int": (_is_count, "an integer >= 0"),
+           "float": (_is_amount, "a finite number >= 0"),
+           "tuple[int, ...]": (_is_shape, "a list of integers >= 0"),
+           "int | None": (lambda v: v is None or _is_count(v), "an integer >= 0 or null")}
+_NODE_FIELDS = {f.name: f.type for f in fields(LayerNode)}
+_EDGE_FIELDS = {f.name: f.type for f in fields(LayerEdge)}
+_GRAPH_FIELDS = {"version": None, "structural_hash": None, "model": "str", "dtype": "str",
+                 "attention": "str", "tokens_per_sample": "int | None", "nodes": None,
+                 "edges": None}
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _fields_of(data: object, source: str, where: str, types: dict[str, str | None],
+               required: tuple[str, ...] | None = None) -> dict:
+    """`data` as keyword arguments, each field checked against its annotated type."""
+    if not isinstance(data, dict):
+        raise AutoplanError(f"{source}: {where.rstrip('.') or 'the document'} must be an "
+                            f"object, got {_short(data)}")
+    unknown = [key for key in data if key not in types]
+    if unknown:
+        raise AutoplanError(f"{source}: unknown field {where}{_short(unknown[0])}")
+    if required is None:
+        required = tuple(f for f in types if f in _REQUIRED)
+    missing = [key for key in required if key not in data]
+    if missing:
+        raise AutoplanError(f"{source}: missing field {where}{missing[0]}")
+    out = {}
+    for key, value in data.items():
+        kind = types[key]
+        if kind is not None:
+            check, wanted = _CHECKS[kind]
+            if not check(value):
+                raise AutoplanError(f"{source}: {where}{key} must be {wanted}, got "
+                                    f"{_short(value)}")
+        out[key] = tuple(value) if kind == "tuple[int, ...]" else value
+    return out
+
+
+_REQUIRED = {f.name for cls in (LayerNode, LayerEdge) for f in fields(cls)
+             if f.default is MISSING}

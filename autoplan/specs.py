@@ -6,7 +6,7 @@ from collections.abc import Collection
 
 from autoplan.errors import AutoplanError, choices_hint
 
-__all__ = ["parse_kv", "parse_int", "parse_bool", "parse_float"]
+__all__ = ["parse_kv", "parse_int", "parse_bool", "parse_float", "shown"]
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
@@ -37,14 +37,20 @@ def parse_kv(text: str, what: str, allowed: Collection[str]) -> dict[str, str]:
     return out
 
 
+def shown(value: object, limit: int = 40) -> str:
+    """`value` as text for an error message, cut to `limit` characters."""
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
+
+
 def parse_int(value: str, what: str, minimum: int = 1) -> int:
     """Parse an integer of at least `minimum`, naming `what` in the error."""
     try:
         number = int(value)
     except ValueError:
-        raise AutoplanError(f"{what} must be an integer, got '{value}'") from None
+        raise AutoplanError(f"{what} must be an integer, got '{shown(value)}'") from None
     if number < minimum:
-        raise AutoplanError(f"{what} must be at least {minimum}, got {number}")
+        raise AutoplanError(f"{what} must be at least {minimum}, got {shown(number)}")
     return number
 
 
@@ -53,9 +59,9 @@ def parse_float(value: str, what: str, minimum: float = 0.0) -> float:
     try:
         number = float(value)
     except ValueError:
-        raise AutoplanError(f"{what} must be a number, got '{value}'") from None
+        raise AutoplanError(f"{what} must be a number, got '{shown(value)}'") from None
     if not number >= minimum or number == float("inf"):
-        raise AutoplanError(f"{what} must be a finite number >= {minimum}, got {value}")
+        raise AutoplanError(f"{what} must be a finite number >= {minimum}, got {shown(value)}")
     return number
 
 
@@ -66,4 +72,4 @@ def parse_bool(value: str, what: str) -> bool:
         return True
     if lowered in _FALSE:
         return False
-    raise AutoplanError(f"{what} must be true or false, got '{value}'")
+    raise AutoplanError(f"{what} must be true or false, got '{shown(value)}'")

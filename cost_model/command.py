@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +37,8 @@ class EstimateOptions:
             raise AutoplanError(f"--global-batch must be at least 1, got {self.global_batch}")
         if self.seq is not None and self.seq < 1:
             raise AutoplanError(f"--seq must be at least 1, got {self.seq}")
-        if self.memory_limit_gib is not None and self.memory_limit_gib <= 0:
-            raise AutoplanError(f"--memory-limit must be positive GiB, got "
+        if self.memory_limit_gib is not None and not 0 < self.memory_limit_gib < math.inf:
+            raise AutoplanError(f"--memory-limit must be positive finite GiB, got "
                                 f"{self.memory_limit_gib}")
 
 
@@ -48,12 +49,7 @@ def load_graph(model: str, dtype: str = "bf16", attention: str = "flash",
     if model.endswith(".json") and not model.startswith("hf:"):  # hf: names a config.json
         if seq is not None:
             raise AutoplanError("--seq applies to a model spec, not to a saved graph.json")
-        try:
-            return LayerGraph.load(model), {}
-        except OSError as err:
-            raise AutoplanError(f"graph '{model}' cannot be read: {err.strerror}") from None
-        except ValueError as err:
-            raise AutoplanError(f"graph '{model}' is not a layer graph: {err}") from None
+        return LayerGraph.load(model), {}
     from autoplan.inspection import inspect_model  # torch: only when a model is traced
 
     spec = model if seq is None else f"{model}{',' if ':' in model else ':'}seq={seq}"

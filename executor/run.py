@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import statistics
@@ -104,9 +105,13 @@ class RunOptions:
             raise AutoplanError(f"--global-batch must be at least 1, got {self.global_batch}")
         if self.warmup < 0:
             raise AutoplanError(f"--warmup must be at least 0, got {self.warmup}")
-        if self.memory_limit_gib is not None and self.memory_limit_gib <= 0:
-            raise AutoplanError(f"--memory-limit must be positive GiB, got "
+        if self.memory_limit_gib is not None and not 0 < self.memory_limit_gib < math.inf:
+            raise AutoplanError(f"--memory-limit must be positive finite GiB, got "
                                 f"{self.memory_limit_gib}")
+        if not self.timeout_s > 0:
+            raise AutoplanError(f"--timeout must be positive seconds, got {self.timeout_s}")
+        if not 0 <= self.seed < 2**63:
+            raise AutoplanError(f"--seed must be in [0, 2**63), got {self.seed}")
         if self.device not in (None, "cpu", "cuda"):
             raise AutoplanError(f"--device '{self.device}' is not cpu or cuda")
         if self.device == "cuda" and not torch.cuda.is_available():

@@ -43,6 +43,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -438,7 +439,7 @@ def _measure_local(nproc: int, request: _Request, on_progress: Callable[[str], N
         result = folder / "result.json"
         spec = asdict(request) | {"result_path": str(result),
                                   "progress_path": str(folder / "progress.log")}
-        (folder / "spec.json").write_text(json.dumps(spec))
+        atomic_write_text(folder / "spec.json", json.dumps(spec))
         run_workers(nproc, [sys.executable, "-m", _WORKER_MODULE, str(folder / "spec.json")],
                     folder, request.timeout_s, ranks_per_node=ranks_per_node,
                     progress_path=folder / "progress.log", on_progress=on_progress,
@@ -458,12 +459,15 @@ def _read_points(path: Path) -> list[CommPoint]:
 
 
 def _maybe_fault(rank: int) -> None:
-    """Test-only: die or hang on one rank when FAULT_ENV asks for it."""
+    """Test-only: exit, SIGKILL itself or hang on one rank when FAULT_ENV asks for it
+    ("exit:RANK:CODE", "kill:RANK", "hang:RANK")."""
     kind, _, rest = os.environ.get(FAULT_ENV, "").partition(":")
     target, _, code = rest.partition(":")
-    if kind in ("exit", "hang") and int(target) == rank:
+    if kind in ("exit", "kill", "hang") and int(target) == rank:
         if kind == "exit":
             os._exit(int(code or 1))
+        if kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(1e6)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,12 +38,16 @@ class SearchCommand:
     output: str | None = None
 
     def __post_init__(self) -> None:
-        if self.memory_limit_gib is not None and self.memory_limit_gib <= 0:
-            raise AutoplanError(f"--memory-limit must be positive GiB, got {self.memory_limit_gib}")
+        if self.global_batch < 1:
+            raise AutoplanError(f"--global-batch must be at least 1, got {self.global_batch}")
+        if self.memory_limit_gib is not None and not 0 < self.memory_limit_gib < math.inf:
+            raise AutoplanError(f"--memory-limit must be positive finite GiB, got "
+                                f"{self.memory_limit_gib}")
         if self.max_tp is not None and self.max_tp < 1:
             raise AutoplanError(f"--max-tp must be at least 1, got {self.max_tp}")
-        if self.top_k < 0 or self.time_limit_s <= 0:
-            raise AutoplanError("--top-k must be >= 0 and --time-limit positive")
+        if self.top_k < 0 or not self.time_limit_s > 0:
+            raise AutoplanError(f"--top-k must be >= 0 and --time-limit positive, got "
+                                f"{self.top_k} and {self.time_limit_s}")
 
 
 def run_search(command: SearchCommand,

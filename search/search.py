@@ -40,13 +40,16 @@ from autoplan.search.space import (
     tp_fits,
 )
 
-__all__ = ["SearchOptions", "Candidate", "SearchResult", "Searcher", "SOLVERS"]
+__all__ = ["SearchOptions", "Candidate", "SearchResult", "Searcher", "SOLVERS",
+           "MAX_GLOBAL_BATCH"]
 
 SOLVERS = ("auto", "ilp", "dp")
 DP_LAYERS = 16
 """auto: stage problems of at most this many layers go to the DP, which answers them in a
 millisecond or two where the ILP takes tens; longer chains go to the ILP, whose size does
 not grow with a run's length. Both are exact."""
+MAX_GLOBAL_BATCH = 2**24
+"""Samples per step the search takes at most (it enumerates the batch's divisors)."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,13 @@ class SearchOptions:
         if self.solver not in SOLVERS:
             raise AutoplanError(f"solver '{self.solver}' is not one of {', '.join(SOLVERS)}")
         if self.global_batch < 1 or self.top_k < 0 or self.window < 0:
-            raise AutoplanError("global batch must be >= 1, top-k and window >= 0")
+            raise AutoplanError(f"global batch must be >= 1, top-k and window >= 0; got "
+                                f"{self.global_batch}, {self.top_k} and {self.window}")
+        if self.global_batch > MAX_GLOBAL_BATCH:
+            raise AutoplanError(f"global batch {self.global_batch} is too large; the search "
+                                f"takes at most {MAX_GLOBAL_BATCH} samples per step")
+        if not self.time_limit_s > 0:
+            raise AutoplanError(f"time limit must be positive seconds, got {self.time_limit_s}")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ and which outer settings (pp, micro-batch, schedule) a plan may take, with the u
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,9 @@ VIRTUAL_STAGES = (2, 3, 4)
 
 
 def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """The divisors of n in rising order (trial division up to sqrt(n))."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
 
 
 def parse_fix(text: str | None) -> dict[str, Any]:

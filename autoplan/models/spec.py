@@ -104,7 +104,7 @@ def _hf_spec(text: str, rest: str) -> ModelSpec:
     if not Path(path).is_file():
         raise AutoplanError(f"model spec '{text}': no such file '{path}'")
     return ModelSpec(text=text, family="hf", source=path,
-                     seq=parse_int(seq, "hf seq") if seq else None)
+                     seq=parse_int(seq, f"model spec '{text}': seq") if seq else None)
 
 
 def _module_spec(text: str, rest: str) -> ModelSpec:

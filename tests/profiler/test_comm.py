@@ -278,6 +278,25 @@ def test_dead_worker_raises_naming_its_rank(tag: str, monkeypatch: pytest.Monkey
     assert _processes_with(tag) == []
 
 
+def test_profile_with_a_killed_worker_exits_naming_its_rank(
+        tag: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Issue 9: `autoplan profile` whose comm worker rank 1 is SIGKILLed (once its worker
+    has started) ends non-zero within 60 s, names the rank and the signal, and leaves no
+    process behind."""
+    from autoplan.cli import main
+
+    monkeypatch.setenv(FAULT_ENV, "kill:1")
+    start_s = time.monotonic()
+    status = main(["profile", "--model", "gpt-tiny", "--nproc", "2", "--comm-sizes", "1024",
+                   "--micro-batches", "1", "--tp", "1", "--repeats", "1", "--warmup", "0",
+                   "-o", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status != 0 and time.monotonic() - start_s < 60
+    assert len(err) == 1 and "comm worker rank 1 was killed by SIGKILL" in err[0], err
+    assert not (tmp_path / "profile.json").exists()
+    assert _processes_with(tag) == []
+
+
 def test_hung_worker_is_killed_at_the_limit(tag: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(FAULT_ENV, "hang:1")
     start_s = time.monotonic()
