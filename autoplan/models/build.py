@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from autoplan.errors import AutoplanError
 from autoplan.models.gpt import GPT, GPTConfig
@@ -117,8 +117,12 @@ def _build_factory(spec: ModelSpec, device: str | torch.device,
         )
     if dtype is not None:
         module = module.to(dtype)
-    return BuiltModel(spec, module, make_inputs, sum_loss,
-                      getattr(module, "tokens_per_sample", None))
+
+    def inputs(batch: int) -> Any:  # where the module is, whatever device the user made them on
+        return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t,
+                        make_inputs(batch))
+
+    return BuiltModel(spec, module, inputs, sum_loss, getattr(module, "tokens_per_sample", None))
 
 
 def sum_loss(output: Any, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:

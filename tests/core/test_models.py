@@ -95,3 +95,10 @@ def test_factory_spec_imports_only_what_is_named() -> None:
         build_model("module:tests.core.factories:build_not_a_module")
     with pytest.raises(AutoplanError, match="cannot import"):
         build_model("module:tests.core.no_such_module:build")
+
+
+def test_a_factory_module_gets_its_inputs_where_it_is_built() -> None:
+    """A user's example_inputs may make CPU tensors; the meta-built module needs meta ones
+    (measured profiling of a module: spec failed on this)."""
+    built = build_model("module:tests.core.factories:build_resnet")
+    assert all(t.device.type == "meta" for t in built.example_inputs(2))
