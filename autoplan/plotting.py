@@ -90,8 +90,6 @@ def run_plot(options: PlotOptions) -> tuple[Plan, Estimate, Timeline]:
 
 def save_png(figure: Figure, path: str | Path) -> None:
     """Write the figure beside `path` first, then rename it over `path` (never half a file)."""
-    import matplotlib.pyplot as plt
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
@@ -102,19 +100,15 @@ def save_png(figure: Figure, path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    finally:
-        plt.close(figure)
 
 
 def plan_figure(plan: Plan, estimate: Estimate, timeline: Timeline) -> Figure:
     """The picture: the schedule above, memory per stage below, the plan in the title."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure as MplFigure  # no pyplot: no backend is switched,
+    # so a notebook's inline figures keep working and nothing is left open
 
     gantt_h = 0.45 * plan.pp + 1.6
-    figure = plt.figure(figsize=(13, gantt_h + 3.6), layout="constrained")
+    figure = MplFigure(figsize=(13, gantt_h + 3.6), layout="constrained")
     above, below = figure.subfigures(2, 1, height_ratios=[gantt_h, 3.6])
     # The schedule's caption goes with the title: an axes title wider than half the figure
     # would collapse the layout of the two-window schedule.

@@ -238,15 +238,12 @@ def write_outputs(result: Validation, folder: str | Path) -> list[Path]:
 
 
 def _scatter(result: Validation, path: Path) -> Path:
-    import os
-    import tempfile
+    from matplotlib.figure import Figure
 
-    import matplotlib
+    from autoplan.plotting import save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    fig = Figure(figsize=(5.5, 5), layout="constrained")
+    ax = fig.add_subplot()
     for role, marker in (("chosen", "*"), ("runner-up", "o"), ("spread", "s"), ("ddp", "^"),
                          ("fsdp", "v")):
         mine = [p for p in result.plans if p.role == role]
@@ -262,11 +259,5 @@ def _scatter(result: Validation, path: Path) -> Path:
     ax.set_title(f"MAPE {result.mape:.1%}, Spearman {result.spearman:.2f}, "
                  f"regret {result.regret:.2f}")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_png(fig, path)
     return path
