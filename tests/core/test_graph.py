@@ -242,5 +242,5 @@ def test_structural_hash_does_not_depend_on_string_hashing() -> None:
     hashes = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              check=True, timeout=120,
                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip()
-              for seed in ("1", "2", "3")}
+              for seed in ("1", "2")}  # these two order {"wte", "wpe"} differently
     assert len(hashes) == 1, hashes
