@@ -23,7 +23,8 @@ from autoplan.models import build_model
 from autoplan.plan import uniform_plan
 from autoplan.tracing import layer_graph_of_built
 
-TABLE = Path(__file__).resolve().parents[2] / "shared" / "validation" / "korthikanti2022_table5.csv"
+# a copy of ../shared/validation/korthikanti2022_table5.csv (benchmarks/data/README.md)
+TABLE = Path(__file__).resolve().parent / "data" / "korthikanti2022_table5.csv"
 RESULTS = Path(__file__).resolve().parent / "results" / "korthikanti.csv"
 PRESETS = {"22B": "gpt-22b", "175B": "gpt3-175b", "530B": "gpt-530b", "1T": "gpt-1t"}
 
