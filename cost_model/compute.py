@@ -22,9 +22,6 @@ from autoplan.profiler.profile import LayerProfile, Profile
 
 __all__ = ["LayerTimes", "ComputeModel", "core_share"]
 
-_ELEMENT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
-
-
 @dataclass(frozen=True)
 class LayerTimes:
     """Seconds one rank spends on one layer for one micro-batch."""
@@ -39,9 +36,9 @@ class LayerTimes:
 class ComputeModel:
     """Layer times at (samples per rank, tp, sequence parallel, checkpointing)."""
 
-    def __init__(self, cluster: Cluster, dtype: str, profile: Profile | None = None) -> None:
+    def __init__(self, cluster: Cluster, elt_bytes: int, profile: Profile | None = None) -> None:
         self.device = cluster.device
-        self.elt_bytes = _ELEMENT_BYTES.get(dtype.removeprefix("torch."), 2)
+        self.elt_bytes = elt_bytes  # bytes of one element in the training dtype
         self.layers: dict[str, LayerProfile] = {}
         self.core_share = 1.0
         if profile is not None:

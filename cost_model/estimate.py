@@ -34,7 +34,7 @@ from autoplan.cost_model.pipeline import micro_batches_in_flight, pipeline_time_
 from autoplan.errors import AutoplanError
 from autoplan.graph import LayerGraph, LayerNode
 from autoplan.plan import LayerPlan, LayerStrategy, Plan
-from autoplan.profiler.analytic import OPTIMIZER_STATE_BYTES_PER_PARAM, tp_shards
+from autoplan.profiler.analytic import DTYPE_BYTES, OPTIMIZER_STATE_BYTES_PER_PARAM, tp_shards
 from autoplan.profiler.efficiency import memory_efficiency
 from autoplan.profiler.profile import Profile
 
@@ -45,7 +45,6 @@ STEP_PARTS = ("forward", "backward", "recompute", "tp_comm", "fsdp_comm", "resha
 """The breakdown of a step on its critical path (seconds; they add up to the step time)."""
 
 _MICRO_BATCH_PARTS = STEP_PARTS[:7]
-_ELEMENT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 
 
 @dataclass(frozen=True)
@@ -115,13 +114,13 @@ class CostModel:
     def __init__(self, graph: LayerGraph, cluster: Cluster, profile: Profile | None = None,
                  optimizer: str = "adamw", memory_limit_bytes: int | None = None) -> None:
         self.graph, self.cluster = graph, cluster
-        self.elt_bytes = _ELEMENT_BYTES.get(graph.dtype.removeprefix("torch."), 2)
+        self.elt_bytes = DTYPE_BYTES.get(graph.dtype.removeprefix("torch."), 2)
         precision = "fp32" if self.elt_bytes == 4 else "mixed"
         key = f"{optimizer}/{precision}"
         if key not in OPTIMIZER_STATE_BYTES_PER_PARAM:
             raise AutoplanError(f"optimizer '{optimizer}' is not modelled; choose adamw or sgd")
         self.optimizer_bytes = OPTIMIZER_STATE_BYTES_PER_PARAM[key]
-        self.compute = ComputeModel(cluster, graph.dtype, profile)
+        self.compute = ComputeModel(cluster, self.elt_bytes, profile)
         self.comm = CommModel(cluster, profile)
         on_gpu = cluster.device.peak_flops is not None
         self.overhead_bytes = int(GPU_FRAMEWORK_OVERHEAD_BYTES.value) if on_gpu else 0

@@ -39,7 +39,8 @@ from autoplan.profiler.profile import (
 )
 
 __all__ = [
-    "TP_SHARDED_KINDS", "OPTIMIZER_STATE_BYTES_PER_PARAM", "PassWork", "analytic_profile",
+    "DTYPE_BYTES", "TP_SHARDED_KINDS", "OPTIMIZER_STATE_BYTES_PER_PARAM", "PassWork",
+    "analytic_profile",
     "layer_pass_work", "pass_time_s", "layer_time_point", "replicated_fraction", "tp_shards",
     "BLOCK_REPLICATED_HIDDEN_TENSORS", "layer_memory",
     "comm_group_sizes", "ranks_per_node", "bus_bandwidth", "collective_fit",
@@ -70,7 +71,7 @@ OPTIMIZER_STATE_BYTES_PER_PARAM: dict[str, int] = {
     "sgd/bf16": 2,  # bf16 momentum
 }
 
-_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}  # IEEE / bf16 widths
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}  # IEEE / bf16 widths
 
 _TRAFFIC_NOTE = (
     "layer time = FLOPs / (peak x matmul efficiency) + bytes / (HBM x memory efficiency) per "
@@ -143,10 +144,10 @@ def _check_device(cluster: Cluster) -> DevicePreset:
 
 def _element_bytes(dtype: str) -> int:
     name = dtype.removeprefix("torch.")
-    if name not in _DTYPE_BYTES:
+    if name not in DTYPE_BYTES:
         raise AutoplanError(f"layer graph dtype '{dtype}' is not supported by the analytic "
-                            f"profiler; choose from {', '.join(_DTYPE_BYTES)}")
-    return _DTYPE_BYTES[name]
+                            f"profiler; choose from {', '.join(DTYPE_BYTES)}")
+    return DTYPE_BYTES[name]
 
 
 def _positive_sorted(values: tuple[int, ...], what: str) -> tuple[int, ...]:
