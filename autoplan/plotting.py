@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 
 __all__ = ["PlotOptions", "run_plot", "plan_figure", "save_png"]
 
-GiB = 2**30
 _COLORS = {"forward": "#4C72B0", "backward": "#DD8452", "recompute": "#8172B3",
            "comm": "#C44E52", "dp_comm": "#C44E52", "optimizer": "#55A868", "bubble": "#E6E6E6"}
 _MEMORY_COLORS = {"params": "#4C72B0", "grads": "#DD8452", "optimizer": "#55A868",
@@ -60,7 +59,7 @@ def run_plot(options: PlotOptions) -> tuple[Plan, Estimate, Timeline]:
         AutoplanError: on a plan that is not a file, a missing cluster, or any bad input.
     """
     from autoplan.cluster import parse_cluster_spec
-    from autoplan.cost_model.command import load_graph
+    from autoplan.cost_model.command import load_graph, memory_limit_bytes
     from autoplan.cost_model.estimate import CostModel
     from autoplan.cost_model.schedule import plan_timeline
     from autoplan.plan import check_plan, load_plan
@@ -80,7 +79,7 @@ def run_plot(options: PlotOptions) -> tuple[Plan, Estimate, Timeline]:
     if profile is not None and profile.model_hash != graph.structural_hash:
         raise AutoplanError(f"profile '{options.profile}' is of model {profile.model}, not "
                             f"{graph.model}")
-    limit = int(options.memory_limit_gib * GiB) if options.memory_limit_gib else None
+    limit = memory_limit_bytes(options.memory_limit_gib)
     model = CostModel(graph, cluster, profile, options.optimizer, limit)
     estimate = model.estimate(plan)
     timeline = plan_timeline(model, plan, estimate)

@@ -11,11 +11,11 @@ from autoplan.cost_model.estimate import CostModel, Estimate
 from autoplan.errors import AutoplanError
 from autoplan.graph import LayerGraph
 from autoplan.plan import Plan, check_plan, load_plan
+from autoplan.profiler.presets import GiB
 from autoplan.profiler.profile import load_profile
 
-__all__ = ["EstimateOptions", "load_graph", "run_estimate"]
+__all__ = ["EstimateOptions", "load_graph", "memory_limit_bytes", "run_estimate"]
 
-GiB = 2**30
 
 
 @dataclass(frozen=True)
@@ -37,9 +37,20 @@ class EstimateOptions:
             raise AutoplanError(f"--global-batch must be at least 1, got {self.global_batch}")
         if self.seq is not None and self.seq < 1:
             raise AutoplanError(f"--seq must be at least 1, got {self.seq}")
-        if self.memory_limit_gib is not None and not 0 < self.memory_limit_gib < math.inf:
-            raise AutoplanError(f"--memory-limit must be positive finite GiB, got "
-                                f"{self.memory_limit_gib}")
+        memory_limit_bytes(self.memory_limit_gib)
+
+
+def memory_limit_bytes(gib: float | None) -> int | None:
+    """`--memory-limit` in bytes; None leaves the device's own memory.
+
+    Raises:
+        AutoplanError: unless it is a positive, finite number of GiB.
+    """
+    if gib is None:
+        return None
+    if not 0 < gib < math.inf:
+        raise AutoplanError(f"--memory-limit must be positive finite GiB, got {gib}")
+    return int(gib * GiB)
 
 
 def load_graph(model: str, dtype: str = "bf16", attention: str = "flash",
@@ -81,6 +92,6 @@ def run_estimate(options: EstimateOptions) -> tuple[Plan, Estimate]:
         raise AutoplanError(f"profile '{Path(options.profile)}' is of model {profile.model} "
                             f"(hash {profile.model_hash}), not {graph.model} "
                             f"({graph.structural_hash})")
-    limit = int(options.memory_limit_gib * GiB) if options.memory_limit_gib else None
+    limit = memory_limit_bytes(options.memory_limit_gib)
     model = CostModel(graph, cluster, profile, options.optimizer, limit)
     return plan, model.estimate(plan)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
 import statistics
@@ -35,7 +34,7 @@ from torch.utils._pytree import tree_leaves
 
 from autoplan import fmt
 from autoplan.cluster import parse_cluster_spec
-from autoplan.cost_model.command import load_graph
+from autoplan.cost_model.command import load_graph, memory_limit_bytes
 from autoplan.cost_model.estimate import CostModel, Estimate
 from autoplan.errors import AutoplanError
 from autoplan.executor.parallelize import parallelize
@@ -54,7 +53,6 @@ log = logging.getLogger(__name__)
 
 RUN_FAULT_ENV = "AUTOPLAN_RUN_FAULT"
 """Test-only: "kill:RANK:STEP" makes that rank SIGKILL itself as step STEP (from 1) begins."""
-GiB = 2**30
 _PROCESS_GROUP_TIMEOUT = timedelta(seconds=120)
 """Every collective and the rendezvous give up after this (issue 9: nothing hangs)."""
 _NO_TORCHRUN_KEYS = ("RANK", "WORLD_SIZE")
@@ -105,9 +103,7 @@ class RunOptions:
             raise AutoplanError(f"--global-batch must be at least 1, got {self.global_batch}")
         if self.warmup < 0:
             raise AutoplanError(f"--warmup must be at least 0, got {self.warmup}")
-        if self.memory_limit_gib is not None and not 0 < self.memory_limit_gib < math.inf:
-            raise AutoplanError(f"--memory-limit must be positive finite GiB, got "
-                                f"{self.memory_limit_gib}")
+        memory_limit_bytes(self.memory_limit_gib)
         if not self.timeout_s > 0:
             raise AutoplanError(f"--timeout must be positive seconds, got {self.timeout_s}")
         if not 0 <= self.seed < 2**63:
@@ -307,7 +303,7 @@ def predict(options: RunOptions, plan: Plan, graph: LayerGraph,
         raise AutoplanError(f"profile '{options.profile}' is of model {profile.model} (hash "
                             f"{profile.model_hash}), not {graph.model} ({graph.structural_hash})"
                             f"{hint}")
-    limit = int(options.memory_limit_gib * GiB) if options.memory_limit_gib else None
+    limit = memory_limit_bytes(options.memory_limit_gib)
     try:
         model = CostModel(graph, cluster, profile, "adamw", limit)
     except AutoplanError:

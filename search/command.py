@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from autoplan.cluster import parse_cluster_spec
-from autoplan.cost_model.command import GiB, load_graph
+from autoplan.cost_model.command import load_graph, memory_limit_bytes
 from autoplan.errors import AutoplanError
 from autoplan.graph import LayerGraph
 from autoplan.plan import Plan
+from autoplan.profiler.presets import GiB
 from autoplan.profiler.profile import load_profile
 from autoplan.search.search import Searcher, SearchOptions, SearchResult
 from autoplan.search.space import parse_fix
@@ -40,9 +40,7 @@ class SearchCommand:
     def __post_init__(self) -> None:
         if self.global_batch < 1:
             raise AutoplanError(f"--global-batch must be at least 1, got {self.global_batch}")
-        if self.memory_limit_gib is not None and not 0 < self.memory_limit_gib < math.inf:
-            raise AutoplanError(f"--memory-limit must be positive finite GiB, got "
-                                f"{self.memory_limit_gib}")
+        memory_limit_bytes(self.memory_limit_gib)
         if self.max_tp is not None and self.max_tp < 1:
             raise AutoplanError(f"--max-tp must be at least 1, got {self.max_tp}")
         if self.top_k < 0 or not self.time_limit_s > 0:
@@ -71,8 +69,8 @@ def _search(graph: LayerGraph, command: SearchCommand, heads: dict,
     if profile is not None and profile.model_hash != graph.structural_hash:
         raise AutoplanError(f"profile '{command.profile}' is of model {profile.model}, not "
                             f"{graph.model}; profile this model")
-    limit = int(command.memory_limit_gib * GiB) if command.memory_limit_gib else None
-    options = SearchOptions(global_batch=command.global_batch, memory_limit_bytes=limit,
+    options = SearchOptions(global_batch=command.global_batch,
+                            memory_limit_bytes=memory_limit_bytes(command.memory_limit_gib),
                             max_tp=command.max_tp, fix=parse_fix(command.fix),
                             solver=command.solver, time_limit_s=command.time_limit_s,
                             top_k=command.top_k)
