@@ -25,6 +25,7 @@ from autoplan.graph import LayerGraph
 from autoplan.io import atomic_write_text
 from autoplan.plan import uniform_plan
 from autoplan.profiler.profile import Profile, load_profile
+from autoplan.search.space import divisors
 
 __all__ = ["ValidateOptions", "PlanOutcome", "Validation", "candidate_plans", "validate",
            "spearman", "write_outputs"]
@@ -98,10 +99,10 @@ def candidate_plans(graph: LayerGraph, nproc: int, global_batch: int,
     """Every uniform plan the executor runs on `nproc` processes, as shorthand."""
     blocks = sum(node.kind == "block" for node in graph.nodes)
     out = []
-    for tp in _divisors(nproc):
+    for tp in divisors(nproc):
         if heads and heads % tp:
             continue
-        for pp in _divisors(nproc // tp):
+        for pp in divisors(nproc // tp):
             dp = nproc // (tp * pp)
             if pp > max(blocks, 1):
                 continue
@@ -115,10 +116,6 @@ def candidate_plans(graph: LayerGraph, nproc: int, global_batch: int,
                         out += [f"dp={dp},tp={tp},pp={pp},micro_batch={per_rank},zero={zero},"
                                 f"ckpt={ckpt},schedule={s}" for s in schedules]
     return out
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def _profile(options: ValidateOptions, on_progress: Progress | None) -> Profile:
