@@ -15,24 +15,11 @@ import pytest
 
 from autoplan.cli import main
 from autoplan.cluster import parse_cluster_spec
-from autoplan.graph import LayerGraph, LayerNode
 from autoplan.plan import uniform_plan
 from autoplan.profiler.analytic import analytic_profile
+from tests.graphs import synthetic_graph
 
 CLUSTER = "h100-sxm:gpus=8"
-
-
-def _block(i: int) -> LayerNode:
-    return LayerNode(name=f"layers.{i}", kind="block", module_type="Synthetic", signature="b",
-                     params=50_000_000, shared_params=0, param_bytes=100_000_000,
-                     fwd_flops=2e12, bwd_flops=4e12, act_bytes=10**9, act_bytes_fixed=0,
-                     input_bytes=10**8, output_bytes=10**8, output_shape=(1, 8, 8),
-                     fwd_io_bytes=4 * 10**9, bwd_io_bytes=8 * 10**9)
-
-
-def synthetic_graph(layers: int = 8, name: str = "synthetic") -> LayerGraph:
-    return LayerGraph(name, "bfloat16", "flash", 1024, tuple(_block(i) for i in range(layers)),
-                      ())
 
 
 def _with(path: Path, **changes: object) -> None:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from autoplan.cli import main
-from tests.test_bad_input import synthetic_graph
+from tests.graphs import synthetic_graph
 
 
 def test_search_gives_the_same_bytes_twice_but_for_times(tmp_path: Path, capsys) -> None:

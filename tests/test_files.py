@@ -20,7 +20,7 @@ from autoplan.plan import PLAN_FORMAT_VERSION, load_plan, uniform_plan
 from autoplan.profiler.analytic import analytic_profile
 from autoplan.profiler.output import write_profile
 from autoplan.profiler.profile import PROFILE_FORMAT_VERSION, load_profile
-from tests.test_bad_input import synthetic_graph
+from tests.graphs import synthetic_graph
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted(p for folder in ("autoplan", "profiler", "search", "cost_model", "executor")

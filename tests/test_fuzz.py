@@ -29,7 +29,7 @@ from autoplan.profiler.analytic import analytic_profile
 from autoplan.profiler.presets import HARDWARE_PRESETS
 from autoplan.profiler.profile import load_profile
 from autoplan.search.space import FIXABLE, parse_fix
-from tests.test_bad_input import synthetic_graph
+from tests.graphs import synthetic_graph
 
 
 def parses(parse: Callable[[], object]) -> None:

@@ -14,25 +14,12 @@ import autoplan
 from autoplan.cli import main
 from autoplan.cluster import parse_cluster_spec
 from autoplan.errors import AutoplanError
-from autoplan.graph import LayerGraph, LayerNode
+from autoplan.graph import LayerGraph
 from autoplan.search.command import SearchCommand, run_search
 from autoplan.search.search import Searcher, SearchOptions
+from tests.graphs import synthetic_graph
 
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "korthikanti.py"
-
-
-def _block(i: int) -> LayerNode:
-    # 1 GB of saved activations per sample, 100 MB of input: checkpointing saves 90%
-    return LayerNode(name=f"layers.{i}", kind="block", module_type="Synthetic", signature="b",
-                     params=50_000_000, shared_params=0, param_bytes=100_000_000,
-                     fwd_flops=2e12, bwd_flops=4e12, act_bytes=10**9, act_bytes_fixed=0,
-                     input_bytes=10**8, output_bytes=10**8, output_shape=(1, 8, 8),
-                     fwd_io_bytes=4 * 10**9, bwd_io_bytes=8 * 10**9)
-
-
-def _graph(layers: int = 8) -> LayerGraph:
-    return LayerGraph("synthetic", "bfloat16", "flash", 1024,
-                      tuple(_block(i) for i in range(layers)), ())
 
 
 def _search(graph: LayerGraph, cluster: str, batch: int, **options) -> Searcher:
@@ -44,7 +31,7 @@ def _search(graph: LayerGraph, cluster: str, batch: int, **options) -> Searcher:
 def test_checkpointing_some_layers_is_chosen_when_memory_binds() -> None:
     """Eight blocks of 1 GB activations per sample and 6 GiB of state on one GPU of 12 GiB:
     checkpointing all is slow, none does not fit; the search checkpoints some."""
-    graph = _graph()
+    graph = synthetic_graph()
     result = _search(graph, "h100-sxm:gpus=1", 1, memory_limit_bytes=12 * 2**30,
                      fix={"zero": 0}).run()
     modes = [layer.checkpoint for layer in result.best.plan.layers]
@@ -59,20 +46,20 @@ def test_checkpointing_some_layers_is_chosen_when_memory_binds() -> None:
 def test_same_inputs_give_the_same_plan_byte_for_byte() -> None:
     texts = []
     for _ in range(2):
-        plan = _search(_graph(), "h100-sxm:gpus=16", 64).run().best.plan
+        plan = _search(synthetic_graph(), "h100-sxm:gpus=16", 64).run().best.plan
         texts.append(plan.model_copy(update={"provenance": None}).model_dump_json())
     assert texts[0] == texts[1]
 
 
 def test_ilp_and_dp_find_the_same_plan_time() -> None:
-    times = [_search(_graph(), "h100-sxm:gpus=16", 64, solver=solver).run()
+    times = [_search(synthetic_graph(), "h100-sxm:gpus=16", 64, solver=solver).run()
              .best.estimate.step_time_s for solver in ("ilp", "dp", "auto")]
     assert times[0] == pytest.approx(times[1]) == pytest.approx(times[2])
 
 
 def test_nothing_fits_names_the_memory_that_would(tmp_path) -> None:
     path = tmp_path / "graph.json"
-    _graph().save(path)
+    synthetic_graph().save(path)
     with pytest.raises(AutoplanError, match=r"no plan fits in 1\.0 GiB per device; the least "
                                             r"memory a plan tried needs is [0-9.]+ GiB"):
         run_search(SearchCommand(model=str(path), cluster="h100-sxm:gpus=8", global_batch=8,
@@ -80,7 +67,7 @@ def test_nothing_fits_names_the_memory_that_would(tmp_path) -> None:
 
 
 def test_fix_is_respected() -> None:
-    plan = _search(_graph(), "h100-sxm:gpus=16", 64, fix={"pp": 2, "zero": 1,
+    plan = _search(synthetic_graph(), "h100-sxm:gpus=16", 64, fix={"pp": 2, "zero": 1,
                                                          "schedule": "gpipe"}).run().best.plan
     assert plan.pp == 2 and plan.schedule == "gpipe"
     assert {layer.zero for layer in plan.layers if layer.dp > 1} <= {1}
@@ -105,7 +92,7 @@ def test_korthikanti_models_beat_the_published_settings() -> None:
 
 def test_search_cli_json_and_output(tmp_path, capsys) -> None:
     path, out = tmp_path / "graph.json", tmp_path / "plan.json"
-    _graph().save(path)
+    synthetic_graph().save(path)
     args = ["search", "--model", str(path), "--cluster", "h100-sxm:gpus=8",
             "--global-batch", "32", "-o", str(out)]
     assert main([*args, "--json"]) == 0
@@ -120,5 +107,5 @@ def test_search_cli_json_and_output(tmp_path, capsys) -> None:
 
 
 def test_the_python_api_returns_a_plan() -> None:
-    plan = autoplan.search(_graph(), cluster="h100-sxm:gpus=8", global_batch=32)
+    plan = autoplan.search(synthetic_graph(), cluster="h100-sxm:gpus=8", global_batch=32)
     assert plan.world_size == 8 and plan.prediction is not None
