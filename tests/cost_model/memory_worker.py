@@ -18,7 +18,6 @@ this rank, the bytes of:
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,6 @@ from torch.distributed.tensor import DTensor
 from autoplan.executor import parallelize
 from autoplan.io import atomic_write_text
 from autoplan.plan import Plan
-from autoplan.profiler.launch import watch_parent
 from tests.executor import harness
 
 
@@ -159,29 +157,20 @@ def run_case(plan: Plan, model_spec: str, rank: int) -> dict[str, Any]:
     return result
 
 
-def main(spec_path: str) -> None:
-    watch_parent()
-    spec = json.loads(Path(spec_path).read_text())
-    folder = Path(spec["folder"])
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    results = {}
-    for name in spec["cases"]:
-        plan = Plan.model_validate_json((folder / f"{name}.plan.json").read_text())
-        results[name] = run_case(plan, spec["model"], rank)
-        dist.barrier()
-        if rank == 0:
-            with open(folder / "progress.log", "a") as f:
-                f.write(f"case {name} done\n")
+def _case(name: str, spec: dict, folder: Path, rank: int) -> dict:
+    plan = Plan.model_validate_json((folder / f"{name}.plan.json").read_text())
+    return run_case(plan, spec["model"], rank)
+
+
+def _write(results: dict, folder: Path, rank: int) -> None:
     atomic_write_text(folder / f"memory.rank{rank}.json", json.dumps(results))
     dist.barrier()
     if rank == 0:
         atomic_write_text(folder / "done", "")
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # skips interpreter teardown, where gloo rarely aborts (NOTES-torch.md)
+
+
+def main(spec_path: str) -> None:
+    harness.serve_world(spec_path, _case, _write)
 
 
 if __name__ == "__main__":

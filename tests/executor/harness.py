@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -117,3 +119,33 @@ def compare(case: str, world: WorldResult, ref: verify.Trace) -> list[str]:
     """Differences of one case from the reference beyond the bounds (empty when it matches)."""
     run = verify.Trace(world.losses[case], world.params[case], world.grads[case])
     return [f"{case}: {problem}" for problem in verify.compare(run, ref, LR).problems]
+
+
+def serve_world(spec_path: str, run_case: Callable[[str, dict, Path, int], Any],
+                finish: Callable[[dict, Path, int], None]) -> NoReturn:
+    """The body of one worker rank: join the gloo world, run each case of the spec (all
+    ranks in step, rank 0 logging progress), let `finish` write the results, and leave."""
+    import os
+
+    import torch.distributed as dist
+
+    from autoplan.profiler.launch import watch_parent
+
+    watch_parent()
+    spec = json.loads(Path(spec_path).read_text())
+    folder = Path(spec["folder"])
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    results = {}
+    for name in spec["cases"]:
+        results[name] = run_case(name, spec, folder, rank)
+        dist.barrier()
+        if rank == 0:
+            with open(folder / "progress.log", "a") as f:
+                f.write(f"case {name} done\n")
+    finish(results, folder, rank)
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skips interpreter teardown, where gloo rarely aborts (NOTES-torch.md)

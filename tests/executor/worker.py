@@ -4,19 +4,16 @@ its losses and the full parameters it holds (rank 0 also writes results.json, la
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from autoplan.executor import parallelize, verify
 from autoplan.executor.run import RunOptions, train_rank
 from autoplan.io import atomic_write_text
 from autoplan.models import build_model
 from autoplan.plan import Plan
-from autoplan.profiler.launch import watch_parent
 from tests.executor import harness
 
 
@@ -65,32 +62,22 @@ def _plan(folder: Path, name: str) -> Plan:
     return Plan.model_validate_json((folder / f"{name}.plan.json").read_text())
 
 
-def main(spec_path: str) -> None:
-    watch_parent()
-    spec = json.loads(Path(spec_path).read_text())
-    folder = Path(spec["folder"])
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    results = {}
-    for name in spec["cases"]:
-        extra = spec.get("extra", {}).get(name, {})
-        if extra.get("kind") == "run":
-            results[name] = _run_model_case(name, extra["model"], folder, rank)
-        elif extra.get("kind") == "resume":
-            results[name] = _resume_case(name, spec["model"], folder, rank, extra["plan"])
-        else:
-            results[name] = _run_case(name, spec["model"], folder, rank)
-        dist.barrier()
-        if rank == 0:
-            with open(folder / "progress.log", "a") as f:
-                f.write(f"case {name} done\n")
+def _case(name: str, spec: dict, folder: Path, rank: int) -> dict:
+    extra = spec.get("extra", {}).get(name, {})
+    if extra.get("kind") == "run":
+        return _run_model_case(name, extra["model"], folder, rank)
+    if extra.get("kind") == "resume":
+        return _resume_case(name, spec["model"], folder, rank, extra["plan"])
+    return _run_case(name, spec["model"], folder, rank)
+
+
+def _write(results: dict, folder: Path, rank: int) -> None:
     if rank == 0:
         atomic_write_text(folder / "results.json", json.dumps(results))
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # skips interpreter teardown, where gloo rarely aborts (NOTES-torch.md)
+
+
+def main(spec_path: str) -> None:
+    harness.serve_world(spec_path, _case, _write)
 
 
 if __name__ == "__main__":
