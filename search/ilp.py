@@ -23,6 +23,9 @@ __all__ = ["solve_ilp", "ILP_SOLVERS"]
 
 ILP_SOLVERS = ("highs", "cbc")
 _GIB = 2**30  # memory in GiB keeps the program's coefficients within a few decades
+# HiGHS's default feasibility tolerance (1e-6) let a plan exceed its budget by 1e-6 GiB and so
+# beat the true optimum (found by tests/search/test_solvers.py); 1e-10 GiB is a tenth of a byte.
+_HIGHS_TOLERANCES = {"mip_feasibility_tolerance": 1e-10, "primal_feasibility_tolerance": 1e-10}
 
 
 def solve_ilp(problem: StageProblem, time_limit_s: float = 30.0,
@@ -78,7 +81,7 @@ def _solve(lp: pulp.LpProblem, time_limit_s: float, solver: str) -> tuple[str, f
     if solver == "highs" and pulp.HiGHS().available():
         with _quiet_stdout():  # highspy prints its banner on stdout, into --json output
             lp.solve(pulp.HiGHS(msg=False, timeLimit=time_limit_s, threads=1, gapRel=0.0,
-                                gapAbs=1e-9))
+                                gapAbs=1e-9, **_HIGHS_TOLERANCES))
         import highspy
 
         status = lp.solverModel.getModelStatus()
