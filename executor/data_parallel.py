@@ -11,6 +11,10 @@ head) becomes one FSDP group, then the root takes what is left. ZeRO maps to FSD
   rank and an all-reduce of gradients (DDP's algorithm on FSDP2's machinery, so that it
   composes with DTensor tensor parallelism and with pipelining; the classic DDP wrapper does
   not take DTensor parameters).
+Layers of different (dp, tp) layouts shard on their own layout's dp mesh (FSDP2 takes a mesh
+per module); the root comes last and ignores the parameters of layers with dp 1. ZeRO 0
+groups may sit beside ZeRO >= 1 groups: fully_shard does not take in a replicate()d module,
+so under an FSDP root they stay replicated with their own gradient all-reduce.
 """
 
 from __future__ import annotations
@@ -62,14 +66,18 @@ def _modules(model: nn.Module, names: tuple[str, ...]) -> list[nn.Module]:
 
 
 def apply_fsdp(model: nn.Module, groups: Sequence[DPGroup], dp_mesh: DeviceMesh,
-               mp_policy: MixedPrecisionPolicy | None = None) -> None:
+               mp_policy: MixedPrecisionPolicy | None = None, *, root: bool = True,
+               ignored_params: set[nn.Parameter] | None = None) -> None:
     """fully_shard each group (reshard after forward only for ZeRO 3), then the root.
 
     Args:
         model: the module (or pipeline chunk) to shard; it becomes the FSDP root.
         groups: (unit FQNs, ZeRO stage >= 1) per group; units without parameters are skipped.
-        dp_mesh: the data-parallel mesh (1-D).
+        dp_mesh: the data-parallel mesh (1-D) of the groups and the root.
         mp_policy: mixed precision (default: compute in the parameters' dtype).
+        root: also shard the root; False leaves it to a later call (layers of several
+            layouts: each layout's groups on its own mesh first, the root once, last).
+        ignored_params: parameters the root leaves alone (layers without data parallelism).
     """
     mp_policy = mp_policy or MixedPrecisionPolicy()
     for names, zero in groups:
@@ -77,20 +85,25 @@ def apply_fsdp(model: nn.Module, groups: Sequence[DPGroup], dp_mesh: DeviceMesh,
         if modules:
             fully_shard(modules if len(modules) > 1 else modules[0], mesh=dp_mesh,
                         reshard_after_forward=zero == 3, mp_policy=mp_policy)
-    # The root's own parameters are few; its forward ends the step, so keep them gathered.
-    fully_shard(model, mesh=dp_mesh, reshard_after_forward=False, mp_policy=mp_policy)
-    log.info("FSDP over %d ranks on %d groups", dp_mesh.size(), len(groups))
+    if root:  # the root's own parameters are few; its forward ends the step: keep them
+        fully_shard(model, mesh=dp_mesh, reshard_after_forward=False, mp_policy=mp_policy,
+                    ignored_params=ignored_params)
+    if groups:
+        log.info("FSDP over %d ranks on %d groups", dp_mesh.size(), len(groups))
 
 
 def apply_replicate(model: nn.Module, groups: Sequence[DPGroup], dp_mesh: DeviceMesh,
-                    mp_policy: MixedPrecisionPolicy | None = None) -> None:
+                    mp_policy: MixedPrecisionPolicy | None = None, *, root: bool = True,
+                    ignored_params: set[nn.Parameter] | None = None) -> None:
     """Replicate each group (ZeRO 0: gradient all-reduce per group), then the root.
 
     Args:
         model: the module (or pipeline chunk); it becomes the root.
         groups: (unit FQNs, 0) per group; units without parameters are skipped.
-        dp_mesh: the data-parallel mesh (1-D).
+        dp_mesh: the data-parallel mesh (1-D) of the groups and the root.
         mp_policy: mixed precision (default: compute in the parameters' dtype).
+        root: also replicate the root (see apply_fsdp).
+        ignored_params: parameters the root leaves alone (layers without data parallelism).
     """
     mp_policy = mp_policy or MixedPrecisionPolicy()
     for names, _ in groups:
@@ -98,5 +111,7 @@ def apply_replicate(model: nn.Module, groups: Sequence[DPGroup], dp_mesh: Device
         if modules:
             replicate(modules if len(modules) > 1 else modules[0], mesh=dp_mesh,
                       mp_policy=mp_policy)
-    replicate(model, mesh=dp_mesh, mp_policy=mp_policy)
-    log.info("replicated over %d ranks with %d gradient groups", dp_mesh.size(), len(groups))
+    if root:
+        replicate(model, mesh=dp_mesh, mp_policy=mp_policy, ignored_params=ignored_params)
+    if groups:
+        log.info("replicated over %d ranks with %d gradient groups", dp_mesh.size(), len(groups))

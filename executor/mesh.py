@@ -3,11 +3,14 @@
 Mesh axes follow torchtitan's order: pp, dp_replicate, dp_shard, tp (outermost first, so that
 tp ranks are neighbours). Only axes larger than 1 are built. Data parallelism lives on
 dp_replicate when every layer has ZeRO 0 (plain replication) and on dp_shard otherwise.
+A plan whose layers differ in (dp, tp) gets one mesh per layout, all over the same ranks
+(executor/hops.py moves activations between them).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,24 +19,28 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from autoplan.errors import AutoplanError
 from autoplan.plan import Plan
 
-__all__ = ["MESH_AXES", "ParallelDims", "parallel_dims", "build_mesh", "get_mesh",
-           "get_optional_mesh"]
+__all__ = ["MESH_AXES", "Layout", "ParallelDims", "parallel_dims", "layout_dims", "build_mesh",
+           "build_meshes", "get_mesh", "get_optional_mesh"]
 
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("pp", "dp_replicate", "dp_shard", "tp")
 """Mesh axis names, outermost first (torchtitan's order)."""
 
+Layout = tuple[int, int]
+"""(dp, tp) of a layer inside its pipeline stage."""
+
 
 @dataclass(frozen=True)
 class ParallelDims:
-    """The degrees one Plan runs with; every layer shares dp and tp (see parallel_dims)."""
+    """The degrees of one (dp, tp) layout of a Plan (see layout_dims)."""
 
     pp: int
     dp: int
     tp: int
     dp_sharded: bool
-    """True: data parallelism shards (FSDP, ZeRO >= 1); False: it replicates (ZeRO 0)."""
+    """True: some layer's data parallelism shards (FSDP, ZeRO >= 1); False: all replicate
+    (ZeRO 0). It names the dp axis."""
 
     def __post_init__(self) -> None:
         if min(self.pp, self.dp, self.tp) < 1:
@@ -55,31 +62,25 @@ class ParallelDims:
         return [(name, sizes[name]) for name in MESH_AXES if sizes[name] > 1]
 
 
-def parallel_dims(plan: Plan) -> ParallelDims:
-    """The degrees of a plan whose layers share one (dp, tp) layout and one kind of ZeRO.
+def layout_dims(plan: Plan) -> dict[Layout, ParallelDims]:
+    """The degrees of every (dp, tp) layout the plan's layers use, in order of first use.
 
-    Raises:
-        AutoplanError: when layers differ in (dp, tp) (DTensor cannot move a tensor between
-            two meshes in torch 2.13, so per-layer layouts are not executed yet), or when ZeRO 0
-            layers sit beside ZeRO >= 1 layers.
+    The dp axis is dp_shard when any layer with dp > 1 has ZeRO >= 1, else dp_replicate (a
+    name only: ZeRO 0 layers beside sharded ones replicate on the same 1-D mesh).
     """
-    layouts = {(layer.dp, layer.tp) for layer in plan.layers}
-    if len(layouts) > 1:
-        first = (plan.layers[0].dp, plan.layers[0].tp)
-        odd = [f"{lay.name} (dp {lay.dp}, tp {lay.tp})" for lay in plan.layers
-               if (lay.dp, lay.tp) != first]
-        raise AutoplanError(
-            f"the executor runs one (dp, tp) layout per plan; layer {plan.layers[0].name} has "
-            f"dp {first[0]}, tp {first[1]} but these differ: {', '.join(odd[:6])}"
-            f"{' ...' if len(odd) > 6 else ''}; give every layer the same dp and tp")
-    zeros = {layer.zero for layer in plan.layers}
-    if 0 in zeros and len(zeros) > 1:
-        plain = [lay.name for lay in plan.layers if lay.zero == 0]
-        raise AutoplanError(
-            f"layers {', '.join(plain[:6])} have ZeRO 0 (replication) but others have ZeRO "
-            f"{sorted(zeros - {0})}; the executor needs all ZeRO 0 or all ZeRO >= 1")
-    dp, tp = layouts.pop()
-    return ParallelDims(pp=plan.pp, dp=dp, tp=tp, dp_sharded=0 not in zeros)
+    sharded = any(layer.zero for layer in plan.layers if layer.dp > 1)
+    out: dict[Layout, ParallelDims] = {}
+    for layer in plan.layers:
+        out.setdefault((layer.dp, layer.tp), ParallelDims(plan.pp, layer.dp, layer.tp, sharded))
+    return out
+
+
+def parallel_dims(plan: Plan) -> ParallelDims:
+    """The degrees of the layout the loss is computed in (the plan's last layer, "loss" when
+    the plan has it): its dp group averages the loss. For a plan with one layout, the degrees
+    of every layer."""
+    last = plan.layers[-1]
+    return layout_dims(plan)[(last.dp, last.tp)]
 
 
 def build_mesh(dims: ParallelDims, device_type: str | None = None) -> DeviceMesh | None:
@@ -103,6 +104,21 @@ def build_mesh(dims: ParallelDims, device_type: str | None = None) -> DeviceMesh
     mesh = init_device_mesh(device_type, tuple(sizes), mesh_dim_names=tuple(names))
     log.info("built mesh %s", dict(dims.axes))
     return mesh
+
+
+def build_meshes(dims: Sequence[ParallelDims],
+                 device_type: str | None = None) -> dict[Layout, DeviceMesh | None]:
+    """One mesh per distinct (dp, tp) of `dims`, built in the given order (the same on every
+    rank: building a mesh is a collective).
+
+    Raises:
+        AutoplanError: as build_mesh.
+    """
+    meshes: dict[Layout, DeviceMesh | None] = {}
+    for one in dims:
+        if (one.dp, one.tp) not in meshes:
+            meshes[(one.dp, one.tp)] = build_mesh(one, device_type)
+    return meshes
 
 
 def get_optional_mesh(mesh: DeviceMesh | None, axis: str) -> DeviceMesh | None:

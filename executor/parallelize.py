@@ -2,20 +2,25 @@
 
 The steps, in torchtitan's fixed order (each takes a mesh and per-layer decisions, never the
 Plan):
-1. build the DeviceMesh (pp, dp_replicate, dp_shard, tp);
+1. build the DeviceMesh (pp, dp_replicate, dp_shard, tp), one per (dp, tp) layout when layers
+   differ in it (and one per hop block, executor/hops.py);
 2. split the pipeline into chunks (copies that hold only their units): later steps act on each
    chunk, so the split comes first;
-3. tensor/sequence parallelism: replaces parameters by DTensors on the tp mesh, which FSDP
-   must then see (so before 5);
+3. layout hops, then tensor/sequence parallelism: hops register their input hooks first so
+   that they run before tensor parallelism's; TP replaces parameters by DTensors on each
+   layout's tp mesh, which FSDP must then see (so before 5);
 4. activation checkpointing: wraps each unit's forward inside the module hooks of 3 and 5;
-5. data parallelism: FSDP2 per unit then the root (ZeRO >= 1) or replicate (ZeRO 0); last,
-   because it shards whatever parameters (plain or DTensor) the earlier steps left.
+5. data parallelism: per unit FSDP2 (ZeRO >= 1) or replicate (ZeRO 0) on its layout's dp
+   mesh, then the root; last, because it shards whatever parameters (plain or DTensor) the
+   earlier steps left.
 
 Batch convention (autoplan/plan.py): Runner.step takes the global batch (plan.global_batch
 samples) or this rank's data-parallel share of it; each data-parallel rank runs
 global_batch / dp samples as num_micro_batches micro-batches. loss_fn must average over the
 samples of its batch, so that averaging over micro-batches and ranks gives the loss of the
-whole batch, exactly as one process computes it.
+whole batch, exactly as one process computes it. With layers of different layouts, the
+batch is shared by the first layer's dp, the targets hop to the loss's layout (the plan's last
+layer) with the output, and the loss is averaged over the loss layout's dp group.
 """
 
 from __future__ import annotations
@@ -34,14 +39,22 @@ from torch.distributed.tensor import DTensor
 
 from autoplan.errors import AutoplanError
 from autoplan.executor.checkpointing import apply_ac
-from autoplan.executor.data_parallel import apply_fsdp, apply_replicate, tied_groups
+from autoplan.executor.data_parallel import DPGroup, apply_fsdp, apply_replicate, tied_groups
 from autoplan.executor.distributed_checkpoint import load_checkpoint, save_checkpoint
+from autoplan.executor.hops import (
+    apply_hops,
+    apply_output_hops,
+    check_layouts,
+    hop_layouts,
+    loss_with_hop,
+)
 from autoplan.executor.mesh import (
+    Layout,
     ParallelDims,
-    build_mesh,
+    build_meshes,
     get_mesh,
     get_optional_mesh,
-    parallel_dims,
+    layout_dims,
 )
 from autoplan.executor.pipeline import (
     build_chunk,
@@ -86,6 +99,8 @@ class Runner:
 
     plan: Plan
     dims: ParallelDims
+    """The degrees of the loss's layout (the plan's last layer): its dp group averages the
+    loss. With one layout for all layers, the plan's degrees."""
     mesh: DeviceMesh | None
     chunks: dict[int, nn.Module]
     """chunk index -> module on this rank (one chunk, index 0, without pipelining)."""
@@ -94,6 +109,10 @@ class Runner:
     """Layers with parameters that tensor parallelism left whole."""
     schedule: Any = None
     tied: list[_TiedCopies] = field(default_factory=list)
+    input_dims: ParallelDims | None = None
+    """The first layer's degrees, by whose dp the batch is shared (None: those of dims, the
+    loss's layout, by whose dp group the loss is averaged)."""
+    input_mesh: DeviceMesh | None = None
 
     @property
     def module(self) -> nn.Module:
@@ -157,15 +176,17 @@ class Runner:
 
     def _local_batch(self, inputs: tuple[torch.Tensor, ...],
                      targets: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        """This rank's data-parallel share of the batch (a contiguous slice)."""
-        size, dp = targets.shape[0], self.dims.dp
-        share = self.plan.global_batch // dp
+        """This rank's data-parallel share of the batch (a contiguous slice), by the first
+        layer's layout (the loss takes its targets from there, executor/hops.py)."""
+        dims, mesh = (self.dims, self.mesh) if self.input_dims is None \
+            else (self.input_dims, self.input_mesh)
+        size, share = targets.shape[0], self.plan.global_batch // dims.dp
         if size == share:
             return inputs, targets
         if size != self.plan.global_batch:
             raise AutoplanError(f"batch of {size} samples: give the global batch of "
                                 f"{self.plan.global_batch} or this rank's share of {share}")
-        rank = get_mesh(self.mesh, self.dims.dp_axis).get_local_rank() if dp > 1 else 0
+        rank = get_mesh(mesh, dims.dp_axis).get_local_rank() if dims.dp > 1 else 0
         cut = slice(rank * share, (rank + 1) * share)
         return tuple(t[cut] for t in inputs), targets[cut]
 
@@ -267,24 +288,91 @@ def _chunk_plan(plan: Plan, units: list[str], mesh: DeviceMesh | None,
     return chunks, chunk_ranks(len(chunks), dims.pp, get_mesh(mesh, "pp").get_local_rank())
 
 
+@dataclass(frozen=True)
+class _Layouts:
+    """Each layer's (dp, tp) and every layout's degrees and mesh (one of each for most plans)."""
+
+    of: dict[str, Layout]
+    """Layer name (every unit, and "loss" when the plan has it) -> its layout."""
+    dims: dict[Layout, ParallelDims]
+    """The layers' layouts, in order of first use."""
+    meshes: dict[Layout, DeviceMesh | None]
+    """The layers' layouts and the hops' block layouts (executor/hops.py)."""
+
+
+def _build_layouts(model: nn.Module, plan: Plan, units: list[str], device_type: str) -> _Layouts:
+    """Step 1: check what hops can run, then build a mesh per layout and per hop block.
+
+    Raises:
+        AutoplanError: as hops.check_layouts, mesh.layout_dims and mesh.build_mesh.
+    """
+    of = {layer.name: (layer.dp, layer.tp) for layer in plan.layers}
+    check_layouts(model, units, [of[n] for n in units])
+    dims = layout_dims(plan)
+    loss = dims[of[plan.layers[-1].name]]
+    blocks = [ParallelDims(loss.pp, dp, tp, loss.dp_sharded)
+              for dp, tp in hop_layouts([of[layer.name] for layer in plan.layers])]
+    return _Layouts(of, dims, build_meshes([*dims.values(), *blocks], device_type))
+
+
 def _parallelize_chunk(chunk: nn.Module, layers: dict[str, LayerPlan], units: list[str],
-                       owned: list[str], splits: list[bool], mesh: DeviceMesh | None,
-                       dims: ParallelDims, tp_overrides: dict[str, dict[str, str]]) -> list[str]:
+                       owned: list[str], splits: list[bool], layouts: _Layouts,
+                       tp_overrides: dict[str, dict[str, str]]) -> list[str]:
     """Steps 3-5 on one chunk; returns the layers TP left replicated."""
     present = set(owned)
-    replicated: list[str] = []
-    tp_mesh = get_optional_mesh(mesh, "tp")
-    if tp_mesh is not None:
-        tp_layers = [TPLayer(n, layers[n].sequence_parallel, tp_overrides.get(n)) for n in units]
-        aliases = _alias_groups(chunk)
-        replicated = apply_tp(chunk, tp_layers, splits, tp_mesh, present)
-        _retie(chunk, aliases)
+    hopped = apply_hops(chunk, units, [layouts.of[n] for n in units], splits, layouts.meshes,
+                        present)
+    replicated = _apply_tp_per_layout(chunk, layers, units, present, splits, layouts,
+                                      tp_overrides, hopped)
+    apply_output_hops(chunk, units, [layouts.of[n] for n in units], splits, layouts.meshes,
+                      present)  # after TP: its output hooks give the local tensor first
     apply_ac(chunk, [(n, layers[n].checkpoint) for n in units], present)
-    dp_mesh = get_optional_mesh(mesh, dims.dp_axis)
-    if dp_mesh is not None:
-        groups = [(g, max(layers[n].zero for n in g)) for g in tied_groups(chunk, owned)]
-        (apply_fsdp if dims.dp_sharded else apply_replicate)(chunk, groups, dp_mesh)
+    _apply_dp(chunk, layers, owned, layouts)
     return replicated
+
+
+def _apply_tp_per_layout(chunk: nn.Module, layers: dict[str, LayerPlan], units: list[str],
+                         present: set[str], splits: list[bool], layouts: _Layouts,
+                         tp_overrides: dict[str, dict[str, str]], hopped: list[str]) -> list[str]:
+    """Step 3: each layout's units on its own tp mesh; returns the layers left replicated."""
+    tp_layers = [TPLayer(n, layers[n].sequence_parallel, tp_overrides.get(n)) for n in units]
+    aliases = _alias_groups(chunk)
+    replicated: set[str] = set()
+    for layout in layouts.dims:
+        tp_mesh = get_optional_mesh(layouts.meshes[layout], "tp")
+        mine = {n for n in present if layouts.of[n] == layout}
+        if tp_mesh is not None and mine:
+            replicated.update(apply_tp(chunk, tp_layers, splits, tp_mesh, mine, hopped))
+            _retie(chunk, aliases)
+    return [n for n in units if n in replicated]
+
+
+def _apply_dp(chunk: nn.Module, layers: dict[str, LayerPlan], owned: list[str],
+              layouts: _Layouts) -> None:
+    """Step 5: each group of units on its layout's dp mesh (replicate for ZeRO 0, FSDP
+    otherwise), then the root on the first such mesh (FSDP when any group shards: replicated
+    groups sit under it as their own units); the root leaves alone the parameters of layers
+    with dp 1 (they need no reduction: each rank of such a layer sees the whole micro-batch)."""
+    by_layout: dict[Layout, list[DPGroup]] = {}
+    ignored: set[nn.Parameter] = set()
+    for group in tied_groups(chunk, owned):
+        layout = layouts.of[group[0]]
+        if layout[0] == 1:
+            ignored.update(p for n in group for p in chunk.get_submodule(n).parameters())
+        else:
+            by_layout.setdefault(layout, []).append((group, max(layers[n].zero for n in group)))
+    if not by_layout:
+        return
+    meshes = {lay: get_mesh(layouts.meshes[lay], layouts.dims[lay].dp_axis) for lay in by_layout}
+    for layout, groups in by_layout.items():
+        plain = [g for g in groups if g[1] == 0]
+        if plain:
+            apply_replicate(chunk, plain, meshes[layout], root=False)
+        if len(plain) < len(groups):
+            apply_fsdp(chunk, [g for g in groups if g[1] > 0], meshes[layout], root=False)
+    sharded = any(zero for groups in by_layout.values() for _, zero in groups)
+    apply = apply_fsdp if sharded else apply_replicate
+    apply(chunk, [], next(iter(meshes.values())), ignored_params=ignored or None)
 
 
 def _alias_groups(chunk: nn.Module) -> list[list[str]]:
@@ -364,7 +452,8 @@ def parallelize(model: nn.Module, plan: Plan, loss_fn: LossFn, *,
 
     Args:
         model: the module; its units (autoplan.units.find_units) must be the plan's layers.
-        plan: the plan; every layer must share one (dp, tp) layout (see mesh.parallel_dims).
+        plan: the plan; layers may differ in (dp, tp) within a stage (executor/hops.py
+            moves the activation between layouts), and tied layers must share one.
         loss_fn: (output, targets) -> scalar, averaged over the batch.
         graph: the model's LayerGraph; when given, the plan's model hash is checked too.
         tp_overrides: layer FQN -> {sub-module FQN: "colwise" | "rowwise"} replacing the
@@ -376,26 +465,33 @@ def parallelize(model: nn.Module, plan: Plan, loss_fn: LossFn, *,
 
     Raises:
         AutoplanError: the plan does not fit the model or the world (names the mismatch),
-            or asks for something the executor does not run yet (per-layer (dp, tp)).
+            or asks for something the executor does not run: tied layers of different
+            layouts, parameters outside the layers beside layouts that differ
+            (hops.check_layouts); at the first forward, a layout change at a layer whose
+            first input is not the activation of the layers before it.
     """
     units = _check(model, plan, graph)
-    dims = parallel_dims(plan)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    mesh = build_mesh(dims, device.type)                                      # step 1
+    layouts = _build_layouts(model, plan, units, device.type)                 # step 1
+    first, last = layouts.of[units[0]], layouts.of[plan.layers[-1].name]
+    dims, mesh = layouts.dims[last], layouts.meshes[last]
     layers = {layer.name: layer for layer in plan.layers}
     splits = sequence_splits(model, [TPLayer(n, layers[n].sequence_parallel) for n in units])
     chunk_lists, mine = _chunk_plan(plan, units, mesh, dims)                  # step 2
     chunks = {c: build_chunk(model, units, chunk_lists[c]) if dims.pp > 1 else model
               for c in mine}
-    runner = Runner(plan, dims, mesh, chunks, loss_fn)
+    loss = loss_with_hop(loss_fn, (first, layouts.of[units[-1]]), last, layouts.meshes)
+    runner = Runner(plan, dims, mesh, chunks, loss, input_dims=layouts.dims[first],
+                    input_mesh=layouts.meshes[first])
     for index, chunk in chunks.items():                                       # steps 3-5
         runner.replicated_layers += _parallelize_chunk(
-            chunk, layers, units, chunk_lists[index], splits, mesh, dims, tp_overrides or {})
+            chunk, layers, units, chunk_lists[index], splits, layouts, tp_overrides or {})
     if dims.pp > 1:
         runner.tied = _tied_across_chunks(model, chunk_lists, mesh, dims)
         runner.schedule = build_schedule(chunks, len(chunk_lists), plan.schedule,
-                                         plan.num_micro_batches, loss_fn,
+                                         plan.num_micro_batches, loss,
                                          get_mesh(mesh, "pp").get_group(), device)
-    log.info("parallelized %d layers: pp %d, dp %d (%s), tp %d", len(units), dims.pp, dims.dp,
-             "sharded" if dims.dp_sharded else "replicated", dims.tp)
+    log.info("parallelized %d layers: pp %d, layouts %s (data parallelism %s)", len(units),
+             dims.pp, ", ".join(f"dp {d.dp} x tp {d.tp}" for d in layouts.dims.values()),
+             "sharded" if dims.dp_sharded else "replicated")
     return runner

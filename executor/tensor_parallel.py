@@ -16,7 +16,7 @@ reported.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +35,8 @@ from torch.distributed.tensor.parallel import (
 from autoplan.errors import AutoplanError
 from autoplan.tp_plan import COLWISE, infer_tp_plan
 
-__all__ = ["SEQUENCE_DIM", "TPLayer", "tp_styles", "sequence_splits", "apply_tp"]
+__all__ = ["SEQUENCE_DIM", "TPLayer", "tp_styles", "sequence_splits", "apply_tp",
+           "gather_sequence_input"]
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +130,15 @@ def sequence_splits(model: nn.Module, layers: Sequence[TPLayer]) -> list[bool]:
             for lay in layers]
 
 
+def gather_sequence_input(unit: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Gather the sequence slices of the unit's first positional input over `tp_mesh` before
+    the unit (and any hook registered after this one) runs."""
+    _RedistributeInput(gather=True)._apply(unit, tp_mesh)
+
+
 def apply_tp(model: nn.Module, layers: Sequence[TPLayer], splits: Sequence[bool],
-             tp_mesh: DeviceMesh, present: set[str] | None = None) -> list[str]:
+             tp_mesh: DeviceMesh, present: set[str] | None = None,
+             whole_inputs: Collection[str] = ()) -> list[str]:
     """Shard each unit of `layers` over `tp_mesh` (in place), and join sequence-split units to
     whole-sequence ones with a gather or split of the input.
 
@@ -140,6 +148,8 @@ def apply_tp(model: nn.Module, layers: Sequence[TPLayer], splits: Sequence[bool]
         splits: sequence_splits() of the whole model.
         tp_mesh: the 1-D tensor-parallel mesh.
         present: the unit names this module really holds (default: all).
+        whole_inputs: units whose input arrives with the whole sequence whatever the unit
+            before gives (a layout hop gathered it, executor/hops.py).
 
     Returns:
         The names of units with parameters that stay replicated (nothing to split).
@@ -160,7 +170,7 @@ def apply_tp(model: nn.Module, layers: Sequence[TPLayer], splits: Sequence[bool]
         if not inferred.max_degree_divides(unit, tp_mesh.size()):
             raise AutoplanError(f"layer {layer.name}: tp {tp_mesh.size()} does not divide the "
                                 "widths of its Linear/Embedding layers; choose a tp that does")
-        previous = splits[index - 1] if index else False
+        previous = splits[index - 1] if index and layer.name not in whole_inputs else False
         if previous != splits[index]:  # registered first: runs before the styles' hooks
             _RedistributeInput(gather=previous)._apply(unit, tp_mesh)
         styles = tp_styles(unit, layer.sequence_parallel, layer.override)

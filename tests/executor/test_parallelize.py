@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 
 import pytest
+import torch
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
 
 from autoplan.errors import AutoplanError
 from autoplan.executor import parallelize, verify
 from autoplan.executor.data_parallel import tied_groups
-from autoplan.executor.mesh import ParallelDims, parallel_dims
+from autoplan.executor.hops import Hop, _check_activation, check_layouts, hop_layouts
+from autoplan.executor.mesh import Layout, ParallelDims, layout_dims, parallel_dims
 from autoplan.executor.pipeline import chunk_ranks, chunk_units
 from autoplan.executor.run import RunOptions, load_run_plan, reference_run
 from autoplan.executor.tensor_parallel import tp_styles
@@ -25,6 +28,8 @@ from autoplan.models import build_model
 from autoplan.tracing import layer_graph_of_built
 from tests.executor import harness
 
+_TP2 = {"dp": 1, "tp": 2}
+_DP2_TP2 = {"dp": 2, "tp": 2}
 TWO_RANKS = {
     "dp_zero0": ("dp=2", {}),
     "fsdp_zero1": ("dp=2,zero=1", {}),
@@ -34,12 +39,26 @@ TWO_RANKS = {
                    {"h.0": {"checkpoint": "selective"}, "h.1": {"checkpoint": "full"}}),
     "pp_gpipe": ("pp=2,schedule=gpipe", {}),
     "pp_1f1b": ("pp=2,schedule=1f1b", {}),
+    # Layers of different (dp, tp) (executor/hops.py): wpe and h.0 (sequence parallel) are
+    # tp=2 between dp=2 layers, so wte's output hops; the loss is tp=2: output and targets
+    # hop. h.1 is ZeRO 0 (replicated) among FSDP layers.
+    "mixed_fsdp_tp_sp": ("dp=2,zero=1", {"wpe": _TP2, "h.0": _TP2 | {"sequence_parallel": True},
+                                         "h.1": {"zero": 0}, "loss": _TP2}),
 }
 FOUR_RANKS = {
     "tp_fsdp_zero3": ("dp=2,tp=2,zero=3", {}),
     "tp_sp_dp_zero0": ("dp=2,tp=2,sequence_parallel=true", {"h.1": {"checkpoint": "full"}}),
     "pp_tp_1f1b": ("pp=2,tp=2,schedule=1f1b", {}),
     "pp_fsdp_zero2": ("pp=2,dp=2,zero=2,schedule=gpipe", {}),
+    # Mixed layouts: wte's output hops to wpe's dp=2 x tp=2, h.0 is dp=4 again, h.1 is
+    # dp=2 x tp=2 with sequence parallelism (recomputed), ln_f is tp=4 (its parameters
+    # outside FSDP) and the loss is dp=2 x tp=2 beside a dp=4 head. h.0 is ZeRO 0.
+    "mixed_fsdp_sp": ("dp=4,zero=3", {
+        "wpe": _DP2_TP2, "h.0": {"zero": 0},
+        "h.1": _DP2_TP2 | {"sequence_parallel": True, "checkpoint": "full"},
+        "ln_f": {"dp": 1, "tp": 4}, "loss": _DP2_TP2}),
+    # ... and across a pipeline boundary: stage 1 starts with a tp=2 block, the loss is tp=2.
+    "mixed_pp_zero0": ("pp=2,dp=2,schedule=1f1b", {"h.1": _TP2, "loss": _TP2}),
 }
 # Other models, trained as `autoplan run --verify` trains them (executor/run.py): an HF Llama
 # built from a config and a custom non-transformer module, under DP, FSDP and TP.
@@ -58,6 +77,8 @@ OTHER_MODELS = {  # case -> (model, plan shorthand); "hf" is replaced by the con
     "custom_tp": (CUSTOM, "tp=2"),
     "resnet_fsdp_zero3": (RESNET, "dp=2,zero=3"),
 }
+# A plan with layers of different (dp, tp), trained as `autoplan run --verify` trains it.
+MIXED_RUN = ("run_mixed_dp_tp", "dp=2", {"h.1": _TP2, "ln_f": _TP2})
 # A checkpoint saved under TP2 x DP2 loads under PP2 x DP2 (FSDP) and training goes on.
 RESUME = ("dp=2,tp=2", "pp=2,dp=2,zero=1,schedule=1f1b")
 # Interleaved 1F1B needs 4 chunks; gpt-tiny has 2 blocks, so the cut is given by hand:
@@ -100,6 +121,12 @@ def two_rank_world(graph: LayerGraph, tmp_path_factory) -> tuple[harness.WorldRe
         options = _other_model_options(case, folder)
         plans[case] = load_run_plan(options, 2)[0]
         extra[case] = {"kind": "run", "model": options.model, "options": options}
+    case, text, edit = MIXED_RUN
+    plans[case] = harness.make_plan(graph, 2, text, edit)
+    extra[case] = {"kind": "run", "model": harness.MODEL, "options": RunOptions(
+        model=harness.MODEL, plan=str(folder / f"{case}.plan.json"), nproc=2,
+        steps=harness.STEPS, global_batch=harness.GLOBAL_BATCH, seed=harness.SEED,
+        lr=harness.LR)}
     world = harness.run_world(2, plans, folder, extra={
         case: {k: v for k, v in e.items() if k != "options"} for case, e in extra.items()})
     return world, plans | {"_options": {c: e["options"] for c, e in extra.items()}}
@@ -131,7 +158,7 @@ def test_four_ranks_match_one_process(four_rank_world, case: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", list(OTHER_MODELS))
+@pytest.mark.parametrize("case", [*OTHER_MODELS, MIXED_RUN[0]])
 def test_other_models_match_one_process(two_rank_world, case: str) -> None:
     world, plans = two_rank_world
     options = plans["_options"][case]
@@ -166,16 +193,59 @@ def test_tp_reports_the_layers_it_leaves_whole(two_rank_world) -> None:
 # ------------------------------------------------------------------ without processes
 
 
-def test_mixed_layouts_are_refused_by_name(graph: LayerGraph) -> None:
-    plan = harness.make_plan(graph, 4, "dp=2,tp=2,micro_batch=2", {"h.1": {"dp": 4, "tp": 1}})
-    with pytest.raises(AutoplanError, match=r"h\.1 \(dp 4, tp 1\)"):
-        parallel_dims(plan)
+def test_layouts_of_a_mixed_plan(graph: LayerGraph) -> None:
+    plan = harness.make_plan(graph, 4, "dp=2,tp=2,micro_batch=2",
+                             {"h.1": {"dp": 4, "tp": 1, "zero": 1}, "loss": {"dp": 4, "tp": 1}})
+    # ZeRO 0 layers beside ZeRO 1: the dp axis is named dp_shard
+    assert layout_dims(plan) == {(2, 2): ParallelDims(1, 2, 2, True),
+                                 (4, 1): ParallelDims(1, 4, 1, True)}
+    assert parallel_dims(plan) == ParallelDims(1, 4, 1, True)  # the loss's layout
+    # blocks: pairs of ranks for 2 <-> 4; all 6 ranks for dp 2 <-> dp 3 (gcd 1)
+    assert hop_layouts([(2, 2), (4, 1), (4, 1), (2, 2)]) == [(2, 2)]
+    assert hop_layouts([(2, 3), (3, 2), (2, 3)]) == [(1, 6)]
 
 
-def test_zero0_beside_zero3_is_refused(graph: LayerGraph) -> None:
-    plan = harness.make_plan(graph, 2, "dp=2,zero=3", {"h.0": {"zero": 0}})
-    with pytest.raises(AutoplanError, match="h.0 have ZeRO 0"):
-        parallel_dims(plan)
+def _hop_all_ranks(src: Layout, dst: Layout, held: list[torch.Tensor],
+                   backward: bool = False) -> list[torch.Tensor]:
+    """Every rank's result of one hop (or its backward), the ranks simulated in one process:
+    held[r] is rank r's tensor; a block gathers its ranks' tensors in order."""
+    ranks = src[0] * src[1]
+    block = ranks // math.gcd(src[0], dst[0])
+    out = []
+    for rank in range(ranks):
+        start = rank - rank % block
+        hop = Hop(src, dst, rank % block)
+        run = hop.backward if backward else hop.forward
+        out.append(run(held[rank], lambda _, s=start: held[s:s + block]))
+    return out
+
+
+@pytest.mark.parametrize("src, dst", [((2, 3), (3, 2)), ((3, 2), (2, 3)), ((6, 1), (1, 6)),
+                                      ((1, 6), (3, 2)), ((2, 3), (6, 1))])
+def test_hops_give_each_rank_its_slice_in_any_layout(src: Layout, dst: Layout) -> None:
+    batch = torch.arange(12.0).repeat_interleave(2).view(12, 2)  # 12 samples of 2 features
+
+    def slices(layout: Layout) -> list[torch.Tensor]:  # rank r: batch slice r // tp of dp
+        return [batch.chunk(layout[0])[rank // layout[1]] for rank in range(6)]
+
+    moved = _hop_all_ranks(src, dst, slices(src))
+    assert all(torch.equal(a, b) for a, b in zip(moved, slices(dst), strict=True))
+    back = _hop_all_ranks(src, dst, slices(dst), backward=True)
+    scale = src[0] / dst[0]  # each rank's gradient is for the mean over its own samples
+    assert all(torch.equal(a, b * scale) for a, b in zip(back, slices(src), strict=True))
+
+
+def test_hops_refuse_inputs_that_are_not_the_activation(graph: LayerGraph) -> None:
+    # A layer (not an embedding: those hop the output before them) given position ids.
+    with pytest.raises(AutoplanError, match=r"layer h.0 changes layout \(dp 2, tp 1 -> "
+                                            r"dp 1, tp 2\), but its first input is a "
+                                            r"torch.int64 tensor"):
+        _check_activation("h.0", (2, 1), (1, 2), torch.arange(4))
+    model, units = harness.build(), [n for n in graph.names if n != "loss"]
+    layouts = [(1, 2) if n == "lm_head" else (2, 1) for n in units]
+    with pytest.raises(AutoplanError, match=r"wte \(dp 2, tp 1\), lm_head \(dp 1, tp 2\) "
+                                            "share a parameter"):
+        check_layouts(model, units, layouts)
 
 
 def test_parallel_dims_and_mesh_axes(graph: LayerGraph) -> None:
