@@ -15,7 +15,8 @@ from autoplan.cost_model.collectives import CommModel
 from autoplan.graph import LayerNode
 from autoplan.plan import LayerStrategy
 
-__all__ = ["tp_time_s", "fsdp_time_s", "grad_sync_time_s", "reshard_time_s", "p2p_time_s"]
+__all__ = ["tp_time_s", "fsdp_time_s", "grad_sync_time_s", "reshard_time_s", "reshard_bytes",
+           "p2p_time_s"]
 
 # Per pass: (collective, what is moved) for each TP-sharded kind; "out" the layer's output
 # per sample, "in" its input. Without SP an all-reduce; with SP the pair that replaces it.
@@ -76,16 +77,28 @@ def grad_sync_time_s(comm: CommModel, node: LayerNode, layer: LayerStrategy,
 
 
 def reshard_time_s(comm: CommModel, node: LayerNode, before: LayerStrategy, after: LayerStrategy,
-                   micro_batch: int) -> float:
-    """Moving `node`'s input between two layouts of the same stage, forward (activation) and
-    backward (its gradient): each rank gathers the samples its new dp shard needs from the
-    max(dp) / min(dp) ranks that hold them; equal dp with other tp is a regroup inside the
-    node that keeps the samples (free: both layouts hold the whole activation per rank)."""
+                   micro_batch: int, previous: LayerNode | None = None) -> float:
+    """Moving the activation into `node` between two layouts of the same stage, forward (the
+    activation) and backward (its gradient): each rank gathers the samples its new dp shard
+    needs from the max(dp) / min(dp) ranks that hold them; equal dp with other tp is a
+    regroup inside the node that keeps the samples (free: both layouts hold the whole
+    activation per rank). `previous`: the layer before `node` (see reshard_bytes)."""
     if (before.dp, before.tp) == (after.dp, after.tp) or before.dp == after.dp:
         return 0.0
     group = max(before.dp, after.dp) // min(before.dp, after.dp)
-    nbytes = node.input_bytes * micro_batch / min(before.dp, after.dp)
+    nbytes = reshard_bytes(node, previous) * micro_batch / min(before.dp, after.dp)
     return 2 * comm.time_s("all_gather", nbytes, group, min(before.tp, after.tp))
+
+
+def reshard_bytes(node: LayerNode, previous: LayerNode | None) -> int:
+    """Bytes per sample that a layout change at `node` moves. Its input, except at an
+    embedding after another layer: an embedding takes indices (GPT's wpe takes position ids,
+    input_bytes 0), so the executor moves the output of the layer before it instead, the
+    activation that the glue adds the embedding's output to (executor/hops.py,
+    apply_output_hops)."""
+    if node.kind == "embedding" and previous is not None:
+        return previous.output_bytes
+    return node.input_bytes
 
 
 def p2p_time_s(comm: CommModel, node: LayerNode, layer: LayerStrategy, samples: int,

@@ -4,6 +4,9 @@ cost on the edge between runs whose layouts differ and one memory budget.
 
 Every solver (ilp.py, dp.py, and brute_force here for tests) answers the same question:
 minimise the sum of option times and edge costs subject to the sum of option memory <= budget.
+Layers that must share a layout (tied weights, possibly on several stages) are solved by
+fixing their layout (StageProblem.restricted) for each layout they may take and keeping the
+best: brute_force(problem, ties) is that question asked directly.
 """
 
 from __future__ import annotations
@@ -51,6 +54,14 @@ class StageProblem:
     def edge(self, r: int, before: Layout, after: Layout) -> float:
         return self.edges[r].get((before, after), 0.0) if r < len(self.edges) else 0.0
 
+    def restricted(self, layouts: dict[int, Layout]) -> StageProblem:
+        """The problem with run r allowed only options of layout layouts[r]: how a layout
+        fixed from outside (a tied layer's, shared with a layer of another stage) enters.
+        Option indices stay those of this problem."""
+        runs = tuple(Run(run.count, tuple(o for o in run.options if o.layout == layouts[r]))
+                     if r in layouts else run for r, run in enumerate(self.runs))
+        return StageProblem(runs, self.edges, self.budget)
+
 
 @dataclass(frozen=True)
 class StageSolution:
@@ -76,10 +87,14 @@ def _run_choices(run: Run) -> Iterator[tuple[Layout, tuple[Option, ...]]]:
             yield layout, combo
 
 
-def brute_force(problem: StageProblem) -> StageSolution:
-    """Try every setting of every run: exact and exponential, for tests of the solvers."""
+def brute_force(problem: StageProblem,
+                ties: tuple[tuple[int, ...], ...] = ()) -> StageSolution:
+    """Try every setting of every run: exact and exponential, for tests of the solvers.
+    `ties`: groups of runs that must take one layout (settings that split one are skipped)."""
     best: StageSolution = StageSolution(float("inf"), status=INFEASIBLE)
     for setting in itertools.product(*(list(_run_choices(run)) for run in problem.runs)):
+        if any(len({setting[r][0] for r in group}) > 1 for group in ties):
+            continue
         memory = sum(o.memory for _, combo in setting for o in combo)
         if memory > problem.budget:
             continue

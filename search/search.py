@@ -8,10 +8,20 @@ an even split), and each stage's layers from an exact solver of the stage proble
 dp.py: the sum over layers of m x time per micro-batch + time per step, under the stage's
 memory budget). Every plan found is then priced by the full cost model, which has the last
 word: the search is exact for the stage problem, the cost model for the plan.
+
+Tied layers (space.tie_groups: e.g. GPT's wte and lm_head, often on the first and the last
+stage) must share one (dp, tp) layout (the executor refuses plans that split them). An outer
+setting is first solved without the tie; when its plan keeps the tie it is also the best
+that does (fixing layouts only removes options: the budget's reserve is taken over all of a
+layer's choices either way). Otherwise each group's layout becomes one more outer choice:
+every layout the group may take, with its own lower bound, is solved with the tied layers'
+options fixed to it (StageProblem.restricted), and the untied plan is dropped. Stage problems
+that hold no tied layer do not depend on that choice and stay cached.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -28,7 +38,7 @@ from autoplan.plan import LayerPlan, LayerStrategy, Plan, Prediction, Provenance
 from autoplan.profiler.profile import Profile
 from autoplan.search.dp import solve_dp
 from autoplan.search.ilp import solve_ilp
-from autoplan.search.problem import Option, Run, StageProblem, StageSolution
+from autoplan.search.problem import Layout, Option, Run, StageProblem, StageSolution
 from autoplan.search.space import (
     Outer,
     SearchSpace,
@@ -37,6 +47,7 @@ from autoplan.search.space import (
     layer_strategies,
     outer_settings,
     plan_respects_fix,
+    tie_groups,
     tp_fits,
 )
 
@@ -50,6 +61,9 @@ millisecond or two where the ILP takes tens; longer chains go to the ILP, whose 
 not grow with a run's length. Both are exact."""
 MAX_GLOBAL_BATCH = 2**24
 """Samples per step the search takes at most (it enumerates the batch's divisors)."""
+Ties = tuple[Layout, ...]
+"""The layout of each group of tied layers (Searcher.ties), in group order; None where a
+search leaves tied layers free (the first try of an outer setting)."""
 
 
 @dataclass(frozen=True)
@@ -129,11 +143,13 @@ class Searcher:
         self.space = SearchSpace(max_tp, cluster.gpus_per_node, options.fix, heads, kv_heads)
         self.blocks = [i for i, n in enumerate(graph.nodes) if n.kind == "block"]
         self.units = self.blocks or list(range(len(graph.nodes)))
-        # (first layer, how many) of each signature: equal layers cost alike, so bounds
-        # sum each kind once
-        firsts: dict[str, list[int]] = {}
+        self.ties = tie_groups(graph.nodes)
+        self._group_of = {i: g for g, group in enumerate(self.ties) for i in group}
+        # (first layer, how many) of each signature and tie group: equal layers cost alike,
+        # so bounds sum each kind once
+        firsts: dict[tuple[str, int | None], list[int]] = {}
         for i, node in enumerate(graph.nodes):
-            firsts.setdefault(node.signature, []).append(i)
+            firsts.setdefault((node.signature, self._group_of.get(i)), []).append(i)
         self.kinds = [(found[0], len(found)) for found in firsts.values()]
         self._choices: dict[tuple, list[_Choice]] = {}
         self._stages: dict[tuple, StageSolution] = {}
@@ -151,10 +167,9 @@ class Searcher:
         bounds = sorted((self._lower_bound(o), o) for o in outers)
         solved = 0
         for done, (bound, outer) in enumerate(bounds, 1):
-            best = self._best()
-            if best is None or bound < best.estimate.step_time_s:
+            if self._beats_best(bound):
                 solved += 1
-                self._solve_outer(outer)
+                self._search_outer(outer)
             if on_progress:
                 on_progress(f"pp {outer.pp}, micro-batch {outer.micro_batch_size}, "
                             f"{outer.schedule}", done, len(bounds))
@@ -187,6 +202,32 @@ class Searcher:
     def _best(self) -> Candidate | None:
         return self._incumbent
 
+    def _beats_best(self, bound: float) -> bool:
+        """Whether a plan of lower bound `bound` could beat the best plan found."""
+        best = self._best()
+        return best is None or bound < best.estimate.step_time_s
+
+    def _search_outer(self, outer: Outer) -> None:
+        """Add the best plan of `outer` that keeps the ties: the untied optimum when it
+        keeps them, else the optimum of each tie layout whose bound can beat the best."""
+        found = self._solve_outer(outer, None)
+        if found is None:
+            return  # fixing layouts only removes options: no tie layout fits either
+        if self._keeps_ties(found[1]):
+            self._add(outer, *found, "search")
+            return
+        for bound, ties in sorted((self._lower_bound(outer, t), t)
+                                  for t in self._tie_layouts(outer)):
+            if self._beats_best(bound):
+                found = self._solve_outer(outer, ties)
+                if found is not None:
+                    self._add(outer, *found, "search")
+
+    def _keeps_ties(self, strategies: list[LayerStrategy]) -> bool:
+        """Whether each tie group's layers share one (dp, tp) in `strategies`."""
+        return all(len({(strategies[i].dp, strategies[i].tp) for i in group}) == 1
+                   for group in self.ties)
+
     # ------------------------------------------------------------------------- layers
 
     def _layer_choices(self, i: int, outer: Outer, stage: int) -> list[_Choice]:
@@ -202,14 +243,38 @@ class Searcher:
             self._choices[key] = _undominated(choices)
         return self._choices[key]
 
-    def _lower_bound(self, outer: Outer) -> float:
-        """No plan of `outer` is faster. With stage times T_s of mean T, the pipeline takes
-        m T_max + (sum T_s - T_max) / v >= (m + (pp - 1) / v) T, and T >= 1/pp of the
-        fastest layer times; the tail (the slowest stage's) is at least the mean tail."""
+    def _fixed_layout(self, i: int, ties: Ties | None) -> Layout | None:
+        """The layout `ties` gives layer i, or None when it is in no tie group (or free)."""
+        group = self._group_of.get(i)
+        return None if group is None or ties is None else ties[group]
+
+    def _allowed_choices(self, i: int, outer: Outer, stage: int,
+                         ties: Ties | None) -> list[_Choice]:
+        """Layer i's choices within the layout `ties` fixes for it (all when none)."""
+        fixed = self._fixed_layout(i, ties)
+        return [c for c in self._layer_choices(i, outer, stage)
+                if fixed is None or (c.strategy.dp, c.strategy.tp) == fixed]
+
+    def _tie_layouts(self, outer: Outer) -> list[Ties]:
+        """Every assignment of a layout to each tie group that all its layers may take in
+        `outer`."""
+        per_group = []
+        for group in self.ties:
+            common = set.intersection(*({(c.strategy.dp, c.strategy.tp)
+                                         for c in self._layer_choices(i, outer, 0)}
+                                        for i in group))
+            per_group.append(sorted(common))
+        return list(itertools.product(*per_group))
+
+    def _lower_bound(self, outer: Outer, ties: Ties | None = None) -> float:
+        """No plan of `outer` with tied layers on `ties` is faster. With stage times T_s of
+        mean T, the pipeline takes m T_max + (sum T_s - T_max) / v >= (m + (pp - 1) / v) T,
+        and T >= 1/pp of the fastest layer times; the tail (the slowest stage's) is at least
+        the mean tail."""
         m = self.options.global_batch // outer.micro_batch_size
         per_micro_batch = tail = 0.0
         for i, count in self.kinds:
-            choices = self._layer_choices(i, outer, 0)
+            choices = self._allowed_choices(i, outer, 0, ties)
             if not choices:
                 return math.inf
             per_micro_batch += count * min(c.cost.micro_batch_s for c in choices)
@@ -219,7 +284,10 @@ class Searcher:
 
     # ------------------------------------------------------------------------- stages
 
-    def _solve_outer(self, outer: Outer) -> None:
+    def _solve_outer(self, outer: Outer,
+                     ties: Ties | None) -> tuple[list[int], list[LayerStrategy]] | None:
+        """The stage boundaries and layer strategies of `outer`'s best plan with tied layers
+        on `ties`, or None when nothing fits."""
         if outer.pp == 1:
             chunks_of = {0: [list(range(len(self.graph.nodes)))]}
         elif outer.virtual_stages > 1:
@@ -228,34 +296,54 @@ class Searcher:
             chunks = [list(range(a, b)) for a, b in zip(bounds, bounds[1:], strict=False)]
             chunks_of = {s: chunks[s::outer.pp] for s in range(outer.pp)}
         else:
-            chunks_of = self._partition(outer)
+            chunks_of = self._partition(outer, ties)
             if chunks_of is None:
-                return
+                return None
         picks: dict[int, LayerStrategy] = {}
         for stage, chunks in chunks_of.items():
-            solution, layers = self._stage(outer, stage, chunks)
+            solution, layers = self._stage(outer, stage, chunks, ties)
             if not solution.feasible:
-                return
+                return None
             for i, strategy in zip(layers, _flatten(solution, self, outer, stage, layers),
                                    strict=True):
                 picks[i] = strategy
         # chunk c runs on stage c mod pp, as its (c div pp)-th chunk
         boundaries = [chunks_of[c % outer.pp][c // outer.pp][0]
                       for c in range(outer.pp * outer.virtual_stages)]
-        self._add(outer, boundaries, [picks[i] for i in range(len(self.graph.nodes))], "search")
+        return boundaries, [picks[i] for i in range(len(self.graph.nodes))]
 
-    def _stage(self, outer: Outer, stage: int,
-               chunks: list[list[int]]) -> tuple[StageSolution, list[int]]:
-        """Solve (cached) the stage problem of the layers in `chunks` on stage `stage`."""
+    def _stage(self, outer: Outer, stage: int, chunks: list[list[int]],
+               ties: Ties | None) -> tuple[StageSolution, list[int]]:
+        """Solve (cached) the stage problem of the layers in `chunks` on stage `stage`, tied
+        layers on their layouts in `ties` (the key holds only the layouts of tied layers
+        present, so stages without any share one solution across tie choices)."""
         m = self.options.global_batch // outer.micro_batch_size
         held = micro_batches_in_flight(outer.schedule, outer.pp, stage, m, outer.virtual_stages)
         layers = [i for chunk in chunks for i in chunk]
         key = (outer, held, stage > 0,
-               tuple(tuple(self.graph.nodes[i].signature for i in chunk) for chunk in chunks))
+               tuple(tuple((self.graph.nodes[i].signature, self._fixed_layout(i, ties))
+                           for i in chunk) for chunk in chunks))
         if key not in self._stages:
-            problem = self._problem(outer, stage, chunks, m, held)
-            self._stages[key] = self._solve(problem)
+            kept = self._free_keeps(outer, stage, chunks, ties)
+            self._stages[key] = kept or self._solve(self._problem(outer, stage, chunks, m,
+                                                                  held, ties))
         return self._stages[key], layers
+
+    def _free_keeps(self, outer: Outer, stage: int, chunks: list[list[int]],
+                    ties: Ties | None) -> StageSolution | None:
+        """The stage's solution with tied layers free when it is also the answer with them
+        on `ties` (it is infeasible, or already puts them there: fixing layouts only removes
+        options), which saves a solve; else None."""
+        if ties is None:
+            return None
+        free, layers = self._stage(outer, stage, chunks, None)
+        if not free.feasible:
+            return free
+        strategies = _flatten(free, self, outer, stage, layers)
+        if all(self._fixed_layout(i, ties) in (None, (s.dp, s.tp))
+               for i, s in zip(layers, strategies, strict=True)):
+            return free
+        return None
 
     def _solve(self, problem: StageProblem) -> StageSolution:
         solver = self.options.solver
@@ -267,12 +355,15 @@ class Searcher:
         return solve_ilp(problem, self.options.time_limit_s, self.options.ilp_solver)
 
     def _problem(self, outer: Outer, stage: int, chunks: list[list[int]], m: int,
-                 held: float) -> StageProblem:
-        """Runs of identical consecutive layers; option time = m x per micro-batch + per
-        step; memory = state + held x saved + fixed. The budget keeps room for the largest
-        transient and FSDP/bucket buffers any choice could bring (conservative)."""
+                 held: float, ties: Ties | None) -> StageProblem:
+        """Runs of identical consecutive layers (tied ones apart); option time = m x per
+        micro-batch + per step; memory = state + held x saved + fixed. The budget keeps room
+        for the largest transient and FSDP/bucket buffers any choice could bring
+        (conservative; over all choices, so fixing tied layers' layouts, done last, only
+        removes options)."""
         runs: list[Run] = []
         edges: list[dict] = []
+        fixed: dict[int, Layout] = {}
         worst = 0.0
         for chunk in chunks:
             start = len(runs)
@@ -285,7 +376,8 @@ class Searcher:
                            m * c.cost.micro_batch_s + sum(c.cost.tail_s.values()),
                            c.cost.state_bytes + held * c.cost.saved_bytes + c.cost.fixed_bytes)
                     for k, c in enumerate(choices)])
-                same = len(runs) > start and self.graph.nodes[i - 1].signature == node.signature
+                same = (len(runs) > start and self.graph.nodes[i - 1].signature == node.signature
+                        and self._group_of.get(i - 1) == self._group_of.get(i))
                 if same:
                     runs[-1] = Run(runs[-1].count + 1, runs[-1].options)
                     continue
@@ -293,8 +385,11 @@ class Searcher:
                     edges.append(self._edge(node, runs[-1], options, outer, m))
                 elif runs:
                     edges.append({})
+                layout = self._fixed_layout(i, ties)
+                if layout is not None:
+                    fixed[len(runs)] = layout
                 runs.append(Run(1, options))
-        return StageProblem(tuple(runs), tuple(edges), self.budget - worst)
+        return StageProblem(tuple(runs), tuple(edges), self.budget - worst).restricted(fixed)
 
     def _edge(self, node: LayerNode, before: Run, after: tuple[Option, ...], outer: Outer,
               m: int) -> dict:
@@ -307,7 +402,7 @@ class Searcher:
                         outer.micro_batch_size)
         return costs
 
-    def _partition(self, outer: Outer) -> dict[int, list[list[int]]] | None:
+    def _partition(self, outer: Outer, ties: Ties | None) -> dict[int, list[list[int]]] | None:
         """Stage boundaries by dynamic programming: minimise the slowest stage's objective
         (then the sum), each stage taking an even share of the blocks within the window."""
         pp, units, n = outer.pp, self.units, len(self.units)
@@ -324,7 +419,7 @@ class Searcher:
                         continue
                     first = 0 if k == 0 else units[j0]
                     last = len(self.graph.nodes) if k == pp - 1 else units[j1]
-                    solution, _ = self._stage(outer, k, [list(range(first, last))])
+                    solution, _ = self._stage(outer, k, [list(range(first, last))], ties)
                     if not solution.feasible:
                         continue
                     value = (max(slowest, solution.objective), total + solution.objective,

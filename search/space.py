@@ -15,7 +15,7 @@ from autoplan.specs import parse_bool, parse_int, parse_kv
 
 __all__ = ["FIXABLE", "SearchSpace", "Outer", "divisors", "parse_fix", "layer_strategies",
            "checkpoint_modes", "outer_settings", "tp_fits", "respects_fix",
-           "plan_respects_fix"]
+           "plan_respects_fix", "tie_groups", "plan_keeps_ties"]
 
 FIXABLE = ("pp", "dp", "tp", "sequence_parallel", "zero", "ckpt", "schedule", "virtual_stages",
            "micro_batch_size")
@@ -132,6 +132,36 @@ def plan_respects_fix(nodes: list[LayerNode], plan: Plan, fix: dict[str, Any]) -
         return False
     return all(respects_fix(node, layer, fix) for node, layer in zip(nodes, plan.layers,
                                                                        strict=True))
+
+
+def tie_groups(nodes: tuple[LayerNode, ...] | list[LayerNode]) -> list[tuple[int, ...]]:
+    """Layers that share a parameter (tied weights, e.g. GPT's wte and lm_head), as groups
+    of layer indices: the executor holds one parameter on one (dp, tp) layout and sums the
+    gradients of its copies on other stages, so a group's layers must share their layout.
+
+    The graph records a tie by size only (tracing._param_owners): the parameter counts in
+    `params` of its first user, in `shared_params` of each later one. A later user joins the
+    first earlier embedding holding at least that many parameters (tied weights are
+    embeddings in practice), else the first earlier layer that does.
+    """
+    parent = list(range(len(nodes)))
+    for j, node in enumerate(nodes):
+        if node.shared_params <= 0:
+            continue
+        holders = [i for i in range(j) if nodes[i].params >= node.shared_params]
+        owners = [i for i in holders if nodes[i].kind == "embedding"] or holders
+        if owners:
+            parent[j] = parent[owners[0]]
+    groups: dict[int, list[int]] = {}
+    for j, root in enumerate(parent):
+        groups.setdefault(root, []).append(j)
+    return [tuple(g) for g in groups.values() if len(g) > 1]
+
+
+def plan_keeps_ties(nodes: list[LayerNode] | tuple[LayerNode, ...], plan: Plan) -> bool:
+    """Whether every group of tied layers shares one (dp, tp) layout in `plan`."""
+    return all(len({(plan.layers[i].dp, plan.layers[i].tp) for i in group}) == 1
+               for group in tie_groups(nodes))
 
 
 def tp_fits(tp: int, space: SearchSpace) -> bool:

@@ -155,3 +155,24 @@ def test_estimate_bad_input_is_one_line_and_status_2(tmp_path, capsys, args, mes
     assert main(["estimate", *[x for kv in base.items() for x in kv]]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_a_layout_change_at_an_embedding_moves_the_layer_before_it() -> None:
+    """GPT's wpe takes position ids (input 0 bytes), so the executor hops wte's output there
+    (executor/hops.py, apply_output_hops): the cost model prices that activation, not 0."""
+    import dataclasses
+
+    from autoplan.cost_model.communication import reshard_bytes
+    from autoplan.plan import LayerStrategy
+
+    first = dataclasses.replace(_block(0), name="wte", kind="embedding", output_bytes=4096)
+    wpe = dataclasses.replace(_block(1), name="wpe", kind="embedding", input_bytes=0)
+    graph = LayerGraph("synthetic", "bfloat16", "flash", 8, (first, wpe, _block(2)), ())
+    model = CostModel(graph, parse_cluster_spec("h100-sxm:gpus=8"))
+    assert reshard_bytes(wpe, first) == 4096 and reshard_bytes(first, None) == first.input_bytes
+    wide, narrow = LayerStrategy(dp=8, tp=1), LayerStrategy(dp=2, tp=4)
+    moved = model.reshard_s(wpe, wide, narrow, 8)
+    as_input = model.reshard_s(dataclasses.replace(wpe, kind="block", input_bytes=4096),
+                               wide, narrow, 8)
+    assert moved > 0 and moved == pytest.approx(as_input)
+    assert model.reshard_s(graph.nodes[2], wide, narrow, 8) < moved  # a block moves its input

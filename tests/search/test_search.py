@@ -17,6 +17,7 @@ from autoplan.errors import AutoplanError
 from autoplan.graph import LayerGraph
 from autoplan.search.command import SearchCommand, run_search
 from autoplan.search.search import Searcher, SearchOptions
+from autoplan.search.space import plan_keeps_ties, plan_respects_fix, tie_groups
 from tests.graphs import synthetic_graph
 
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "korthikanti.py"
@@ -61,7 +62,8 @@ def test_nothing_fits_names_the_memory_that_would(tmp_path) -> None:
     path = tmp_path / "graph.json"
     synthetic_graph().save(path)
     with pytest.raises(AutoplanError, match=r"no plan fits in 1\.0 GiB per device; the least "
-                                            r"memory a plan tried needs is [0-9.]+ GiB"):
+                                            r"memory a plan tried needs is [0-9.]+ GiB, most of it "
+                                            r"\w+ \([0-9.]+ GiB of stage \d+\)"):
         run_search(SearchCommand(model=str(path), cluster="h100-sxm:gpus=8", global_batch=8,
                                  memory_limit_gib=1.0))
 
@@ -109,3 +111,36 @@ def test_search_cli_json_and_output(tmp_path, capsys) -> None:
 def test_the_python_api_returns_a_plan() -> None:
     plan = autoplan.search(synthetic_graph(), cluster="h100-sxm:gpus=8", global_batch=32)
     assert plan.world_size == 8 and plan.prediction is not None
+
+
+@pytest.fixture(scope="module")
+def tied_gpt() -> LayerGraph:
+    """A tiny GPT: wte and lm_head share the embedding weight."""
+    import torch
+
+    from autoplan.models import build_model
+    from autoplan.tracing import layer_graph_of_built
+
+    return layer_graph_of_built(build_model("gpt:layers=4,hidden=64,heads=4,seq=32,"
+                                            "vocab=16384"), torch.float32)
+
+
+@pytest.mark.parametrize(("cluster", "batch", "fix", "solver"), [
+    ("h100-sxm:gpus=4", 8, {"pp": 1}, "dp"),    # untied: wte dp1 tp4 beside lm_head dp4 tp1
+    ("h100-sxm:gpus=4", 8, {"pp": 1}, "ilp"),
+    ("h100-sxm:gpus=16", 16, {"pp": 2}, "auto"),  # untied: stage 0's wte dp4 tp2, stage 1's
+])                                                # lm_head dp8 tp1
+def test_tied_layers_share_one_layout(tied_gpt: LayerGraph, cluster: str, batch: int,
+                                      fix: dict, solver: str) -> None:
+    """The executor holds a tied weight on one layout (executor/hops.py check_layouts): every
+    plan the search returns, baselines included, keeps wte and lm_head on one (dp, tp)."""
+    assert tie_groups(tied_gpt.nodes) == [(tied_gpt.index["wte"], tied_gpt.index["lm_head"])]
+    result = _search(tied_gpt, cluster, batch, memory_limit_bytes=80 * 2**30, fix=fix,
+                     solver=solver).run()
+    found = [result.best, *result.runners_up, *result.baselines.values()]
+    assert all(plan_keeps_ties(tied_gpt.nodes, c.plan) for c in found if c is not None)
+    assert plan_respects_fix(tied_gpt.nodes, result.best.plan, fix)
+
+
+def test_untied_models_have_no_tie_groups() -> None:
+    assert tie_groups(synthetic_graph().nodes) == []

@@ -1,4 +1,6 @@
-"""ILP and DP against brute force on small random stage problems: the same optimum, exactly."""
+"""ILP and DP against brute force on small random stage problems: the same optimum, exactly;
+with a tied pair of runs, the best over their fixed layouts (how search.py keeps tied layers
+on one layout) against brute force that skips settings splitting the pair."""
 
 from __future__ import annotations
 
@@ -8,7 +10,14 @@ from hypothesis import strategies as st
 
 from autoplan.search.dp import solve_dp
 from autoplan.search.ilp import solve_ilp
-from autoplan.search.problem import INFEASIBLE, Option, Run, StageProblem, brute_force
+from autoplan.search.problem import (
+    INFEASIBLE,
+    Option,
+    Run,
+    StageProblem,
+    StageSolution,
+    brute_force,
+)
 
 LAYOUTS = [(8, 1), (4, 2), (2, 4), (1, 8)]  # (dp, tp) on a stage of 8 GPUs
 
@@ -45,6 +54,49 @@ def test_ilp_and_dp_equal_brute_force(problem: StageProblem) -> None:
             assert solution.memory <= problem.budget
             picked = _objective(problem, solution.picks)
             assert picked == pytest.approx(exact.objective, rel=1e-9, abs=1e-9)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems().filter(lambda p: len(p.runs) >= 2), st.data())
+def test_fixing_a_tied_pair_equals_brute_force_with_the_tie(problem: StageProblem,
+                                                            data: st.DataObject) -> None:
+    first = data.draw(st.integers(0, len(problem.runs) - 2))
+    tie = (first, data.draw(st.integers(first + 1, len(problem.runs) - 1)))
+    exact = brute_force(problem, (tie,))
+    for solve in (solve_ilp, solve_dp):
+        solution = _best_over_tie_layouts(solve, problem, tie)
+        assert (solution.status == INFEASIBLE) == (exact.status == INFEASIBLE)
+        if exact.feasible:
+            assert solution.objective == pytest.approx(exact.objective, rel=1e-9, abs=1e-9)
+            assert solution.memory <= problem.budget
+            picked = _objective(problem, solution.picks)
+            assert picked == pytest.approx(exact.objective, rel=1e-9, abs=1e-9)
+            by_index = {o.index: o.layout for run in problem.runs for o in run.options}
+            assert len({by_index[i] for r in tie for i in solution.picks[r]}) == 1
+
+
+def test_brute_force_keeps_the_tie() -> None:
+    """Two runs that each prefer another layout: tied, one of them pays for the other's."""
+    gib = 2**30
+    runs = (Run(1, (Option(0, (8, 1), 1.0, gib), Option(1, (4, 2), 2.0, gib))),
+            Run(1, (Option(2, (8, 1), 3.0, gib), Option(3, (4, 2), 1.0, gib))))
+    problem = StageProblem(runs, ({},), 4 * gib)
+    assert brute_force(problem).objective == 2.0
+    tied = brute_force(problem, ((0, 1),))
+    assert tied.objective == 3.0 and tied.picks == ((1,), (3,))
+    assert problem.restricted({1: (8, 1)}).runs[1].options == (runs[1].options[0],)
+    nowhere = problem.restricted({0: (1, 8)})  # a layout the run has no option of
+    assert all(solve(nowhere).status == INFEASIBLE for solve in (solve_ilp, solve_dp,
+                                                                  brute_force))
+
+
+def _best_over_tie_layouts(solve, problem: StageProblem, tie: tuple[int, int]) -> StageSolution:
+    """The fastest answer among the pair's common layouts, each fixed on both runs."""
+    common = set(problem.runs[tie[0]].layouts()) & set(problem.runs[tie[1]].layouts())
+    answers = [solve(problem.restricted(dict.fromkeys(tie, layout))) for layout in sorted(common)]
+    feasible = [a for a in answers if a.feasible]
+    return min(feasible, key=lambda a: a.objective,
+               default=StageSolution(float("inf"), status=INFEASIBLE))
 
 
 def _objective(problem: StageProblem, picks) -> float:
