@@ -31,6 +31,7 @@ class CommModel:
         if size < 2 or nbytes <= 0:
             return 0.0
         fit, scale = self._fit(collective, size, stride)
+        # the fit's message with the same bus bytes; it also picks a piecewise fit's regime
         return fit.time_s(nbytes * scale)
 
     def _find_fit(self, collective: str, size: int, stride: int) -> tuple[CommFit, float]:

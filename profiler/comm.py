@@ -23,9 +23,10 @@ outside the group being measured wait on the store, not in a gloo barrier, which
 would take cores from the ranks being timed. send_recv is a ping-pong between two ranks
 (0 -> 1 -> 0) whose time is halved: one clock, no skew between hosts.
 
-Fits (fit_alpha_beta): time = alpha + S / bandwidth per collective, group size and scope, by
-least squares of the relative error; a second line for large messages is kept where one line
-cannot follow the data (see _fit_series).
+Fits (fit_alpha_beta): piecewise alpha-beta per collective, group size and scope, time =
+alpha_k + S / bandwidth_k over regime k's range of sizes, each line by least squares of the
+relative error; the regimes are chosen by dynamic programming over the measured sizes and
+their number by a BIC-type criterion (see _fit_series), so one line stays one regime.
 
 gloo in torch 2.13 runs every collective here, reduce_scatter_tensor and all_to_all_single
 included; torch 2.13 renames all_gather_into_tensor / reduce_scatter_tensor to *_single and
@@ -34,14 +35,16 @@ shows in the figures (benchmarks/results/comm_fit_notes.md): its reduce_scatter 
 input and all-reduces all of it (ProcessGroupGloo::reduce_scatter_tensor_coalesced), so it
 takes as long as an all_reduce of S and its busbw is about half the all_reduce's; its
 all_gather and reduce_scatter allocate an S-byte temporary per call, which glibc maps fresh
-from 32 MiB up, so their busbw drops above 16 MiB (all_gather's by half); the two-regime
-fit follows such a drop when at least 3 measured sizes lie on each side of it.
+from 32 MiB up, so their busbw drops above 16 MiB (all_gather's by half); the piecewise
+fit follows such a drop when at least 3 measured sizes lie on each side of it (hence the
+default sizes up to 128 MiB, profiler.command.DEFAULT_COMM_SIZES).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import statistics
@@ -60,10 +63,10 @@ import torch.distributed as dist
 from pydantic import ValidationError
 
 from autoplan import fmt
-from autoplan.errors import AutoplanError, choices_hint
+from autoplan.errors import AutoplanError, WorkerFailed, choices_hint
 from autoplan.io import atomic_write_text
 from autoplan.profiler.launch import run_workers, watch_parent
-from autoplan.profiler.profile import COLLECTIVES, CommFit, CommPoint, bus_factor
+from autoplan.profiler.profile import COLLECTIVES, CommFit, CommPoint, CommRegime, bus_factor
 
 __all__ = ["measure_collectives", "measure_in_world", "fit_alpha_beta"]
 
@@ -418,8 +421,9 @@ def measure_collectives(nproc: int, sizes: list[int], collectives: Sequence[str]
         The points, sorted as measured (group, collective, size).
 
     Raises:
-        AutoplanError: bad arguments; a worker died (naming its rank and exit code or signal)
-            or the run went timeout_s without progress; every worker is killed first.
+        AutoplanError: bad arguments.
+        WorkerFailed: a worker died (naming its rank and exit code or signal) or the run went
+            timeout_s without progress; every worker is killed first.
     """
     request = _Request(list(sizes), list(collectives), repeats, warmup, timeout_s)
     return _measure_local(nproc, request, on_progress, ranks_per_node=nproc)
@@ -453,9 +457,9 @@ def _read_points(path: Path) -> list[CommPoint]:
         data = json.loads(path.read_text())
         return [CommPoint.model_validate(p) for p in data["points"]]
     except OSError:
-        raise AutoplanError("comm workers ended without writing their results") from None
+        raise WorkerFailed("comm workers ended without writing their results") from None
     except (ValueError, KeyError, TypeError, ValidationError) as err:
-        raise AutoplanError(f"comm workers wrote unreadable results: {err}") from None
+        raise WorkerFailed(f"comm workers wrote unreadable results: {err}") from None
 
 
 def _maybe_fault(rank: int) -> None:
@@ -498,21 +502,29 @@ def _worker_main(spec_path: str) -> None:
     os._exit(0)  # skips interpreter teardown, where gloo rarely aborts (NOTES-torch.md)
 
 
-def fit_alpha_beta(points: list[CommPoint], max_regimes: int = 2) -> list[CommFit]:
-    """Fit time = alpha_s + nbytes / bandwidth per (collective, group_size, scope), with a
-    second line for large messages where the data call for one.
+def fit_alpha_beta(points: list[CommPoint], max_regimes: int | None = None) -> list[CommFit]:
+    """Fit a piecewise alpha-beta time per (collective, group_size, scope): as many regimes
+    time = alpha_s + nbytes / bandwidth, each over a range of message sizes, as the data
+    support.
 
     Each line is a least-squares fit of the relative error, since sizes span five orders of
-    magnitude and a plain fit would ignore every small message; alpha_s >= 0. busbw is the
-    highest busbw seen. With max_regimes=2 the series may split at one of its sizes: see
-    _fit_series for how the breakpoint is chosen and when a split is kept.
+    magnitude and a plain fit would ignore every small message; the first regime's
+    alpha_s >= 0. busbw is the highest busbw seen. _fit_series says how the regimes are
+    chosen.
+
+    Args:
+        points: measured points, any mix of series.
+        max_regimes: the most regimes a series may have; None: as many as its sizes allow
+            (_MIN_SIZES_PER_REGIME each); 1: one line.
+
+    Returns:
+        One CommFit per series, sorted by (collective, group_size, scope).
 
     Raises:
-        AutoplanError: a point with time 0 (no relative error to weigh), or max_regimes
-            other than 1 or 2.
+        AutoplanError: a point with time 0 (no relative error to weigh), or max_regimes < 1.
     """
-    if max_regimes not in (1, 2):
-        raise AutoplanError(f"max_regimes {max_regimes} must be 1 or 2")
+    if max_regimes is not None and max_regimes < 1:
+        raise AutoplanError(f"max_regimes {max_regimes} must be >= 1 (or None: no limit)")
     by_key: dict[tuple[str, int, str], list[CommPoint]] = {}
     for point in points:
         by_key.setdefault((point.collective, point.group_size, point.scope), []).append(point)
@@ -523,95 +535,144 @@ def fit_alpha_beta(points: list[CommPoint], max_regimes: int = 2) -> list[CommFi
                                 f"0 s: cannot weigh its relative error")
         regimes = _fit_series([p.nbytes for p in series], [p.time_s for p in series],
                               max_regimes)
-        (alpha_s, seconds_per_byte), large = regimes[0], regimes[1:]
-        extra = {}
-        if large:
-            from_bytes, large_alpha_s, large_seconds_per_byte = large[0]
-            extra = {"large_from_bytes": from_bytes, "large_alpha_s": large_alpha_s,
-                     "large_bandwidth": 1.0 / large_seconds_per_byte}
         fits.append(CommFit(collective=collective, group_size=group_size, scope=scope,
-                            alpha_s=alpha_s, bandwidth=1.0 / seconds_per_byte,
-                            busbw=max(p.busbw for p in series), **extra))
+                            regimes=regimes, busbw=max(p.busbw for p in series)))
     return fits
 
 
 # A regime keeps at least this many distinct message sizes: two fix its line, the third
-# leaves a residual, so a regime cannot be carved around one or two stray points.
+# leaves a residual, so a regime cannot be carved around one or two stray points (with 2,
+# 18-36% of simulated one-line series with a 20% share of slow sizes split).
 _MIN_SIZES_PER_REGIME = 3
-# A second regime is kept only when it cuts the RMS relative error of the series to at most
-# this fraction of the single line's (that is, its sum of squares to a quarter) ...
-_SPLIT_RMS_RATIO = 0.5
-# ... and the single line misses by more than this RMS relative error; below it the line
-# already fits within run-to-run noise, and a split would only fit that noise.
-_SPLIT_MIN_RMS = 0.02
+# The RMS relative error below which a fit counts as exact in _criterion: a rerun does not
+# reproduce times more closely (the closest tenth of the points that two committed runs of
+# benchmarks/comm_fit.py share agree within 2-5%), so a fit closer than this gains nothing,
+# and exact data would otherwise give log(0).
+_NOISE_FLOOR_RMS = 0.02
+# BIC's penalty times this. The best of many candidate breakpoints cuts the error of pure
+# noise more than a parameter fixed in advance would, so plain BIC splits about a third of
+# one-line series with lognormal noise (5-20%, 18 sizes); twice its penalty splits at
+# most 5% of them at 9 to 35 sizes, with noise of 5% or 15%, or with a 20% share of sizes
+# 1.5-3x slow (200 simulated series each; tests/profiler/test_comm_fit.py checks two).
+_PENALTY_FACTOR = 2.0
 
 
-def _fit_series(nbytes: list[int], times_s: list[float], max_regimes: int = 2,
-                ) -> list[tuple[float, float] | tuple[int, float, float]]:
-    """[(alpha_s, seconds per byte)] for one line, or that and (from_bytes, alpha_s, seconds
-    per byte) of the large-message line.
+def _fit_series(nbytes: list[int], times_s: list[float], max_regimes: int | None = None,
+                ) -> list[CommRegime]:
+    """The regimes of one series, by rising from_bytes.
 
-    The breakpoint is the size, among the series' own, that minimises the summed squared
-    relative error of the two lines, each regime keeping _MIN_SIZES_PER_REGIME sizes. The
-    second line is fitted with its time at the breakpoint >= 0, so its intercept may be
-    negative (it only applies from there up). The split is kept when its RMS relative error
-    is at most _SPLIT_RMS_RATIO of the single line's and the single line's exceeds
-    _SPLIT_MIN_RMS; with 9 sizes, this asks more than BIC would for the three extra
-    parameters (breakpoint, intercept, slope): a fall of the sum of squares by 4x, not 2.1x.
+    For each count K of regimes, a dynamic programme over the series' own sizes finds the
+    segmentation into K runs of consecutive sizes (each at least _MIN_SIZES_PER_REGIME) with
+    the least summed squared relative error (_segment_costs); K is then the one of least
+    _criterion (BIC), which charges each regime its line and breakpoint. A regime starts at
+    its smallest measured size, so a size between two regimes takes the lower one's line.
     """
-    x, t = np.asarray(nbytes, dtype=float), np.asarray(times_s, dtype=float)
-    one = _fit_relative(x, t)
-    one_cost = _relative_cost(one, x, t)
+    order = np.argsort(nbytes, kind="stable")
+    x, t = np.asarray(nbytes, dtype=float)[order], np.asarray(times_s, dtype=float)[order]
     sizes = np.unique(x)
-    if max_regimes < 2 or len(sizes) < 2 * _MIN_SIZES_PER_REGIME:
-        return [one]
-    best: tuple[float, float, tuple[float, float], tuple[float, float]] | None = None
-    for x0 in sizes[_MIN_SIZES_PER_REGIME:len(sizes) - _MIN_SIZES_PER_REGIME + 1]:
-        small, large = x < x0, x >= x0
-        first = _fit_relative(x[small], t[small])
-        # the large line as (time at x0, slope): the bound time >= 0 is alpha >= 0 shifted
-        at_x0, slope = _fit_relative(x[large] - x0, t[large])
-        second = (at_x0 - slope * x0, slope)
-        cost = _relative_cost(first, x[small], t[small]) + _relative_cost(second, x[large],
-                                                                          t[large])
-        if best is None or cost < best[0]:
-            best = (cost, float(x0), first, second)
-    assert best is not None
-    cost, x0, first, second = best
-    one_rms, two_rms = np.sqrt(one_cost / len(x)), np.sqrt(cost / len(x))
-    if one_rms <= _SPLIT_MIN_RMS or two_rms > _SPLIT_RMS_RATIO * one_rms \
-            or second[0] + second[1] * x0 <= 0:
-        return [one]
-    return [first, (int(x0), second[0], second[1])]
+    most = len(sizes) // _MIN_SIZES_PER_REGIME
+    most = max(1, most if max_regimes is None else min(most, max_regimes))
+    segments = _segment_costs(x, t, sizes)
+    if not segments:  # fewer sizes than one regime needs: one line over whatever there is
+        segments = {(0, len(sizes)): _line(x, t, 0.0)}
+    best = _best_segmentations(segments, len(sizes), most)
+    _, lines = min(((_criterion(cost, len(x), len(lines)), lines) for cost, lines in best),
+                   key=lambda pair: pair[0])
+    return [CommRegime(from_bytes=int(start), alpha_s=alpha_s, bandwidth=1.0 / slope)
+            for start, alpha_s, slope in lines]
 
 
-def _relative_cost(line: tuple[float, float], x: np.ndarray, t: np.ndarray) -> float:
-    """sum(((alpha + b x) / t - 1)^2) of a line (alpha, b) over the points (x, t)."""
-    return float(np.sum(((line[0] + line[1] * x) / t - 1.0) ** 2))
+_Line = tuple[float, float, float]  # (from_bytes, alpha_s, seconds per byte) of a regime
 
 
-def _fit_relative(nbytes: list[int] | np.ndarray, times_s: list[float] | np.ndarray,
-                  ) -> tuple[float, float]:
-    """(alpha_s, seconds per byte) minimising sum(((alpha + b x) / t - 1)^2), alpha >= 0,
-    b >= _MIN_SECONDS_PER_BYTE: the best of the free optimum (when feasible) and each bound's
-    own optimum, which covers every case of a convex problem in two variables."""
-    x, t = np.asarray(nbytes, dtype=float), np.asarray(times_s, dtype=float)
+def _segment_costs(x: np.ndarray, t: np.ndarray, sizes: np.ndarray,
+                   ) -> dict[tuple[int, int], tuple[float, _Line]]:
+    """(cost, line) of every run sizes[i:j] of at least _MIN_SIZES_PER_REGIME sizes that can
+    be a regime; the first run (i = 0) starts at 0 B, the others at sizes[i]. x is sorted."""
+    segments = {}
+    for i in range(len(sizes)):
+        lo = int(np.searchsorted(x, sizes[i], side="left"))
+        for j in range(i + _MIN_SIZES_PER_REGIME, len(sizes) + 1):
+            hi = int(np.searchsorted(x, sizes[j - 1], side="right"))
+            fitted = _line(x[lo:hi], t[lo:hi], 0.0 if i == 0 else float(sizes[i]))
+            if fitted is not None:
+                segments[(i, j)] = fitted
+    return segments
+
+
+def _line(x: np.ndarray, t: np.ndarray, from_bytes: float) -> tuple[float, _Line] | None:
+    """The least-relative-error line over (x, t) with its time at from_bytes >= 0 (the
+    first regime's latency >= 0), and its cost; None when that time is not positive for a
+    regime starting later, which must be positive where it starts (CommFit checks)."""
+    at_start, slope, cost = _fit_relative(x - from_bytes, t)
+    alpha_s = at_start - slope * from_bytes
+    if from_bytes > 0 and alpha_s + from_bytes / (1.0 / slope) <= 0:  # as CommRegime.time_s
+        return None
+    return cost, (from_bytes, alpha_s, slope)
+
+
+def _best_segmentations(segments: dict[tuple[int, int], tuple[float, _Line]], count: int,
+                        most: int) -> list[tuple[float, list[_Line]]]:
+    """For K = 1..most regimes, the least total cost of covering sizes 0..count-1 with K
+    runs from `segments`, and those runs' lines; K that cannot cover them are left out.
+
+    Dynamic programming over prefixes (Bellman 1961, "On the approximation of curves by
+    line segments using dynamic programming"): best[k][j] = min over i of
+    best[k-1][i] + cost(i, j).
+    """
+    best: list[dict[int, tuple[float, list[_Line]]]] = [{0: (0.0, [])}]
+    for _ in range(most):
+        layer: dict[int, tuple[float, list[_Line]]] = {}
+        for (i, j), (cost, line) in segments.items():
+            if i in best[-1]:
+                total = best[-1][i][0] + cost
+                if j not in layer or total < layer[j][0]:
+                    layer[j] = (total, best[-1][i][1] + [line])
+        best.append(layer)
+    return [layer[count] for layer in best[1:] if count in layer]
+
+
+def _criterion(cost: float, points: int, regimes: int) -> float:
+    """BIC of a fit with `regimes` regimes and summed squared relative error `cost`, with
+    its penalty scaled by _PENALTY_FACTOR.
+
+    Schwarz 1978 with Gaussian errors: n ln(RSS / n) + p ln(n); p counts two line
+    parameters per regime and one breakpoint between each two (Yao 1988, "Estimating the
+    number of change-points via Schwarz' criterion"). The RSS is floored at
+    _NOISE_FLOOR_RMS, so fits within run-to-run noise tie and the fewest regimes win.
+    """
+    mean_square = max(cost / points, _NOISE_FLOOR_RMS**2)
+    parameters = 3 * regimes - 1
+    return points * math.log(mean_square) + _PENALTY_FACTOR * parameters * math.log(points)
+
+
+def _fit_relative(x: np.ndarray, t: np.ndarray) -> tuple[float, float, float]:
+    """(alpha_s, seconds per byte, cost) minimising cost = sum(((alpha + b x) / t - 1)^2),
+    alpha >= 0, b >= _MIN_SECONDS_PER_BYTE: the best of the free optimum (when feasible) and
+    each bound's own optimum, which covers every case of a convex problem in two variables.
+    The cost is expanded over the sums below (a quadratic in alpha and b)."""
     u, v = 1.0 / t, x / t  # the residual is alpha * u + b * v - 1
+    uu, uv, vv, u1, v1 = float(u @ u), float(u @ v), float(v @ v), float(u.sum()), float(v.sum())
 
     def cost(ab: tuple[float, float]) -> float:
-        return float(np.sum((ab[0] * u + ab[1] * v - 1.0) ** 2))
+        a, b = ab
+        return max(a * a * uu + 2 * a * b * uv + b * b * vv - 2 * a * u1 - 2 * b * v1 + len(t),
+                   0.0)
 
     b_min = _MIN_SECONDS_PER_BYTE
-    candidates = [(max(float((u @ (1.0 - b_min * v)) / (u @ u)), 0.0), b_min)]
-    if v @ v > 0:
-        candidates.append((0.0, max(float(v.sum() / (v @ v)), b_min)))
-    if len(np.unique(x)) >= 2:
-        design = np.column_stack([u, v])
-        scale = np.linalg.norm(design, axis=0)  # columns differ by ~1e6: scale for lstsq
-        solution = np.linalg.lstsq(design / scale, np.ones_like(t), rcond=None)[0] / scale
-        if solution[0] >= 0 and solution[1] >= b_min:
-            candidates.append((float(solution[0]), float(solution[1])))
-    return min(candidates, key=cost)
+    candidates = [(max((u1 - b_min * uv) / uu, 0.0), b_min)]
+    if vv > 0:
+        candidates.append((0.0, max(v1 / vv, b_min)))
+        # normal equations on unit-norm columns (u and v differ by ~1e6), by Cramer's rule
+        su, sv = math.sqrt(uu), math.sqrt(vv)
+        c, r_u, r_v = uv / (su * sv), u1 / su, v1 / sv
+        det = 1.0 - c * c
+        if det > 1e-12 and x.max() > x.min():
+            alpha, b = (r_u - c * r_v) / det / su, (r_v - c * r_u) / det / sv
+            if alpha >= 0 and b >= b_min:
+                candidates.append((alpha, b))
+    best = min(candidates, key=cost)
+    return best[0], best[1], cost(best)
 
 
 if __name__ == "__main__":

@@ -29,17 +29,21 @@ def layers_frame(profile: Profile) -> pd.DataFrame:
 
 
 def comm_frame(profile: Profile) -> pd.DataFrame:
-    """One row per timed collective, with the alpha-beta fit of its group beside it."""
+    """One row per timed collective, with the regime of its group's alpha-beta fit that
+    covers its size beside it; an analytic profile (fits only) gets one row per regime."""
     fits = {(f.collective, f.group_size, f.scope): f for f in profile.comm}
     rows = []
     for point in profile.comm_points:
         fit = fits.get((point.collective, point.group_size, point.scope))
+        regime = fit.regime_at(point.nbytes) if fit else None
         rows.append(point.model_dump() | {
-            "fit_alpha_s": fit.alpha_s if fit else None,
-            "fit_bandwidth": fit.bandwidth if fit else None,
+            "fit_from_bytes": regime.from_bytes if regime else None,
+            "fit_alpha_s": regime.alpha_s if regime else None,
+            "fit_bandwidth": regime.bandwidth if regime else None,
             "fit_time_s": fit.time_s(point.nbytes) if fit else None})
     if not rows:  # analytic profiles have fits only
-        rows = [f.model_dump() for f in profile.comm]
+        rows = [f.model_dump(exclude={"regimes"}) | regime.model_dump()
+                for f in profile.comm for regime in f.regimes]
     return pd.DataFrame(rows, columns=None if rows else list(CommPoint.model_fields))
 
 
@@ -67,10 +71,12 @@ def profile_tables(profile: Profile) -> list[Table]:
                            fmt.seconds(fit.fwd_s(1)), fmt.seconds(fit.bwd_s(1)),
                            fmt.seconds(fit.fwd_per_sample_s), fmt.nbytes(mem.act_bytes_per_sample),
                            fmt.nbytes(mem.act_bytes_per_sample_ckpt))
-    comm = Table(title="collectives: time = alpha + bytes / bandwidth")
-    for column in ("collective", "ranks", "scope", "alpha", "bandwidth", "peak busbw"):
+    comm = Table(title="collectives: time = alpha + bytes / bandwidth, per regime of sizes")
+    for column in ("collective", "ranks", "scope", "from", "alpha", "bandwidth", "peak busbw"):
         comm.add_column(column, justify="left" if column in ("collective", "scope") else "right")
     for fit in profile.comm:
-        comm.add_row(fit.collective, str(fit.group_size), fit.scope, fmt.seconds(fit.alpha_s),
-                     f"{fmt.nbytes(fit.bandwidth)}/s", f"{fmt.nbytes(fit.busbw)}/s")
+        for regime in fit.regimes:
+            comm.add_row(fit.collective, str(fit.group_size), fit.scope,
+                         fmt.nbytes(regime.from_bytes), fmt.seconds(regime.alpha_s),
+                         f"{fmt.nbytes(regime.bandwidth)}/s", f"{fmt.nbytes(fit.busbw)}/s")
     return [layers, comm] if profile.comm else [layers]

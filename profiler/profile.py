@@ -23,10 +23,13 @@ __all__ = [
     "PROFILE_FORMAT_VERSION", "COLLECTIVES", "bus_factor", "TimePoint", "LinearFit",
     "fit_line",
     "fits_from_points", "LayerMemory",
-    "LayerProfile", "CommPoint", "CommFit", "Machine", "Profile", "load_profile",
+    "OptimizerPoint", "LayerProfile", "CommPoint", "CommRegime", "CommFit", "Machine",
+    "Profile", "load_profile",
 ]
 
-PROFILE_FORMAT_VERSION = 1
+# 2: CommFit holds a list of regimes (1: alpha_s, bandwidth and optional large_* fields);
+# version-1 files still load (Profile._known_version).
+PROFILE_FORMAT_VERSION = 2
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
 Collective = Literal["all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv"]
 _FROZEN = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)  # numbers are finite
@@ -123,6 +126,16 @@ class LayerMemory(BaseModel):
     cuda_max_allocated_bytes: int | None = Field(None, description="torch.cuda, when on a GPU")
 
 
+class OptimizerPoint(BaseModel):
+    """One optimizer step over a layer's parameters (one TP rank's shard), measured."""
+
+    model_config = _FROZEN
+    tp: int = Field(ge=1)
+    optimizer: str = Field(description="e.g. adamw (one tensor at a time, as autoplan run "
+                           "steps it)")
+    step_s: float = Field(ge=0, description="median over repeats")
+
+
 class LayerProfile(BaseModel):
     """One distinct layer signature: its time points, fits and memory."""
 
@@ -133,6 +146,14 @@ class LayerProfile(BaseModel):
     points: list[TimePoint]
     fits: list[LinearFit] = Field(description="one per TP degree profiled")
     memory: LayerMemory
+    optimizer: list[OptimizerPoint] = Field(
+        default_factory=list, description="optimizer step times per TP degree (in-situ "
+        "profiles; empty otherwise)")
+
+    def optimizer_s(self, tp: int, optimizer: str) -> float | None:
+        """Measured seconds of one `optimizer` step over this layer at `tp`, if timed."""
+        return next((p.step_s for p in self.optimizer
+                     if p.tp == tp and p.optimizer == optimizer), None)
 
     def fit(self, tp: int) -> LinearFit:
         """The fit at `tp`; raises KeyError when that degree was not profiled."""
@@ -157,51 +178,104 @@ class CommPoint(BaseModel):
     busbw: float = Field(ge=0, description="algbw x the collective's bus factor, bytes/s")
 
 
-class CommFit(BaseModel):
-    """time = alpha_s + nbytes / bandwidth for one collective, group size and scope.
+class CommRegime(BaseModel):
+    """One regime of a CommFit: time = alpha_s + nbytes / bandwidth from from_bytes up, to the
+    next regime's from_bytes."""
 
-    A measured fit may have a second regime for large messages (profiler.comm.fit_alpha_beta):
-    from large_from_bytes up, time = large_alpha_s + nbytes / large_bandwidth. The three
-    large_* fields are set together or not at all; fits without them (analytic ones, and
-    profiles written before they existed) are one line. Call time_s rather than reading
-    alpha_s and bandwidth, which describe the first regime only.
+    model_config = _FROZEN
+    from_bytes: int = Field(ge=0, description="the smallest message size of the regime; "
+                            "0 for the first")
+    alpha_s: float = Field(description="intercept: the latency (>= 0) in the first regime; "
+                           "later ones may be negative, since their line applies only from "
+                           "from_bytes, where its time is positive")
+    bandwidth: float = Field(gt=0, description="effective bytes/s of the message size")
+
+    def time_s(self, nbytes: float) -> float:
+        # the alpha-beta model (Hockney 1994, "The communication challenge for MPP")
+        return self.alpha_s + nbytes / self.bandwidth
+
+
+# The version-1 fields of a CommFit (alpha_s, bandwidth, then an optional second regime):
+# still accepted, as the one-line form analytic fits are built with and as old files hold.
+_V1_LARGE_FIELDS = ("large_from_bytes", "large_alpha_s", "large_bandwidth")
+
+
+class CommFit(BaseModel):
+    """Piecewise alpha-beta time of one collective, group size and scope.
+
+    Each regime is a line time = alpha_s + nbytes / bandwidth over a range of message sizes
+    (from its from_bytes to the next one's); measured fits have as many regimes as the data
+    support (profiler.comm.fit_alpha_beta), analytic ones one. Call time_s: it picks the
+    regime. alpha_s and bandwidth are the first regime's (latency, small-message bandwidth).
+
+    Built from the one-line form CommFit(..., alpha_s=, bandwidth=, busbw=) too, and from a
+    version-1 profile's fields (that form plus large_from_bytes, large_alpha_s and
+    large_bandwidth for a second regime).
     """
 
     model_config = _FROZEN
     collective: Collective
     group_size: int = Field(ge=2)
     scope: Literal["intra", "inter"] = "intra"
-    alpha_s: float = Field(ge=0, description="latency")
-    bandwidth: float = Field(gt=0, description="effective bytes/s of the message size")
+    regimes: list[CommRegime] = Field(min_length=1, description="by from_bytes, rising; "
+                                      "the first from 0")
     busbw: float = Field(ge=0, description="peak bus bandwidth seen, bytes/s")
-    large_from_bytes: int | None = Field(
-        None, ge=1, description="the smallest message size of the second regime, if any")
-    large_alpha_s: float | None = Field(
-        None, description="intercept of the second regime's line; it may be negative, since "
-        "the line only applies from large_from_bytes, where its time is positive")
-    large_bandwidth: float | None = Field(None, gt=0, description="bytes/s, second regime")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_line_fields(cls, data: Any) -> Any:
+        """The one-line (and version-1) form as regimes; other input is left to the fields."""
+        if not isinstance(data, dict) or "regimes" in data or "alpha_s" not in data:
+            return data
+        data = dict(data)
+        large = [data.pop(name, None) for name in _V1_LARGE_FIELDS]
+        regimes = [{"from_bytes": 0, "alpha_s": data.pop("alpha_s"),
+                    "bandwidth": data.pop("bandwidth", None)}]
+        if any(v is not None for v in large):
+            if any(v is None for v in large):
+                raise ValueError("large_from_bytes, large_alpha_s and large_bandwidth are set "
+                                 "together or not at all")
+            regimes.append(dict(zip(("from_bytes", "alpha_s", "bandwidth"), large,
+                                    strict=True)))
+        return data | {"regimes": regimes}
 
     @model_validator(mode="after")
-    def _regimes_complete(self) -> CommFit:
-        large = (self.large_from_bytes, self.large_alpha_s, self.large_bandwidth)
-        if any(v is None for v in large) and any(v is not None for v in large):
-            raise ValueError("large_from_bytes, large_alpha_s and large_bandwidth are set "
-                             "together or not at all")
-        if self.large_from_bytes is not None and self.time_s(self.large_from_bytes) <= 0:
-            raise ValueError(f"the second regime's time at {self.large_from_bytes} B is not "
-                             f"positive")
+    def _regimes_in_order(self) -> CommFit:
+        first, later = self.regimes[0], self.regimes[1:]
+        if first.from_bytes != 0 or first.alpha_s < 0:
+            raise ValueError(f"the first regime starts at {first.from_bytes} B with latency "
+                             f"{first.alpha_s} s; it must start at 0 B with a latency >= 0")
+        starts = [r.from_bytes for r in self.regimes]
+        if any(b <= a for a, b in zip(starts, starts[1:], strict=False)):
+            raise ValueError(f"regimes start at {starts} B; they must rise")
+        for regime in later:
+            if regime.time_s(regime.from_bytes) <= 0:
+                raise ValueError(f"the regime from {regime.from_bytes} B has a time that is "
+                                 f"not positive there")
         return self
 
     @property
-    def regimes(self) -> int:
-        """1, or 2 when the fit has a large-message regime."""
-        return 1 if self.large_from_bytes is None else 2
+    def alpha_s(self) -> float:
+        """The first regime's latency."""
+        return self.regimes[0].alpha_s
+
+    @property
+    def bandwidth(self) -> float:
+        """The first regime's bandwidth, bytes/s."""
+        return self.regimes[0].bandwidth
+
+    def regime_at(self, nbytes: float) -> CommRegime:
+        """The regime a message of nbytes falls in: the last one starting at or below it."""
+        regime = self.regimes[0]
+        for later in self.regimes[1:]:
+            if nbytes < later.from_bytes:
+                break
+            regime = later
+        return regime
 
     def time_s(self, nbytes: float) -> float:
-        if self.large_from_bytes is not None and nbytes >= self.large_from_bytes:
-            assert self.large_alpha_s is not None and self.large_bandwidth is not None
-            return self.large_alpha_s + nbytes / self.large_bandwidth
-        return self.alpha_s + nbytes / self.bandwidth
+        """Seconds for a message of nbytes, by its regime's line."""
+        return self.regime_at(nbytes).time_s(nbytes)
 
 
 class Machine(BaseModel):
@@ -212,6 +286,9 @@ class Machine(BaseModel):
     torch: str
     device: str = Field(description="cpu, or the CUDA device name")
     threads: int = Field(ge=1, description="torch threads per process while measuring")
+    ranks_timing: int = Field(1, ge=1, description="processes that timed each layer at once: "
+                              "1 alone; more in situ (profiler/in_situ.py), where tp > 1 "
+                              "times include the TP collectives and DTensor dispatch")
 
 
 class Profile(BaseModel):
@@ -235,6 +312,10 @@ class Profile(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _known_version(cls, data: Any) -> Any:
+        """Refuse other versions, but read version 1: its comm fits convert themselves
+        (CommFit._from_line_fields) and nothing else differs."""
+        if isinstance(data, dict) and type(data.get("version")) is int and data["version"] == 1:
+            data = data | {"version": PROFILE_FORMAT_VERSION}
         check_version(data, "profile", PROFILE_FORMAT_VERSION)
         return data
 

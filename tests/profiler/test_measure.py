@@ -123,10 +123,10 @@ def test_profile_command_writes_versioned_files(tmp_path, capsys) -> None:
     assert pd.read_csv(tmp_path / "comm.csv").empty  # no collectives, still a readable table
     data = json.loads((tmp_path / "profile.json").read_text())
     assert data["content_hash"] == profile.content_hash
-    data["version"] = 2
+    data["version"] = 3
     (tmp_path / "profile.json").write_text(json.dumps(data))
-    with pytest.raises(AutoplanError, match="profile format version 2 is not supported .* "
-                                            "reads version 1"):
+    with pytest.raises(AutoplanError, match="profile format version 3 is not supported .* "
+                                            "reads version 2"):
         load_profile(tmp_path)
 
 
