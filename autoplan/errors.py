@@ -1,14 +1,20 @@
-"""The one exception type for bad user input: the CLI prints its message as one line and exits 2."""
+"""The exception types the CLI turns into one line: bad user input exits 2, a runtime fault
+(a worker process died or stalled) exits 1."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["AutoplanError", "choices_hint"]
+__all__ = ["AutoplanError", "WorkerFailed", "choices_hint"]
 
 
 class AutoplanError(ValueError):
     """A user-facing error: its message names the value, the rule and, if there is one, the fix."""
+
+
+class WorkerFailed(AutoplanError):
+    """A runtime fault, not bad input: a worker process died, stalled or ended without its
+    results (the message names the rank and how). The CLI exits 1 for it, not 2."""
 
 
 def choices_hint(choices: Iterable[str]) -> str:

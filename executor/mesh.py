@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -19,11 +20,14 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from autoplan.errors import AutoplanError
 from autoplan.plan import Plan
 
-__all__ = ["MESH_AXES", "Layout", "ParallelDims", "parallel_dims", "layout_dims", "build_mesh",
-           "build_meshes", "get_mesh", "get_optional_mesh"]
+__all__ = ["GROUP_TIMEOUT", "MESH_AXES", "Layout", "ParallelDims", "parallel_dims", "layout_dims",
+           "build_mesh", "build_meshes", "get_mesh", "get_optional_mesh"]
 
 log = logging.getLogger(__name__)
 
+GROUP_TIMEOUT = timedelta(seconds=120)
+"""Every process group autoplan makes gives up after this (issue 9: nothing hangs). Mesh
+groups are split from the default group and keep its timeout instead."""
 MESH_AXES = ("pp", "dp_replicate", "dp_shard", "tp")
 """Mesh axis names, outermost first (torchtitan's order)."""
 

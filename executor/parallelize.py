@@ -49,6 +49,7 @@ from autoplan.executor.hops import (
     loss_with_hop,
 )
 from autoplan.executor.mesh import (
+    GROUP_TIMEOUT,
     Layout,
     ParallelDims,
     build_meshes,
@@ -433,7 +434,8 @@ def _holder_group(mesh: DeviceMesh | None, pp_ranks: list[int]) -> dist.ProcessG
     if len(pp_ranks) < 2 or pp_mesh.get_local_rank() not in pp_ranks:
         return None
     global_ranks = pp_mesh.mesh.tolist()
-    return dist.new_group([global_ranks[r] for r in pp_ranks], use_local_synchronization=True)
+    return dist.new_group([global_ranks[r] for r in pp_ranks], timeout=GROUP_TIMEOUT,
+                          use_local_synchronization=True)
 
 
 # ------------------------------------------------------------------------------ entry

@@ -23,7 +23,6 @@ import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,8 @@ from autoplan import fmt
 from autoplan.cluster import parse_cluster_spec
 from autoplan.cost_model.command import load_graph, memory_limit_bytes
 from autoplan.cost_model.estimate import CostModel, Estimate
-from autoplan.errors import AutoplanError
+from autoplan.errors import AutoplanError, WorkerFailed
+from autoplan.executor.mesh import GROUP_TIMEOUT
 from autoplan.executor.parallelize import parallelize
 from autoplan.executor.verify import Batch, Comparison, Trace, compare, reference_trace, train
 from autoplan.graph import LayerGraph
@@ -53,12 +53,10 @@ log = logging.getLogger(__name__)
 
 RUN_FAULT_ENV = "AUTOPLAN_RUN_FAULT"
 """Test-only: "kill:RANK:STEP" makes that rank SIGKILL itself as step STEP (from 1) begins."""
-_PROCESS_GROUP_TIMEOUT = timedelta(seconds=120)
-"""Every collective and the rendezvous give up after this (issue 9: nothing hangs)."""
 _NO_TORCHRUN_KEYS = ("RANK", "WORLD_SIZE")
 
 
-class RunFailed(AutoplanError):
+class RunFailed(WorkerFailed):
     """The run itself failed (a worker died or stalled): the CLI exits 1, not 2."""
 
 
@@ -377,7 +375,7 @@ def _init_world(device: str) -> None:
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if device == "cuda" else "gloo",
-                            timeout=_PROCESS_GROUP_TIMEOUT)
+                            timeout=GROUP_TIMEOUT)
 
 
 def _train_world(options: RunOptions, plan: Plan,

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from autoplan.errors import AutoplanError
+from autoplan.errors import WorkerFailed
 
 __all__ = ["LOOPBACK", "free_port", "run_workers", "watch_parent"]
 
@@ -139,8 +139,8 @@ def _check(workers: _Workers, label: str, done: Callable[[], bool]) -> bool:
         elapsed_s = time.monotonic() - workers.started_s
         rank, code = failed[0]
         others = "".join(f"; rank {r} {_describe_exit(c)}" for r, c in failed[1:])
-        raise AutoplanError(f"{label} rank {rank} {_describe_exit(code)} after {elapsed_s:.1f} s"
-                            f"{_stderr_tail(workers, rank)}{others}; all workers were stopped")
+        raise WorkerFailed(f"{label} rank {rank} {_describe_exit(code)} after {elapsed_s:.1f} s"
+                           f"{_stderr_tail(workers, rank)}{others}; all workers were stopped")
     for rank, code in failed:
         if rank not in workers.warned:  # after the results: the rare abort at exit, harmless
             workers.warned.add(rank)
@@ -175,7 +175,7 @@ def run_workers(nproc: int, argv: list[str], log_dir: Path, timeout_s: float, *,
         label: names the workers in messages.
 
     Raises:
-        AutoplanError: a rank exited non-zero or by a signal before `done()`, or the run
+        WorkerFailed: a rank exited non-zero or by a signal before `done()`, or the run
             went `timeout_s` without progress; the message names the rank and its exit code or
             signal, or the ranks still running.
         KeyboardInterrupt: passed on after every worker has been killed.
@@ -190,9 +190,9 @@ def run_workers(nproc: int, argv: list[str], log_dir: Path, timeout_s: float, *,
                 return
             if time.monotonic() > workers.last_progress_s + timeout_s:
                 running = [r for r, p in enumerate(workers.procs) if p.poll() is None]
-                raise AutoplanError(f"{label}s made no progress for {timeout_s:g} s (the limit); "
-                                    f"ranks still running: {', '.join(map(str, running))}; "
-                                    f"all were killed")
+                raise WorkerFailed(f"{label}s made no progress for {timeout_s:g} s (the limit); "
+                                   f"ranks still running: {', '.join(map(str, running))}; "
+                                   f"all were killed")
             time.sleep(_POLL_S)
     finally:
         _end_all(workers.procs)
