@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from autoplan import __version__
-from autoplan.errors import AutoplanError
+from autoplan.errors import AutoplanError, WorkerFailed
 
 if TYPE_CHECKING:
     from autoplan.inspection import InspectResult
@@ -74,8 +74,11 @@ def _parser() -> argparse.ArgumentParser:
                          help="default: bf16 for GPUs (analytic, --device cuda), fp32 on a CPU")
     profile.add_argument("--device", default="cpu", help="cpu or cuda")
     profile.add_argument("--comm-sizes", help="message bytes, e.g. 1024,1048576 "
-                         "(default 1 KiB to 64 MiB)")
+                         "(default every power of 2 from 1 KiB to 128 MiB)")
     profile.add_argument("--no-comm", action="store_true", help="skip collective timing")
+    profile.add_argument("--in-situ", action="store_true",
+                         help="time layers in --nproc local ranks at once, as a local run "
+                         "shares the cores; tp > 1 as DTensors with their collectives")
     profile.add_argument("-o", "--output", required=True, help="folder for profile.json, "
                          "layers.csv, comm.csv")
     profile.set_defaults(handler=_cmd_profile)
@@ -156,8 +159,8 @@ def _parser() -> argparse.ArgumentParser:
                           "and FSDP (default 10)")
     validate.add_argument("--steps", type=int, default=8, help="steps per run (default 8)")
     validate.add_argument("--warmup", type=int, default=3, help="steps left out (default 3)")
-    validate.add_argument("--profile", help="a profile made with --threads 1 --dtype fp32 "
-                          "(default: measure one)")
+    validate.add_argument("--profile", help="a profile made with --in-situ --nproc N "
+                          "--threads 1 --dtype fp32 (default: measure one)")
     validate.add_argument("--json", action="store_true", help="print JSON")
     validate.add_argument("-o", "--output", help="folder for plans.csv, scatter.png, profile/")
     validate.set_defaults(handler=_cmd_validate)
@@ -199,7 +202,8 @@ def _add_pricing_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 2 bad input or not built, 1 failure)."""
+    """Run the CLI; returns the exit status: 0 ok; 2 bad input or not built; 1 a runtime
+    failure (a worker died or stalled, or --verify found a difference); 130 Ctrl-C."""
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in _NOT_BUILT:  # those refuse anything, arguments or not
@@ -211,6 +215,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.handler(args)
+    except WorkerFailed as err:  # a worker died or stalled; the input was fine
+        if args.debug:
+            raise
+        print(f"autoplan {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 1
     except AutoplanError as err:
         if args.debug:
             raise
@@ -295,7 +304,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         micro_batches=_int_list(args.micro_batches, "--micro-batches"),
         tps=_int_list(args.tp, "--tp"), repeats=args.repeats, warmup=args.warmup,
         threads=args.threads, dtype=args.dtype, device=args.device, comm_sizes=sizes,
-        comm=not args.no_comm)
+        comm=not args.no_comm, in_situ=args.in_situ)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}"),
                TimeElapsedColumn())
     quiet = os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 alone reports
@@ -339,7 +348,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from autoplan.executor.run import RunFailed, RunOptions, report_lines, run_plan
+    from autoplan.executor.run import RunOptions, report_lines, run_plan
 
     options = RunOptions(
         model=args.model, plan=args.plan, nproc=args.nproc, steps=args.steps,
@@ -347,13 +356,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         force=args.force, profile=args.profile, cluster=args.cluster,
         memory_limit_gib=args.memory_limit, seed=args.seed, timeout_s=args.timeout,
         device=args.device)
-    try:
-        report = run_plan(options)
-    except RunFailed as err:  # the run failed, the input was fine: status 1
-        if args.debug:
-            raise
-        print(f"autoplan run: error: {_one_line(err)}", file=sys.stderr)
-        return 1
+    report = run_plan(options)  # a dead worker raises RunFailed: main() exits 1
     if report is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
     if args.json:

@@ -1,6 +1,11 @@
 """`autoplan validate`: profile here, predict many plans, run them for real, and say how well
 prediction and measurement agree (MAPE, Spearman, regret, memory error).
 
+The profile is taken in situ (profiler/in_situ.py): the layers are timed in nproc ranks at
+once, TP layers as DTensors with their collectives, and the optimizer step too, so that it
+sees what the runs will: ranks sharing the cores, whatever else loads the machine, and the
+executor's own dispatch.
+
 The plans are the ones the executor can run (one (dp, tp) layout and one ZeRO family for all
 layers): every uniform point of pp x tp x dp x ZeRO x checkpointing x micro-batch on the
 local processes, priced by the cost model with the measured profile. The fastest predicted
@@ -119,7 +124,8 @@ def candidate_plans(graph: LayerGraph, nproc: int, global_batch: int,
 
 
 def _profile(options: ValidateOptions, on_progress: Progress | None) -> Profile:
-    """Measure layers and collectives as the runs will use them: fp32, one thread per rank."""
+    """Measure layers and collectives as the runs will use them: fp32, one thread per rank,
+    layers timed in nproc ranks at once with TP as DTensors (profiler/in_situ.py)."""
     if options.profile:
         return load_profile(options.profile)
     from autoplan.profiler.command import ProfileOptions, run_profile
@@ -128,7 +134,7 @@ def _profile(options: ValidateOptions, on_progress: Progress | None) -> Profile:
     tps = tuple(tp for tp in (1, 2, 4, 8) if options.nproc % tp == 0)
     profile = run_profile(ProfileOptions(
         model=options.model, nproc=options.nproc, micro_batches=(1, 2, 4, 8), tps=tps,
-        repeats=options.repeats, threads=1, dtype="fp32"),
+        repeats=options.repeats, threads=1, dtype="fp32", in_situ=True),
         (lambda stage, text: on_progress(f"profile {stage}: {text}")) if on_progress else None)
     if options.output:
         write_profile(profile, Path(options.output) / "profile")
@@ -151,9 +157,11 @@ def validate(options: ValidateOptions, on_progress: Progress | None = None) -> V
     """Profile (or load), predict every runnable plan, run the selected ones, compare.
 
     Raises:
-        AutoplanError: on bad input; RunFailed when a worker dies.
+        AutoplanError: on bad input.
+        WorkerFailed: a profiling worker died or stalled; RunFailed (one) when a run's worker
+            did, naming the plan, the rank and how. Every worker is stopped first.
     """
-    from autoplan.executor.run import RunOptions, run_plan
+    from autoplan.executor.run import RunFailed, RunOptions, run_plan
 
     graph, heads = load_graph(options.model, dtype="fp32")
     profile = _profile(options, on_progress)
@@ -186,10 +194,13 @@ def validate(options: ValidateOptions, on_progress: Progress | None = None) -> V
         seen.add(key)
         if on_progress:
             on_progress(f"run {done}/{len(runs)}: {shorthand}")
-        report = run_plan(RunOptions(
-            model=options.model, plan=shorthand, nproc=options.nproc, steps=options.steps,
-            warmup=options.warmup, global_batch=options.global_batch,
-            timeout_s=options.timeout_s, device="cpu"))
+        try:
+            report = run_plan(RunOptions(
+                model=options.model, plan=shorthand, nproc=options.nproc, steps=options.steps,
+                warmup=options.warmup, global_batch=options.global_batch,
+                timeout_s=options.timeout_s, device="cpu"))
+        except RunFailed as err:  # every worker is stopped already; say which plan it was
+            raise RunFailed(f"plan {shorthand}: {err}") from None
         outcomes.append(_outcome(shorthand, role, model.estimate(plan), report))
     return _summary(outcomes, len(ranked))
 

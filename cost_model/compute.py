@@ -41,9 +41,18 @@ class ComputeModel:
         self.elt_bytes = elt_bytes  # bytes of one element in the training dtype
         self.layers: dict[str, LayerProfile] = {}
         self.core_share = 1.0
+        self.tp_comm_in_layers = False
+        """True when measured tp > 1 times already hold the TP collectives (in situ)."""
+        self.rank_threads: float | None = None
+        """Threads per node over its cores when a measured CPU profile shows them (else None)."""
         if profile is not None:
             self.layers = {layer.signature: layer for layer in profile.layers}
             self.core_share = core_share(cluster, profile)
+            cores = cluster.device.cores_per_node
+            if cores and profile.machine is not None:
+                self.rank_threads = cluster.gpus_per_node * profile.machine.threads / cores
+            self.tp_comm_in_layers = profile.machine is not None and \
+                profile.machine.ranks_timing > 1
         elif self.device.peak_flops is None or self.device.memory_bandwidth is None:
             raise AutoplanError(f"cluster '{cluster.spec}' has no datasheet figures: give "
                                 "--profile DIR from `autoplan profile`")
@@ -91,15 +100,43 @@ class ComputeModel:
         return LayerTimes(fwd, bwd, recompute, _recompute_flops(node, samples, tp, checkpoint))
 
 
+    @property
+    def oversubscribed(self) -> bool:
+        """True when a node's ranks need more threads than it has cores: communication (on
+        gloo, CPU work) then takes cores that compute would use, so it cannot hide behind
+        compute."""
+        return self.rank_threads is not None and self.rank_threads > 1
+
+    def waiting_relief(self, busy: float) -> float:
+        """Factor on a step's time when its ranks are busy only a `busy` share of it (pipeline
+        bubbles): a waiting rank sleeps in recv and leaves its core to the others, so the
+        busy ones share the cores among busy x ranks (same rule as core_share)."""
+        if not self.oversubscribed or busy >= 1:
+            return 1.0
+        return max(1.0, busy * self.rank_threads) / self.rank_threads
+
+    def optimizer_s(self, node: LayerNode, tp: int, optimizer: str) -> float | None:
+        """Measured seconds of one optimizer step over `node` at `tp` (in-situ profiles),
+        scaled by the core share like the layer's times; None when not measured."""
+        layer = self.layers.get(node.signature)
+        if layer is None:
+            return None
+        seconds = layer.optimizer_s(tp if node.kind in TP_SHARDED_KINDS else 1, optimizer)
+        return None if seconds is None else seconds * self.core_share
+
+
 def core_share(cluster: Cluster, profile: Profile) -> float:
     """How much slower a layer runs in the cluster's processes than when it was profiled:
     when a node's processes need more threads than it has cores, they share them, and each
     computes at cores / (processes x threads) of its rate alone (measured on this 2-core
-    machine: 4 one-thread ranks take 2x, ../shared/NOTES-torch.md). 1 on GPUs."""
+    machine: 4 one-thread ranks take 2x, ../shared/NOTES-torch.md). A profile timed in situ
+    already shared the cores among its ranks_timing processes. 1 on GPUs."""
     cores = cluster.device.cores_per_node
     if cores is None or profile.machine is None:
         return 1.0
-    return max(1.0, cluster.gpus_per_node * profile.machine.threads / cores)
+    threads = profile.machine.threads
+    return max(1.0, cluster.gpus_per_node * threads / cores) / \
+        max(1.0, profile.machine.ranks_timing * threads / cores)
 
 
 def _recompute_flops(node: LayerNode, samples: int, tp: int, checkpoint: str) -> float:

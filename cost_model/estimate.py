@@ -120,6 +120,7 @@ class CostModel:
         if key not in OPTIMIZER_STATE_BYTES_PER_PARAM:
             raise AutoplanError(f"optimizer '{optimizer}' is not modelled; choose adamw or sgd")
         self.optimizer_bytes = OPTIMIZER_STATE_BYTES_PER_PARAM[key]
+        self.optimizer = optimizer
         self.compute = ComputeModel(cluster, self.elt_bytes, profile)
         self.comm = CommModel(cluster, profile)
         on_gpu = cluster.device.peak_flops is not None
@@ -140,14 +141,16 @@ class CostModel:
         self._check(plan)
         layers = list(zip(self.graph.nodes, plan.layers, strict=True))
         stages = [self._stage(plan, s, layers) for s in range(plan.pp)]
-        pipe = pipeline_time_s([s.micro_batch_s for s in stages], plan.num_micro_batches,
-                               plan.virtual_stages)
+        m = plan.num_micro_batches
+        pipe = pipeline_time_s([s.micro_batch_s for s in stages], m, plan.virtual_stages)
+        busy = sum(m * s.micro_batch_s for s in stages) / (plan.pp * pipe) if pipe else 1.0
+        relief = self.compute.waiting_relief(busy)
         tail = max(stages, key=lambda s: sum(s.tail_s.values()))
-        step = pipe + sum(tail.tail_s.values())
+        step = relief * pipe + sum(tail.tail_s.values())
         pace = max(stages, key=lambda s: s.micro_batch_s)
-        breakdown = {part: plan.num_micro_batches * pace.per_micro_batch_s[part]
+        breakdown = {part: relief * m * pace.per_micro_batch_s[part]
                      for part in _MICRO_BATCH_PARTS}
-        breakdown |= {"bubble": pipe - plan.num_micro_batches * pace.micro_batch_s, **tail.tail_s}
+        breakdown |= {"bubble": relief * (pipe - m * pace.micro_batch_s), **tail.tail_s}
         return self._summary(plan, step, breakdown, stages, layers)
 
     def _check(self, plan: Plan) -> None:
@@ -203,10 +206,13 @@ class CostModel:
         samples = micro_batch_size // layer.dp
         times = self.compute.times(node, samples, layer.tp, layer.sequence_parallel,
                                    layer.checkpoint)
-        tp_fwd, tp_bwd = tp_time_s(self.comm, node, layer, samples)
+        tp_fwd, tp_bwd = (0.0, 0.0) if self.compute.tp_comm_in_layers else \
+            tp_time_s(self.comm, node, layer, samples)
         tp_recompute = tp_fwd if layer.checkpoint == "full" else 0.0
         # FSDP prefetch hides a gather behind the previous layer's compute (Zhao et al. 2023,
-        # sec. 3.3): only what compute cannot cover is exposed.
+        # sec. 3.3): only what compute cannot cover is exposed; on oversubscribed CPU cores
+        # nothing hides, since gloo's copies and sums need the cores compute is using.
+        exposed = self.compute.oversubscribed
         fsdp = fsdp_time_s(self.comm, node, layer, self.elt_bytes)
         compute = times.fwd_s + times.bwd_s + times.recompute_s
         # A layer's gradient sync starts when its backward ends and runs beside the backward
@@ -224,8 +230,8 @@ class CostModel:
             per_micro_batch_s={"forward": times.fwd_s, "backward": times.bwd_s,
                                "recompute": times.recompute_s,
                                "tp_comm": tp_fwd + tp_bwd + tp_recompute,
-                               "fsdp_comm": max(0.0, fsdp - compute)},
-            tail_s={"dp_comm": max(0.0, sync - times.bwd_s) + gather,
+                               "fsdp_comm": fsdp if exposed else max(0.0, fsdp - compute)},
+            tail_s={"dp_comm": (sync if exposed else max(0.0, sync - times.bwd_s)) + gather,
                     "optimizer": self._optimizer_s(node, layer)},
             state_bytes=weights + grads + optimizer + kept,
             state_parts=(weights, grads, optimizer),
@@ -236,8 +242,11 @@ class CostModel:
 
     def reshard_s(self, node: LayerNode, before: LayerStrategy, after: LayerStrategy,
                   micro_batch_size: int) -> float:
-        """Seconds per micro-batch to move `node`'s input from `before`'s layout to `after`'s."""
-        return reshard_time_s(self.comm, node, before, after, micro_batch_size)
+        """Seconds per micro-batch to move the activation into `node` from `before`'s layout
+        to `after`'s (at an embedding, the output of the layer before it: reshard_bytes)."""
+        at = self.graph.index[node.name]
+        previous = self.graph.nodes[at - 1] if at > 0 else None
+        return reshard_time_s(self.comm, node, before, after, micro_batch_size, previous)
 
     def _hops(self, plan: Plan, layers: list[tuple[LayerNode, LayerPlan]],
               chunk: list[int]) -> float:
@@ -255,8 +264,12 @@ class CostModel:
         return p2p_time_s(self.comm, node, layer, micro_batch_size // layer.dp, stage_gpus)
 
     def _optimizer_s(self, node: LayerNode, layer: LayerStrategy) -> float:
-        """The optimizer step over this rank's share of `node`, memory-bound: each state
-        byte read and written, the gradient read and the weight written."""
+        """The optimizer step over this rank's share of `node`: measured in situ (ZeRO
+        divides it by dp), else memory-bound: each state byte read and written, the gradient
+        read and the weight written."""
+        measured = self.compute.optimizer_s(node, layer.tp, self.optimizer)
+        if measured is not None:
+            return measured / (layer.dp if layer.zero else 1)
         bandwidth = self.cluster.device.memory_bandwidth
         if not bandwidth:
             return 0.0

@@ -17,8 +17,11 @@ from autoplan.tracing import layer_graph_of_built
 
 __all__ = ["DEFAULT_COMM_SIZES", "ProfileOptions", "run_profile", "under_torchrun"]
 
-# 1 KiB to 64 MiB in steps of 4x: the range the profiler issue asks for.
-DEFAULT_COMM_SIZES = tuple(2**k for k in range(10, 27, 2))
+# Every power of 2 from 1 KiB (the profiler issue's range starts there) to 128 MiB: the
+# piecewise fit (profiler.comm.fit_alpha_beta) needs 3 sizes per regime, and gloo's
+# all_gather and reduce_scatter change regime at 32 MiB, so 32, 64 and 128 MiB are all
+# measured (benchmarks/results/comm_fit_notes.md).
+DEFAULT_COMM_SIZES = tuple(2**k for k in range(10, 28))
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,8 @@ class ProfileOptions:
     device: str = "cpu"
     comm_sizes: tuple[int, ...] = DEFAULT_COMM_SIZES
     comm: bool = True
+    in_situ: bool = False
+    """Time layers in nproc local ranks at once, TP as DTensors (profiler/in_situ.py)."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("measure", "analytic"):
@@ -59,6 +64,9 @@ class ProfileOptions:
             raise AutoplanError(f"--comm-sizes must list byte counts >= 1, got {self.comm_sizes}")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise AutoplanError(f"device '{self.device}' is not cpu or cuda[:N]")
+        if self.in_situ and (self.device != "cpu" or self.nproc < 2 or self.mode != "measure"):
+            raise AutoplanError("--in-situ times layers on the CPU in --nproc >= 2 local ranks "
+                                "(measure mode)")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise AutoplanError(f"device '{self.device}' asked for, but CUDA is not available")
 
@@ -116,7 +124,13 @@ def _measure(options: ProfileOptions, built, graph, dtype: torch.dtype,  # noqa:
     settings = MeasureSettings(options.micro_batches, options.tps, options.repeats,
                                options.warmup, options.device, dtype, options.threads)
     layer_step = (lambda text: on_step("layers", text)) if on_step else None
-    return measured_profile(built, graph, cluster, settings, comm, layer_step)
+    in_situ = None
+    if options.in_situ:
+        from autoplan.profiler.in_situ import time_layers_in_situ
+
+        in_situ = (time_layers_in_situ(options.model, options.dtype, settings, options.nproc,
+                                       on_progress=layer_step), options.nproc)
+    return measured_profile(built, graph, cluster, settings, comm, layer_step, in_situ)
 
 
 def _local_cluster(options: ProfileOptions) -> Cluster:

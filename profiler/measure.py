@@ -8,6 +8,7 @@ import os
 import platform
 import socket
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -36,6 +37,9 @@ from autoplan.profiler.profile import (
     fits_from_points,
 )
 
+if TYPE_CHECKING:
+    from autoplan.profiler.in_situ import LayerTimings
+
 __all__ = ["measure_layers", "machine_info", "measured_profile"]
 
 Progress = Callable[[str], None]
@@ -43,18 +47,26 @@ log = logging.getLogger(__name__)
 
 
 def measure_layers(built: BuiltModel, graph: LayerGraph, settings: MeasureSettings,
-                   on_step: Progress | None = None) -> list[LayerProfile]:
-    """One LayerProfile per distinct signature: time points, fits per TP degree, memory."""
+                   on_step: Progress | None = None,
+                   timings: LayerTimings | None = None) -> list[LayerProfile]:
+    """One LayerProfile per distinct signature: time points, fits per TP degree, memory.
+
+    Args:
+        timings: times already taken in situ (profiler/in_situ.py); None times each layer
+            here, alone.
+    """
     calls = capture_unit_calls(built, graph)
     layers = []
     for signature, nodes in graph.by_signature().items():
         node = nodes[0]
         unit = unit_module(built, node)
-        points = _time_points(unit, node.name, calls[signature], settings, on_step)
+        points, optimizer = timings[signature] if timings is not None else (
+            _time_points(unit, node.name, calls[signature], settings, on_step), [])
         memory = measure_memory(unit, node, calls[signature], settings)
         layers.append(LayerProfile(signature=signature, kind=node.kind,
                                    names=[n.name for n in nodes], points=points,
-                                   fits=fits_from_points(points), memory=memory))
+                                   fits=fits_from_points(points), memory=memory,
+                                   optimizer=optimizer))
     return layers
 
 
@@ -77,24 +89,27 @@ def _time_points(unit: nn.Module, name: str, call: UnitCall, settings: MeasureSe
     return points
 
 
-def machine_info(settings: MeasureSettings) -> Machine:
+def machine_info(settings: MeasureSettings, ranks_timing: int = 1) -> Machine:
     device = (torch.cuda.get_device_name(torch.device(settings.device))
               if settings.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)")
     return Machine(hostname=socket.gethostname(), platform=platform.platform(),
                    python=platform.python_version(), torch=torch.__version__, device=device,
-                   threads=torch.get_num_threads())
+                   threads=torch.get_num_threads(), ranks_timing=ranks_timing)
 
 
 def measured_profile(built: BuiltModel, graph: LayerGraph, cluster: Cluster,
                      settings: MeasureSettings, comm: tuple[list, list] = ([], []),
-                     on_step: Progress | None = None) -> Profile:
-    """The Profile of a measured run: layers timed here, collectives given as (points, fits)."""
+                     on_step: Progress | None = None,
+                     in_situ: tuple[LayerTimings, int] | None = None) -> Profile:
+    """The Profile of a measured run: layers timed here (or given with the number of ranks
+    that timed them in situ), collectives given as (points, fits)."""
     threads = torch.get_num_threads()
     if settings.threads:
         torch.set_num_threads(settings.threads)
     try:
-        layers = measure_layers(built, graph, settings, on_step)
-        machine = machine_info(settings)
+        layers = measure_layers(built, graph, settings, on_step,
+                                in_situ[0] if in_situ else None)
+        machine = machine_info(settings, in_situ[1] if in_situ else 1)
     finally:
         torch.set_num_threads(threads)
     return Profile(
@@ -102,5 +117,7 @@ def measured_profile(built: BuiltModel, graph: LayerGraph, cluster: Cluster,
         dtype=str(settings.dtype).removeprefix("torch."), cluster=cluster.to_dict(),
         machine=machine, created=utc_now(),
         layers=layers, comm_points=comm[0], comm=comm[1],
-        notes=["layer times: median of repeats, perf_counter (CPU) or synchronised (CUDA)",
+        notes=["layer times: median of repeats, perf_counter (CPU) or synchronised (CUDA)"
+               + (f"; in situ: {in_situ[1]} ranks at once, tp > 1 as DTensors with their "
+                  "collectives" if in_situ else ""),
                "memory peaks: torch.profiler allocator events, per sample from batches 1 and 2"])

@@ -1,0 +1,67 @@
+"""In-situ layer timing (profiler/in_situ.py): ranks time each layer together, TP as DTensors,
+and the cost model reads such a profile without pricing the TP collectives twice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from autoplan.cli import main
+from autoplan.cluster import parse_cluster_spec
+from autoplan.cost_model import CostModel
+from autoplan.cost_model.compute import core_share
+from autoplan.errors import AutoplanError
+from autoplan.models import build_model
+from autoplan.plan import uniform_plan
+from autoplan.profiler.command import ProfileOptions
+from autoplan.profiler.profile import Machine, Profile, load_profile
+from autoplan.tracing import layer_graph_of_built
+
+
+@pytest.fixture(scope="module")
+def in_situ(tmp_path_factory: pytest.TempPathFactory) -> Profile:
+    folder = tmp_path_factory.mktemp("in_situ")
+    assert main(["profile", "--model", "gpt-tiny", "--nproc", "2", "--in-situ", "--no-comm",
+                 "--threads", "1", "--repeats", "2", "--warmup", "1", "--micro-batches", "1,2",
+                 "--tp", "2", "--dtype", "fp32", "-o", str(folder)]) == 0
+    return load_profile(folder)
+
+
+def test_in_situ_profile_times_tp_shards_and_the_optimizer(in_situ: Profile) -> None:
+    assert in_situ.machine.ranks_timing == 2 and in_situ.machine.threads == 1
+    block = next(layer for layer in in_situ.layers if layer.kind == "block")
+    assert [f.tp for f in block.fits] == [1, 2]
+    assert {(p.tp, p.micro_batch) for p in block.points} == {(1, 1), (1, 2), (2, 1), (2, 2)}
+    assert all(p.fwd_s > 0 and p.bwd_s > 0 for p in block.points)
+    assert block.optimizer_s(1, "adamw") > 0 and block.optimizer_s(2, "adamw") > 0
+    norm = next(layer for layer in in_situ.layers if layer.kind == "norm")
+    assert [f.tp for f in norm.fits] == [1]  # nothing to shard: the run keeps it whole
+    loss = next(layer for layer in in_situ.layers if layer.kind == "loss")
+    assert loss.optimizer_s(1, "adamw") == 0.0  # no parameters
+
+
+def test_cost_model_takes_tp_collectives_and_optimizer_from_an_in_situ_profile(
+        in_situ: Profile) -> None:
+    graph = layer_graph_of_built(build_model("gpt-tiny", dtype=torch.float32), torch.float32)
+    model = CostModel(graph, parse_cluster_spec("local-cpu:procs=2"), in_situ)
+    tp = model.estimate(uniform_plan("tp=2", graph, 2, 4))
+    assert tp.breakdown["tp_comm"] == 0.0  # inside the measured layer times
+    by_signature = {layer.signature: layer for layer in in_situ.layers}
+    steps = [by_signature[n.signature].optimizer_s(2, "adamw") or
+             by_signature[n.signature].optimizer_s(1, "adamw") for n in graph.nodes]
+    assert tp.breakdown["optimizer"] == pytest.approx(sum(steps))  # 2 ranks on >= 2 cores
+
+
+def test_core_share_counts_the_ranks_that_timed_together() -> None:
+    machine = {"hostname": "h", "platform": "p", "python": "3", "torch": "2", "device": "cpu"}
+    cluster = parse_cluster_spec("local-cpu:procs=4")
+    cores = cluster.device.cores_per_node
+    alone = Profile.model_construct(machine=Machine(**machine, threads=1))
+    together = Profile.model_construct(machine=Machine(**machine, threads=1, ranks_timing=4))
+    assert core_share(cluster, alone) == pytest.approx(max(1.0, 4 / cores))
+    assert core_share(cluster, together) == 1.0  # the 4 ranks already shared the cores
+
+
+def test_in_situ_needs_local_ranks() -> None:
+    with pytest.raises(AutoplanError, match="--in-situ"):
+        ProfileOptions(model="gpt-tiny", nproc=1, in_situ=True)
