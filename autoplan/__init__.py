@@ -12,4 +12,8 @@ def __getattr__(name: str):  # lazy: `import autoplan` stays free of torch
         from autoplan.executor import parallelize
 
         return parallelize
+    if name == "auto":  # the module, callable: autoplan.auto(model, inputs, global_batch=8)
+        import autoplan.auto
+
+        return autoplan.auto
     raise AttributeError(f"module 'autoplan' has no attribute {name!r}")

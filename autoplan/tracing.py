@@ -35,7 +35,7 @@ from autoplan.models.build import BuiltModel, sum_loss
 from autoplan.replay import ReplayMismatch, replay_plan, swap_in_replays
 from autoplan.units import find_units, structure_hash
 
-__all__ = ["layer_graph", "layer_graph_of_built"]
+__all__ = ["layer_graph", "layer_graph_of_built", "meta_copy", "meta_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,8 @@ def layer_graph(model: nn.Module, example_inputs: Any,
     if attention not in ATTENTION_MODES:
         raise AutoplanError(f"attention must be one of {', '.join(ATTENTION_MODES)}, "
                             f"got '{attention}'")
-    meta = _meta_copy(model, dtype) if _needs_copy(model, dtype) else model
-    inputs_fn = _meta_inputs(example_inputs, dtype)
+    meta = meta_copy(model, dtype) if _needs_copy(model, dtype) else model
+    inputs_fn = meta_inputs(example_inputs, dtype)
     units = find_units(meta)
     loss_fn = loss_fn or sum_loss
     replays = replay_plan(meta, [u for u, is_block in units if is_block]) if replay else {}
@@ -100,7 +100,7 @@ def layer_graph_of_built(built: BuiltModel, dtype: torch.dtype = torch.bfloat16,
 # ---------------------------------------------------------------------------- tracing
 
 
-def _meta_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+def meta_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """A copy of `model` whose parameters and buffers are meta tensors of `dtype`."""
     def convert(t: torch.Tensor) -> torch.Tensor:
         to = dtype if t.is_floating_point() else t.dtype
@@ -119,7 +119,7 @@ def _needs_copy(model: nn.Module, dtype: torch.dtype) -> bool:
                for t in [*model.parameters(), *model.buffers()])
 
 
-def _meta_inputs(example: Any, dtype: torch.dtype) -> Callable[[int], tuple]:
+def meta_inputs(example: Any, dtype: torch.dtype) -> Callable[[int], tuple]:
     """batch size -> meta inputs; floating inputs take the trace dtype, as under autocast."""
     def like(t: Any, batch: int | None) -> Any:
         if not isinstance(t, torch.Tensor):
