@@ -22,7 +22,7 @@ from autoplan.tracing import layer_graph_of_built
 def in_situ(tmp_path_factory: pytest.TempPathFactory) -> Profile:
     folder = tmp_path_factory.mktemp("in_situ")
     assert main(["profile", "--model", "gpt-tiny", "--nproc", "2", "--in-situ", "--no-comm",
-                 "--threads", "1", "--repeats", "2", "--warmup", "1", "--micro-batches", "1,2",
+                 "--threads", "1", "--repeats", "1", "--warmup", "0", "--micro-batches", "1,2",
                  "--tp", "2", "--dtype", "fp32", "-o", str(folder)]) == 0
     return load_profile(folder)
 
