@@ -79,7 +79,7 @@ rank losing its core and gave a negative per-sample slope."""
 _MEASURE_WARMUP = 2
 _COMM_SIZES = (2**12, 2**16, 2**20, 2**22)
 """4 KiB to 4 MiB: latency and bandwidth of one line per collective, in about a second on
-gloo (profiler/comm.py repeats small messages more). `autoplan profile` goes to 64 MiB."""
+gloo (profiler/comm.py repeats small messages more). `autoplan profile` goes to 128 MiB."""
 _COMM_COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
 """The collectives the cost model prices (cost_model/communication.py uses no all_to_all)."""
 _COMM_REPEATS = 3

@@ -44,3 +44,9 @@ def time_limit(seconds: int) -> Iterator[None]:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+
+TAG_ENV = "AUTOPLAN_TEST_TAG"
+"""Workers inherit it from the test that starts them (fixture `tag`, tests/conftest.py), so
+any left behind are found by it."""

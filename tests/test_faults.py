@@ -16,8 +16,7 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,11 +25,11 @@ from autoplan.cli import main
 from autoplan.errors import WorkerFailed
 from autoplan.executor.run import RUN_FAULT_ENV, RunFailed
 from autoplan.profiler.comm import FAULT_ENV as COMM_FAULT_ENV
-from tests.processes import processes_with, time_limit
+from tests.processes import TAG_ENV, processes_with
 from tests.test_files import ROOT, SOURCES
 
-TEST_LIMIT_S = 90  # each test; SIGALRM fails it rather than hang the suite
-TAG_ENV = "AUTOPLAN_FAULT_TEST_TAG"
+pytestmark = pytest.mark.usefixtures("time_limited")  # each test ends at its limit
+
 WAIT_S = 60  # longest wait for workers to reach the point a test interrupts them at
 PROMPT_S = 10  # Ctrl-C must end the command this soon
 GROUP_CALL = re.compile(r"\b(init_process_group|new_group|new_subgroups)\(")
@@ -40,20 +39,6 @@ GROUP_CALL = re.compile(r"\b(init_process_group|new_group|new_subgroups)\(")
 # until the silent rank exited 15 s later: its default is 30 minutes).
 # A process group made without a timeout of ours would get torch's default, 30 minutes.
 KNOWN_WITHOUT_TIMEOUT: list[str] = []
-
-
-@pytest.fixture(autouse=True)
-def _time_limit() -> Iterator[None]:
-    with time_limit(TEST_LIMIT_S):
-        yield
-
-
-@pytest.fixture
-def tag(monkeypatch: pytest.MonkeyPatch) -> str:
-    """A unique value in the environment of every worker this test starts."""
-    value = uuid.uuid4().hex
-    monkeypatch.setenv(TAG_ENV, value)
-    return value
 
 
 @pytest.fixture

@@ -6,8 +6,6 @@ import os
 import signal
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,25 +24,10 @@ from autoplan.profiler.profile import (
     CommPoint,
     bus_factor,
 )
-from tests.processes import processes_with, time_limit
+from tests.processes import TAG_ENV, processes_with
 
-TEST_LIMIT_S = 90  # no test here may run longer; SIGALRM ends it (pytest-timeout is not used)
-TAG_ENV = "AUTOPLAN_COMM_TEST_TAG"  # inherited by workers, so leftovers can be found
+pytestmark = pytest.mark.usefixtures("time_limited")  # each test ends at its limit
 
-
-@pytest.fixture(autouse=True)
-def _time_limit() -> Iterator[None]:
-    """Fail any test that runs past TEST_LIMIT_S instead of hanging the suite."""
-    with time_limit(TEST_LIMIT_S):
-        yield
-
-
-@pytest.fixture
-def tag(monkeypatch: pytest.MonkeyPatch) -> str:
-    """A unique value in the environment of every worker this test starts."""
-    value = uuid.uuid4().hex
-    monkeypatch.setenv(TAG_ENV, value)
-    return value
 
 
 def _processes_with(tag: str) -> list[int]:

@@ -1,0 +1,28 @@
+"""Fixtures shared by the tests that start worker processes."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tests.processes import TAG_ENV, time_limit
+
+FAULT_TEST_LIMIT_S = 90
+"""No test that asks for `time_limited` may run longer; SIGALRM ends it (no pytest-timeout)."""
+
+
+@pytest.fixture
+def tag(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A unique value of TAG_ENV in the environment of every worker this test starts."""
+    value = uuid.uuid4().hex
+    monkeypatch.setenv(TAG_ENV, value)
+    return value
+
+
+@pytest.fixture
+def time_limited() -> Iterator[None]:
+    """Fail a test that runs past FAULT_TEST_LIMIT_S instead of hanging the suite."""
+    with time_limit(FAULT_TEST_LIMIT_S):
+        yield
