@@ -167,12 +167,18 @@ class Runner:
             loss = self._step_without_pipeline(inputs, targets)
         else:
             loss = self._step_pipeline(inputs, targets)
+        # The loss is averaged over the data-parallel ranks for reporting only: the sum runs
+        # beside the optimizer step rather than before it.
+        pending = None
         if self.dims.dp > 1:
-            dist.all_reduce(loss, group=get_mesh(self.mesh, self.dims.dp_axis).get_group())
-            loss /= self.dims.dp
+            pending = dist.all_reduce(loss, group=get_mesh(self.mesh, self.dims.dp_axis)
+                                      .get_group(), async_op=True)
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad()
+        if pending is not None:
+            pending.wait()
+            loss /= self.dims.dp
         return loss
 
     def _local_batch(self, inputs: tuple[torch.Tensor, ...],
