@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import uuid
 from collections.abc import Iterator
 
@@ -26,3 +27,14 @@ def time_limited() -> Iterator[None]:
     """Fail a test that runs past FAULT_TEST_LIMIT_S instead of hanging the suite."""
     with time_limit(FAULT_TEST_LIMIT_S):
         yield
+
+
+@pytest.fixture
+def sigint_raises() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt in this test even when pytest started with SIGINT
+    ignored, as a background job of a non-interactive shell does (`make test &`)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

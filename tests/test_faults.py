@@ -103,6 +103,7 @@ def test_killed_worker_ends_validate_naming_plan_and_rank(
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("sigint_raises")
 def test_ctrl_c_ends_run_and_every_worker(tag: str, scratch: Path, capsys) -> None:
     """SIGINT to the launcher while its two workers train: status 130 within PROMPT_S, no
     worker left, the scratch folder removed."""
@@ -126,6 +127,7 @@ def test_ctrl_c_ends_run_and_every_worker(tag: str, scratch: Path, capsys) -> No
     assert list(scratch.iterdir()) == []
 
 
+@pytest.mark.usefixtures("sigint_raises")
 def test_ctrl_c_ends_validate_and_every_worker(
         tag: str, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """SIGINT while validate's profiling workers run (rank 1 made to hang): status 130, no

@@ -161,6 +161,7 @@ def test_hung_worker_is_killed_at_the_limit(tag: str, monkeypatch: pytest.Monkey
     assert _processes_with(tag) == []
 
 
+@pytest.mark.usefixtures("sigint_raises")
 def test_ctrl_c_ends_every_worker(tag: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(FAULT_ENV, "hang:1")
     timer = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGINT))
