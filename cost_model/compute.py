@@ -99,7 +99,6 @@ class ComputeModel:
                                     samples * node.attn_fwd_io_bytes / byte_div, self.device)
         return LayerTimes(fwd, bwd, recompute, _recompute_flops(node, samples, tp, checkpoint))
 
-
     @property
     def oversubscribed(self) -> bool:
         """True when a node's ranks need more threads than it has cores: communication (on
