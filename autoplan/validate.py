@@ -6,8 +6,8 @@ once, TP layers as DTensors with their collectives, and the optimizer step too, 
 sees what the runs will: ranks sharing the cores, whatever else loads the machine, and the
 executor's own dispatch.
 
-The plans are the ones the executor can run (one (dp, tp) layout and one ZeRO family for all
-layers): every uniform point of pp x tp x dp x ZeRO x checkpointing x micro-batch on the
+The plans are uniform (one (dp, tp) layout, ZeRO stage and checkpointing for all layers):
+every point of pp x tp x dp x ZeRO x checkpointing x micro-batch the executor runs on the
 local processes, priced by the cost model with the measured profile. The fastest predicted
 is the chosen plan; the runs take the fastest few, an even spread over the rest of the
 ranking (so that rank correlation means something), and the DDP and FSDP baselines.

@@ -12,7 +12,8 @@ So in situ, `nproc` worker processes (one per rank of the run, with the run's th
 rank) each build the model, and for every distinct layer, TP degree and micro-batch:
 wait for each other (a sleeping barrier on the store, so waiting costs no core), then time
 the layer together. At tp > 1 the ranks form groups of tp consecutive ranks (tp innermost,
-as the executor's mesh does) and the layer is sharded with parallelize_module, so its time
+as the executor's mesh does) and the layer is sharded with the executor's own TP styles
+(executor/tensor_parallel.tp_styles, no sequence parallelism), so its time
 includes DTensor dispatch and the TP collectives. The optimizer step (AdamW, one tensor at a
 time as `autoplan run` steps it) over the layer's parameters, as DTensors, is timed the same
 way. Rank 0's medians are the profile's points.
@@ -27,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -36,14 +38,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate
-from torch.distributed.tensor.parallel import (
-    ColwiseParallel,
-    ParallelStyle,
-    RowwiseParallel,
-    parallelize_module,
-)
+from torch.distributed.tensor.parallel import parallelize_module
 
 from autoplan.errors import AutoplanError
+from autoplan.executor.tensor_parallel import tp_styles
 from autoplan.io import atomic_write_text
 from autoplan.models import DTYPES, build_model
 from autoplan.profiler.compute import (
@@ -60,7 +58,6 @@ from autoplan.profiler.compute import (
 )
 from autoplan.profiler.launch import run_workers, watch_parent
 from autoplan.profiler.profile import OptimizerPoint, TimePoint
-from autoplan.tp_plan import COLWISE, infer_tp_plan
 from autoplan.tracing import layer_graph_of_built
 
 __all__ = ["LayerTimings", "time_layers_in_situ"]
@@ -90,7 +87,7 @@ class _Request:
 
 def time_layers_in_situ(model: str, dtype: str, settings: MeasureSettings, nproc: int,
                         timeout_s: float = 300.0,
-                        on_progress: object = None) -> LayerTimings:
+                        on_progress: Callable[[str], None] | None = None) -> LayerTimings:
     """Time every distinct layer of `model` in `nproc` local ranks at once (CPU, gloo).
 
     Args:
@@ -149,18 +146,6 @@ class _Barrier:
             time.sleep(_BARRIER_POLL_S)
 
 
-def _styles(unit: nn.Module) -> dict[str, ParallelStyle]:
-    """Megatron's pairs of the unit, as the executor shards a unit without sequence
-    parallelism (executor/tensor_parallel.tp_styles): whole input, whole output."""
-    plan = infer_tp_plan(unit)
-    if isinstance(unit, nn.Embedding):
-        return {"": RowwiseParallel(input_layouts=Replicate())}
-    if isinstance(unit, nn.Linear):
-        return {"": ColwiseParallel(output_layouts=Replicate())}
-    return {name: ColwiseParallel() if style == COLWISE else RowwiseParallel()
-            for name, style in plan.styles.items()}
-
-
 def _sharded_unit(unit: nn.Module, call: UnitCall, tp: int, meshes: dict[int, DeviceMesh],
                   dtype: torch.dtype) -> nn.Module | None:
     """The real unit as a run at `tp` holds it, or None when tp cannot shard it (then the
@@ -171,7 +156,7 @@ def _sharded_unit(unit: nn.Module, call: UnitCall, tp: int, meshes: dict[int, De
     if tp not in meshes or shard is None or not runs_on_meta(shard, call):
         return None
     real = materialize(unit, "cpu", dtype)
-    return parallelize_module(real, meshes[tp], _styles(real))
+    return parallelize_module(real, meshes[tp], tp_styles(real, sequence_parallel=False))
 
 
 def _time_optimizer(unit: nn.Module, inputs: tuple, settings: MeasureSettings,
@@ -216,7 +201,8 @@ def _meshes(tps: tuple[int, ...], world: int) -> dict[int, DeviceMesh]:
             for tp in sorted(set(tps)) if tp > 1 and world % tp == 0}
 
 
-def _time_all(request: _Request, barrier: _Barrier, progress) -> dict:  # noqa: ANN001
+def _time_all(request: _Request, barrier: _Barrier,
+              progress: Callable[[str], None]) -> dict:
     dtype = DTYPES[request.dtype]
     built = build_model(request.model, dtype=dtype)
     graph = layer_graph_of_built(built, dtype)
