@@ -36,9 +36,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
-from torch.utils._pytree import tree_leaves
 
 from autoplan import fmt
 from autoplan.cluster import Cluster, parse_cluster_spec
@@ -48,7 +46,7 @@ from autoplan.executor import LossFn, Runner, parallelize
 from autoplan.executor.hops import check_layouts
 from autoplan.executor.mesh import layout_dims
 from autoplan.graph import LayerGraph
-from autoplan.models.build import BuiltModel, sum_loss
+from autoplan.models.build import BuiltModel, default_loss, sum_loss
 from autoplan.models.spec import ModelSpec
 from autoplan.plan import Plan, plan_from_json
 from autoplan.profiler.analytic import TP_SHARDED_KINDS
@@ -170,21 +168,6 @@ def auto(model: nn.Module, example_inputs: Inputs, *, global_batch: int,
     plan = plan_from_json(text, "the plan rank 0 sent")
     return parallelize(model, plan, loss_fn or default_loss, graph=graph,     # step 5
                        tp_overrides=tp_overrides, device=device)
-
-
-def default_loss(output: Any, targets: torch.Tensor) -> torch.Tensor:
-    """The loss auto() trains with when given none: cross entropy of the output's last dim
-    (or its .logits) against integer targets, else the mean squared error of its first tensor.
-    """
-    logits = getattr(output, "logits", output)
-    if not isinstance(logits, torch.Tensor):
-        logits = next((t for t in tree_leaves(output) if isinstance(t, torch.Tensor)), None)
-    if logits is None:
-        raise AutoplanError(f"the model returned no tensor ({type(output).__name__}); give "
-                            "auto() a loss_fn")
-    if targets.is_floating_point():
-        return F.mse_loss(logits.float(), targets.float())
-    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
 
 
 # ------------------------------------------------------------------------------ step 1

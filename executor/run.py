@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils._pytree import tree_leaves
 
 from autoplan import fmt
@@ -41,7 +40,7 @@ from autoplan.executor.parallelize import parallelize
 from autoplan.executor.verify import Batch, Comparison, Trace, compare, reference_trace, train
 from autoplan.graph import LayerGraph
 from autoplan.io import atomic_write_text
-from autoplan.models import BuiltModel, build_model, lm_loss
+from autoplan.models import BuiltModel, build_model, default_loss, lm_loss
 from autoplan.plan import Plan, check_plan, load_plan, parse_plan_shorthand
 from autoplan.profiler.launch import run_workers, watch_parent
 from autoplan.profiler.profile import load_profile
@@ -159,18 +158,6 @@ class RunReport:
 # ------------------------------------------------------------------------------ synthetic data
 
 
-def _lm_loss(output: Any, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy of (B, S, V) logits (or an output with .logits)."""
-    logits = getattr(output, "logits", output)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-
-
-def _regression_loss(output: Any, targets: torch.Tensor) -> torch.Tensor:
-    """Mean squared error of the first output tensor against random targets."""
-    first = next(t for t in tree_leaves(output) if isinstance(t, torch.Tensor))
-    return F.mse_loss(first.float(), targets)
-
-
 @dataclass
 class _SyntheticData:
     """Seeded batches for a built model: token ids and next tokens for language models; for
@@ -201,7 +188,7 @@ class _SyntheticData:
 
     @property
     def loss_fn(self) -> Callable[[Any, torch.Tensor], torch.Tensor]:
-        return _lm_loss if self.language_model else _regression_loss
+        return default_loss  # cross entropy on token ids, mean squared error otherwise
 
     def batch(self, step: int) -> Batch:
         """The global batch of step `step` (from 0): the same on every rank and process."""

@@ -18,7 +18,7 @@ from autoplan.models.gpt import GPT, GPTConfig
 from autoplan.models.llama import Llama
 from autoplan.models.spec import ModelSpec, parse_model_spec
 
-__all__ = ["DTYPES", "BuiltModel", "build_model", "lm_loss", "sum_loss"]
+__all__ = ["DTYPES", "BuiltModel", "build_model", "default_loss", "lm_loss", "sum_loss"]
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 """The dtype names the CLI takes."""
@@ -71,6 +71,21 @@ def lm_loss(output: Any, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
     logits = getattr(output, "logits", output)
     targets = inputs[0].roll(-1, dims=1)
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def default_loss(output: Any, targets: torch.Tensor) -> torch.Tensor:
+    """The loss for (output, targets) when none is given (autoplan.auto, autoplan run):
+    cross entropy of the output's last dim (or its .logits) against integer targets, else the
+    mean squared error of its first tensor against float ones."""
+    logits = getattr(output, "logits", output)
+    if not isinstance(logits, torch.Tensor):
+        logits = next((t for t in tree_leaves(output) if isinstance(t, torch.Tensor)), None)
+    if logits is None:
+        raise AutoplanError(f"the model returned no tensor ({type(output).__name__}); give "
+                            "a loss function")
+    if targets.is_floating_point():
+        return F.mse_loss(logits.float(), targets.float())
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
 
 
 def _build_hf(spec: ModelSpec) -> tuple[nn.Module, int, int]:
