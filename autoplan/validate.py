@@ -48,7 +48,7 @@ class ValidateOptions:
     warmup: int = 3
     profile: str | None = None
     output: str | None = None
-    repeats: int = 5
+    repeats: int = 10
     timeout_s: float = 300.0
 
     def __post_init__(self) -> None:

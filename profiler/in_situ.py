@@ -16,7 +16,15 @@ as the executor's mesh does) and the layer is sharded with the executor's own TP
 (executor/tensor_parallel.tp_styles, no sequence parallelism), so its time
 includes DTensor dispatch and the TP collectives. The optimizer step (AdamW, one tensor at a
 time as `autoplan run` steps it) over the layer's parameters, as DTensors, is timed the same
-way. Rank 0's medians are the profile's points.
+way. Rank 0's means are the profile's points.
+
+Means, not medians: with more ranks than cores, an op shorter than the scheduler's time slice
+often runs start to end on a core while another rank waits, and times as if it ran alone;
+the waiting shows up only in the ops that straddle a slice. On this machine the median of a
+4 ms block forward in four ranks on two cores was its time alone, 4x below the 8-sample
+point, whose ops all straddle slices (benchmarks/results/validate/profile before the change).
+Over the repeats of every rank, the mean holds the waiting in proportion, which is what a
+run whose ranks are all busy pays per op.
 """
 
 from __future__ import annotations
@@ -161,8 +169,9 @@ def _sharded_unit(unit: nn.Module, call: UnitCall, tp: int, meshes: dict[int, De
 
 def _time_optimizer(unit: nn.Module, inputs: tuple, settings: MeasureSettings,
                     barrier: _Barrier, world_mesh: DeviceMesh) -> float:
-    """Median seconds of one AdamW step over the unit's parameters (foreach off, as
-    executor/run.py steps them), after a forward and backward gave them gradients.
+    """Mean seconds (see the module's docstring) of one AdamW step over the unit's
+    parameters (foreach off, as executor/run.py steps them), after a forward and backward
+    gave them gradients.
 
     Parameters a TP shard left whole are stepped as DTensors replicated over the world, as
     the executor's data parallelism (replicate / fully_shard) holds them: DTensor dispatch
@@ -183,7 +192,7 @@ def _time_optimizer(unit: nn.Module, inputs: tuple, settings: MeasureSettings,
         if index >= settings.warmup:
             times.append(time.perf_counter() - start)
     unit.zero_grad(set_to_none=True)
-    return statistics.median(times)
+    return statistics.fmean(times)
 
 
 def _replicated(param: nn.Parameter, mesh: DeviceMesh) -> nn.Parameter:
@@ -224,7 +233,8 @@ def _time_all(request: _Request, barrier: _Barrier,
                 inputs = make_inputs(call, micro_batch, "cpu", dtype)
                 barrier.wait()
                 points.append(TimePoint(micro_batch=micro_batch, tp=tp, repeats=request.repeats,
-                                        **time_unit(real, inputs, settings)).model_dump())
+                                        **time_unit(real, inputs, settings, statistics.fmean,
+                                                  trailing=settings.warmup)).model_dump())
             step_s = _time_optimizer(real, inputs, settings, barrier, world_mesh)
             optimizer.append(OptimizerPoint(tp=tp, optimizer=OPTIMIZER,
                                             step_s=step_s).model_dump())

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import statistics
+import time
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ from autoplan.profiler.compute import (
     materialize,
     runs_on_meta,
     shard_copy,
+    time_unit,
 )
 from autoplan.profiler.memory import optimizer_state_bytes, saved_bytes
 from autoplan.profiler.profile import fit_line, load_profile
@@ -156,3 +159,25 @@ def test_forward_peak_counts_every_tensor_forward_allocates() -> None:
     assert forward == 4 * 8 * (64 + 64 + 16)
     # Backward allocates the weight and bias gradients while some activations are still held.
     assert backward >= max(forward, 4 * (2 * 16 * 64 + 64 + 16))
+
+
+class _Paced(nn.Module):
+    """Forward takes 1 ms on its timed calls and 30 ms on the others (warm-up, trailing)."""
+
+    def __init__(self, warmup: int, repeats: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(2))
+        self.calls, self.timed = 0, range(warmup, warmup + repeats)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.001 if self.calls in self.timed else 0.03)
+        self.calls += 1
+        return x * self.weight
+
+
+def test_time_unit_times_only_the_repeats_between_warmup_and_trailing_runs() -> None:
+    settings = MeasureSettings(micro_batches=(1,), tps=(1,), repeats=3, warmup=2)
+    module = _Paced(settings.warmup, settings.repeats)
+    timed = time_unit(module, ((torch.ones(2),), {}), settings, statistics.fmean, trailing=4)
+    assert module.calls == 2 + 3 + 4
+    assert 0.001 <= timed["fwd_s"] < 0.01
