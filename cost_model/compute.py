@@ -85,6 +85,24 @@ class ComputeModel:
         recompute = {"none": 0.0, "selective": fwd * share, "full": fwd}[checkpoint]
         return LayerTimes(fwd, bwd, recompute, _recompute_flops(node, samples, tp, checkpoint))
 
+    def data_parallel_times(self, node: LayerNode, samples: int, dp: int, tp: int, zero: int,
+                            checkpoint: str) -> tuple[LayerTimes, float] | None:
+        """Layer times under data parallelism as timed in situ (profiler/in_situ.py): the
+        forward and backward of a micro-batch with the gathers, hooks and copies of its ZeRO
+        stage, and the seconds the gradient sync adds once per step. None when the profile
+        has no such points (then the collectives are priced apart, communication.py).
+        Recomputation is the plain forward: the backward's gather already holds the weights."""
+        layer = self.layers.get(node.signature)
+        if layer is None or dp < 2:
+            return None
+        tp = tp if node.kind in TP_SHARDED_KINDS else 1
+        found = layer.data_parallel_s(dp, tp, 2 if zero == 1 else zero, samples)
+        if found is None:
+            return None
+        fwd, bwd, sync = (seconds * self.core_share for seconds in found)
+        plain = self._measured(node, samples, tp, checkpoint)
+        return LayerTimes(fwd, bwd, plain.recompute_s, plain.recompute_flops), sync
+
     def _analytic(self, node: LayerNode, samples: int, tp: int, sequence_parallel: bool,
                   checkpoint: str) -> LayerTimes:
         work = layer_pass_work(node, samples, tp, self.elt_bytes, sequence_parallel)

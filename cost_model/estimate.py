@@ -213,12 +213,18 @@ class CostModel:
         # sec. 3.3): only what compute cannot cover is exposed; on oversubscribed CPU cores
         # nothing hides, since gloo's copies and sums need the cores compute is using.
         exposed = self.compute.oversubscribed
-        fsdp = fsdp_time_s(self.comm, node, layer, self.elt_bytes)
+        in_situ = self.compute.data_parallel_times(node, samples, layer.dp, layer.tp,
+                                                   layer.zero, layer.checkpoint)
+        if in_situ is not None:  # timed with its gathers and sync: nothing to add or hide
+            times, sync = in_situ
+            fsdp, gather, exposed = 0.0, 0.0, True
+        else:
+            fsdp = fsdp_time_s(self.comm, node, layer, self.elt_bytes)
+            # A layer's gradient sync starts when its backward ends and runs beside the
+            # backward of the layers before it, taken as long as its own (PyTorch DDP/FSDP2
+            # overlap, Li et al. 2020); what that does not cover is exposed once per step.
+            sync, gather = grad_sync_time_s(self.comm, node, layer, self.elt_bytes)
         compute = times.fwd_s + times.bwd_s + times.recompute_s
-        # A layer's gradient sync starts when its backward ends and runs beside the backward
-        # of the layers before it, taken as long as its own (PyTorch DDP/FSDP2 overlap, Li et
-        # al. 2020); what that does not cover is exposed once per step.
-        sync, gather = grad_sync_time_s(self.comm, node, layer, self.elt_bytes)
         weights, grads, optimizer = layer_state_bytes(node, layer, self.elt_bytes,
                                                       self.optimizer_bytes, shared)
         # ZeRO 1/2 on FSDP2 keep each layer's whole weights from its forward to its backward.

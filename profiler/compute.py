@@ -27,7 +27,7 @@ from autoplan.models.build import BuiltModel
 from autoplan.tp_plan import COLWISE, infer_tp_plan
 
 __all__ = ["MeasureSettings", "UnitCall", "capture_unit_calls", "materialize", "shard_copy",
-           "runs_on_meta", "make_inputs", "time_unit", "output_grads", "LossUnit",
+           "runs_on_meta", "make_inputs", "time_unit", "timed_pass", "output_grads", "LossUnit",
            "unit_module"]
 
 LOSS = "loss"  # the LayerGraph's name for the loss node
@@ -202,24 +202,27 @@ def _timed(fn: Callable[[], Any], device: str) -> tuple[Any, float]:
     return result, time.perf_counter() - start
 
 
-def time_unit(module: nn.Module, inputs: tuple, settings: MeasureSettings,
-              center: Callable[[list[float]], float] = statistics.median,
-              trailing: int = 0) -> dict[str, float]:
-    """`center` (median by default) and spread of forward and backward seconds over
-    `settings.repeats` runs, between `settings.warmup` untimed runs and `trailing` more
-    (which keep ranks timed together busy until the slowest has timed its last)."""
+def timed_pass(module: nn.Module, inputs: tuple, device: str) -> tuple[float, float]:
+    """(forward, backward) seconds of one pass, after which the module's and the inputs'
+    gradients are cleared (they would accumulate otherwise)."""
     args, kwargs = inputs
+    out, fwd_s = _timed(lambda: module(*args, **kwargs), device)
+    outs, grads = output_grads(out)
+    _, bwd_s = _timed(partial(torch.autograd.backward, outs, grads), device)
+    module.zero_grad(set_to_none=True)
+    for leaf in tree_flatten(inputs)[0]:
+        if isinstance(leaf, torch.Tensor):
+            leaf.grad = None
+    return fwd_s, bwd_s
+
+
+def time_unit(module: nn.Module, inputs: tuple, settings: MeasureSettings) -> dict[str, float]:
+    """Median and spread of forward and backward seconds over `settings.repeats` runs."""
     fwd, bwd = [], []
-    for index in range(settings.warmup + settings.repeats + trailing):
-        out, fwd_s = _timed(lambda: module(*args, **kwargs), settings.device)
-        outs, grads = output_grads(out)
-        _, bwd_s = _timed(partial(torch.autograd.backward, outs, grads), settings.device)
-        if settings.warmup <= index < settings.warmup + settings.repeats:
+    for index in range(settings.warmup + settings.repeats):
+        fwd_s, bwd_s = timed_pass(module, inputs, settings.device)
+        if index >= settings.warmup:
             fwd.append(fwd_s)
             bwd.append(bwd_s)
-        module.zero_grad(set_to_none=True)
-        for leaf in tree_flatten(inputs)[0]:  # input gradients would accumulate otherwise
-            if isinstance(leaf, torch.Tensor):
-                leaf.grad = None
-    return {"fwd_s": center(fwd), "bwd_s": center(bwd),
+    return {"fwd_s": statistics.median(fwd), "bwd_s": statistics.median(bwd),
             "fwd_spread_s": max(fwd) - min(fwd), "bwd_spread_s": max(bwd) - min(bwd)}

@@ -16,15 +16,22 @@ as the executor's mesh does) and the layer is sharded with the executor's own TP
 (executor/tensor_parallel.tp_styles, no sequence parallelism), so its time
 includes DTensor dispatch and the TP collectives. The optimizer step (AdamW, one tensor at a
 time as `autoplan run` steps it) over the layer's parameters, as DTensors, is timed the same
-way. Rank 0's means are the profile's points.
+way. So is the layer under the executor's data parallelism (replicate, fully_shard) on each
+dp x tp layout that fits the world, with the gradient sync off and on: on oversubscribed
+cores gloo's collectives wait for their peers to be scheduled, and FSDP's gathers, copies
+and hooks take the cores compute needs, which collective timings alone do not show (the
+DDP and FSDP baselines ran 20-24% slower than predicted from them). Rank 0's means are the
+profile's points.
 
-Means, not medians: with more ranks than cores, an op shorter than the scheduler's time slice
-often runs start to end on a core while another rank waits, and times as if it ran alone;
-the waiting shows up only in the ops that straddle a slice. On this machine the median of a
-4 ms block forward in four ranks on two cores was its time alone, 4x below the 8-sample
-point, whose ops all straddle slices (benchmarks/results/validate/profile before the change).
-Over the repeats of every rank, the mean holds the waiting in proportion, which is what a
-run whose ranks are all busy pays per op.
+Timed together, not one op at a time: with more ranks than cores, an op shorter than the
+scheduler's time slice often runs start to end on a core while another rank waits before
+its own starts, so per-op clocks (median or mean) miss the waiting. On this machine they gave
+a 4-sample block forward anywhere from its time alone to 3.7x that, run to run. So after
+warm-up every rank meets at the barrier, runs `repeats` passes back to back and then as many
+untimed ones as it warmed up with (so that no rank's timed passes run on emptier cores); a
+point is the window from the first rank's start to the last rank's end, over the repeats,
+split between forward and backward as the ranks' own clocks split it: the time per pass of
+ranks that all need the cores, as a run's do.
 """
 
 from __future__ import annotations
@@ -32,7 +39,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -49,9 +55,12 @@ from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import parallelize_module
 
 from autoplan.errors import AutoplanError
+from autoplan.executor.data_parallel import apply_fsdp, apply_replicate
 from autoplan.executor.tensor_parallel import tp_styles
+from autoplan.graph import LayerNode
 from autoplan.io import atomic_write_text
 from autoplan.models import DTYPES, build_model
+from autoplan.models.build import BuiltModel
 from autoplan.profiler.compute import (
     MeasureSettings,
     UnitCall,
@@ -61,22 +70,25 @@ from autoplan.profiler.compute import (
     output_grads,
     runs_on_meta,
     shard_copy,
-    time_unit,
+    timed_pass,
     unit_module,
 )
 from autoplan.profiler.launch import run_workers, watch_parent
-from autoplan.profiler.profile import OptimizerPoint, TimePoint
+from autoplan.profiler.profile import DataParallelPoint, OptimizerPoint, TimePoint
 from autoplan.tracing import layer_graph_of_built
 
 __all__ = ["LayerTimings", "time_layers_in_situ"]
 
 log = logging.getLogger(__name__)
 
-LayerTimings = dict[str, tuple[list[TimePoint], list[OptimizerPoint]]]
-"""signature -> (time points, optimizer points)."""
+LayerTimings = dict[str, tuple[list[TimePoint], list[OptimizerPoint], list[DataParallelPoint]]]
+"""signature -> (time points, optimizer points, data-parallel points)."""
 _GROUP_TIMEOUT = timedelta(seconds=120)  # every collective gives up after this (issue 9)
 _BARRIER_POLL_S = 0.002
 OPTIMIZER = "adamw"
+ZERO_STAGES = (0, 2, 3)
+"""Timed under data parallelism: replicate (0) and fully_shard keeping (2) or freeing (3) the
+gathered weights after forward; ZeRO 1 runs as 2 in the executor (executor/data_parallel.py)."""
 
 
 @dataclass(frozen=True)
@@ -129,11 +141,47 @@ def time_layers_in_situ(model: str, dtype: str, settings: MeasureSettings, nproc
             raise AutoplanError("layer-timing workers ended without writing their times")
         raw = json.loads(result.read_text())
     return {sig: ([TimePoint(**p) for p in entry["points"]],
-                  [OptimizerPoint(**p) for p in entry["optimizer"]])
+                  [OptimizerPoint(**p) for p in entry["optimizer"]],
+                  [DataParallelPoint(**p) for p in entry["data_parallel"]])
             for sig, entry in raw.items()}
 
 
 # ---------------------------------------------------------------------------- in a worker
+
+
+def _time_together(iteration: Callable[[], tuple[float, ...]], settings: MeasureSettings,
+                   barrier: _Barrier) -> tuple[list[float], list[float]]:
+    """(seconds per run of each part of `iteration`, their spread over ranks) when every rank
+    runs it at once (see the module's docstring); `iteration` returns its parts' own
+    perf_counter seconds. A collective over the world: every rank calls it."""
+    for _ in range(settings.warmup):
+        iteration()
+    barrier.wait()
+    start, sums = time.monotonic(), None  # CLOCK_MONOTONIC: one clock for every process here
+    for _ in range(settings.repeats):
+        parts = iteration()
+        sums = list(parts) if sums is None else [a + b for a, b in zip(sums, parts, strict=True)]
+    end = time.monotonic()
+    for _ in range(settings.warmup):
+        iteration()
+    mine = torch.tensor([start, end, *sums], dtype=torch.float64)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    ranks = torch.stack(every)
+    per_run = (ranks[:, 1].max() - ranks[:, 0].min()).item() / settings.repeats
+    totals = ranks[:, 2:].sum(0)
+    shares = (totals / totals.sum()).tolist() if totals.sum() > 0 else [0.0] * len(sums)
+    spreads = ((ranks[:, 2:].max(0).values - ranks[:, 2:].min(0).values)
+               / settings.repeats).tolist()
+    return [per_run * share for share in shares], spreads
+
+
+def _time_layer(module: nn.Module, inputs: tuple, settings: MeasureSettings,
+                barrier: _Barrier) -> dict[str, float]:
+    """A layer's forward and backward seconds timed together (TimePoint's fields)."""
+    (fwd, bwd), (fwd_spread, bwd_spread) = _time_together(
+        lambda: timed_pass(module, inputs, "cpu"), settings, barrier)
+    return {"fwd_s": fwd, "bwd_s": bwd, "fwd_spread_s": fwd_spread, "bwd_spread_s": bwd_spread}
 
 
 class _Barrier:
@@ -169,7 +217,7 @@ def _sharded_unit(unit: nn.Module, call: UnitCall, tp: int, meshes: dict[int, De
 
 def _time_optimizer(unit: nn.Module, inputs: tuple, settings: MeasureSettings,
                     barrier: _Barrier, world_mesh: DeviceMesh) -> float:
-    """Mean seconds (see the module's docstring) of one AdamW step over the unit's
+    """Seconds (timed together, see the module's docstring) of one AdamW step over the unit's
     parameters (foreach off, as executor/run.py steps them), after a forward and backward
     gave them gradients.
 
@@ -184,15 +232,15 @@ def _time_optimizer(unit: nn.Module, inputs: tuple, settings: MeasureSettings,
     if not params:
         return 0.0
     optimizer = torch.optim.AdamW(params, lr=1e-6, foreach=False)
-    barrier.wait()
-    times = []
-    for index in range(settings.warmup + settings.repeats):
+
+    def step() -> tuple[float]:
         start = time.perf_counter()
         optimizer.step()
-        if index >= settings.warmup:
-            times.append(time.perf_counter() - start)
+        return (time.perf_counter() - start,)
+
+    (seconds,), _ = _time_together(step, settings, barrier)
     unit.zero_grad(set_to_none=True)
-    return statistics.fmean(times)
+    return seconds
 
 
 def _replicated(param: nn.Parameter, mesh: DeviceMesh) -> nn.Parameter:
@@ -210,6 +258,46 @@ def _meshes(tps: tuple[int, ...], world: int) -> dict[int, DeviceMesh]:
             for tp in sorted(set(tps)) if tp > 1 and world % tp == 0}
 
 
+def _layouts(tps: tuple[int, ...], world: int) -> dict[tuple[int, int], DeviceMesh]:
+    """A (rest, dp, tp) mesh for each layout with data parallelism that fits the world: the
+    dp and tp sub-meshes of one mesh, as the executor builds them (executor/mesh.py), which
+    fully_shard needs to take tensor-parallel DTensors."""
+    return {(dp, tp): init_device_mesh("cpu", (world // (dp * tp), dp, tp),
+                                       mesh_dim_names=("rest", "dp", "tp"))
+            for tp in sorted({1, *tps}) for dp in range(2, world // tp + 1)
+            if world % (dp * tp) == 0}
+
+
+def _time_data_parallel(built: BuiltModel, node: LayerNode, call: UnitCall,
+                        request: _Request, settings: MeasureSettings, barrier: _Barrier,
+                        layouts: dict[tuple[int, int], DeviceMesh],
+                        progress: Callable[[str], None]) -> list[dict]:
+    """The layer under replicate / fully_shard on each layout and ZeRO stage, per
+    micro-batch (samples per rank): forward and backward with the gradient sync off, as a
+    step runs every micro-batch but its last, then the backward with it on. Its gathers,
+    hooks, copies and collectives share the cores with the other ranks' compute, as in a
+    run, where they cannot be timed apart."""
+    dtype, out = settings.dtype, []
+    for (dp, tp), mesh in layouts.items():
+        for zero in ZERO_STAGES:
+            real = _sharded_unit(unit_module(built, node), call, tp, {tp: mesh["tp"]}, dtype)
+            if real is None or not any(p.requires_grad for p in real.parameters()):
+                continue
+            apply = apply_replicate if zero == 0 else apply_fsdp
+            apply(real, [(("",), zero)], mesh["dp"], root=False)
+            for micro_batch in request.micro_batches:
+                progress(f"{node.name} dp={dp} tp={tp} zero={zero} micro_batch={micro_batch}")
+                inputs = make_inputs(call, micro_batch, "cpu", dtype)
+                times = []
+                for sync in (False, True):
+                    real.set_requires_gradient_sync(sync)
+                    times.append(_time_layer(real, inputs, settings, barrier))
+                out.append(DataParallelPoint(
+                    dp=dp, tp=tp, zero=zero, micro_batch=micro_batch, fwd_s=times[0]["fwd_s"],
+                    bwd_s=times[0]["bwd_s"], sync_bwd_s=times[1]["bwd_s"]).model_dump())
+    return out
+
+
 def _time_all(request: _Request, barrier: _Barrier,
               progress: Callable[[str], None]) -> dict:
     dtype = DTYPES[request.dtype]
@@ -220,6 +308,7 @@ def _time_all(request: _Request, barrier: _Barrier,
                                request.warmup, "cpu", dtype, request.threads)
     meshes = _meshes(request.tps, dist.get_world_size())
     world_mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    layouts = _layouts(request.tps, dist.get_world_size())
     out = {}
     for signature, nodes in graph.by_signature().items():
         node, call = nodes[0], calls[signature]
@@ -231,14 +320,16 @@ def _time_all(request: _Request, barrier: _Barrier,
             for micro_batch in request.micro_batches:
                 progress(f"{node.name} tp={tp} micro_batch={micro_batch}")
                 inputs = make_inputs(call, micro_batch, "cpu", dtype)
-                barrier.wait()
                 points.append(TimePoint(micro_batch=micro_batch, tp=tp, repeats=request.repeats,
-                                        **time_unit(real, inputs, settings, statistics.fmean,
-                                                  trailing=settings.warmup)).model_dump())
+                                        **_time_layer(real, inputs, settings, barrier))
+                              .model_dump())
             step_s = _time_optimizer(real, inputs, settings, barrier, world_mesh)
             optimizer.append(OptimizerPoint(tp=tp, optimizer=OPTIMIZER,
                                             step_s=step_s).model_dump())
-        out[signature] = {"points": points, "optimizer": optimizer}
+        data_parallel = _time_data_parallel(built, node, call, request, settings, barrier,
+                                            layouts, progress)
+        out[signature] = {"points": points, "optimizer": optimizer,
+                          "data_parallel": data_parallel}
     return out
 
 

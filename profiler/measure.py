@@ -60,13 +60,13 @@ def measure_layers(built: BuiltModel, graph: LayerGraph, settings: MeasureSettin
     for signature, nodes in graph.by_signature().items():
         node = nodes[0]
         unit = unit_module(built, node)
-        points, optimizer = timings[signature] if timings is not None else (
-            _time_points(unit, node.name, calls[signature], settings, on_step), [])
+        points, optimizer, data_parallel = timings[signature] if timings is not None else (
+            _time_points(unit, node.name, calls[signature], settings, on_step), [], [])
         memory = measure_memory(unit, node, calls[signature], settings)
         layers.append(LayerProfile(signature=signature, kind=node.kind,
                                    names=[n.name for n in nodes], points=points,
                                    fits=fits_from_points(points), memory=memory,
-                                   optimizer=optimizer))
+                                   optimizer=optimizer, data_parallel=data_parallel))
     return layers
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import statistics
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,13 +24,15 @@ __all__ = [
     "PROFILE_FORMAT_VERSION", "COLLECTIVES", "bus_factor", "TimePoint", "LinearFit",
     "fit_line",
     "fits_from_points", "LayerMemory",
-    "OptimizerPoint", "LayerProfile", "CommPoint", "CommRegime", "CommFit", "Machine",
+    "OptimizerPoint", "DataParallelPoint", "LayerProfile", "CommPoint", "CommRegime",
+    "CommFit", "Machine",
     "Profile", "load_profile",
 ]
 
-# 2: CommFit holds a list of regimes (1: alpha_s, bandwidth and optional large_* fields);
-# version-1 files still load (Profile._known_version).
-PROFILE_FORMAT_VERSION = 2
+# 2: CommFit holds a list of regimes (1: alpha_s, bandwidth and optional large_* fields).
+# 3: LayerProfile.data_parallel (in-situ times under the executor's data parallelism).
+# Version-1 and version-2 files still load (Profile._known_version).
+PROFILE_FORMAT_VERSION = 3
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
 Collective = Literal["all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv"]
 _FROZEN = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)  # numbers are finite
@@ -59,8 +62,9 @@ class TimePoint(BaseModel):
     model_config = _FROZEN
     micro_batch: int = Field(ge=1)
     tp: int = Field(ge=1)
-    fwd_s: float = Field(ge=0, description="median over repeats")
-    bwd_s: float = Field(ge=0, description="median over repeats")
+    fwd_s: float = Field(ge=0, description="median over repeats (in situ: per pass of all "
+                         "ranks at once, profiler/in_situ.py)")
+    bwd_s: float = Field(ge=0, description="as fwd_s")
     fwd_spread_s: float = Field(0.0, ge=0, description="max - min over repeats")
     bwd_spread_s: float = Field(0.0, ge=0, description="max - min over repeats")
     repeats: int = Field(1, ge=1)
@@ -133,7 +137,23 @@ class OptimizerPoint(BaseModel):
     tp: int = Field(ge=1)
     optimizer: str = Field(description="e.g. adamw (one tensor at a time, as autoplan run "
                            "steps it)")
-    step_s: float = Field(ge=0, description="median over repeats")
+    step_s: float = Field(ge=0, description="per step of all ranks at once")
+
+
+class DataParallelPoint(BaseModel):
+    """One layer under the executor's data parallelism (replicate for ZeRO 0, fully_shard for
+    1 to 3) on a dp x tp layout, timed in situ (profiler/in_situ.py): a micro-batch's forward
+    and backward as a step runs all but its last (no gradient sync; ZeRO 3's gathers, hooks
+    and copies included), and the backward of the last, which syncs the gradients."""
+
+    model_config = _FROZEN
+    dp: int = Field(ge=2)
+    tp: int = Field(ge=1)
+    zero: int = Field(ge=0, le=3)
+    micro_batch: int = Field(ge=1, description="samples on one rank")
+    fwd_s: float = Field(ge=0, description="per pass of all ranks at once")
+    bwd_s: float = Field(ge=0, description="per pass of all ranks at once, gradient sync off")
+    sync_bwd_s: float = Field(ge=0, description="the same, gradient sync on")
 
 
 class LayerProfile(BaseModel):
@@ -149,11 +169,30 @@ class LayerProfile(BaseModel):
     optimizer: list[OptimizerPoint] = Field(
         default_factory=list, description="optimizer step times per TP degree (in-situ "
         "profiles; empty otherwise)")
+    data_parallel: list[DataParallelPoint] = Field(
+        default_factory=list, description="times under data parallelism per (dp, tp, ZeRO) "
+        "(in-situ profiles; empty otherwise)")
 
     def optimizer_s(self, tp: int, optimizer: str) -> float | None:
         """Measured seconds of one `optimizer` step over this layer at `tp`, if timed."""
         return next((p.step_s for p in self.optimizer
                      if p.tp == tp and p.optimizer == optimizer), None)
+
+    def data_parallel_s(self, dp: int, tp: int, zero: int,
+                        micro_batch: float) -> tuple[float, float, float] | None:
+        """(forward, backward, gradient sync) seconds of one micro-batch of `micro_batch`
+        samples per rank under data parallelism, from the in-situ points of that layout and
+        ZeRO stage: forward and backward by least squares over micro-batches (as `fits`),
+        the sync as the mean extra time of a syncing backward. None when not measured."""
+        mine = [p for p in self.data_parallel if (p.dp, p.tp, p.zero) == (dp, tp, zero)]
+        if not mine:
+            return None
+        xs = [float(p.micro_batch) for p in mine]
+        fwd = fit_line(xs, [p.fwd_s for p in mine])
+        bwd = fit_line(xs, [p.bwd_s for p in mine])
+        sync = statistics.fmean(p.sync_bwd_s - p.bwd_s for p in mine)
+        return (max(fwd[0] + fwd[1] * micro_batch, 0.0), max(bwd[0] + bwd[1] * micro_batch, 0.0),
+                max(sync, 0.0))
 
     def fit(self, tp: int) -> LinearFit:
         """The fit at `tp`; raises KeyError when that degree was not profiled."""
@@ -312,9 +351,12 @@ class Profile(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _known_version(cls, data: Any) -> Any:
-        """Refuse other versions, but read version 1: its comm fits convert themselves
-        (CommFit._from_line_fields) and nothing else differs."""
-        if isinstance(data, dict) and type(data.get("version")) is int and data["version"] == 1:
+        """Refuse other versions, but read versions 1 and 2: version 1's comm fits convert
+        themselves (CommFit._from_line_fields), and version 3 only adds a field with a
+        default (LayerProfile.data_parallel)."""
+        old = isinstance(data, dict) and type(data.get("version")) is int and \
+            data["version"] in (1, 2)
+        if old:
             data = data | {"version": PROFILE_FORMAT_VERSION}
         check_version(data, "profile", PROFILE_FORMAT_VERSION)
         return data

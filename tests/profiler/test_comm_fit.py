@@ -196,7 +196,7 @@ def test_version_1_profiles_load(tmp_path: Path) -> None:
                "alpha_s": 0.0004, "bandwidth": 1e9, "busbw": 5e8,
                "large_from_bytes": 16 * MIB, "large_alpha_s": -0.05, "large_bandwidth": 0.25e9}
     (tmp_path / "profile.json").write_text(json.dumps(_profile_doc(1, [old_line, old_two])))
-    assert PROFILE_FORMAT_VERSION == 2
+    assert PROFILE_FORMAT_VERSION == 3
     profile = load_profile(tmp_path)
     assert profile.version == PROFILE_FORMAT_VERSION
     line, two = profile.comm_fit("all_reduce", 2), profile.comm_fit("all_gather", 2)
@@ -204,6 +204,13 @@ def test_version_1_profiles_load(tmp_path: Path) -> None:
     assert len(two.regimes) == 2
     assert two.time_s(16 * MIB - 1) == pytest.approx(0.0004 + (16 * MIB - 1) / 1e9)
     assert two.time_s(32 * MIB) == pytest.approx(-0.05 + 32 * MIB / 0.25e9)
+
+
+def test_version_2_profiles_load_without_data_parallel_points(tmp_path: Path) -> None:
+    (fit,) = fit_alpha_beta(_points("all_gather", 2, SIZES, [_piecewise_s(b) for b in SIZES]))
+    (tmp_path / "profile.json").write_text(json.dumps(_profile_doc(2, [fit.model_dump()])))
+    profile = load_profile(tmp_path)
+    assert profile.version == PROFILE_FORMAT_VERSION and profile.comm == [fit]
 
 
 def test_piecewise_fit_round_trips_through_json(tmp_path: Path) -> None:

@@ -38,6 +38,11 @@ def test_in_situ_profile_times_tp_shards_and_the_optimizer(in_situ: Profile) -> 
     assert [f.tp for f in norm.fits] == [1]  # nothing to shard: the run keeps it whole
     loss = next(layer for layer in in_situ.layers if layer.kind == "loss")
     assert loss.optimizer_s(1, "adamw") == 0.0  # no parameters
+    # Under data parallelism on the one layout 2 ranks allow, each ZeRO stage, sync on and off.
+    assert {(p.dp, p.tp, p.zero, p.micro_batch) for p in block.data_parallel} == {
+        (2, 1, zero, mb) for zero in (0, 2, 3) for mb in (1, 2)}
+    assert all(p.fwd_s > 0 and p.bwd_s > 0 and p.sync_bwd_s > 0 for p in block.data_parallel)
+    assert loss.data_parallel == []  # nothing to replicate or shard
 
 
 def test_cost_model_takes_tp_collectives_and_optimizer_from_an_in_situ_profile(
@@ -50,6 +55,20 @@ def test_cost_model_takes_tp_collectives_and_optimizer_from_an_in_situ_profile(
     steps = [by_signature[n.signature].optimizer_s(2, "adamw") or
              by_signature[n.signature].optimizer_s(1, "adamw") for n in graph.nodes]
     assert tp.breakdown["optimizer"] == pytest.approx(sum(steps))  # 2 ranks on >= 2 cores
+
+
+@pytest.mark.parametrize("zero", [0, 3])
+def test_cost_model_takes_data_parallel_times_from_an_in_situ_profile(
+        in_situ: Profile, zero: int) -> None:
+    graph = layer_graph_of_built(build_model("gpt-tiny", dtype=torch.float32), torch.float32)
+    model = CostModel(graph, parse_cluster_spec("local-cpu:procs=2"), in_situ)
+    estimate = model.estimate(uniform_plan(f"dp=2,zero={zero}", graph, 2, 4))
+    by_signature = {layer.signature: layer for layer in in_situ.layers}
+    timed = [by_signature[n.signature].data_parallel_s(2, 1, zero, 1) for n in graph.nodes]
+    assert estimate.breakdown["fsdp_comm"] == 0.0  # the gathers are inside the timed layers
+    assert estimate.breakdown["dp_comm"] == pytest.approx(sum(t[2] for t in timed if t))
+    assert estimate.breakdown["forward"] == pytest.approx(2 * sum(t[0] for t in timed if t),
+                                                          rel=0.2)  # + layers without weights
 
 
 def test_core_share_counts_the_ranks_that_timed_together() -> None:
