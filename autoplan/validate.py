@@ -36,6 +36,8 @@ __all__ = ["ValidateOptions", "PlanOutcome", "Validation", "candidate_plans", "v
            "spearman", "write_outputs"]
 
 Progress = Callable[[str], None]
+_PER_RANK = (1, 2, 4)
+"""Samples per rank in a micro-batch: of the plans run, and of the profile's points."""
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,7 @@ def candidate_plans(graph: LayerGraph, nproc: int, global_batch: int,
             dp = nproc // (tp * pp)
             if pp > max(blocks, 1):
                 continue
-            for per_rank in (1, 2, 4):
+            for per_rank in _PER_RANK:
                 micro = per_rank * dp
                 if global_batch % micro or (pp > 1 and global_batch // micro < pp):
                     continue
@@ -133,7 +135,7 @@ def _profile(options: ValidateOptions, on_progress: Progress | None) -> Profile:
 
     tps = tuple(tp for tp in (1, 2, 4, 8) if options.nproc % tp == 0)
     profile = run_profile(ProfileOptions(
-        model=options.model, nproc=options.nproc, micro_batches=(1, 2, 4, 8), tps=tps,
+        model=options.model, nproc=options.nproc, micro_batches=_PER_RANK, tps=tps,
         repeats=options.repeats, threads=1, dtype="fp32", in_situ=True),
         (lambda stage, text: on_progress(f"profile {stage}: {text}")) if on_progress else None)
     if options.output:

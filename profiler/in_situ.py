@@ -31,7 +31,9 @@ warm-up every rank meets at the barrier, runs `repeats` passes back to back and 
 untimed ones as it warmed up with (so that no rank's timed passes run on emptier cores); a
 point is the window from the first rank's start to the last rank's end, over the repeats,
 split between forward and backward as the ranks' own clocks split it: the time per pass of
-ranks that all need the cores, as a run's do.
+ranks that all need the cores, as a run's do. The points of a layer are timed in SWEEPS
+passes over all of them, and each keeps its median, so that a spell of load from elsewhere
+spoils one sweep rather than the point.
 """
 
 from __future__ import annotations
@@ -39,12 +41,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -86,6 +90,10 @@ LayerTimings = dict[str, tuple[list[TimePoint], list[OptimizerPoint], list[DataP
 _GROUP_TIMEOUT = timedelta(seconds=120)  # every collective gives up after this (issue 9)
 _BARRIER_POLL_S = 0.002
 OPTIMIZER = "adamw"
+SWEEPS = 3
+"""Passes over a layer's points, each with a third of the repeats; a point keeps the median,
+so that a spell of other load on the machine (which halved every block point of one
+validation profile for a minute) moves one sweep, not the point."""
 ZERO_STAGES = (0, 2, 3)
 """Timed under data parallelism: replicate (0) and fully_shard keeping (2) or freeing (3) the
 gathered weights after forward; ZeRO 1 runs as 2 in the executor (executor/data_parallel.py)."""
@@ -216,7 +224,7 @@ def _sharded_unit(unit: nn.Module, call: UnitCall, tp: int, meshes: dict[int, De
 
 
 def _time_optimizer(unit: nn.Module, inputs: tuple, settings: MeasureSettings,
-                    barrier: _Barrier, world_mesh: DeviceMesh) -> float:
+                    barrier: _Barrier, world_mesh: DeviceMesh) -> dict[str, float]:
     """Seconds (timed together, see the module's docstring) of one AdamW step over the unit's
     parameters (foreach off, as executor/run.py steps them), after a forward and backward
     gave them gradients.
@@ -230,7 +238,7 @@ def _time_optimizer(unit: nn.Module, inputs: tuple, settings: MeasureSettings,
     params = [p if isinstance(p, DTensor) else _replicated(p, world_mesh)
               for p in unit.parameters() if p.requires_grad and p.grad is not None]
     if not params:
-        return 0.0
+        return {"step_s": 0.0}
     optimizer = torch.optim.AdamW(params, lr=1e-6, foreach=False)
 
     def step() -> tuple[float]:
@@ -240,7 +248,7 @@ def _time_optimizer(unit: nn.Module, inputs: tuple, settings: MeasureSettings,
 
     (seconds,), _ = _time_together(step, settings, barrier)
     unit.zero_grad(set_to_none=True)
-    return seconds
+    return {"step_s": seconds}
 
 
 def _replicated(param: nn.Parameter, mesh: DeviceMesh) -> nn.Parameter:
@@ -268,16 +276,50 @@ def _layouts(tps: tuple[int, ...], world: int) -> dict[tuple[int, int], DeviceMe
             if world % (dp * tp) == 0}
 
 
-def _time_data_parallel(built: BuiltModel, node: LayerNode, call: UnitCall,
-                        request: _Request, settings: MeasureSettings, barrier: _Barrier,
-                        layouts: dict[tuple[int, int], DeviceMesh],
-                        progress: Callable[[str], None]) -> list[dict]:
-    """The layer under replicate / fully_shard on each layout and ZeRO stage, per
-    micro-batch (samples per rank): forward and backward with the gradient sync off, as a
-    step runs every micro-batch but its last, then the backward with it on. Its gathers,
-    hooks, copies and collectives share the cores with the other ranks' compute, as in a
-    run, where they cannot be timed apart."""
-    dtype, out = settings.dtype, []
+@dataclass(frozen=True)
+class _Task:
+    """One point to time: what it is (its fixed fields) and how to time it."""
+
+    label: str
+    kind: str
+    """points, optimizer or data_parallel: the list of the signature's entry it joins."""
+    fields: dict
+    measure: Callable[[MeasureSettings], dict[str, float]]
+
+
+def _time_synced(module: nn.Module, inputs: tuple, settings: MeasureSettings,
+                 barrier: _Barrier) -> dict[str, float]:
+    """A data-parallel layer with the gradient sync off (as a step runs every micro-batch but
+    its last), then its backward with the sync on (DataParallelPoint's fields)."""
+    times = []
+    for sync in (False, True):
+        module.set_requires_gradient_sync(sync)
+        times.append(_time_layer(module, inputs, settings, barrier))
+    return {"fwd_s": times[0]["fwd_s"], "bwd_s": times[0]["bwd_s"],
+            "sync_bwd_s": times[1]["bwd_s"]}
+
+
+def _tasks(built: BuiltModel, node: LayerNode, call: UnitCall, request: _Request,
+           barrier: _Barrier, meshes: dict[int, DeviceMesh], world_mesh: DeviceMesh,
+           layouts: dict[tuple[int, int], DeviceMesh]) -> list[_Task]:
+    """Every point of one layer: each TP degree and micro-batch, the optimizer step per TP
+    degree, and the layer under replicate / fully_shard on each layout and ZeRO stage per
+    micro-batch (samples per rank), whose gathers, hooks, copies and collectives share the
+    cores with the other ranks' compute as in a run, where they cannot be timed apart."""
+    dtype, tasks = DTYPES[request.dtype], []
+    for tp in sorted({1, *request.tps}):
+        real = _sharded_unit(unit_module(built, node), call, tp, meshes, dtype)
+        if real is None:
+            continue
+        for micro_batch in request.micro_batches:
+            inputs = make_inputs(call, micro_batch, "cpu", dtype)
+            tasks.append(_Task(f"{node.name} tp={tp} micro_batch={micro_batch}", "points",
+                               {"micro_batch": micro_batch, "tp": tp},
+                               partial(_time_layer, real, inputs, barrier=barrier)))
+        tasks.append(_Task(f"{node.name} tp={tp} optimizer", "optimizer",
+                           {"tp": tp, "optimizer": OPTIMIZER},
+                           partial(_time_optimizer, real, inputs, barrier=barrier,
+                                   world_mesh=world_mesh)))
     for (dp, tp), mesh in layouts.items():
         for zero in ZERO_STAGES:
             real = _sharded_unit(unit_module(built, node), call, tp, {tp: mesh["tp"]}, dtype)
@@ -286,15 +328,48 @@ def _time_data_parallel(built: BuiltModel, node: LayerNode, call: UnitCall,
             apply = apply_replicate if zero == 0 else apply_fsdp
             apply(real, [(("",), zero)], mesh["dp"], root=False)
             for micro_batch in request.micro_batches:
-                progress(f"{node.name} dp={dp} tp={tp} zero={zero} micro_batch={micro_batch}")
                 inputs = make_inputs(call, micro_batch, "cpu", dtype)
-                times = []
-                for sync in (False, True):
-                    real.set_requires_gradient_sync(sync)
-                    times.append(_time_layer(real, inputs, settings, barrier))
-                out.append(DataParallelPoint(
-                    dp=dp, tp=tp, zero=zero, micro_batch=micro_batch, fwd_s=times[0]["fwd_s"],
-                    bwd_s=times[0]["bwd_s"], sync_bwd_s=times[1]["bwd_s"]).model_dump())
+                tasks.append(_Task(
+                    f"{node.name} dp={dp} tp={tp} zero={zero} micro_batch={micro_batch}",
+                    "data_parallel", {"dp": dp, "tp": tp, "zero": zero,
+                                      "micro_batch": micro_batch},
+                    partial(_time_synced, real, inputs, barrier=barrier)))
+    return tasks
+
+
+def _sweep_settings(settings: MeasureSettings, sweep: int) -> MeasureSettings:
+    """A sweep's share of the repeats; the first sweep warms up as asked, later ones once."""
+    return replace(settings, repeats=max(1, -(-settings.repeats // SWEEPS)),
+                   warmup=settings.warmup if sweep == 0 else min(1, settings.warmup))
+
+
+def _sweep(tasks: list[_Task], settings: MeasureSettings,
+           progress: Callable[[str], None]) -> dict[str, list[dict]]:
+    """Time every task in SWEEPS passes over all of them; each field is the median over the
+    sweeps, but forward and backward split the median pass as the sweeps' clocks together
+    split it (the split of a few passes is noisier than their sum), and a spread field is the
+    range of its time over the sweeps."""
+    found: list[list[dict[str, float]]] = [[] for _ in tasks]
+    for sweep in range(SWEEPS):
+        for task, results in zip(tasks, found, strict=True):
+            progress(f"{task.label} (sweep {sweep + 1}/{SWEEPS})")
+            results.append(task.measure(_sweep_settings(settings, sweep)))
+    out: dict[str, list[dict]] = {"points": [], "optimizer": [], "data_parallel": []}
+    for task, results in zip(tasks, found, strict=True):
+        point = task.fields | {key: statistics.median(r[key] for r in results)
+                               for key in results[0]}
+        if "fwd_s" in point:  # the median pass, split as all sweeps' clocks split it
+            passes = [r["fwd_s"] + r["bwd_s"] for r in results]
+            share = sum(r["fwd_s"] for r in results) / sum(passes) if sum(passes) else 0.5
+            point["fwd_s"] = statistics.median(passes) * share
+            point["bwd_s"] = statistics.median(passes) * (1 - share)
+        for part in ("fwd", "bwd"):
+            if f"{part}_spread_s" in point:
+                times = [r[f"{part}_s"] for r in results]
+                point[f"{part}_spread_s"] = max(times) - min(times)
+        if task.kind == "points":
+            point["repeats"] = SWEEPS * _sweep_settings(settings, 0).repeats
+        out[task.kind].append(point)
     return out
 
 
@@ -311,25 +386,9 @@ def _time_all(request: _Request, barrier: _Barrier,
     layouts = _layouts(request.tps, dist.get_world_size())
     out = {}
     for signature, nodes in graph.by_signature().items():
-        node, call = nodes[0], calls[signature]
-        points, optimizer = [], []
-        for tp in sorted({1, *request.tps}):
-            real = _sharded_unit(unit_module(built, node), call, tp, meshes, dtype)
-            if real is None:
-                continue
-            for micro_batch in request.micro_batches:
-                progress(f"{node.name} tp={tp} micro_batch={micro_batch}")
-                inputs = make_inputs(call, micro_batch, "cpu", dtype)
-                points.append(TimePoint(micro_batch=micro_batch, tp=tp, repeats=request.repeats,
-                                        **_time_layer(real, inputs, settings, barrier))
-                              .model_dump())
-            step_s = _time_optimizer(real, inputs, settings, barrier, world_mesh)
-            optimizer.append(OptimizerPoint(tp=tp, optimizer=OPTIMIZER,
-                                            step_s=step_s).model_dump())
-        data_parallel = _time_data_parallel(built, node, call, request, settings, barrier,
-                                            layouts, progress)
-        out[signature] = {"points": points, "optimizer": optimizer,
-                          "data_parallel": data_parallel}
+        tasks = _tasks(built, nodes[0], calls[signature], request, barrier, meshes, world_mesh,
+                       layouts)
+        out[signature] = _sweep(tasks, settings, progress)
     return out
 
 

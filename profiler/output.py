@@ -1,5 +1,6 @@
 """A Profile for people and programs: DIR/profile.json, pandas-readable DIR/layers.csv and
-DIR/comm.csv, and the summary tables `autoplan profile` prints."""
+DIR/comm.csv (and DIR/data_parallel.csv from in-situ profiles), and the summary tables
+`autoplan profile` prints."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from autoplan import fmt
 from autoplan.io import atomic_write_text
 from autoplan.profiler.profile import CommPoint, Profile
 
-__all__ = ["layers_frame", "comm_frame", "write_profile", "profile_tables"]
+__all__ = ["layers_frame", "data_parallel_frame", "comm_frame", "write_profile",
+           "profile_tables"]
 
 
 def layers_frame(profile: Profile) -> pd.DataFrame:
@@ -26,6 +28,13 @@ def layers_frame(profile: Profile) -> pd.DataFrame:
                          "first_layer": layer.names[0], "layers": len(layer.names),
                          **point.model_dump(), **memory, **optimizer})
     return pd.DataFrame(rows)
+
+
+def data_parallel_frame(profile: Profile) -> pd.DataFrame:
+    """One row per layer signature and in-situ point under data parallelism."""
+    return pd.DataFrame([{"signature": layer.signature, "kind": layer.kind,
+                          "first_layer": layer.names[0], **point.model_dump()}
+                         for layer in profile.layers for point in layer.data_parallel])
 
 
 def comm_frame(profile: Profile) -> pd.DataFrame:
@@ -48,12 +57,17 @@ def comm_frame(profile: Profile) -> pd.DataFrame:
 
 
 def write_profile(profile: Profile, folder: str | Path) -> list[Path]:
-    """Write the three files atomically; returns their paths."""
+    """Write the files atomically (data_parallel.csv only where there are such points);
+    returns their paths."""
     folder = Path(folder)
     paths = [folder / "profile.json", folder / "layers.csv", folder / "comm.csv"]
     profile.save(paths[0])
     atomic_write_text(paths[1], layers_frame(profile).to_csv(index=False))
     atomic_write_text(paths[2], comm_frame(profile).to_csv(index=False))
+    data_parallel = data_parallel_frame(profile)
+    if not data_parallel.empty:
+        paths.append(folder / "data_parallel.csv")
+        atomic_write_text(paths[3], data_parallel.to_csv(index=False))
     return paths
 
 

@@ -3,6 +3,8 @@ and the cost model reads such a profile without pricing the TP collectives twice
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -19,12 +21,25 @@ from autoplan.tracing import layer_graph_of_built
 
 
 @pytest.fixture(scope="module")
-def in_situ(tmp_path_factory: pytest.TempPathFactory) -> Profile:
+def in_situ_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("in_situ")
     assert main(["profile", "--model", "gpt-tiny", "--nproc", "2", "--in-situ", "--no-comm",
                  "--threads", "1", "--repeats", "1", "--warmup", "0", "--micro-batches", "1,2",
                  "--tp", "2", "--dtype", "fp32", "-o", str(folder)]) == 0
-    return load_profile(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def in_situ(in_situ_folder: Path) -> Profile:
+    return load_profile(in_situ_folder)
+
+
+def test_in_situ_data_parallel_points_are_a_table(in_situ_folder: Path, in_situ: Profile) -> None:
+    import pandas as pd
+
+    table = pd.read_csv(in_situ_folder / "data_parallel.csv")
+    assert len(table) == sum(len(layer.data_parallel) for layer in in_situ.layers) > 0
+    assert {"first_layer", "dp", "tp", "zero", "micro_batch", "sync_bwd_s"} <= set(table.columns)
 
 
 def test_in_situ_profile_times_tp_shards_and_the_optimizer(in_situ: Profile) -> None:
