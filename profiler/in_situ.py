@@ -20,8 +20,7 @@ way. So is the layer under the executor's data parallelism (replicate, fully_sha
 dp x tp layout that fits the world, with the gradient sync off and on: on oversubscribed
 cores gloo's collectives wait for their peers to be scheduled, and FSDP's gathers, copies
 and hooks take the cores compute needs, which collective timings alone do not show (the
-DDP and FSDP baselines ran 20-24% slower than predicted from them). Rank 0's means are the
-profile's points.
+DDP and FSDP baselines ran 20-24% slower than predicted from them). Rank 0 writes the points.
 
 Timed together, not one op at a time: with more ranks than cores, an op shorter than the
 scheduler's time slice often runs start to end on a core while another rank waits before
