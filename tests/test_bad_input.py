@@ -17,6 +17,7 @@ from autoplan.cli import main
 from autoplan.cluster import parse_cluster_spec
 from autoplan.plan import uniform_plan
 from autoplan.profiler.analytic import analytic_profile
+from autoplan.profiler.profile import PROFILE_FORMAT_VERSION
 from tests.graphs import synthetic_graph
 
 CLUSTER = "h100-sxm:gpus=8"
@@ -48,8 +49,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         _with(root / f"{name}_v2.json", version=2)
         (root / f"{name}_v0.json").write_text((root / f"{name}.json").read_text())
         _with(root / f"{name}_v0.json", version=0)
-    (root / "profile_v3.json").write_text((root / "profile.json").read_text())
-    _with(root / "profile_v3.json", version=3)  # profiles are at version 2, graphs etc. at 1
+    (root / "profile_next.json").write_text((root / "profile.json").read_text())
+    _with(root / "profile_next.json", version=PROFILE_FORMAT_VERSION + 1)  # graphs etc. at 1
     (root / "plan_zero_world.json").write_text((root / "plan.json").read_text())
     _with(root / "plan_zero_world.json", world_size=0)
     (root / "plan_bad_batch.json").write_text((root / "plan.json").read_text())
@@ -209,7 +210,8 @@ PROFILE_CASES = [
     ({"--profile": "{not_json}"}, ["is not JSON"]),
     ({"--profile": "{list}"}, ["profile", "valid dictionary"]),
     ({"--profile": "{dir}"}, ["cannot be read"]),
-    ({"--profile": "{profile_v3}"}, ["profile format version 3", "reads version 2"]),
+    ({"--profile": "{profile_next}"}, [f"profile format version {PROFILE_FORMAT_VERSION + 1}",
+                                         f"reads version {PROFILE_FORMAT_VERSION}"]),
     ({"--profile": "{plan}"}, ["profile", "mode"]),
     ({"--profile": "{other_profile}"}, ["is of model other"]),
 ]
@@ -359,7 +361,8 @@ CASES: dict[str, list] = {
         ({"--seed": str(2**70)}, ["--seed"]),
         ({"--device": "tpu"}, ["invalid choice: 'tpu'", "cpu", "cuda"]),
         ({"--profile": "{missing}"}, ["cannot be read"]),
-        ({"--profile": "{profile_v3}"}, ["profile format version 3", "reads version 2"]),
+        ({"--profile": "{profile_next}"}, [f"profile format version {PROFILE_FORMAT_VERSION + 1}",
+                                         f"reads version {PROFILE_FORMAT_VERSION}"]),
         ({"--profile": "{profile}"}, ["is of model synthetic"]),
     ],
 }
