@@ -157,10 +157,10 @@ def time_layers_in_situ(model: str, dtype: str, settings: MeasureSettings, nproc
 
 
 def _time_together(iteration: Callable[[], tuple[float, ...]], settings: MeasureSettings,
-                   barrier: _Barrier) -> tuple[list[float], list[float]]:
-    """(seconds per run of each part of `iteration`, their spread over ranks) when every rank
-    runs it at once (see the module's docstring); `iteration` returns its parts' own
-    perf_counter seconds. A collective over the world: every rank calls it."""
+                   barrier: _Barrier) -> list[float]:
+    """Seconds per run of each part of `iteration` when every rank runs it at once (see the
+    module's docstring); `iteration` returns its parts' own perf_counter seconds. A collective
+    over the world: every rank calls it."""
     for _ in range(settings.warmup):
         iteration()
     barrier.wait()
@@ -178,17 +178,14 @@ def _time_together(iteration: Callable[[], tuple[float, ...]], settings: Measure
     per_run = (ranks[:, 1].max() - ranks[:, 0].min()).item() / settings.repeats
     totals = ranks[:, 2:].sum(0)
     shares = (totals / totals.sum()).tolist() if totals.sum() > 0 else [0.0] * len(sums)
-    spreads = ((ranks[:, 2:].max(0).values - ranks[:, 2:].min(0).values)
-               / settings.repeats).tolist()
-    return [per_run * share for share in shares], spreads
+    return [per_run * share for share in shares]
 
 
 def _time_layer(module: nn.Module, inputs: tuple, settings: MeasureSettings,
                 barrier: _Barrier) -> dict[str, float]:
-    """A layer's forward and backward seconds timed together (TimePoint's fields)."""
-    (fwd, bwd), (fwd_spread, bwd_spread) = _time_together(
-        lambda: timed_pass(module, inputs, "cpu"), settings, barrier)
-    return {"fwd_s": fwd, "bwd_s": bwd, "fwd_spread_s": fwd_spread, "bwd_spread_s": bwd_spread}
+    """A layer's forward and backward seconds timed together."""
+    fwd, bwd = _time_together(lambda: timed_pass(module, inputs, "cpu"), settings, barrier)
+    return {"fwd_s": fwd, "bwd_s": bwd}
 
 
 class _Barrier:
@@ -245,7 +242,7 @@ def _time_optimizer(unit: nn.Module, inputs: tuple, settings: MeasureSettings,
         optimizer.step()
         return (time.perf_counter() - start,)
 
-    (seconds,), _ = _time_together(step, settings, barrier)
+    (seconds,) = _time_together(step, settings, barrier)
     unit.zero_grad(set_to_none=True)
     return {"step_s": seconds}
 
@@ -346,8 +343,8 @@ def _sweep(tasks: list[_Task], settings: MeasureSettings,
            progress: Callable[[str], None]) -> dict[str, list[dict]]:
     """Time every task in SWEEPS passes over all of them; each field is the median over the
     sweeps, but forward and backward split the median pass as the sweeps' clocks together
-    split it (the split of a few passes is noisier than their sum), and a spread field is the
-    range of its time over the sweeps."""
+    split it (the split of a few passes is noisier than their sum); a time point's spreads are
+    the range of its times over the sweeps."""
     found: list[list[dict[str, float]]] = [[] for _ in tasks]
     for sweep in range(SWEEPS):
         for task, results in zip(tasks, found, strict=True):
@@ -362,11 +359,10 @@ def _sweep(tasks: list[_Task], settings: MeasureSettings,
             share = sum(r["fwd_s"] for r in results) / sum(passes) if sum(passes) else 0.5
             point["fwd_s"] = statistics.median(passes) * share
             point["bwd_s"] = statistics.median(passes) * (1 - share)
-        for part in ("fwd", "bwd"):
-            if f"{part}_spread_s" in point:
+        if task.kind == "points":
+            for part in ("fwd", "bwd"):
                 times = [r[f"{part}_s"] for r in results]
                 point[f"{part}_spread_s"] = max(times) - min(times)
-        if task.kind == "points":
             point["repeats"] = SWEEPS * _sweep_settings(settings, 0).repeats
         out[task.kind].append(point)
     return out

@@ -98,7 +98,7 @@ def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return mean_y - slope * mean_x, slope
 
 
-def fits_from_points(points: list[TimePoint]) -> list[LinearFit]:
+def fits_from_points(points: list[TimePoint] | list[DataParallelPoint]) -> list[LinearFit]:
     """One LinearFit per TP degree among the points, by least squares over micro-batches."""
     fits = []
     for tp in sorted({p.tp for p in points}):
@@ -187,12 +187,9 @@ class LayerProfile(BaseModel):
         mine = [p for p in self.data_parallel if (p.dp, p.tp, p.zero) == (dp, tp, zero)]
         if not mine:
             return None
-        xs = [float(p.micro_batch) for p in mine]
-        fwd = fit_line(xs, [p.fwd_s for p in mine])
-        bwd = fit_line(xs, [p.bwd_s for p in mine])
+        (fit,) = fits_from_points(mine)  # one layout: one tp
         sync = statistics.fmean(p.sync_bwd_s - p.bwd_s for p in mine)
-        return (max(fwd[0] + fwd[1] * micro_batch, 0.0), max(bwd[0] + bwd[1] * micro_batch, 0.0),
-                max(sync, 0.0))
+        return fit.fwd_s(micro_batch), fit.bwd_s(micro_batch), max(sync, 0.0)
 
     def fit(self, tp: int) -> LinearFit:
         """The fit at `tp`; raises KeyError when that degree was not profiled."""
