@@ -3,7 +3,8 @@
 For each local world size (gloo on CPU here), every collective is timed at the fit sizes,
 every power of 2 from --min-bytes to --max-bytes (what `autoplan profile` measures by
 default), and at held-out sizes 1.5 x 2^k between them, which no fit ever sees. Both kinds are
-measured in one pass, interleaved by size, so they share the machine's load. The fits are
+measured together, interleaved by size, in the profiler's passes over the sizes, so they share
+the machine's load. The fits are
 profiler.comm.fit_alpha_beta's piecewise ones; error = predicted / measured - 1 per held-out
 point.
 
@@ -28,7 +29,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from autoplan.profiler.comm import fit_alpha_beta, measure_collectives
+from autoplan.profiler.comm import (
+    SWEEPS,
+    fit_alpha_beta,
+    measure_collectives,
+    repeats_for,
+)
 from autoplan.profiler.profile import CommFit, CommPoint
 
 TARGET_ERROR = 0.25  # the held-out accuracy this benchmark checks against
@@ -161,13 +167,14 @@ def _markdown(args: argparse.Namespace, points: pd.DataFrame, summary: pd.DataFr
         f"{min(load):.2f} to {max(load):.2f} over the run (read at every progress line); "
         f"{elapsed_s:.0f} s in all.", "",
         f"Fit sizes: every power of 2 from {args.min_bytes} B to {args.max_bytes} B; "
-        f"held-out sizes: 1.5 x each fit size but the last, never fitted; both measured in "
-        f"one pass, by size. {args.repeats} repeats (median; below 1 MiB up to 10x more, "
-        f"profiler.comm.repeats_for), {args.warmup} warm-up; ranks outside the measured "
-        f"group wait on the c10d store. Fits: profiler.comm.fit_alpha_beta, piecewise "
-        f"alpha-beta with as many regimes as BIC keeps (columns: from_KiB, alpha_us and "
-        f"bandwidth_GBps per regime, '/'-separated). Error = predicted / measured - 1; "
-        f"target |error| <= {TARGET_ERROR:.0%}.", "",
+        f"held-out sizes: 1.5 x each fit size but the last, never fitted; both measured "
+        f"together, by size. {args.repeats} repeats (median; up to "
+        f"{repeats_for(args.repeats, args.min_bytes)} for small sizes, profiler.comm."
+        f"repeats_for, in {SWEEPS} passes over the sizes), {args.warmup} warm-up; ranks "
+        f"outside the measured group wait on the c10d store. Fits: profiler.comm."
+        f"fit_alpha_beta, piecewise alpha-beta with as many regimes as BIC keeps "
+        f"(columns: from_KiB, alpha_us and bandwidth_GBps per regime, '/'-separated). "
+        f"Error = predicted / measured - 1; target |error| <= {TARGET_ERROR:.0%}.", "",
         f"Held-out points within {TARGET_ERROR:.0%}: {held[0]} of {held[1]} "
         f"(median |error| {errors.median():.1%}). With one line per series on the same "
         f"points: {int((one_line <= TARGET_ERROR).sum())} of {held[1]} (median "

@@ -15,10 +15,12 @@ its counts, and each point records the S actually moved.
 
 Timing: a barrier over the group, then time.perf_counter around the op on CPU (gloo) or CUDA
 events on GPU (NCCL); the slowest rank's time is kept for each repeat (an op is done when every
-rank is done), then the median and spread (max - min) over repeats (below 1 MiB up to 10x more
-repeats, repeats_for). One op per repeat, not nccl-tests' mean over a batch of back-to-back
-ops: on a shared CPU a batch's mean takes in every time a rank loses its core, while the
-median of single ops sets those repeats aside (benchmarks/results/comm_fit_notes.md). Ranks
+rank is done), then the median and spread (max - min) over repeats (below 16 MiB up to 10x
+more repeats, repeats_for), taken in SWEEPS passes over the sizes so that a spell of load
+from elsewhere does not land on a few neighbouring sizes only (_sweep_sizes). One op per
+repeat, not nccl-tests' mean over a batch of back-to-back ops: on a shared CPU a batch's
+mean takes in every time a rank loses its core, while the median of single ops sets those
+repeats aside (benchmarks/results/comm_fit_notes.md). Ranks
 outside the group being measured wait on the store, not in a gloo barrier, which spins and
 would take cores from the ranks being timed. send_recv is a ping-pong between two ranks
 (0 -> 1 -> 0) whose time is halved: one clock, no skew between hosts.
@@ -83,10 +85,16 @@ FAULT_ENV = "AUTOPLAN_COMM_FAULT"
 # (NVLink 5 is 1.8 TB/s per GPU); it only keeps a flat, noisy series from a zero slope.
 _MIN_SECONDS_PER_BYTE = 1e-15
 
-# Below 1 MiB, repeats grow as 1 MiB / size, up to 10x (see repeats_for): a 1 KiB point
-# then takes about 0.2 s of gloo time per group, a 1 MiB point as many repeats as asked.
-_SMALL_MESSAGE_BYTES = 1 << 20
+# Below 16 MiB, repeats grow as 16 MiB / size, up to 10x (see repeats_for): 10x up to
+# 1.6 MiB, as many as asked from 16 MiB. Ops of 0.2-3 ms on gloo are bimodal on a shared
+# CPU: 13-40% of 2-rank all_gathers of 256 KiB-1.5 MiB took 3-6 ms instead of 0.2-0.7 ms
+# (200 repeats each, benchmarks/results/comm_fit_notes.md). With a slow share of 0.4 the
+# median of 42 repeats lands in the slow mode 12% of the time (binomial), of 210 0.2%; one
+# such point at 512 KiB hid a 2-rank series' knee and cost 7 of its 17 held-out sizes.
+_SMALL_MESSAGE_BYTES = 16 << 20
 _SMALL_MESSAGE_REPEATS_MAX = 10
+# Passes over the message sizes that share a point's repeats (_sweep_sizes).
+SWEEPS = 3
 
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -226,17 +234,25 @@ def repeats_for(repeats: int, nbytes: int) -> int:
 
 
 def _time_repeats(op: Callable[[], object], pg: dist.ProcessGroup, device: torch.device,
-                  request: _Request, nbytes: int) -> list[float]:
+                  repeats: int, warmup: int) -> list[float]:
     """The slowest rank's seconds for each repeat, after warm-up; a barrier starts each one."""
-    for _ in range(request.warmup):
+    for _ in range(warmup):
         op()
     times_s = []
-    for _ in range(repeats_for(request.repeats, nbytes)):
+    for _ in range(repeats):
         dist.barrier(group=pg)
         times_s.append(_timed_s(op, device))
     slowest = torch.tensor(times_s, dtype=torch.float64, device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=pg)
     return slowest.tolist()
+
+
+def sweep_repeats(repeats: int, nbytes: int) -> list[int]:
+    """Timed repeats of one size in each sweep: repeats_for's count split as evenly as it goes
+    over up to SWEEPS sweeps (every rank derives the same list from the size)."""
+    total = repeats_for(repeats, nbytes)
+    sweeps = min(SWEEPS, total)
+    return [total // sweeps + (i < total % sweeps) for i in range(sweeps)]
 
 
 def _point(collective: str, group: _Group, nbytes: int, times_s: list[float]) -> CommPoint:
@@ -256,13 +272,7 @@ def _measure_group(group: _Group, pg: dist.ProcessGroup, request: _Request,
     for collective in request.collectives:
         if collective == "send_recv" and len(group.ranks) != 2:
             continue
-        found = []
-        for nbytes in request.sizes:
-            op, size = _make_op(collective, nbytes, group, pg, device)
-            trips = _ROUND_TRIPS.get(collective, 1)
-            times_s = [t / trips for t in _time_repeats(op, pg, device, request, size)]
-            found.append(_point(collective, group, size, times_s))
-            del op  # frees this size's buffers before the next one
+        found = _sweep_sizes(collective, group, pg, request, device)
         points += found
         if on_progress is not None:
             on_progress(f"{group.scope} {collective} over {len(group.ranks)} ranks: "
@@ -270,6 +280,31 @@ def _measure_group(group: _Group, pg: dist.ProcessGroup, request: _Request,
                         f"{fmt.seconds(found[-1].time_s)} at {fmt.nbytes(found[-1].nbytes)}, "
                         f"busbw up to {max(p.busbw for p in found) / 1e9:.3g} GB/s")
     return points
+
+
+def _sweep_sizes(collective: str, group: _Group, pg: dist.ProcessGroup, request: _Request,
+                 device: torch.device) -> list[CommPoint]:
+    """One collective at every size, in up to SWEEPS passes over the sizes, each taking a
+    share of the repeats; a point pools its repeats from all passes. On a shared machine the
+    load drifts over seconds to minutes; measured one size after the other, a spell of load
+    lands on a few neighbouring sizes and bends the series there (benchmarks/results/
+    comm_fit_notes.md), while passes spread each size's repeats over the whole series."""
+    sizes = [0] * len(request.sizes)
+    times_s: list[list[float]] = [[] for _ in request.sizes]
+    trips = _ROUND_TRIPS.get(collective, 1)
+    for sweep in range(SWEEPS):
+        for i, nbytes in enumerate(request.sizes):
+            shares = sweep_repeats(request.repeats, nbytes)
+            if sweep >= len(shares):
+                continue
+            op, sizes[i] = _make_op(collective, nbytes, group, pg, device)
+            # later passes reallocate the buffers: one warm-up touches their pages
+            warmup = request.warmup if sweep == 0 else min(request.warmup, 1)
+            times_s[i] += [t / trips for t in _time_repeats(op, pg, device, shares[sweep],
+                                                            warmup)]
+            del op  # frees this size's buffers before the next one
+    return [_point(collective, group, size, samples)
+            for size, samples in zip(sizes, times_s, strict=True)]
 
 
 def _measure_rank(request: _Request, groups: list[_Group], device: torch.device,

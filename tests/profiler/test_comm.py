@@ -17,6 +17,8 @@ from autoplan.profiler.comm import (
     _plan_groups,
     _Request,
     measure_collectives,
+    repeats_for,
+    sweep_repeats,
 )
 from autoplan.profiler.launch import _describe_exit
 from autoplan.profiler.profile import (
@@ -70,6 +72,15 @@ def test_unknown_collective_and_bad_arguments_are_errors() -> None:
 
 
 # The alpha-beta fit and CommFit are tested in test_comm_fit.py (no processes).
+
+
+@pytest.mark.parametrize(("repeats", "nbytes", "expected"), [
+    (21, 64 * 2**20, [7, 7, 7]), (5, 64 * 2**20, [2, 2, 1]), (2, 32 * 2**20, [1, 1]),
+    (1, 16 * 2**20, [1]), (1, 8 * 2**20, [1, 1]), (21, 1024, [70, 70, 70]),
+    (2, 2**20, [7, 7, 6])])
+def test_sweeps_share_every_repeat_evenly(repeats: int, nbytes: int, expected: list[int]) -> None:
+    shares = sweep_repeats(repeats, nbytes)
+    assert shares == expected and sum(shares) == repeats_for(repeats, nbytes)
 
 
 def test_groups_split_intra_and_inter_node() -> None:
