@@ -2,18 +2,20 @@
 
 For each local world size (gloo on CPU here), every collective is timed at the fit sizes,
 every power of 2 from --min-bytes to --max-bytes (what `autoplan profile` measures by
-default), and at held-out sizes 1.5 x 2^k between them, which no fit ever sees. Both kinds are
-measured together, interleaved by size, in the profiler's passes over the sizes, so they share
-the machine's load. The fits are
-profiler.comm.fit_alpha_beta's piecewise ones; error = predicted / measured - 1 per held-out
-point.
+default), and at held-out sizes 1.5 x 2^k between them, which no fit ever sees. Both kinds
+are measured together, interleaved by size, in the profiler's passes over the sizes, so they
+share the machine's load. The fits are profiler.comm.fit_alpha_beta's piecewise ones;
+error = predicted / measured - 1 per held-out point.
 
     .venv/bin/python benchmarks/comm_fit.py [--nproc 2 4] [--repeats 21] [-o benchmarks/results]
+                                            [--compare EARLIER/comm_fit.csv]
 
-Writes comm_fit.csv (every point: its role, prediction and error, and the error of a single
-line fitted to the same points), comm_fit_fits.csv (every fit: its regimes and its held-out
-errors; "small" = held-out sizes <= 1 MiB, "large" = above) and comm_fit.md (the command, the
-machine, held-out accuracy by collective and size range, the table of fits).
+Writes comm_fit.csv (every point: its role, prediction and error, the error of a single line
+fitted to the same points and that of a log-log interpolation between them; with --compare,
+how far each point moved since the earlier run), comm_fit_fits.csv (every fit: its regimes
+and its held-out errors; "small" = held-out sizes <= 1 MiB, "large" = above) and comm_fit.md
+(the command, the machine, held-out accuracy by collective and size range, the table of
+fits).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -59,7 +62,10 @@ def _sizes(min_bytes: int, max_bytes: int) -> tuple[list[int], list[int]]:
 def _fit_rows(nproc: int, points: list[CommPoint], fit_sizes: list[int],
               all_sizes: list[int]) -> pd.DataFrame:
     """Each point with its role (fit / heldout), the prediction of the fit and the error;
-    error_one_line is the error of a single line (max_regimes=1) on the same fit points."""
+    error_one_line is the error of a single line (max_regimes=1) on the same fit points, and
+    error_interpolated that of no model at all: a log-log interpolation between the series'
+    two neighbouring fit points, which shows how far the measurements themselves follow a
+    smooth curve."""
     train = [p for p in points if _requested(p.nbytes, all_sizes) in fit_sizes]
     fits = {(f.collective, f.group_size, f.scope): f for f in fit_alpha_beta(train)}
     lines = {(f.collective, f.group_size, f.scope): f
@@ -74,8 +80,29 @@ def _fit_rows(nproc: int, points: list[CommPoint], fit_sizes: list[int],
             "nproc": nproc, "role": role, "predicted_s": predicted_s,
             "error": predicted_s / p.time_s - 1,
             "error_one_line": lines[key].time_s(p.nbytes) / p.time_s - 1,
+            "error_interpolated": _interpolated_s(train, key, p.nbytes) / p.time_s - 1,
             "fit_regimes": _regimes_text(fit)})
     return pd.DataFrame(rows)
+
+
+def _interpolated_s(train: list[CommPoint], key: tuple[str, int, str], nbytes: int) -> float:
+    """The time at nbytes by straight lines between the series' fit points in log-log."""
+    series = sorted((p.nbytes, p.time_s) for p in train
+                    if (p.collective, p.group_size, p.scope) == key)
+    sizes, times = np.log([b for b, _ in series]), np.log([t for _, t in series])
+    return float(np.exp(np.interp(np.log(nbytes), sizes, times)))
+
+
+def _with_earlier_run(points: pd.DataFrame, earlier_csv: str) -> pd.DataFrame:
+    """The points with rerun_change, each measured time over the same point's in an earlier
+    comm_fit.csv - 1 (how far a measurement reproduces, which no fit beats), and
+    earlier_error, the earlier run's own error there (NaN where that run lacks the point)."""
+    columns = ["nproc", "collective", "group_size", "scope", "nbytes"]
+    earlier = pd.read_csv(earlier_csv)[columns + ["time_s", "error"]].rename(
+        columns={"time_s": "earlier_s", "error": "earlier_error"})
+    merged = points.merge(earlier, on=columns, how="left")
+    return merged.assign(rerun_change=merged.time_s / merged.earlier_s - 1).drop(
+        columns="earlier_s")
 
 
 def _regimes_text(fit: CommFit) -> str:
@@ -156,6 +183,7 @@ def _markdown(args: argparse.Namespace, points: pd.DataFrame, summary: pd.DataFr
     held = summary.heldout_within_25pct.sum(), summary.heldout_n.sum()
     errors = points[points.role == "heldout"].error.abs()
     one_line = points[points.role == "heldout"].error_one_line.abs()
+    interpolated = points[points.role == "heldout"].error_interpolated.abs()
     return "\n".join([
         "# Alpha-beta fits of gloo collectives: held-out prediction error", "",
         f"Command: `{shlex.join([sys.executable.replace(os.getcwd() + '/', ''), *sys.argv])}`"
@@ -178,11 +206,29 @@ def _markdown(args: argparse.Namespace, points: pd.DataFrame, summary: pd.DataFr
         f"Held-out points within {TARGET_ERROR:.0%}: {held[0]} of {held[1]} "
         f"(median |error| {errors.median():.1%}). With one line per series on the same "
         f"points: {int((one_line <= TARGET_ERROR).sum())} of {held[1]} (median "
-        f"{one_line.median():.1%}).", "",
+        f"{one_line.median():.1%}). With no model, interpolating in log-log between the "
+        f"two neighbouring fit sizes: {int((interpolated <= TARGET_ERROR).sum())} of "
+        f"{held[1]} (median {interpolated.median():.1%}).", "",
+        *_rerun_lines(args, points),
         "Held-out points within the target by collective and size range:", "",
         _md_table(_by_range(points)), "",
         _md_table(summary), "",
     ])
+
+
+def _rerun_lines(args: argparse.Namespace, points: pd.DataFrame) -> list[str]:
+    """With --compare: how far the held-out measurements moved from the earlier run's."""
+    if not args.compare:
+        return []
+    held = points[points.role == "heldout"]
+    change = held.rerun_change.dropna().abs()
+    both = held[(held.error.abs() > TARGET_ERROR)
+                & (held.earlier_error.abs() > TARGET_ERROR)]
+    return [f"Measured again: {len(change)} held-out points are in the earlier run "
+            f"`{args.compare}` too; {int((change > TARGET_ERROR).sum())} of them moved by "
+            f"more than {TARGET_ERROR:.0%} between the two runs (median |change| "
+            f"{change.median():.1%}), and {len(both)} missed the target in both runs "
+            f"(each run judged by its own fit).", ""]
 
 
 def main() -> None:
@@ -196,6 +242,9 @@ def main() -> None:
     parser.add_argument("-o", "--output", default="benchmarks/results")
     parser.add_argument("--points", help="refit the points of an earlier comm_fit.csv "
                         "(its sizes must match) instead of measuring")
+    parser.add_argument("--compare", help="an earlier run's comm_fit.csv: report how far the "
+                        "same points moved between the runs (columns rerun_change and "
+                        "earlier_error)")
     args = parser.parse_args()
     fit_sizes, heldout_sizes = _sizes(args.min_bytes, args.max_bytes)
     sizes = sorted(fit_sizes + heldout_sizes)
@@ -220,6 +269,8 @@ def main() -> None:
                           for p in points]).to_csv(out / "comm_fit.csv", index=False)
     frames = [_fit_rows(nproc, points, fit_sizes, sizes) for nproc, points in measured.items()]
     points = pd.concat(frames, ignore_index=True)
+    if args.compare:
+        points = _with_earlier_run(points, args.compare)
     summary = _summary(points)
     points[KEY + [c for c in points.columns if c not in KEY]].to_csv(
         out / "comm_fit.csv", index=False, float_format="%.6g")
