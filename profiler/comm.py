@@ -87,8 +87,9 @@ _MIN_SECONDS_PER_BYTE = 1e-15
 
 # Below 16 MiB, repeats grow as 16 MiB / size, up to 10x (see repeats_for): 10x up to
 # 1.6 MiB, as many as asked from 16 MiB. Ops of 0.2-3 ms on gloo are bimodal on a shared
-# CPU: 13-40% of 2-rank all_gathers of 256 KiB-1.5 MiB took 3-6 ms instead of 0.2-0.7 ms
-# (200 repeats each, benchmarks/results/comm_fit_notes.md). With a slow share of 0.4 the
+# CPU: 13-44% of 2-rank all_gathers of 256 KiB-1.5 MiB took 3-6 ms instead of 0.2-1 ms
+# (two runs of benchmarks/comm_modes.py, 200 repeats each, one in benchmarks/results/
+# comm_modes.txt; comm_fit_notes.md). With a slow share of 0.4 the
 # median of 42 repeats lands in the slow mode 12% of the time (binomial), of 210 0.2%; one
 # such point at 512 KiB hid a 2-rank series' knee and cost 7 of its 17 held-out sizes.
 _SMALL_MESSAGE_BYTES = 16 << 20
