@@ -70,6 +70,7 @@ def _fit_rows(nproc: int, points: list[CommPoint], fit_sizes: list[int],
     fits = {(f.collective, f.group_size, f.scope): f for f in fit_alpha_beta(train)}
     lines = {(f.collective, f.group_size, f.scope): f
              for f in fit_alpha_beta(train, max_regimes=1)}
+    curves = _log_curves(train)
     rows = []
     for p in points:
         key = (p.collective, p.group_size, p.scope)
@@ -80,16 +81,22 @@ def _fit_rows(nproc: int, points: list[CommPoint], fit_sizes: list[int],
             "nproc": nproc, "role": role, "predicted_s": predicted_s,
             "error": predicted_s / p.time_s - 1,
             "error_one_line": lines[key].time_s(p.nbytes) / p.time_s - 1,
-            "error_interpolated": _interpolated_s(train, key, p.nbytes) / p.time_s - 1,
+            "error_interpolated": _interpolated_s(curves[key], p.nbytes) / p.time_s - 1,
             "fit_regimes": _regimes_text(fit)})
     return pd.DataFrame(rows)
 
 
-def _interpolated_s(train: list[CommPoint], key: tuple[str, int, str], nbytes: int) -> float:
-    """The time at nbytes by straight lines between the series' fit points in log-log."""
-    series = sorted((p.nbytes, p.time_s) for p in train
-                    if (p.collective, p.group_size, p.scope) == key)
-    sizes, times = np.log([b for b, _ in series]), np.log([t for _, t in series])
+def _log_curves(train: list[CommPoint]) -> dict[tuple[str, int, str], tuple[np.ndarray, ...]]:
+    """Per series, its fit points' (log sizes, log times), by rising size."""
+    series: dict[tuple[str, int, str], list[tuple[int, float]]] = {}
+    for p in train:
+        series.setdefault((p.collective, p.group_size, p.scope), []).append((p.nbytes, p.time_s))
+    return {key: tuple(np.log(np.array(sorted(pairs)).T)) for key, pairs in series.items()}
+
+
+def _interpolated_s(curve: tuple[np.ndarray, ...], nbytes: int) -> float:
+    """The time at nbytes by straight lines between a series' fit points in log-log."""
+    sizes, times = curve
     return float(np.exp(np.interp(np.log(nbytes), sizes, times)))
 
 

@@ -357,8 +357,8 @@ def _sweep(tasks: list[_Task], settings: MeasureSettings,
         if "fwd_s" in point:  # the median pass, split as all sweeps' clocks split it
             passes = [r["fwd_s"] + r["bwd_s"] for r in results]
             share = sum(r["fwd_s"] for r in results) / sum(passes) if sum(passes) else 0.5
-            point["fwd_s"] = statistics.median(passes) * share
-            point["bwd_s"] = statistics.median(passes) * (1 - share)
+            median_pass = statistics.median(passes)
+            point["fwd_s"], point["bwd_s"] = median_pass * share, median_pass * (1 - share)
         if task.kind == "points":
             for part in ("fwd", "bwd"):
                 times = [r[f"{part}_s"] for r in results]
