@@ -24,7 +24,9 @@ if TYPE_CHECKING:
 
 __all__ = ["GRAPH_FORMAT_VERSION", "LayerNode", "LayerEdge", "LayerGraph"]
 
-GRAPH_FORMAT_VERSION = 1
+GRAPH_FORMAT_VERSION = 2
+"""2: each node records what running it needs (tie group, tp facts, layout changes, pipeline
+cuts) and the graph its parameters outside every layer; version 1 lacks them."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,20 @@ class LayerNode:
     selective recomputation repeats."""
     attn_fwd_io_bytes: int = 0
     """Forward non-matmul bytes per sample moved by ops on S x S tensors."""
+    # What running the node needs (recorded by tracing; autoplan.feasibility reads them).
+    tie_group: str = ""
+    """The first layer holding a parameter this one shares (tied weights; itself for that
+    first layer), "" when it shares none: a tie group must take one (dp, tp) layout."""
+    tp_divides: tuple[int, ...] = ()
+    """Sizes every tensor-parallel degree of this node must divide (split widths, heads)."""
+    tp_refusal: str = ""
+    """Why tp > 1 cannot split this node correctly ("" when it can, or stays whole)."""
+    layout_refusal: str = ""
+    """Why the (dp, tp) layout cannot change at this node, i.e. why the value a layout hop
+    would move is not the activation of the layers before it ("" when it can)."""
+    cut_refusal: str = ""
+    """Why a pipeline stage cannot start at this node ("" when it can): one tensor, its
+    first positional input, crosses a stage boundary (executor/pipeline.py)."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +106,9 @@ class LayerGraph:
     tokens_per_sample: int | None
     nodes: tuple[LayerNode, ...]
     edges: tuple[LayerEdge, ...]
+    loose_params: tuple[str, ...] = ()
+    """Parameters held outside every layer (e.g. a class token on the model itself): no
+    pipeline stage or single layout owns them."""
     version: int = GRAPH_FORMAT_VERSION
     index: dict[str, int] = field(init=False, repr=False, compare=False)
 
@@ -152,6 +171,7 @@ class LayerGraph:
             "attention": self.attention, "tokens_per_sample": self.tokens_per_sample,
             "structural_hash": self.structural_hash,
             "nodes": [asdict(n) for n in self.nodes], "edges": [asdict(e) for e in self.edges],
+            "loose_params": list(self.loose_params),
         }
 
     @classmethod
@@ -178,8 +198,12 @@ class LayerGraph:
             if edge.src not in names or edge.dst not in names:
                 raise AutoplanError(f"{source}: edge {edge.src} -> {edge.dst} names an unknown "
                                     "layer")
+        loose = top.get("loose_params", [])
+        if not isinstance(loose, list) or not all(isinstance(n, str) for n in loose):
+            raise AutoplanError(f"{source}: loose_params must be a list of names, got "
+                                f"{_short(loose)}")
         return cls(top["model"], top.get("dtype", "bfloat16"), top.get("attention", "flash"),
-                   top.get("tokens_per_sample"), nodes, edges)
+                   top.get("tokens_per_sample"), nodes, edges, tuple(loose))
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
@@ -226,7 +250,7 @@ _NODE_FIELDS = {f.name: f.type for f in fields(LayerNode)}
 _EDGE_FIELDS = {f.name: f.type for f in fields(LayerEdge)}
 _GRAPH_FIELDS = {"version": None, "structural_hash": None, "model": "str", "dtype": "str",
                  "attention": "str", "tokens_per_sample": "int | None", "nodes": None,
-                 "edges": None}
+                 "edges": None, "loose_params": None}
 
 
 def _short(value: object) -> str:

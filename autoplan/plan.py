@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from autoplan import __version__
 from autoplan.errors import AutoplanError
+from autoplan.feasibility import gives_whole_output, plan_refusal
 from autoplan.formats import check_version, first_error
 from autoplan.graph import LayerGraph
 from autoplan.io import atomic_write_text, utc_now
@@ -240,11 +241,21 @@ def uniform_plan(values: dict[str, Any] | str, graph: LayerGraph, world_size: in
         num_micro_batches=global_batch // (per_rank * dp), pp=pp, virtual_stages=virtual,
         schedule=values.get("schedule", default_schedule),
         stage_boundaries=split_stages(graph, pp * virtual),
-        layers=[{"name": name, **strategy} for name in graph.names])
+        layers=[{"name": node.name, **strategy, **_sequence_kept(graph, i, strategy)}
+                for i, node in enumerate(graph.nodes)])
     try:
         return Plan.model_validate(fields)
     except ValidationError as err:
         raise AutoplanError(f"plan: {first_error(err)}") from None
+
+
+def _sequence_kept(graph: LayerGraph, index: int, strategy: dict) -> dict:
+    """Sequence parallelism stays off on the model's last layer when that would give the
+    output in sequence slices (feasibility.gives_whole_output): SP applies where it can."""
+    last = index == len(graph.nodes) - 2
+    if last and strategy["sequence_parallel"] and not gives_whole_output(graph.nodes[index]):
+        return {"sequence_parallel": False}
+    return {}
 
 
 def split_stages(graph: LayerGraph, chunks: int) -> list[int]:
@@ -306,6 +317,9 @@ def check_plan(plan: Plan, graph: LayerGraph, heads: int | None = None,
                             + (f"; missing: {', '.join(missing[:5])}" if missing else ""))
     if world_size is not None and world_size != plan.world_size:
         raise AutoplanError(f"plan is for {plan.world_size} devices; this world has {world_size}")
+    why = plan_refusal(plan, graph)
+    if why:
+        raise AutoplanError(f"the executor cannot run this plan: {why}")
     blocks = [layer for layer in plan.layers if graph[layer.name].kind == "block"]
     for layer in blocks:
         for what, count in (("heads", heads), ("kv_heads", kv_heads)):

@@ -10,6 +10,8 @@ with the front in place of its coarse memory buckets).
 
 from __future__ import annotations
 
+import math
+
 from autoplan.search.problem import INFEASIBLE, Layout, StageProblem, StageSolution
 
 __all__ = ["solve_dp"]
@@ -41,6 +43,7 @@ def _extend(problem: StageProblem, r: int, first: bool,
     for option in run.options:
         if first:
             sources = [(layout, problem.edge(r - 1, layout, option.layout)) for layout in fronts]
+            sources = [(layout, edge) for layout, edge in sources if edge != math.inf]
             starts = [(m, t + edge, picks) for layout, edge in sources
                       for m, t, picks in fronts[layout]] if r else [(0.0, 0.0, ())]
         else:

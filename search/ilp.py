@@ -10,6 +10,7 @@ a 126-block stage is no larger a program than a 2-block one.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -63,7 +64,9 @@ def _program(problem: StageProblem) -> tuple[pulp.LpProblem, dict, dict]:
             lp += n[r, k] <= run.count * z[r, o.layout]
         if r + 1 < len(problem.runs):
             for (before, after), cost in sorted(problem.edges[r].items()):
-                if cost > 0 and (r, before) in z and (r + 1, after) in z:
+                if cost == math.inf and (r, before) in z and (r + 1, after) in z:
+                    lp += z[r, before] + z[r + 1, after] <= 1  # a change the executor refuses
+                elif cost > 0 and (r, before) in z and (r + 1, after) in z:
                     y = lp.add_variable(f"y_{r}_{before[0]}_{before[1]}_{after[0]}_{after[1]}", 0)
                     lp += y >= z[r, before] + z[r + 1, after] - 1
                     objective.append(cost * y)

@@ -48,7 +48,8 @@ class Run:
 class StageProblem:
     runs: tuple[Run, ...]
     edges: tuple[dict[tuple[Layout, Layout], float], ...]
-    """edges[r]: cost between run r and run r + 1 by their layouts (missing: 0)."""
+    """edges[r]: cost between run r and run r + 1 by their layouts (missing: 0; infinity:
+    the change is forbidden)."""
     budget: float
 
     def edge(self, r: int, before: Layout, after: Layout) -> float:

@@ -9,7 +9,7 @@ dp.py: the sum over layers of m x time per micro-batch + time per step, under th
 memory budget). Every plan found is then priced by the full cost model, which has the last
 word: the search is exact for the stage problem, the cost model for the plan.
 
-Tied layers (space.tie_groups: e.g. GPT's wte and lm_head, often on the first and the last
+Tied layers (feasibility.tie_groups: e.g. GPT's wte and lm_head, often on the first and the last
 stage) must share one (dp, tp) layout (the executor refuses plans that split them). An outer
 setting is first solved without the tie; when its plan keeps the tie it is also the best
 that does (fixing layouts only removes options: the budget's reserve is taken over all of a
@@ -33,6 +33,13 @@ from autoplan.cost_model import CostModel, Estimate
 from autoplan.cost_model.memory import DDP_BUCKET_BYTES, PREFETCHED_LAYERS, LayerCost
 from autoplan.cost_model.pipeline import micro_batches_in_flight
 from autoplan.errors import AutoplanError
+from autoplan.feasibility import (
+    cut_refusal,
+    gives_whole_output,
+    layout_change_refusal,
+    plan_refusal,
+    tie_groups,
+)
 from autoplan.graph import LayerGraph, LayerNode
 from autoplan.plan import LayerPlan, LayerStrategy, Plan, Prediction, Provenance, split_stages
 from autoplan.profiler.profile import Profile
@@ -47,7 +54,6 @@ from autoplan.search.space import (
     layer_strategies,
     outer_settings,
     plan_respects_fix,
-    tie_groups,
     tp_fits,
 )
 
@@ -235,9 +241,12 @@ class Searcher:
         no faster, and no smaller in any memory term."""
         node = self.graph.nodes[i]
         shared = stage > 0 and node.shared_params > 0
-        key = (node.signature, shared, self.cluster.gpus // outer.pp, outer.micro_batch_size)
+        last = i == len(self.graph.nodes) - 2  # the model's last layer, before the loss
+        key = (node.signature, shared, self.cluster.gpus // outer.pp, outer.micro_batch_size,
+               last)
         if key not in self._choices:
-            strategies = layer_strategies(node, key[2], outer.micro_batch_size, self.space)
+            strategies = layer_strategies(node, key[2], outer.micro_batch_size, self.space,
+                                          last)
             choices = [_Choice(s, self.model.layer_cost(node, s, outer.micro_batch_size, stage))
                        for s in strategies]
             self._choices[key] = _undominated(choices)
@@ -293,6 +302,8 @@ class Searcher:
         elif outer.virtual_stages > 1:
             bounds = [*split_stages(self.graph, outer.pp * outer.virtual_stages),
                       len(self.graph.nodes)]
+            if any(cut_refusal(self.graph, b) for b in bounds[1:-1]):
+                return None
             chunks = [list(range(a, b)) for a, b in zip(bounds, bounds[1:], strict=False)]
             chunks_of = {s: chunks[s::outer.pp] for s in range(outer.pp)}
         else:
@@ -393,10 +404,15 @@ class Searcher:
 
     def _edge(self, node: LayerNode, before: Run, after: tuple[Option, ...], outer: Outer,
               m: int) -> dict:
+        """Resharding cost between two runs by their layouts; a change the executor cannot
+        make at `node` costs infinity (the solvers forbid it)."""
         costs = {}
+        pinned = layout_change_refusal(self.graph, self.graph.index[node.name]) is not None
         for a in {o.layout for o in before.options}:
             for b in {o.layout for o in after}:
-                if a != b:
+                if a != b and pinned:
+                    costs[a, b] = math.inf
+                elif a != b:
                     costs[a, b] = m * self.model.reshard_s(
                         node, LayerStrategy(dp=a[0], tp=a[1]), LayerStrategy(dp=b[0], tp=b[1]),
                         outer.micro_batch_size)
@@ -419,6 +435,8 @@ class Searcher:
                         continue
                     first = 0 if k == 0 else units[j0]
                     last = len(self.graph.nodes) if k == pp - 1 else units[j1]
+                    if cut_refusal(self.graph, first):
+                        continue
                     solution, _ = self._stage(outer, k, [list(range(first, last))], ties)
                     if not solution.feasible:
                         continue
@@ -467,10 +485,18 @@ class Searcher:
         return self._layer_plans[key]
 
     def _uniform_layers(self, strategy: LayerStrategy) -> list[LayerStrategy]:
-        """`strategy` on every layer, without checkpointing where a layer has none to do."""
-        return [strategy if strategy.checkpoint == "none" or
-                strategy.checkpoint in checkpoint_modes(node) else
-                strategy.model_copy(update={"checkpoint": "none"}) for node in self.graph.nodes]
+        """`strategy` on every layer, without checkpointing where a layer has none to do and
+        without sequence parallelism on a last layer it would leave in slices."""
+        last = len(self.graph.nodes) - 2
+        out = []
+        for i, node in enumerate(self.graph.nodes):
+            update: dict[str, Any] = {}
+            if strategy.checkpoint not in ("none", *checkpoint_modes(node)):
+                update["checkpoint"] = "none"
+            if i == last and strategy.sequence_parallel and not gives_whole_output(node):
+                update["sequence_parallel"] = False
+            out.append(strategy.model_copy(update=update) if update else strategy)
+        return out
 
     def _uniform_bound(self, outer: Outer, layers: list[LayerStrategy]) -> float:
         """The lower bound of _lower_bound for one given strategy per layer."""
@@ -500,12 +526,21 @@ class Searcher:
             if incumbent is not None and bound >= incumbent.estimate.step_time_s:
                 continue
             bounds = split_stages(self.graph, outer.pp * outer.virtual_stages)
+            if self._refused(outer, bounds, layers):
+                continue
             candidate = self._add(outer, bounds, layers, family)
             tried[family].append(candidate)
             if candidate.estimate.fits and (incumbent is None or candidate.estimate.step_time_s
                                             < incumbent.estimate.step_time_s):
                 best[family] = candidate
         return {family: best[family] or _fastest(tried[family]) for family in best}
+
+    def _refused(self, outer: Outer, bounds: list[int], layers: list[LayerStrategy]) -> bool:
+        """Whether the executor refuses a baseline's uniform plan on this model."""
+        plan = Plan.model_construct(
+            pp=outer.pp, stage_boundaries=bounds,
+            layers=[self._layer_plan(i, s) for i, s in enumerate(layers)])
+        return plan_refusal(plan, self.graph) is not None
 
     def _baseline_points(self) -> list[tuple[str, Outer, LayerStrategy]]:
         gpus, batch, chunks_max = self.cluster.gpus, self.options.global_batch, len(self.units)

@@ -9,13 +9,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autoplan.errors import AutoplanError
+from autoplan.feasibility import feasible, gives_whole_output, tie_groups
 from autoplan.graph import LayerNode
 from autoplan.plan import CHECKPOINT_MODES, SCHEDULES, LayerStrategy, Plan
 from autoplan.specs import parse_bool, parse_int, parse_kv
 
 __all__ = ["FIXABLE", "SearchSpace", "Outer", "divisors", "parse_fix", "layer_strategies",
            "checkpoint_modes", "outer_settings", "tp_fits", "respects_fix",
-           "plan_respects_fix", "tie_groups", "plan_keeps_ties"]
+           "plan_respects_fix", "plan_keeps_ties"]
 
 FIXABLE = ("pp", "dp", "tp", "sequence_parallel", "zero", "ckpt", "schedule", "virtual_stages",
            "micro_batch_size")
@@ -82,11 +83,12 @@ def _allowed(space: SearchSpace, key: str, value: Any) -> bool:
 
 
 def layer_strategies(node: LayerNode, stage_gpus: int, micro_batch_size: int,
-                     space: SearchSpace) -> list[LayerStrategy]:
+                     space: SearchSpace, last: bool = False) -> list[LayerStrategy]:
     """Every strategy `node` may take on a stage of `stage_gpus` devices: dp x tp fills the
     stage, dp divides the micro-batch, tp divides the heads of a block and stays within
-    max_tp; ZeRO needs dp > 1, SP needs tp > 1; checkpointing applies to layers that save
-    more than their input, selective to those with S x S tensors."""
+    max_tp, and the executor runs it (autoplan.feasibility); ZeRO needs dp > 1, SP needs
+    tp > 1 (and on the model's `last` layer a whole output); checkpointing applies to layers
+    that save more than their input, selective to those with S x S tensors."""
     out = []
     for tp in divisors(stage_gpus):
         dp = stage_gpus // tp
@@ -96,7 +98,10 @@ def layer_strategies(node: LayerNode, stage_gpus: int, micro_batch_size: int,
             continue
         if not (_allowed(space, "tp", tp) and _allowed(space, "dp", dp)):
             continue
-        for sp in (False, True) if tp > 1 else (False,):
+        if not feasible(node, LayerStrategy(dp=dp, tp=tp)):
+            continue
+        sp_ok = tp > 1 and (not last or gives_whole_output(node))
+        for sp in (False, True) if sp_ok else (False,):
             for zero in (0, 1, 2, 3) if dp > 1 else (0,):
                 for ckpt in checkpoint_modes(node):
                     strategy = LayerStrategy(dp=dp, tp=tp, sequence_parallel=sp, zero=zero,
@@ -132,30 +137,6 @@ def plan_respects_fix(nodes: list[LayerNode], plan: Plan, fix: dict[str, Any]) -
         return False
     return all(respects_fix(node, layer, fix) for node, layer in zip(nodes, plan.layers,
                                                                        strict=True))
-
-
-def tie_groups(nodes: tuple[LayerNode, ...] | list[LayerNode]) -> list[tuple[int, ...]]:
-    """Layers that share a parameter (tied weights, e.g. GPT's wte and lm_head), as groups
-    of layer indices: the executor holds one parameter on one (dp, tp) layout and sums the
-    gradients of its copies on other stages, so a group's layers must share their layout.
-
-    The graph records a tie by size only (tracing._param_owners): the parameter counts in
-    `params` of its first user, in `shared_params` of each later one. A later user joins the
-    first earlier embedding holding at least that many parameters (tied weights are
-    embeddings in practice), else the first earlier layer that does.
-    """
-    parent = list(range(len(nodes)))
-    for j, node in enumerate(nodes):
-        if node.shared_params <= 0:
-            continue
-        holders = [i for i in range(j) if nodes[i].params >= node.shared_params]
-        owners = [i for i in holders if nodes[i].kind == "embedding"] or holders
-        if owners:
-            parent[j] = parent[owners[0]]
-    groups: dict[int, list[int]] = {}
-    for j, root in enumerate(parent):
-        groups.setdefault(root, []).append(j)
-    return [tuple(g) for g in groups.values() if len(g) > 1]
 
 
 def plan_keeps_ties(nodes: list[LayerNode] | tuple[LayerNode, ...], plan: Plan) -> bool:

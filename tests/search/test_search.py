@@ -14,10 +14,11 @@ import autoplan
 from autoplan.cli import main
 from autoplan.cluster import parse_cluster_spec
 from autoplan.errors import AutoplanError
+from autoplan.feasibility import tie_groups
 from autoplan.graph import LayerGraph
 from autoplan.search.command import SearchCommand, run_search
 from autoplan.search.search import Searcher, SearchOptions
-from autoplan.search.space import plan_keeps_ties, plan_respects_fix, tie_groups
+from autoplan.search.space import plan_keeps_ties, plan_respects_fix
 from tests.graphs import synthetic_graph
 
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "korthikanti.py"

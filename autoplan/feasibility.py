@@ -1,0 +1,112 @@
+"""What the executor can run, decided from the layer graph alone: one rule for the search's
+enumeration, the plan checks of estimate/inspect/run and the executor's pre-check.
+
+Tracing records on each LayerNode what running it needs (autoplan/graph.py: its tie group,
+the sizes a tp degree must divide or why tp cannot split it, why its layout cannot change,
+why a pipeline stage cannot start at it) and on the graph the parameters outside every
+layer. `layer_refusal` judges one layer's strategy, `plan_refusal` a whole plan; both return
+the reason in one line (None when the executor runs it), so that every caller refuses with
+the same words. A new dimension adds a fact to the node and a clause here, never a copy of
+the rule elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from autoplan.graph import LayerGraph, LayerNode
+
+if TYPE_CHECKING:  # plan.py checks plans with this module
+    from autoplan.plan import LayerStrategy, Plan
+
+__all__ = ["layer_refusal", "feasible", "cut_refusal", "layout_change_refusal",
+           "gives_whole_output", "tie_groups", "plan_refusal"]
+
+
+def layer_refusal(node: LayerNode, strategy: LayerStrategy) -> str | None:
+    """Why the executor cannot run `node` under `strategy`, or None when it can."""
+    tp = strategy.tp
+    if tp > 1 and node.tp_refusal:
+        return f"layer {node.name}: {node.tp_refusal}"
+    if tp > 1:
+        bad = sorted({size for size in node.tp_divides if size % tp})
+        if bad:
+            return (f"layer {node.name}: tp {tp} does not divide its "
+                    f"{', '.join(map(str, bad))} (split widths and heads)")
+    return None
+
+
+def feasible(node: LayerNode, strategy: LayerStrategy) -> bool:
+    """Whether the executor runs `node` under `strategy` (layer_refusal finds nothing)."""
+    return layer_refusal(node, strategy) is None
+
+
+def cut_refusal(graph: LayerGraph, index: int) -> str | None:
+    """Why a pipeline stage cannot start at layer `index`, or None when it can."""
+    node = graph.nodes[index]
+    if index == 0:
+        return None
+    if graph.loose_params:
+        return (f"parameters {', '.join(graph.loose_params[:3])} belong to no layer, so no "
+                "pipeline stage holds them: move them into a sub-module to pipeline")
+    if node.cut_refusal:
+        return f"a pipeline stage cannot start at layer {node.name}: {node.cut_refusal}"
+    return None
+
+
+def layout_change_refusal(graph: LayerGraph, index: int) -> str | None:
+    """Why layer `index` cannot take another (dp, tp) than the layer before it."""
+    node = graph.nodes[index]
+    if graph.loose_params:
+        return (f"parameters {', '.join(graph.loose_params[:3])} belong to no layer, so they "
+                "have no layout: every layer must take one (dp, tp)")
+    if node.layout_refusal:
+        return f"layer {node.name} cannot change layout: {node.layout_refusal}"
+    return None
+
+
+def gives_whole_output(node: LayerNode) -> bool:
+    """Whether the layer's output is whole under sequence parallelism: the executor splits
+    an Embedding by rows and a Linear by columns, giving whole outputs; others give
+    sequence slices, which the model's last layer must not."""
+    return node.module_type in ("Embedding", "Linear")
+
+
+def tie_groups(nodes: Sequence[LayerNode]) -> list[tuple[int, ...]]:
+    """Indices of the layers of each tie group (layers sharing a parameter), by the owner
+    tracing named: the executor holds one parameter on one (dp, tp) layout."""
+    groups: dict[str, list[int]] = {}
+    for index, node in enumerate(nodes):
+        if node.tie_group:
+            groups.setdefault(node.tie_group, []).append(index)
+    return [tuple(group) for group in groups.values() if len(group) > 1]
+
+
+def plan_refusal(plan: Plan, graph: LayerGraph) -> str | None:
+    """Why the executor cannot run `plan` on the model of `graph`, or None when it can.
+    The plan's layers must be the graph's, in order (plan.check_plan checks that first)."""
+    nodes = graph.nodes
+    for node, layer in zip(nodes, plan.layers, strict=True):
+        why = layer_refusal(node, layer)
+        if why:
+            return why
+    last = len(nodes) - 2  # the last layer before the loss
+    if last >= 0 and plan.layers[last].sequence_parallel and not gives_whole_output(nodes[last]):
+        return (f"layer {nodes[last].name} is the model's last layer: sequence parallelism "
+                "there would give the output in sequence slices")
+    layouts = [(layer.dp, layer.tp) for layer in plan.layers]
+    for group in tie_groups(nodes):
+        if len({layouts[i] for i in group}) > 1:
+            names = ", ".join(nodes[i].name for i in group)
+            return f"layers {names} share a parameter (tied weights) but differ in layout"
+    for index in range(1, len(nodes)):
+        if layouts[index] != layouts[index - 1]:
+            why = layout_change_refusal(graph, index)
+            if why:
+                return why
+    for start in plan.stage_boundaries[1:]:
+        why = cut_refusal(graph, start)
+        if why:
+            return why
+    return None
