@@ -48,8 +48,9 @@ def _units_below(module: nn.Module, prefix: str, memo: dict[int, str],
                  top: bool) -> list[tuple[str, bool]]:
     """(fqn, is_block) pairs that partition `module`'s parametrised subtrees into units."""
     container = _block_container(module, memo)
-    if container is None:
-        kids = [(n, c) for n, c in module.named_children() if _numel(c)] if top else []
+    if container is None:  # a ModuleList/ModuleDict has no forward: its children run
+        opened = top or isinstance(module, (nn.ModuleList, nn.ModuleDict))
+        kids = [(n, c) for n, c in module.named_children() if _numel(c)] if opened else []
         if not kids:
             return [(prefix, False)]
         return [u for n, c in kids for u in _units_below(c, join_name(prefix, n), memo, False)]

@@ -5,6 +5,6 @@ tensor/sequence parallelism, activation checkpointing and FSDP2/replication per 
 that order; the Runner it returns trains the result with one `step` call for every plan.
 """
 
-from autoplan.executor.parallelize import LossFn, Runner, parallelize
+from autoplan.executor.parallelize import LossFn, Runner, parallelize, precheck
 
-__all__ = ["LossFn", "Runner", "parallelize"]
+__all__ = ["LossFn", "Runner", "parallelize", "precheck"]

@@ -67,9 +67,10 @@ from autoplan.executor.pipeline import (
 from autoplan.executor.tensor_parallel import TPLayer, apply_tp, sequence_splits
 from autoplan.graph import LayerGraph
 from autoplan.plan import LayerPlan, Plan, check_plan
+from autoplan.tp_plan import infer_tp_plan
 from autoplan.units import find_units
 
-__all__ = ["LossFn", "Runner", "parallelize"]
+__all__ = ["LossFn", "Runner", "parallelize", "precheck"]
 
 log = logging.getLogger(__name__)
 
@@ -254,13 +255,56 @@ def _grad_like_param(param: nn.Parameter) -> torch.Tensor:
 # ------------------------------------------------------------------------------ checks
 
 
-def _check(model: nn.Module, plan: Plan, graph: LayerGraph | None) -> list[str]:
+def precheck(model: nn.Module, plan: Plan, graph: LayerGraph | None = None, *,
+             world_size: int | None = None,
+             tp_overrides: dict[str, dict[str, str]] | None = None) -> list[str]:
+    """Every check parallelize() makes before it builds a mesh or changes the model: the
+    plan against the model and the world, then what the executor can run
+    (autoplan.feasibility with a graph; the layouts, pipeline chunks and tp splits in any
+    case). Runs on a meta model without processes.
+
+    Args:
+        model: the module (any device, meta included).
+        plan: the plan to run.
+        graph: the model's LayerGraph (its hash and feasibility facts are checked).
+        world_size: the world to check against (default: this process group's, or 1).
+        tp_overrides: as for parallelize.
+
+    Returns:
+        The model's unit FQNs in execution order.
+
+    Raises:
+        AutoplanError: naming what the executor would refuse.
+    """
+    units = _check(model, plan, graph, world_size)
+    layout = {layer.name: (layer.dp, layer.tp) for layer in plan.layers}
+    check_layouts(model, units, [layout[name] for name in units])
+    layout_dims(plan)
+    if plan.pp > 1:
+        outside = [n for n, _ in model.named_parameters(recurse=False)]
+        if outside:
+            raise AutoplanError(f"the model's own parameters {outside} belong to no layer; a "
+                                "pipeline cannot place them: move them into a sub-module")
+    for name in units:
+        tp = layout[name][1]
+        unit = model.get_submodule(name)
+        split = infer_tp_plan(unit, (tp_overrides or {}).get(name)) if tp > 1 else None
+        if split is not None and not split.max_degree_divides(unit, tp):
+            raise AutoplanError(f"layer {name}: {split.refusal}" if split.refusal else
+                                f"layer {name}: tp {tp} does not divide its sizes "
+                                f"{', '.join(map(str, split.sizes))}; choose a tp that does")
+    return units
+
+
+def _check(model: nn.Module, plan: Plan, graph: LayerGraph | None,
+           world: int | None = None) -> list[str]:
     """The model's unit FQNs in execution order, after checking the plan names exactly them.
 
     Raises:
         AutoplanError: naming the layers that differ, or the world-size mismatch.
     """
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world is None:
+        world = dist.get_world_size() if dist.is_initialized() else 1
     if graph is not None:
         check_plan(plan, graph, world_size=world)
     elif world != plan.world_size:
@@ -478,7 +522,7 @@ def parallelize(model: nn.Module, plan: Plan, loss_fn: LossFn, *,
             (hops.check_layouts); at the first forward, a layout change at a layer whose
             first input is not the activation of the layers before it.
     """
-    units = _check(model, plan, graph)
+    units = precheck(model, plan, graph, tp_overrides=tp_overrides)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     layouts = _build_layouts(model, plan, units, device.type)                 # step 1
     first, last = layouts.of[units[0]], layouts.of[plan.layers[-1].name]
