@@ -18,6 +18,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -31,11 +32,12 @@ from torch.utils.flop_counter import flop_registry
 
 from autoplan.errors import AutoplanError
 from autoplan.graph import LayerEdge, LayerGraph, LayerNode
+from autoplan.meta_state import keep_buffer_values
 from autoplan.models.build import BuiltModel, sum_loss
 from autoplan.replay import ReplayMismatch, replay_plan, swap_in_replays
 from autoplan.units import find_units, structure_hash
 
-__all__ = ["layer_graph", "layer_graph_of_built", "meta_copy", "meta_inputs"]
+__all__ = ["layer_graph", "layer_graph_of_built", "meta_copy", "meta_inputs", "trace_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +80,12 @@ def layer_graph(model: nn.Module, example_inputs: Any,
     units = find_units(meta)
     loss_fn = loss_fn or sum_loss
     replays = replay_plan(meta, [u for u, is_block in units if is_block]) if replay else {}
-    try:
-        tracer = _trace(meta, units, inputs_fn(1), loss_fn, attention, replays,
-                        tokens_per_sample)
-    except ReplayMismatch as why:
-        log.info("tracing every block (%s)", why)
-        tracer = _trace(meta, units, inputs_fn(1), loss_fn, attention, {}, tokens_per_sample)
+    batch = trace_batch(meta)
+    trace = partial(_trace_or_full, meta, units, inputs_fn, loss_fn, attention, replays,
+                    tokens_per_sample)
+    tracer = trace(batch)
+    if batch > 1:
+        _per_sample(tracer.records, trace(2 * batch).records, batch)
     nodes, edges = _assemble(meta, units, tracer.records)
     return LayerGraph(name, str(dtype).removeprefix("torch."), attention, tokens_per_sample,
                       tuple(nodes), tuple(edges))
@@ -101,7 +103,9 @@ def layer_graph_of_built(built: BuiltModel, dtype: torch.dtype = torch.bfloat16,
 
 
 def meta_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """A copy of `model` whose parameters and buffers are meta tensors of `dtype`."""
+    """A copy of `model` whose parameters and buffers are meta tensors of `dtype`; each
+    buffer keeps the real values of the model's (meta_state.fill_buffers writes them into
+    a real copy, so that a layer timed off the copy reads the buffers it would in the run)."""
     def convert(t: torch.Tensor) -> torch.Tensor:
         to = dtype if t.is_floating_point() else t.dtype
         return torch.empty(t.shape, dtype=to, device="meta")
@@ -111,7 +115,50 @@ def meta_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
         memo[id(p)] = nn.Parameter(convert(p), requires_grad=p.requires_grad)
     for b in model.buffers():
         memo[id(b)] = convert(b)
-    return copy.deepcopy(model, memo)
+    meta = copy.deepcopy(model, memo)
+    keep_buffer_values(meta, model)
+    return meta
+
+
+def trace_batch(model: nn.Module) -> int:
+    """The batch a trace runs at: 1, or 2 when the model has a BatchNorm in training mode,
+    which refuses one value per channel (a (1, C) input, or 1 x 1 feature maps); figures
+    traced at 2 are divided back to one sample (_per_sample)."""
+    norms = (m for m in model.modules() if m.training and (
+        isinstance(m, nn.modules.batchnorm._BatchNorm)
+        or "batchnorm" in type(m).__name__.lower()))
+    return 2 if next(norms, None) is not None else 1
+
+
+def _trace_or_full(meta: nn.Module, units: list[tuple[str, bool]], inputs_fn: Callable,
+                   loss_fn: Callable, attention: str, replays: dict[str, str],
+                   tokens_per_sample: int | None, batch: int) -> _Tracer:
+    """A trace at `batch` samples, replaying equal blocks where their shapes allow."""
+    try:
+        return _trace(meta, units, inputs_fn(batch), loss_fn, attention, replays,
+                      tokens_per_sample)
+    except ReplayMismatch as why:
+        log.info("tracing every block (%s)", why)
+        return _trace(meta, units, inputs_fn(batch), loss_fn, attention, {},
+                      tokens_per_sample)
+
+
+def _per_sample(records: dict[str, _Record], twice: dict[str, _Record], batch: int) -> None:
+    """Per-sample figures from traces at `batch` and 2 x `batch` samples: what one more
+    sample adds. Tensors that derive from the inputs but do not grow with the batch (a
+    BatchNorm's per-channel statistics) move from the saved bytes to the fixed ones."""
+    per_sample = [c for c in _COSTS if c != "act_bytes_fixed"] + ["input_bytes", "output_bytes"]
+    for unit, rec in records.items():
+        more = twice[unit]
+        for cost in per_sample:
+            step = getattr(more, cost) - getattr(rec, cost)
+            setattr(rec, cost, step / batch if isinstance(step, float) else step // batch)
+        rec.act_bytes_fixed += max(more.act_bytes - 2 * batch * rec.act_bytes, 0)
+        rec.inputs_from = Counter({src: (more.inputs_from[src] - n) // batch
+                                   for src, n in rec.inputs_from.items()})
+        shape = rec.output_shape
+        if shape and shape[0] % batch == 0:
+            rec.output_shape = (shape[0] // batch, *shape[1:])
 
 
 def _needs_copy(model: nn.Module, dtype: torch.dtype) -> bool:
@@ -366,15 +413,17 @@ def _trace(root: nn.Module, units: list[tuple[str, bool]], inputs: tuple,
         handles.append(module.register_forward_hook(lambda m, a, o, u=unit: tracer.leave(u, o)))
     handles.append(root.register_forward_hook(lambda m, a, o: tracer.model_done(o)))
     attention_mode = _FlashAttention() if attention == "flash" else contextlib.nullcontext()
+    backward = False
     try:
         with attention_mode, tracer, \
                 torch.autograd.graph.saved_tensors_hooks(tracer.pack, lambda t: t):
             loss = loss_fn(root(*inputs), inputs)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise AutoplanError(f"the loss must be a scalar tensor, got {type(loss).__name__}")
+            backward = True
             loss.backward()
     except (RuntimeError, TypeError, ValueError, IndexError) as err:
-        raise AutoplanError(f"the model cannot run on meta tensors: {err}") from err
+        raise AutoplanError(_trace_failure(err, tracer, inputs, backward)) from err
     finally:
         for h in handles + tracer.hooks:
             h.remove()
@@ -387,6 +436,24 @@ def _trace(root: nn.Module, units: list[tuple[str, bool]], inputs: tuple,
     for name, model in replays.items():
         _copy_costs(tracer.records[model], tracer.records[name])
     return tracer
+
+
+def _trace_failure(err: Exception, tracer: _Tracer, inputs: tuple, backward: bool) -> str:
+    """One line on why a trace failed: the error's own message, where it was raised, and
+    whether the meta tensors were the cause (a model that reads tensor values)."""
+    batch = next((t.shape[0] for t in _tensors(inputs) if t.dim()), None)
+    if backward:
+        where = f"in the backward of {tracer.bwd_unit}"
+    elif tracer.unit or tracer.in_loss:
+        where = f"in {tracer.unit or 'the loss'}"
+    else:
+        where = ("before the first layer" if tracer.last_fwd == _PRE
+                 else f"after {tracer.last_fwd}")
+    message = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    hint = (" (the model reads tensor values, which a trace on meta tensors does not have)"
+            if "meta" in message.lower() else "")
+    return (f"the model failed while traced at batch {batch}, {where}: "
+            f"{type(err).__name__}: {message}{hint}")
 
 
 def _copy_costs(source: _Record, target: _Record) -> None:

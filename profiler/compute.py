@@ -23,8 +23,10 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from autoplan.errors import AutoplanError
 from autoplan.graph import LayerGraph, LayerNode
+from autoplan.meta_state import fill_buffers, without_caches
 from autoplan.models.build import BuiltModel
 from autoplan.tp_plan import COLWISE, infer_tp_plan
+from autoplan.tracing import trace_batch
 
 __all__ = ["MeasureSettings", "UnitCall", "capture_unit_calls", "materialize", "shard_copy",
            "runs_on_meta", "make_inputs", "time_unit", "timed_pass", "output_grads", "LossUnit",
@@ -83,14 +85,15 @@ def capture_unit_calls(built: BuiltModel, graph: LayerGraph) -> dict[str, UnitCa
 
     def keep(name: str, args: tuple, kwargs: dict) -> None:
         if len(calls[name]) == pass_index:
-            calls[name].append(tree_flatten((args, kwargs)))
+            calls[name].append(tree_flatten(without_caches((args, kwargs))))
 
     handles = [built.module.get_submodule(name).register_forward_pre_hook(
         lambda _m, a, k, name=name: keep(name, a, k), with_kwargs=True)
         for name in calls if name != LOSS]
     try:
         with torch.no_grad():
-            for pass_index, batch in enumerate((1, 2)):  # noqa: B007 - read by keep()
+            first = trace_batch(built.module)  # 2 where BatchNorm refuses 1
+            for pass_index, batch in enumerate((first, 2 * first)):  # noqa: B007 - keep()
                 inputs = built.example_inputs(batch)
                 output = built.module(*inputs)
                 if LOSS in calls:
@@ -161,7 +164,8 @@ def _sharded(module: nn.Module, style: str, tp: int) -> nn.Module:
 
 
 def materialize(unit: nn.Module, device: str, dtype: torch.dtype) -> nn.Module:
-    """A real copy of a meta unit: weights normal(0, 0.02), 1-d weights one, biases zero."""
+    """A real copy of a meta unit: weights normal(0, 0.02), 1-d weights one, biases zero,
+    buffers the values their meta buffers stand for (autoplan.meta_state)."""
     real = copy.deepcopy(unit).to_empty(device=device).to(dtype)
     with torch.no_grad():
         for name, p in real.named_parameters():
@@ -169,9 +173,7 @@ def materialize(unit: nn.Module, device: str, dtype: torch.dtype) -> nn.Module:
                 p.normal_(0.0, 0.02)
             else:
                 p.fill_(0.0 if name.endswith("bias") else 1.0)
-        for b in real.buffers():
-            if b.is_floating_point():
-                b.zero_()
+    fill_buffers(real, unit)
     return real
 
 

@@ -62,6 +62,7 @@ from autoplan.executor.data_parallel import apply_fsdp, apply_replicate
 from autoplan.executor.tensor_parallel import tp_styles
 from autoplan.graph import LayerNode
 from autoplan.io import atomic_write_text
+from autoplan.meta_state import prepare_for_timing
 from autoplan.models import DTYPES, build_model
 from autoplan.models.build import BuiltModel
 from autoplan.profiler.compute import (
@@ -373,6 +374,7 @@ def _time_all(request: _Request, barrier: _Barrier,
     dtype = DTYPES[request.dtype]
     built = build_model(request.model, dtype=dtype)
     graph = layer_graph_of_built(built, dtype)
+    prepare_for_timing(built.module, built.spec)
     calls = capture_unit_calls(built, graph)
     settings = MeasureSettings(request.micro_batches, request.tps, request.repeats,
                                request.warmup, "cpu", dtype, request.threads)

@@ -16,6 +16,7 @@ from torch import nn
 from autoplan.cluster import Cluster
 from autoplan.graph import LayerGraph
 from autoplan.io import utc_now
+from autoplan.meta_state import prepare_for_timing
 from autoplan.models.build import BuiltModel
 from autoplan.profiler.compute import (
     MeasureSettings,
@@ -55,6 +56,7 @@ def measure_layers(built: BuiltModel, graph: LayerGraph, settings: MeasureSettin
         timings: times already taken in situ (profiler/in_situ.py); None times each layer
             here, alone.
     """
+    prepare_for_timing(built.module, built.spec)
     calls = capture_unit_calls(built, graph)
     layers = []
     for signature, nodes in graph.by_signature().items():
