@@ -32,8 +32,9 @@ def layer_refusal(node: LayerNode, strategy: LayerStrategy) -> str | None:
     if tp > 1:
         bad = sorted({size for size in node.tp_divides if size % tp})
         if bad:
-            return (f"layer {node.name}: tp {tp} does not divide its "
-                    f"{', '.join(map(str, bad))} (split widths and heads)")
+            return (f"layer {node.name}: tp {tp} does not divide {', '.join(map(str, bad))} "
+                    f"of the sizes it splits ({', '.join(map(str, node.tp_divides))}: "
+                    "widths and head counts)")
     return None
 
 

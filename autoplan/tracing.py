@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +36,11 @@ from autoplan.graph import LayerEdge, LayerGraph, LayerNode
 from autoplan.meta_state import keep_buffer_values
 from autoplan.models.build import BuiltModel, sum_loss
 from autoplan.replay import ReplayMismatch, replay_plan, swap_in_replays
+from autoplan.tp_plan import infer_tp_plan
 from autoplan.units import find_units, structure_hash
 
-__all__ = ["layer_graph", "layer_graph_of_built", "meta_copy", "meta_inputs", "trace_batch"]
+__all__ = ["layer_graph", "layer_graph_of_built", "meta_copy", "meta_inputs", "trace_batch",
+           "loose_parameters"]
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +90,9 @@ def layer_graph(model: nn.Module, example_inputs: Any,
     if batch > 1:
         _per_sample(tracer.records, trace(2 * batch).records, batch)
     nodes, edges = _assemble(meta, units, tracer.records)
+    loose = loose_parameters(meta, [n.name for n in nodes[:-1]])
     return LayerGraph(name, str(dtype).removeprefix("torch."), attention, tokens_per_sample,
-                      tuple(nodes), tuple(edges))
+                      tuple(nodes), tuple(edges), loose)
 
 
 def layer_graph_of_built(built: BuiltModel, dtype: torch.dtype = torch.bfloat16,
@@ -223,6 +227,16 @@ class _Record:
     calls: int = 0
     order: int = -1
     inputs_from: Counter = field(default_factory=Counter)
+    first_input: str = ""
+    """What its first positional input is when that is not an activation ("" when it is)."""
+    first_from: frozenset = frozenset()
+    """The units whose outputs its first positional input derives from (through glue)."""
+    others_from: frozenset = frozenset()
+    """The same for every other tensor it takes (positional or keyword)."""
+    output: str = ""
+    """What it returns when that is not one activation tensor ("" when it is)."""
+    call: tuple[tuple, dict] | None = None
+    """The (args, kwargs) of its first call (meta tensors: the tp plan is inferred on them)."""
 
 
 class _Tracer(TorchDispatchMode):
@@ -244,6 +258,7 @@ class _Tracer(TorchDispatchMode):
         self.batched = {_key(t) for t in _tensors(inputs)}
         self.saved: set[int] = set()
         self.producers: dict[int, frozenset[str]] = {}
+        self.origins: dict[int, frozenset[str]] = {}  # as producers, for the executor's facts
         self.unit: str | None = None  # the unit whose forward is running
         self.last_fwd, self.bwd_unit = _PRE, _LOSS
         self.in_loss = False
@@ -264,6 +279,8 @@ class _Tracer(TorchDispatchMode):
         ins, outs = list(_tensors((args, kwargs))), list(_tensors(out))
         if not backward:  # first, so that outputs count as per-sample below
             self._follow(ins, outs)
+            if not func.is_view:  # a view is its input's storage, made by whoever made that
+                self._originate(ins, outs)
         count = flop_registry.get(func._overloadpacket)
         quadratic = self._quadratic(ins + outs)
         if count is not None:
@@ -312,6 +329,14 @@ class _Tracer(TorchDispatchMode):
             else:
                 self.batched.discard(_key(t))
 
+    def _originate(self, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
+        """As _follow for `origins`, which views leave alone: a unit that views a buffer or
+        its input (rope tables, a reshape) does not become what the storage derives from."""
+        sources = frozenset((self.unit,)) if self.unit else frozenset().union(
+            *(self.origins.get(_key(t), frozenset()) for t in ins))
+        for t in outs:
+            self.origins[_key(t)] = sources
+
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         key = _key(t)
         if key not in self.state and key not in self.saved:
@@ -331,6 +356,7 @@ class _Tracer(TorchDispatchMode):
         if rec.order < 0:
             rec.order, self.calls = self.calls, self.calls + 1
         self._receive(rec, (args, kwargs), unit)
+        self._note_inputs(rec, args, kwargs)
         before = self.last_fwd
         grads = [t for t in _tensors((args, kwargs)) if t.requires_grad]
         if grads:  # once the input's gradient is out, backward glue is the predecessor's,
@@ -344,6 +370,7 @@ class _Tracer(TorchDispatchMode):
         outs = list(_tensors(output))
         rec.output_bytes += sum(self._sample_bytes(t) for t in outs)
         rec.output_shape = rec.output_shape or (tuple(outs[0].shape) if outs else ())
+        rec.output = rec.output or _not_activation(output)
         self.unit, self.last_fwd = None, unit
         grads = [t for t in outs if t.requires_grad]
         if grads:
@@ -352,8 +379,27 @@ class _Tracer(TorchDispatchMode):
 
     def model_done(self, output: Any) -> None:
         self.in_loss = True
-        self.records[_LOSS].order = self.calls
-        self._receive(self.records[_LOSS], output, _LOSS)
+        loss = self.records[_LOSS]
+        loss.order = self.calls
+        self._receive(loss, output, _LOSS)
+        loss.first_input = _not_activation(output)
+        loss.first_from = self._sources(output)
+
+    def _sources(self, tree: Any) -> frozenset:
+        """The units whose outputs the tensors of `tree` derive from."""
+        return frozenset().union(*(self.origins.get(_key(t), frozenset())
+                                   for t in _tensors(tree)))
+
+    def _note_inputs(self, rec: _Record, args: tuple, kwargs: dict) -> None:
+        """What the executor needs to know of a unit's inputs: whether its first positional
+        input is the activation (layout hops and pipeline stages replace it) and which
+        units every input comes from (over all calls)."""
+        rec.call = rec.call or (args, kwargs)
+        first = args[0] if args else None
+        rec.first_input = rec.first_input or _not_activation(
+            first, "no positional input" if not args else "")
+        rec.first_from |= self._sources(first)
+        rec.others_from |= self._sources((args[1:], kwargs))
 
     def _receive(self, rec: _Record, tree: Any, unit: str) -> None:
         for t in _tensors(tree):
@@ -366,6 +412,22 @@ class _Tracer(TorchDispatchMode):
     def _sample_bytes(self, t: torch.Tensor) -> int:
         """Bytes of t at batch 1 if it derives from the inputs, else 0 (not per sample)."""
         return t.numel() * t.element_size() if _key(t) in self.batched else 0
+
+
+def _not_activation(value: Any, what: str = "") -> str:
+    """'' when `value` is an activation as the executor moves one between layouts and stages
+    (a batch-first floating tensor that requires grad), else what it is instead."""
+    if what:
+        return what
+    if not isinstance(value, torch.Tensor):
+        return f"a {type(value).__name__}, not a tensor"
+    if value.dim() == 0:
+        return "a scalar tensor"
+    if not value.is_floating_point():
+        return f"a {str(value.dtype).removeprefix('torch.')} tensor (indices, not an activation)"
+    if not value.requires_grad:
+        return "a tensor that does not require grad (a model input or made from one)"
+    return ""
 
 
 def _in_backward() -> bool:
@@ -415,7 +477,7 @@ def _trace(root: nn.Module, units: list[tuple[str, bool]], inputs: tuple,
     attention_mode = _FlashAttention() if attention == "flash" else contextlib.nullcontext()
     backward = False
     try:
-        with attention_mode, tracer, \
+        with attention_mode, _without_data_dependence(), tracer, \
                 torch.autograd.graph.saved_tensors_hooks(tracer.pack, lambda t: t):
             loss = loss_fn(root(*inputs), inputs)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
@@ -456,6 +518,16 @@ def _trace_failure(err: Exception, tracer: _Tracer, inputs: tuple, backward: boo
             f"{type(err).__name__}: {message}{hint}")
 
 
+@contextlib.contextmanager
+def _without_data_dependence() -> Iterator[None]:
+    """Tell the model it is being compiled while it runs on meta tensors: meta tensors hold
+    no values, as a compiler's do not, and libraries skip value-dependent checks then
+    (transformers 5 reads position ids with .item() to find packed sequences unless it is
+    compiling, which a meta tensor cannot answer)."""
+    with mock.patch.object(torch.compiler, "is_compiling", lambda: True):
+        yield
+
+
 def _copy_costs(source: _Record, target: _Record) -> None:
     for cost in _COSTS:
         setattr(target, cost, getattr(source, cost))
@@ -475,12 +547,13 @@ def _assemble(root: nn.Module, units: list[tuple[str, bool]],
     blocks = {u for u, is_block in units if is_block}
     memo: dict[int, str] = {}
     last_param_unit = next((u for u in reversed(ran) if params[u] or shared[u]), None)
+    facts = _facts(root, ran, records)
     nodes = []
     for unit in [*ran, _LOSS]:
         module = root.get_submodule(unit) if unit != _LOSS else None
         kind = _kind(module, unit in blocks, unit == last_param_unit)
         nodes.append(_node(unit, kind, module, records[unit], params.get(unit, 0),
-                           shared.get(unit, 0), memo))
+                           shared.get(unit, 0), memo, facts[unit]))
     # sources in execution order: a glue op's producers are a set, whose iteration order
     # follows string hashing and so changes from one process to the next
     edges = [LayerEdge(src, dst, nbytes) for dst in [*ran, _LOSS]
@@ -518,6 +591,103 @@ def _param_owners(root: nn.Module, units: list[str]) -> tuple[dict[str, int], di
     return params, shared
 
 
+def loose_parameters(root: nn.Module, units: list[str]) -> tuple[str, ...]:
+    """Names of the parameters that no unit holds (e.g. a class token on the model itself)."""
+    held = {id(p) for unit in units for p in root.get_submodule(unit).parameters()}
+    return tuple(name for name, p in root.named_parameters() if id(p) not in held)
+
+
+def _tie_owners(root: nn.Module, units: list[str]) -> dict[str, str]:
+    """unit -> the first unit of its tie group (units joined where they share a parameter),
+    for units in a group of two or more."""
+    first_user: dict[int, str] = {}
+    parent = {u: u for u in units}
+
+    def find(u: str) -> str:
+        while parent[u] != u:
+            u = parent[u]
+        return u
+
+    for unit in units:
+        for p in root.get_submodule(unit).parameters():
+            owner = first_user.setdefault(id(p), unit)
+            a, b = find(owner), find(unit)
+            if a != b:  # the earlier root stays the owner
+                parent[b] = a
+    roots = Counter(find(u) for u in units)
+    return {u: find(u) for u in units if roots[find(u)] > 1}
+
+
+def _tp_facts(module: nn.Module, call: tuple[tuple, dict] | None) -> tuple[tuple[int, ...], str]:
+    """(sizes every tp degree must divide, why tp cannot split the unit or ""), from the
+    unit's tensor-parallel plan on the inputs it was traced with."""
+    plan = infer_tp_plan(module, inputs=call)
+    return tuple(plan.sizes), plan.refusal
+
+
+def _cut_refusals(ran: list[str], records: dict[str, _Record]) -> dict[str, str]:
+    """Why a pipeline stage cannot start at each unit: one tensor crosses a boundary, the
+    unit's first positional input, so that must be the activation, and its other inputs and
+    those of every later unit (and the loss) must come from no earlier unit."""
+    position = {u: i for i, u in enumerate(ran)}
+    reasons: dict[str, str] = {}
+    # (position of the earliest unit that a later unit or the loss takes, that user, the unit)
+    later = _earliest(records[_LOSS].first_from, "loss", position, None)
+    for k in range(len(ran) - 1, -1, -1):
+        unit, rec = ran[k], records[ran[k]]
+        own = _earliest(rec.others_from, unit, position, None)
+        if rec.first_input:
+            reasons[unit] = f"its first positional input is {rec.first_input}"
+        elif not rec.first_from:
+            reasons[unit] = "its first positional input comes from no layer before it"
+        elif later is not None and later[0] < k:
+            reasons[unit] = (f"layer {later[1]} also takes the output of {later[2]}, which "
+                             "would be on an earlier stage")
+        elif own is not None and own[0] < k:
+            reasons[unit] = (f"besides its first input it takes the output of {own[2]}, "
+                             "which would be on an earlier stage")
+        later = _earliest(rec.first_from | rec.others_from, unit, position, later)
+    return reasons
+
+
+def _earliest(sources: frozenset, user: str, position: dict[str, int],
+              known: tuple[int, str, str] | None) -> tuple[int, str, str] | None:
+    """The earlier of `known` and the earliest unit in `sources` (as position, user, unit)."""
+    found = [(position[s], user, s) for s in sources if s in position]
+    return min([*found, *([known] if known else [])], default=None)
+
+
+def _layout_refusal(unit: str, module: nn.Module | None, previous: str | None,
+                    records: dict[str, _Record]) -> str:
+    """Why a layout hop into `unit` cannot run (executor/hops.py): it moves the first
+    positional input, or for an embedding (which takes indices) the output of the unit
+    before it; the loss's hop moves the model's output."""
+    if module is not None and isinstance(module, nn.Embedding) and previous is not None:
+        what = records[previous].output
+        return f"the output of {previous} before it is {what}" if what else ""
+    what = records[unit].first_input
+    if not what:
+        return ""
+    return f"the model's output is {what}" if unit == _LOSS else \
+        f"its first positional input is {what}"
+
+
+def _facts(root: nn.Module, ran: list[str], records: dict[str, _Record]) -> dict[str, dict]:
+    """What running each unit needs (LayerNode's tie_group ... cut_refusal fields)."""
+    ties, cuts = _tie_owners(root, ran), _cut_refusals(ran, records)
+    out: dict[str, dict] = {}
+    for index, unit in enumerate([*ran, _LOSS]):
+        module = root.get_submodule(unit) if unit != _LOSS else None
+        sizes, tp_refusal = _tp_facts(module, records[unit].call) if module is not None \
+            else ((), "")
+        previous = ran[index - 1] if index else None
+        out[unit] = dict(
+            tie_group=ties.get(unit, ""), tp_divides=sizes, tp_refusal=tp_refusal,
+            layout_refusal=_layout_refusal(unit, module, previous, records) if index else "",
+            cut_refusal=cuts.get(unit, "") if unit != _LOSS else "")
+    return out
+
+
 def _kind(module: nn.Module | None, is_block: bool, is_last: bool) -> str:
     if module is None:
         return "loss"
@@ -534,7 +704,7 @@ def _kind(module: nn.Module | None, is_block: bool, is_last: bool) -> str:
 
 
 def _node(unit: str, kind: str, module: nn.Module | None, rec: _Record, params: int,
-          shared: int, memo: dict[int, str]) -> LayerNode:
+          shared: int, memo: dict[int, str], facts: dict) -> LayerNode:
     structure = structure_hash(module, memo) if module is not None else "loss"
     costs = (rec.fwd_flops, rec.bwd_flops, rec.act_bytes, rec.output_shape)
     signature = hashlib.sha1(repr((structure, costs)).encode()).hexdigest()[:12]
@@ -548,4 +718,4 @@ def _node(unit: str, kind: str, module: nn.Module | None, rec: _Record, params: 
         attn_act_bytes=rec.attn_act_bytes, attn_fwd_flops=float(rec.attn_fwd_flops),
         attn_fwd_io_bytes=rec.attn_fwd_io_bytes,
         input_bytes=rec.input_bytes, output_bytes=rec.output_bytes,
-        output_shape=rec.output_shape, calls=rec.calls or 1)
+        output_shape=rec.output_shape, calls=rec.calls or 1, **facts)

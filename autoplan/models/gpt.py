@@ -44,7 +44,7 @@ def init_weights(module: nn.Module) -> None:
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.head_dim = cfg.hidden // cfg.heads
+        self.n_head, self.head_dim = cfg.heads, cfg.hidden // cfg.heads  # tp divides n_head
         self.q = nn.Linear(cfg.hidden, cfg.hidden)
         self.k = nn.Linear(cfg.hidden, cfg.hidden)
         self.v = nn.Linear(cfg.hidden, cfg.hidden)

@@ -49,6 +49,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
+        self.n_heads, self.n_kv_heads = cfg.heads, cfg.kv_heads  # tp divides both
         self.head_dim = cfg.hidden // cfg.heads
         self.wq = nn.Linear(cfg.hidden, cfg.heads * self.head_dim, bias=False)
         self.wk = nn.Linear(cfg.hidden, cfg.kv_heads * self.head_dim, bias=False)

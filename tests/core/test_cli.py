@@ -81,7 +81,8 @@ def test_inspect_refuses_tp_that_does_not_divide_heads(capsys) -> None:
     args = ["inspect", "--model", "llama-tiny", "--plan", "tp=4", "--world-size", "4",
             "--global-batch", "4"]
     assert main(args) == 2
-    assert "tp 4 does not divide the model's 2 kv_heads" in capsys.readouterr().err
+    assert "layer layers.0: tp 4 does not divide 2 of the sizes it splits (2, 4, 32, 64, 176" \
+        in capsys.readouterr().err
 
 
 def test_models_json_lists_presets(capsys) -> None:
