@@ -21,8 +21,10 @@ Chunk c runs on pipeline rank c % pp (the looped order of Interleaved1F1B).
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,11 +36,12 @@ from torch.distributed.pipelining import (
     ScheduleInterleaved1F1B,
 )
 from torch.distributed.pipelining.schedules import _PipelineSchedule
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_leaves, tree_unflatten
 
 from autoplan.errors import AutoplanError
 
-__all__ = ["INPUT_KEY", "chunk_units", "chunk_ranks", "build_chunk", "build_schedule",
-           "input_kwargs"]
+__all__ = ["INPUT_KEY", "build_chunk", "build_schedule", "chunk_ranks", "chunk_units",
+           "input_kwargs", "wrap_loss"]
 
 log = logging.getLogger(__name__)
 
@@ -69,31 +72,165 @@ class _StageExit(Exception):  # noqa: N818 (control flow, not an error)
         self.value = value
 
 
+@dataclass
 class _ChunkState:
-    """The activation received for the micro-batch being run."""
+    """What one chunk's forward passes between its parts: the activation received for the
+    micro-batch being run, and (last chunk) how to rebuild the model's output from the
+    tensors the stage returns."""
 
     recv: torch.Tensor | None = None
+    spec: TreeSpec | None = None
+    """The structure of the model's output (last chunk), from its latest forward."""
+    constants: list[Any] = field(default_factory=list)
+    """The output's leaves, _TENSOR where a tensor goes (others: None, a cache object)."""
+    checked: bool = False
+    """Whether a forward in training has checked where the chunk's units' inputs come from."""
+    stub_outputs: dict[int, tuple[str, torch.Tensor]] = field(default_factory=dict)
+    """During that check: id -> (unit, tensor) of what the stubs returned."""
+    reaches: dict[Any, str | None] = field(default_factory=dict)
+    """During that check: autograd node -> the stub it derives from (None: none)."""
+
+    @property
+    def checking(self) -> bool:
+        return not self.checked and torch.is_grad_enabled()
+
+    def stub_output(self, name: str) -> torch.Tensor:
+        """What a stub returns: the received activation, detached (while checking, a leaf
+        that requires grad, so that what derives from it can be traced back to it)."""
+        if self.recv is None:
+            raise AutoplanError(f"pipeline stub {name} ran without a received activation: "
+                                "the model's forward calls it after the chunk's first layer")
+        out = self.recv.detach()
+        if self.checking:
+            out.requires_grad_(True)
+            self.stub_outputs[id(out)] = (name, out)
+        return out
+
+    def source_stub(self, tensor: torch.Tensor) -> str | None:
+        """The stub `tensor` was computed from (differentiably), if any."""
+        if id(tensor) in self.stub_outputs:
+            return self.stub_outputs[id(tensor)][0]
+        stack = [(tensor.grad_fn, False)]
+        while stack:  # depth first, each autograd node once per check (a DAG: no cycles)
+            node, expanded = stack.pop()
+            if node is None or node in self.reaches:
+                continue
+            leaf = getattr(node, "variable", None)
+            if leaf is not None:
+                self.reaches[node] = self.stub_outputs.get(id(leaf), (None,))[0]
+            elif expanded:  # its inputs are done
+                found = (self.reaches.get(n) for n, _ in node.next_functions)
+                self.reaches[node] = next((f for f in found if f is not None), None)
+            else:
+                stack.append((node, True))
+                stack.extend((n, False) for n, _ in node.next_functions)
+        return self.reaches.get(tensor.grad_fn)
 
 
-class _Stub(nn.Module):
-    """Stands for a unit another chunk owns: returns the received activation, detached."""
-
-    def __init__(self, state: _ChunkState, name: str) -> None:
-        super().__init__()
-        self._state, self._name = state, name
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self._state.recv is None:
-            raise RuntimeError(f"pipeline stub {self._name} ran without a received activation")
-        return self._state.recv.detach()
-
-    def extra_repr(self) -> str:
-        return f"stands for {self._name}"
+_TENSOR = object()
+"""Marks where the last stage's tensors go back among the leaves of the model's output."""
 
 
-def _replace(model: nn.Module, fqn: str, new: nn.Module) -> None:
-    parent_name, _, child = fqn.rpartition(".")
-    model.get_submodule(parent_name)._modules[child] = new
+def _first_param(module: nn.Module) -> str | None:
+    """The name of the first parameter of a unit's forward (its keyword, when the model
+    passes the activation by name)."""
+    params = list(inspect.signature(module.forward).parameters.values())
+    if params and params[0].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                     inspect.Parameter.KEYWORD_ONLY):
+        return params[0].name
+    return None
+
+
+def _first_input(keyword: str | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """A unit's first input in one call: its first positional argument, else the keyword of
+    its forward's first parameter (None when the call has neither)."""
+    if args:
+        return args[0]
+    return kwargs.get(keyword) if keyword is not None else None
+
+
+def _receive_hook(state: _ChunkState, keyword: str | None) -> Callable[..., Any]:
+    """A forward pre-hook that gives the chunk's first unit the received activation as its
+    first input (positional or keyword, as the model passes it)."""
+    def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+             ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if args or keyword is None or keyword not in kwargs:
+            return (state.recv, *args[1:]), kwargs
+        return args, {**kwargs, keyword: state.recv}
+
+    return hook
+
+
+def _check_hook(state: _ChunkState, name: str, first: str) -> Callable[..., Any]:
+    """A forward pre-hook that refuses a unit's input computed from what a stub returned:
+    the output of a layer another stage runs (an encoder's output in the blocks of a
+    decoder), which a stub cannot give. It acts in the first forward in training only."""
+    def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not state.checking:
+            return
+        for tensor in tree_leaves((args, kwargs)):
+            source = state.source_stub(tensor) if isinstance(tensor, torch.Tensor) else None
+            if source is not None:
+                raise AutoplanError(
+                    f"layer {name} takes an input computed by layer {source}, which another "
+                    f"pipeline stage runs: a stage cannot start at {first} (one tensor "
+                    "crosses a stage boundary); move the stage boundary")
+
+    return hook
+
+
+def _stop_hook(keyword: str | None) -> Callable[..., Any]:
+    """A forward pre-hook that ends the chunk's forward with the next unit's first input."""
+    def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        raise _StageExit(_first_input(keyword, args, kwargs))
+
+    return hook
+
+
+def _make_shell(unit: nn.Module, state: _ChunkState, name: str, shared: set[int]) -> None:
+    """Turn `unit` (of a chunk that does not own it) into a stub, in place.
+
+    Why a shell and not an empty module: the model's forward may read a sub-module or the
+    dtype of a parameter of a unit another chunk owns (transformers' ViT reads
+    embeddings.patch_embeddings.projection.weight.dtype). The shell keeps the unit's class,
+    attributes and sub-modules; its parameters and buffers become plain tensor attributes
+    (parameters on the meta device: no memory), invisible to parameters(), state_dict(),
+    FSDP and the optimizer; sub-modules that are also parts of the chunk's own units
+    (`shared`: their ids) stay as they are. Called, it returns the received activation,
+    detached."""
+    for module in unit.modules():
+        if id(module) in shared:
+            continue  # also a part of a unit this chunk owns (one Linear in several blocks)
+        for key in ("_parameters", "_buffers"):
+            tensors = getattr(module, key)
+            for attr, tensor in list(tensors.items()):
+                del tensors[attr]
+                if tensor is not None and key == "_parameters":
+                    tensor = torch.empty_like(tensor.detach(), device="meta")
+                module.__dict__[attr] = tensor if tensor is None else tensor.detach()
+        module._non_persistent_buffers_set.clear()
+
+    def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return state.stub_output(name)
+
+    unit.forward = forward
+    unit.autoplan_stub_of = name
+
+
+def _meta_memo(model: nn.Module, units: Sequence[str], owned: Sequence[str]
+               ) -> dict[int, Any]:
+    """A deepcopy memo that copies the parameters only the other chunks' units hold as meta
+    tensors, so that building a chunk never copies the whole model's weights."""
+    keep = {id(p) for name in owned for p in model.get_submodule(name).parameters()}
+    memo: dict[int, Any] = {}
+    for name in units:
+        if name in owned:
+            continue
+        for param in model.get_submodule(name).parameters():
+            if id(param) not in keep:
+                memo[id(param)] = nn.Parameter(torch.empty_like(param, device="meta"),
+                                               requires_grad=param.requires_grad)
+    return memo
 
 
 def build_chunk(model: nn.Module, units: Sequence[str], owned: Sequence[str]) -> nn.Module:
@@ -106,7 +243,9 @@ def build_chunk(model: nn.Module, units: Sequence[str], owned: Sequence[str]) ->
 
     Returns:
         The chunk: called as chunk(received_activation, **input_kwargs(inputs)), or
-        chunk(**input_kwargs(inputs)) for the first chunk.
+        chunk(**input_kwargs(inputs)) for the first chunk. A middle chunk returns the one
+        tensor sent on; the last returns the tensors of the model's output as a tuple
+        (one tensor: that tensor), which wrap_loss turns back into the model's output.
 
     Raises:
         AutoplanError: when the model holds parameters outside its units.
@@ -115,41 +254,148 @@ def build_chunk(model: nn.Module, units: Sequence[str], owned: Sequence[str]) ->
     if outside:
         raise AutoplanError(f"the model's own parameters {outside} belong to no layer; a "
                             "pipeline cannot place them: move them into a sub-module")
-    chunk, state = copy.deepcopy(model), _ChunkState()
+    chunk = copy.deepcopy(model, _meta_memo(model, units, owned))
+    state = _ChunkState()
     first, last = units.index(owned[0]), units.index(owned[-1])
+    next_unit = units[last + 1] if last + 1 < len(units) else None
+    if first > 0:
+        unit = chunk.get_submodule(owned[0])
+        unit.register_forward_pre_hook(_receive_hook(state, _first_param(unit)),
+                                       prepend=True, with_kwargs=True)
+        for name in owned:
+            chunk.get_submodule(name).register_forward_pre_hook(
+                _check_hook(state, name, owned[0]), with_kwargs=True)
+    if next_unit is not None:
+        unit = chunk.get_submodule(next_unit)
+        unit.register_forward_pre_hook(_stop_hook(_first_param(unit)), with_kwargs=True)
+    shared = {id(m) for name in owned for m in chunk.get_submodule(name).modules()}
     for index, name in enumerate(units):
         if index < first or index > last:
-            _replace(chunk, name, _Stub(state, name))
-    if first > 0:
-        chunk.get_submodule(owned[0]).register_forward_pre_hook(
-            lambda _m, args: (state.recv, *args[1:]), prepend=True)
-    if last + 1 < len(units):
-        def stop(_m: nn.Module, args: tuple[Any, ...]) -> None:
-            raise _StageExit(args[0])
-
-        chunk.get_submodule(units[last + 1]).register_forward_pre_hook(stop)
-    chunk.forward = _chunk_forward(chunk.forward, state)
+            _make_shell(chunk.get_submodule(name), state, name, shared)
+    trainable = any(param.requires_grad for param in chunk.parameters())
+    chunk.forward = _chunk_forward(chunk.forward, state, (owned[0], owned[-1], next_unit),
+                                   trainable)
+    chunk.autoplan_chunk_state = state
     return chunk
 
 
-def _chunk_forward(model_forward: Callable[..., Any], state: _ChunkState) -> Callable[..., Any]:
-    def forward(*received: torch.Tensor, **kwargs: torch.Tensor) -> Any:
+def _chunk_forward(model_forward: Callable[..., Any], state: _ChunkState,
+                   ends: tuple[str, str, str | None], trainable: bool) -> Callable[..., Any]:
+    """The chunk's forward: the model's, on the received activation and the model's inputs,
+    stopped at the next chunk's first unit (`ends`: the chunk's first and last units and
+    that one)."""
+    first, last, next_unit = ends
+
+    def forward(*received: torch.Tensor, **kwargs: Any) -> Any:
         keys = sorted((k for k in kwargs if k.startswith(INPUT_KEY)),
                       key=lambda k: int(k.removeprefix(INPUT_KEY)))
         inputs = [kwargs.pop(k) for k in keys]
         state.recv = received[0] if received else None
+        checking = state.checking
         try:
-            return model_forward(*inputs, **kwargs)
+            output = model_forward(*inputs, **kwargs)
         except _StageExit as stop:
-            return stop.value
+            return _boundary_tensor(stop.value, next_unit, trainable)
+        except (RuntimeError, TypeError, ValueError, IndexError, AttributeError) as err:
+            if checking and received:  # the whole model runs: suspect the cut, say where
+                raise AutoplanError(f"the model's forward fails on the pipeline stage that "
+                                    f"starts at layer {first} ({type(err).__name__}: "
+                                    f"{_first_line(err)}): the glue code before it needs "
+                                    "what layers of another stage return; move the stage "
+                                    "boundary") from err
+            raise
         finally:
             state.recv = None
+            if checking:
+                state.checked = True
+                state.stub_outputs.clear()
+                state.reaches.clear()
+        if next_unit is not None:
+            raise AutoplanError(f"the model's forward returned without calling layer "
+                                f"{next_unit} after {last}: a pipeline cannot start a "
+                                f"stage at {next_unit}")
+        return _flat_output(output, state)
 
     return forward
 
 
-def input_kwargs(inputs: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The model's positional inputs as the keyword arguments every chunk takes."""
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:200]
+
+
+def _boundary_tensor(value: Any, unit: str | None, trainable: bool) -> torch.Tensor:
+    """The one tensor a middle chunk sends on: the next chunk's first unit's first input.
+
+    Raises:
+        AutoplanError: when it is not a tensor, or (in training, `trainable`: the chunk has
+            parameters to train) not computed from the chunk's layers (it comes from the
+            model's inputs, like the position ids of a position embedding): the next chunk
+            would take it for the activation.
+    """
+    if not isinstance(value, torch.Tensor):
+        raise AutoplanError(f"layer {unit} takes {type(value).__name__} as its first input, "
+                            "not a tensor: a pipeline stage cannot start there")
+    if trainable and torch.is_grad_enabled() and not value.requires_grad:
+        raise AutoplanError(f"layer {unit}'s first input is not computed by the layers "
+                            "before it (it comes from the model's inputs): a pipeline stage "
+                            "cannot start there; move the stage boundary")
+    return value
+
+
+def _flat_output(output: Any, state: _ChunkState) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """The model's output as the stage returns it (torch pipelining takes only tensors):
+    its tensor leaves; the structure and the other leaves wait in `state` for the loss."""
+    if isinstance(output, torch.Tensor):
+        state.spec = None
+        return output
+    leaves, state.spec = tree_flatten(output)
+    tensors = tuple(leaf for leaf in leaves if isinstance(leaf, torch.Tensor))
+    if not tensors:
+        raise AutoplanError(f"the model returned no tensor ({type(output).__name__}): "
+                            "nothing for the loss")
+    state.constants = [_TENSOR if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+    return tensors
+
+
+def _rebuilt_output(flat: Any, state: _ChunkState) -> Any:
+    """The model's output again, from the tensors the last stage returned."""
+    if state.spec is None:
+        return flat
+    tensors = iter((flat,) if isinstance(flat, torch.Tensor) else flat)
+    leaves = [next(tensors) if leaf is _TENSOR else leaf for leaf in state.constants]
+    return tree_unflatten(leaves, state.spec)
+
+
+def wrap_loss(loss_fn: Callable[[Any, torch.Tensor], torch.Tensor], chunk: nn.Module
+              ) -> Callable[[Any, torch.Tensor], torch.Tensor]:
+    """loss_fn given the model's output as the model returned it (a ModelOutput, a tuple
+    with None in it, a dict), rebuilt from the tensors the last chunk's stage returned.
+
+    Args:
+        loss_fn: (model output, targets) -> scalar.
+        chunk: the last chunk (built by build_chunk).
+    """
+    state: _ChunkState = chunk.autoplan_chunk_state
+
+    def loss(flat: Any, targets: torch.Tensor) -> torch.Tensor:
+        return loss_fn(_rebuilt_output(flat, state), targets)
+
+    return loss
+
+
+def input_kwargs(inputs: Sequence[torch.Tensor] | Mapping[str, Any]) -> dict[str, Any]:
+    """The model's inputs as the keyword arguments every chunk takes: positional inputs
+    under INPUT_KEY names, keyword inputs under their own names.
+
+    Raises:
+        AutoplanError: when a keyword input's name starts with INPUT_KEY.
+    """
+    if isinstance(inputs, Mapping):
+        clash = [k for k in inputs if k.startswith(INPUT_KEY)]
+        if clash:
+            raise AutoplanError(f"keyword inputs {clash} start with '{INPUT_KEY}', which "
+                                "pipelining reserves: rename them")
+        return dict(inputs)
     return {f"{INPUT_KEY}{i}": t for i, t in enumerate(inputs)}
 
 
@@ -178,6 +424,8 @@ def build_schedule(chunks: dict[int, nn.Module], n_chunks: int, schedule: str,
     """
     if schedule not in _SCHEDULES:
         raise AutoplanError(f"schedule '{schedule}' is not one of {', '.join(_SCHEDULES)}")
+    if n_chunks - 1 in chunks:  # the loss sees the model's output as the model returned it
+        loss_fn = wrap_loss(loss_fn, chunks[n_chunks - 1])
     stages = [PipelineStage(module, index, n_chunks, device, group=group)
               for index, module in sorted(chunks.items())]
     cls = _SCHEDULES[schedule]
