@@ -570,8 +570,10 @@ def _flow_plan(meta: nn.Module, call: tuple[tuple, dict]) -> TPPlan:
     styles, refusal = _checked(meta, call, flow, styles, notes)
     if refusal:
         return TPPlan({}, _leftover(meta, {}), (), refusal, notes)
+    order = [name for name, _ in meta.named_modules()]  # the same on every rank
+    styles = {name: styles[name] for name in order if name in styles}
     return TPPlan(styles, _leftover(meta, styles), _sizes(meta, styles), "",
-                  {n: why for n, why in notes.items() if n not in styles})
+                  {n: notes[n] for n in order if n in notes and n not in styles})
 
 
 def _leftover(unit: nn.Module, styles: dict[str, str]) -> tuple[str, ...]:

@@ -1,10 +1,14 @@
 """Tensor and sequence parallelism of each layer: decisions as data first, then parallelize_module.
 
-The plan of a unit comes from autoplan.tp_plan.infer_tp_plan (Megatron's pairing: column-wise
-Linear layers followed by one row-wise Linear). With sequence parallelism (Korthikanti et al.
-2022) the activations between units are split by sequence (dim 1) as local tensors: norms run
-on the local slice (SequenceParallel), each parent of a Linear pair gathers the sequence
-before its column-wise layers, and its row-wise layer reduce-scatters back to a slice.
+The plan of a unit comes from autoplan.tp_plan.infer_tp_plan (Megatron's pairing by data flow:
+column-wise Linear layers whose outputs reach one row-wise Linear). A unit whose plan refuses
+tp > 1 is refused here with the same reason; a Linear shared by several units (or called
+twice in one) is split once, by the first unit that holds it.
+
+With sequence parallelism (Korthikanti et al. 2022) the activations between units are split
+by sequence (dim 1) as local tensors: norms run on the local slice (SequenceParallel), each
+parent of a column-wise Linear gathers the sequence before it runs, and each row-wise Linear
+reduce-scatters back to a slice.
 Where a sequence-split unit meets a unit that needs the whole sequence, a hook gathers or
 splits the first positional input (DTensor redistribute, so gradients follow).
 
@@ -33,7 +37,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from autoplan.errors import AutoplanError
-from autoplan.tp_plan import COLWISE, infer_tp_plan
+from autoplan.tp_plan import COLWISE, TPPlan, infer_tp_plan
 
 __all__ = ["SEQUENCE_DIM", "TPLayer", "tp_styles", "sequence_splits", "apply_tp",
            "gather_sequence_input"]
@@ -112,7 +116,8 @@ def tp_styles(unit: nn.Module, sequence_parallel: bool,
     for name, module in unit.named_modules():
         if isinstance(module, _NORMS):
             styles[name] = SequenceParallel(use_local_output=True)
-    for parent in {name.rpartition(".")[0] for name in plan.styles}:
+    for parent in sorted({name.rpartition(".")[0] for name, style in plan.styles.items()
+                          if style == COLWISE}):  # one order on every rank
         styles[parent] = _RedistributeInput(gather=True)
     return styles
 
@@ -136,6 +141,28 @@ def gather_sequence_input(unit: nn.Module, tp_mesh: DeviceMesh) -> None:
     _RedistributeInput(gather=True)._apply(unit, tp_mesh)
 
 
+def _check_degree(name: str, plan: TPPlan, tp: int) -> None:
+    """Raises AutoplanError when the unit's plan refuses tp, or tp does not divide its sizes."""
+    if tp > 1 and plan.refusal:
+        raise AutoplanError(f"layer {name}: {plan.refusal}")
+    bad = sorted({size for size in plan.sizes if size % tp})
+    if bad:
+        raise AutoplanError(f"layer {name}: tp {tp} does not divide its "
+                            f"{', '.join(map(str, bad))} (split widths and heads); choose a "
+                            "tp that does")
+
+
+def _not_yet_split(unit: nn.Module, styles: dict[str, ParallelStyle]) -> dict[str, ParallelStyle]:
+    """The styles without those whose module a unit before already split (a shared Linear:
+    parallelize_module refuses a module twice, and its hooks already serve every call)."""
+    def split(name: str) -> bool:
+        module = unit.get_submodule(name)
+        return any(isinstance(p, DTensor) for p in module.parameters(recurse=False))
+
+    return {name: style for name, style in styles.items()
+            if isinstance(style, _RedistributeInput) or not split(name)}
+
+
 def apply_tp(model: nn.Module, layers: Sequence[TPLayer], splits: Sequence[bool],
              tp_mesh: DeviceMesh, present: set[str] | None = None,
              whole_inputs: Collection[str] = ()) -> list[str]:
@@ -155,8 +182,9 @@ def apply_tp(model: nn.Module, layers: Sequence[TPLayer], splits: Sequence[bool]
         The names of units with parameters that stay replicated (nothing to split).
 
     Raises:
-        AutoplanError: when a split dimension does not divide by the tp degree, or the last
-            layer would give sequence slices as the model's output.
+        AutoplanError: when a unit's plan refuses tp (autoplan.tp_plan: TPPlan.refusal), a
+            split size does not divide by the tp degree, or the last layer would give
+            sequence slices as the model's output.
     """
     if splits and splits[-1]:
         raise AutoplanError(f"the last layer {layers[-1].name} would give sequence slices; "
@@ -167,13 +195,11 @@ def apply_tp(model: nn.Module, layers: Sequence[TPLayer], splits: Sequence[bool]
             continue
         unit = model.get_submodule(layer.name)
         inferred = infer_tp_plan(unit, layer.override)
-        if not inferred.max_degree_divides(unit, tp_mesh.size()):
-            raise AutoplanError(f"layer {layer.name}: tp {tp_mesh.size()} does not divide the "
-                                "widths of its Linear/Embedding layers; choose a tp that does")
+        _check_degree(layer.name, inferred, tp_mesh.size())
         previous = splits[index - 1] if index and layer.name not in whole_inputs else False
         if previous != splits[index]:  # registered first: runs before the styles' hooks
             _RedistributeInput(gather=previous)._apply(unit, tp_mesh)
-        styles = tp_styles(unit, layer.sequence_parallel, layer.override)
+        styles = _not_yet_split(unit, tp_styles(unit, layer.sequence_parallel, layer.override))
         if "" in styles:  # the unit's own style (parallelize_module takes no "" key)
             parallelize_module(unit, tp_mesh, styles.pop(""))
         if styles:
