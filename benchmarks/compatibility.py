@@ -132,7 +132,8 @@ def _classify(cell: str, code: int, out: str, err: str) -> tuple[str, str]:
 
 
 def run_cell(model: str, cell: str, folder: Path, timeout_s: float) -> CellResult:
-    """Run one cell as a subprocess of its own process group; a timeout kills the group."""
+    """Run one cell as a subprocess of its own process group (a timeout kills the group) and
+    keep its command and output in <folder>/<cell>.log, from which the cell is classified."""
     if cell == "mixed" and not (folder / "plan.json").exists():
         return CellResult(model, cell, "skipped", "the search cell wrote no plan", 0.0)
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
@@ -143,15 +144,43 @@ def run_cell(model: str, cell: str, folder: Path, timeout_s: float) -> CellResul
                             start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout_s)
+        code = str(proc.returncode)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)
-        proc.communicate()
-        return CellResult(model, cell, "FAILED", f"timeout after {timeout_s:.0f} s (a hang)",
-                          time.perf_counter() - start)
-    (folder / f"{cell}.log").write_text(f"$ {' '.join(proc.args)}\nexit {proc.returncode}\n"
-                                        f"--- stdout\n{out}\n--- stderr\n{err}")
-    status, detail = _classify(cell, proc.returncode, out, err)
-    return CellResult(model, cell, status, detail, time.perf_counter() - start)
+        out, err = proc.communicate()
+        code = f"timeout {timeout_s:.0f}"
+    (folder / f"{cell}.log").write_text(
+        f"$ {' '.join(proc.args)}\nexit {code}\nwall_s {time.perf_counter() - start:.1f}\n"
+        f"--- stdout\n{out}\n--- stderr\n{err}")
+    return cell_from_log(model, cell, folder / f"{cell}.log")
+
+
+def cell_from_log(model: str, cell: str, path: Path) -> CellResult:
+    """Classify a cell from the log run_cell wrote (or, with --from-logs, an earlier run's)."""
+    text = path.read_text()
+    head, _, rest = text.partition("\n--- stdout\n")
+    out, _, err = rest.partition("\n--- stderr\n")
+    fields = dict(line.split(" ", 1) for line in head.splitlines()[1:] if " " in line)
+    wall_s = float(fields.get("wall_s", 0.0))
+    code = fields.get("exit", "")
+    if code.startswith("timeout"):
+        return CellResult(model, cell, "FAILED",
+                          f"timeout after {code.split()[1]} s (a hang): {_last_line(out + err)}",
+                          wall_s)
+    status, detail = _classify(cell, int(code), out, err)
+    return CellResult(model, cell, status, detail, wall_s)
+
+
+def _results_from_logs(models: list[str], cells: list[str], logs: Path) -> list[CellResult]:
+    """The matrix of an earlier (or interrupted) run, from its logs; cells without one were
+    not run (the mixed cell also when the search cell wrote no plan)."""
+    results = []
+    for model in models:
+        for cell in cells:
+            path = logs / model / f"{cell}.log"
+            results.append(cell_from_log(model, cell, path) if path.exists() else
+                           CellResult(model, cell, "skipped", "not run", 0.0))
+    return results
 
 
 # ------------------------------------------------------------------------------ auto driver
@@ -256,7 +285,7 @@ def _markdown(results: list[CellResult], models: list[str], cells: list[str]) ->
 
 
 def _score(results: list[CellResult]) -> tuple[int, int]:
-    run = [r for r in results if r.cell in RUN_CELLS]
+    run = [r for r in results if r.cell in RUN_CELLS and r.detail != "not run"]
     return sum(r.status == "verified" for r in run), len(run)
 
 
@@ -324,12 +353,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="models run at the same time")
     parser.add_argument("--logs", type=Path, default=ROOT / "out" / "compatibility",
                         help="each cell's command and output (<model>/<cell>.log)")
+    parser.add_argument("--from-logs", action="store_true",
+                        help="run nothing: rebuild the tables from the logs of an earlier run")
     parser.add_argument("--readme", action="store_true", help="update README.md's table")
     parser.add_argument("--auto-worker", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.auto_worker:
         return _auto_worker(args.auto_worker)
     models, cells = _pick(args.models, list(ZOO), "models"), _pick(args.cells, CELLS, "cells")
+    if args.from_logs:
+        return _finish(_results_from_logs(models, cells, args.logs), models, cells, args)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -341,6 +374,12 @@ def main(argv: list[str] | None = None) -> int:
             bar.update(task, advance=1, description=f"{r.model} {r.cell}")
 
         results = _run_all(models, cells, args.timeout, args.jobs, args.logs, on_done)
+    return _finish(results, models, cells, args)
+
+
+def _finish(results: list[CellResult], models: list[str], cells: list[str],
+            args: argparse.Namespace) -> int:
+    """Write the tables (and the README section); print the score."""
     markdown = _write(results, models, cells, args.output)
     if args.readme:
         _update_readme(markdown)

@@ -5,7 +5,11 @@ each flips to a failure, to be unmarked, once the defect is fixed."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,3 +94,42 @@ def test_search_plans_four_devices_or_refuses_in_one_line(name: str) -> None:
     plan = result.best.plan
     assert plan.world_size == 4 and plan.global_batch == 8
     assert result.best.estimate.step_time_s > 0
+
+
+# ------------------------------------------------------------------ the compatibility matrix
+
+
+@functools.cache
+def _compatibility():  # noqa: ANN202 - the benchmark script, imported from its path
+    spec = importlib.util.spec_from_file_location(
+        "compatibility", Path(__file__).parent.parent / "benchmarks" / "compatibility.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(("cell", "code", "out", "err", "expected"), [
+    ("dp", 0, "verify: matches the one-process reference", "", ("verified", "")),
+    ("tp", 2, "", "autoplan run: error: tp=2 does not divide 3 heads", (
+        "refused", "tp=2 does not divide 3 heads")),
+    ("pp", 1, "verify: DIFFERS from the one-process reference: x", "note",
+     ("FAILED", "verify: DIFFERS from the one-process reference: x")),
+    ("zero3", 2, "", "Traceback (most recent call last):\n  File x\nKeyError: 'a'",
+     ("FAILED", "exit 2: KeyError: 'a'")),
+    ("auto2", 1, "compat: FAILED: verify differs: g", "", ("FAILED", "verify differs: g")),
+    ("auto1", 2, "compat: refused: no plan fits", "", ("refused", "no plan fits")),
+    ("auto2", 1, "", "RuntimeError: boom\nChildFailedError:\n====", ("FAILED",
+                                                                    "exit 1: RuntimeError: boom")),
+])
+def test_the_matrix_classifies_a_cell_by_its_exit_and_output(
+        cell: str, code: int, out: str, err: str, expected: tuple[str, str]) -> None:
+    assert _compatibility()._classify(cell, code, out, err) == expected
+
+
+def test_a_timed_out_cell_is_a_failed_hang(tmp_path: Path) -> None:
+    log = tmp_path / "dp.log"
+    log.write_text("$ cmd\nexit timeout 240\nwall_s 240.3\n--- stdout\nstep 1\n--- stderr\n")
+    result = _compatibility().cell_from_log("gpt2", "dp", log)
+    assert (result.status, result.wall_s) == ("FAILED", 240.3)
+    assert result.detail.startswith("timeout after 240 s (a hang)")
