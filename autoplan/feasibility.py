@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # plan.py checks plans with this module
     from autoplan.plan import LayerStrategy, Plan
 
 __all__ = ["layer_refusal", "feasible", "cut_refusal", "layout_change_refusal",
-           "gives_whole_output", "tie_groups", "plan_refusal"]
+           "gives_whole_output", "last_layer", "tie_groups", "plan_refusal"]
 
 
 def layer_refusal(node: LayerNode, strategy: LayerStrategy) -> str | None:
@@ -69,9 +69,14 @@ def layout_change_refusal(graph: LayerGraph, index: int) -> str | None:
 
 def gives_whole_output(node: LayerNode) -> bool:
     """Whether the layer's output is whole under sequence parallelism: the executor splits
-    an Embedding by rows and a Linear by columns, giving whole outputs; others give
-    sequence slices, which the model's last layer must not."""
-    return node.module_type in ("Embedding", "Linear")
+    an Embedding by rows and a Linear (an output head) by columns, giving whole outputs;
+    others give sequence slices, which the model's last layer must not."""
+    return node.kind == "head" or node.module_type in ("Embedding", "Linear")
+
+
+def last_layer(nodes: Sequence[LayerNode]) -> int:
+    """Index of the model's last layer: the last node that is not the loss (-1 if none)."""
+    return max((i for i, node in enumerate(nodes) if node.kind != "loss"), default=-1)
 
 
 def tie_groups(nodes: Sequence[LayerNode]) -> list[tuple[int, ...]]:
@@ -92,7 +97,7 @@ def plan_refusal(plan: Plan, graph: LayerGraph) -> str | None:
         why = layer_refusal(node, layer)
         if why:
             return why
-    last = len(nodes) - 2  # the last layer before the loss
+    last = last_layer(nodes)
     if last >= 0 and plan.layers[last].sequence_parallel and not gives_whole_output(nodes[last]):
         return (f"layer {nodes[last].name} is the model's last layer: sequence parallelism "
                 "there would give the output in sequence slices")

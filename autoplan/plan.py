@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from autoplan import __version__
 from autoplan.errors import AutoplanError
-from autoplan.feasibility import gives_whole_output, plan_refusal
+from autoplan.feasibility import gives_whole_output, last_layer, plan_refusal
 from autoplan.formats import check_version, first_error
 from autoplan.graph import LayerGraph
 from autoplan.io import atomic_write_text, utc_now
@@ -252,7 +252,7 @@ def uniform_plan(values: dict[str, Any] | str, graph: LayerGraph, world_size: in
 def _sequence_kept(graph: LayerGraph, index: int, strategy: dict) -> dict:
     """Sequence parallelism stays off on the model's last layer when that would give the
     output in sequence slices (feasibility.gives_whole_output): SP applies where it can."""
-    last = index == len(graph.nodes) - 2
+    last = index == last_layer(graph.nodes)
     if last and strategy["sequence_parallel"] and not gives_whole_output(graph.nodes[index]):
         return {"sequence_parallel": False}
     return {}

@@ -36,6 +36,7 @@ from autoplan.errors import AutoplanError
 from autoplan.feasibility import (
     cut_refusal,
     gives_whole_output,
+    last_layer,
     layout_change_refusal,
     plan_refusal,
     tie_groups,
@@ -241,7 +242,7 @@ class Searcher:
         no faster, and no smaller in any memory term."""
         node = self.graph.nodes[i]
         shared = stage > 0 and node.shared_params > 0
-        last = i == len(self.graph.nodes) - 2  # the model's last layer, before the loss
+        last = i == last_layer(self.graph.nodes)
         key = (node.signature, shared, self.cluster.gpus // outer.pp, outer.micro_batch_size,
                last)
         if key not in self._choices:
@@ -487,7 +488,7 @@ class Searcher:
     def _uniform_layers(self, strategy: LayerStrategy) -> list[LayerStrategy]:
         """`strategy` on every layer, without checkpointing where a layer has none to do and
         without sequence parallelism on a last layer it would leave in slices."""
-        last = len(self.graph.nodes) - 2
+        last = last_layer(self.graph.nodes)
         out = []
         for i, node in enumerate(self.graph.nodes):
             update: dict[str, Any] = {}

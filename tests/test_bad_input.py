@@ -15,6 +15,7 @@ import pytest
 
 from autoplan.cli import main
 from autoplan.cluster import parse_cluster_spec
+from autoplan.graph import GRAPH_FORMAT_VERSION
 from autoplan.plan import uniform_plan
 from autoplan.profiler.analytic import analytic_profile
 from autoplan.profiler.profile import PROFILE_FORMAT_VERSION
@@ -49,6 +50,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         _with(root / f"{name}_v2.json", version=2)
         (root / f"{name}_v0.json").write_text((root / f"{name}.json").read_text())
         _with(root / f"{name}_v0.json", version=0)
+    (root / "graph_next.json").write_text((root / "graph.json").read_text())
+    _with(root / "graph_next.json", version=GRAPH_FORMAT_VERSION + 1)
     (root / "profile_next.json").write_text((root / "profile.json").read_text())
     _with(root / "profile_next.json", version=PROFILE_FORMAT_VERSION + 1)  # graphs etc. at 1
     (root / "plan_zero_world.json").write_text((root / "plan.json").read_text())
@@ -223,8 +226,10 @@ GRAPH_CASES = [
     ({"--model": "{not_json}"}, ["is not JSON"]),
     ({"--model": "{empty}"}, ["is not JSON"]),
     ({"--model": "{list}"}, ["layer graph"]),
-    ({"--model": "{graph_v2}"}, ["layer graph", "format version 2", "reads version 1"]),
-    ({"--model": "{graph_v0}"}, ["layer graph", "format version 0", "reads version 1"]),
+    ({"--model": "{graph_next}"}, ["layer graph", f"format version {GRAPH_FORMAT_VERSION + 1}",
+                                   f"reads version {GRAPH_FORMAT_VERSION}"]),
+    ({"--model": "{graph_v0}"}, ["layer graph", "format version 0",
+                                 f"reads version {GRAPH_FORMAT_VERSION}"]),
     ({"--model": "{graph_bad_type}"}, ["params", "many"]),
     ({"--model": "{graph_no_nodes}"}, ["nodes"]),
     ({"--model": "{plan}"}, ["layer graph"]),
@@ -264,7 +269,7 @@ CASES: dict[str, list] = {
          ["--world-size", "invalid int value"]),
         ({"--plan": "dp=2", "--world-size": "2", "--global-batch": "0"}, ["global batch 0"]),
         ({"--plan": "tp=8", "--world-size": "8", "--global-batch": "8"},
-         ["tp 8 does not divide the model's 4 heads"]),
+         ["layer h.0: tp 8 does not divide 4 of the sizes it splits"]),
         ({"--plan": "pp=16", "--world-size": "16", "--global-batch": "32"},
          ["16 pipeline chunks need at least 16 layers"]),
         ({"--plan": "{plan}"}, ["plan is for model synthetic"]),
@@ -340,7 +345,7 @@ CASES: dict[str, list] = {
         ({"--plan": "dp=0"}, ["plan dp must be at least 1"]),
         ({"--plan": "dp=1,ckpt=some"}, ["ckpt 'some'", "none", "selective", "full"]),
         ({"--plan": "dp=1,zero=9"}, ["zero must be 0, 1, 2 or 3"]),
-        ({"--plan": "tp=3", "--nproc": "3"}, ["tp 3 does not divide the model's 4 heads"]),
+        ({"--plan": "tp=3", "--nproc": "3"}, ["tp 3 does not divide"]),
         ({"--plan": "{plan}"}, ["plan is for model synthetic"]),
         ({"--plan": "{plan_v2}"}, ["plan format version 2", "reads version 1"]),
         ({"--plan": "{not_json}"}, ["Invalid JSON"]),
