@@ -43,23 +43,18 @@ from autoplan.cluster import Cluster, parse_cluster_spec
 from autoplan.cost_model.command import memory_limit_bytes
 from autoplan.errors import AutoplanError
 from autoplan.executor import LossFn, Runner, parallelize
-from autoplan.executor.hops import check_layouts
-from autoplan.executor.mesh import layout_dims
 from autoplan.graph import LayerGraph
 from autoplan.models.build import BuiltModel, default_loss, sum_loss
 from autoplan.models.spec import ModelSpec
-from autoplan.plan import Plan, plan_from_json
+from autoplan.plan import plan_from_json
 from autoplan.profiler.analytic import TP_SHARDED_KINDS
 from autoplan.profiler.compute import MeasureSettings
 from autoplan.profiler.profile import CommPoint, Profile, load_profile
 from autoplan.search import Searcher, SearchOptions, SearchResult
 from autoplan.search.command import no_plan_message
 from autoplan.search.report import describe
-from autoplan.search.search import Candidate
 from autoplan.search.space import divisors, parse_fix
-from autoplan.tp_plan import infer_tp_plan
 from autoplan.tracing import layer_graph, meta_copy, meta_inputs
-from autoplan.units import find_units
 
 __all__ = ["auto", "default_loss"]
 
@@ -334,12 +329,12 @@ def _decide(model: nn.Module, graph: LayerGraph, request: _Request, comm: list[C
     """Rank 0: profile, search, and the chosen plan as JSON."""
     with _rng_kept(request.device):
         profile = _profile(model, graph, request, comm, world)
-    options = replace(request.options, max_tp=_max_tp(model, request.cluster, profile))
+    options = replace(request.options, max_tp=_max_tp(request.cluster, profile))
     searcher = Searcher(graph, request.cluster, options, profile)
     result = searcher.run()
     if result.best is None:
         raise AutoplanError(_no_plan(result, searcher.model.memory_limit_bytes, world))
-    chosen = _runnable(result, model, graph)
+    chosen = result.best  # the search returns only plans the executor runs (feasibility)
     source = ("given" if request.profile is not None else "measured here" if request.measure
               else "datasheet")
     log.info("auto: %s on %s: %s; predicted %s per step, peak %s per device (profile %s, "
@@ -389,59 +384,18 @@ def _measured_profile(model: nn.Module, graph: LayerGraph, request: _Request,
                             (comm, fit_alpha_beta(comm) if comm else []))
 
 
-def _max_tp(model: nn.Module, cluster: Cluster, profile: Profile | None) -> int:
-    """The largest TP degree such that it and every smaller one the search may try splits
-    every layer the executor would split, and (with a profile) was timed for each layer
-    the cost model times at that degree."""
-    units = [model.get_submodule(name) for name, _ in find_units(model)]
-    plans = [(unit, infer_tp_plan(unit)) for unit in units]
+def _max_tp(cluster: Cluster, profile: Profile | None) -> int:
+    """The largest TP degree such that it and every smaller one the search may try was timed
+    (with a profile) for each layer the cost model times at that degree; which degrees
+    split each layer is the graph's own fact (autoplan.feasibility), which the search keeps."""
     timed = [{fit.tp for fit in layer.fits} for layer in profile.layers
              if layer.kind in TP_SHARDED_KINDS] if profile is not None else []
     best = 1
     for tp in divisors(cluster.gpus)[1:]:
-        splits = all(not p.shardable or p.max_degree_divides(u, tp) for u, p in plans)
-        if not splits or any(tp not in have for have in timed):
+        if any(tp not in have for have in timed):
             break
         best = tp
     return best
-
-
-def _runnable(result: SearchResult, model: nn.Module, graph: LayerGraph) -> Candidate:
-    """The fastest fitting plan the executor accepts: the search's best, a runner-up, or a
-    baseline (uniform DDP, FSDP or grid plans). The search knows the layouts the executor
-    refuses only in part (it keeps tied layers together); the executor's own checks decide,
-    e.g. a layout change at a layer whose first input is not an activation.
-
-    Raises:
-        AutoplanError: when the executor refuses every one, with its first reason.
-    """
-    baselines = sorted((c for c in result.baselines.values() if c and c.estimate.fits),
-                       key=lambda c: c.estimate.step_time_s)
-    units = [node.name for node in graph.nodes if node.kind != "loss"]
-    reasons = []
-    for candidate in [result.best, *result.runners_up, *baselines]:
-        why = _executor_refusal(model, units, candidate.plan)
-        if why is not None:
-            reasons.append(why)
-            continue
-        if reasons:
-            log.info("auto: %d faster plans skipped, the executor does not run them yet (%s)",
-                     len(reasons), reasons[0])
-        return candidate
-    raise AutoplanError(f"the executor runs none of the {len(reasons)} plans found; the "
-                        f"first: {reasons[0]}")
-
-
-def _executor_refusal(model: nn.Module, units: list[str], plan: Plan) -> str | None:
-    """Why the executor would refuse `plan` on `model`, by the checks parallelize() runs
-    before it changes anything (executor/parallelize.py, _build_layouts); None if none."""
-    layout = {layer.name: (layer.dp, layer.tp) for layer in plan.layers}
-    try:
-        check_layouts(model, units, [layout[name] for name in units])
-        layout_dims(plan)
-    except AutoplanError as why:
-        return str(why)
-    return None
 
 
 def _no_plan(result: SearchResult, limit_bytes: int, world: _World) -> str:
