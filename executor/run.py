@@ -14,6 +14,7 @@ Flow (run_plan):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ import statistics
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +38,20 @@ from autoplan.cost_model.estimate import CostModel, Estimate
 from autoplan.errors import AutoplanError, WorkerFailed
 from autoplan.executor.mesh import GROUP_TIMEOUT
 from autoplan.executor.parallelize import parallelize
-from autoplan.executor.verify import Batch, Comparison, Trace, compare, reference_trace, train
+from autoplan.executor.verify import (
+    Batch,
+    Comparison,
+    DropoutOff,
+    Trace,
+    batch_norm_layers,
+    compare,
+    criterion,
+    reference_trace,
+    train,
+)
 from autoplan.graph import LayerGraph
 from autoplan.io import atomic_write_text
-from autoplan.models import BuiltModel, build_model, default_loss, lm_loss
+from autoplan.models import BuiltModel, build_model, default_loss
 from autoplan.plan import Plan, check_plan, load_plan, parse_plan_shorthand
 from autoplan.profiler.launch import run_workers, watch_parent
 from autoplan.profiler.profile import load_profile
@@ -160,8 +171,9 @@ class RunReport:
 
 @dataclass
 class _SyntheticData:
-    """Seeded batches for a built model: token ids and next tokens for language models; for
-    any other module, its example inputs with random values and random regression targets."""
+    """Seeded batches for a built model: token ids and their targets (next tokens, or the
+    tokens themselves for an encoder) for token models; for any other module, its example
+    inputs with random values and random regression targets."""
 
     built: BuiltModel
     global_batch: int
@@ -184,7 +196,7 @@ class _SyntheticData:
 
     @property
     def language_model(self) -> bool:
-        return self.built.loss_fn is lm_loss
+        return self.built.token_targets is not None
 
     @property
     def loss_fn(self) -> Callable[[Any, torch.Tensor], torch.Tensor]:
@@ -198,8 +210,8 @@ class _SyntheticData:
             inputs = tuple(t.cpu() for t in self.built.example_inputs(self.global_batch))
         inputs = tuple(torch.randn(t.shape, generator=gen, dtype=t.dtype)
                        if t.is_floating_point() else t for t in inputs)
-        if self.language_model:
-            targets = inputs[0].roll(-1, dims=1)
+        if self.built.token_targets is not None:
+            targets = self.built.token_targets(inputs)
         else:
             targets = torch.randn((self.global_batch, *self.target_shape), generator=gen)
         return tuple(t.to(self.device) for t in inputs), targets.to(self.device)
@@ -341,8 +353,10 @@ def train_rank(options: RunOptions, plan: Plan,
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    trace = train(runner, optimizer, steps=options.steps, make_batch=batch,
-                  keep=options.verify, device_type=device)
+    # verify compares with a reference that draws other dropout masks: dropout off in both
+    with DropoutOff() if options.verify else contextlib.nullcontext():
+        trace = train(runner, optimizer, steps=options.steps, make_batch=batch,
+                      keep=options.verify, device_type=device)
     state = dict(trace.state_bytes)
     state["state"] = sum(state.values())
     state["stage"] = _stage_of(rank, plan)
@@ -429,13 +443,51 @@ def _worker_main(spec_path: str) -> None:
 
 def reference_run(options: RunOptions, plan: Plan) -> Trace:
     """The same model, seed and batches trained in this process without parallelism, in as
-    many accumulated slices as the plan has (data-parallel ranks x micro-batches)."""
+    many accumulated slices as the plan has (data-parallel ranks x micro-batches), with
+    dropout off as in the verified run."""
+    return _reference_with_notes(options, plan)[0]
+
+
+def _reference_with_notes(options: RunOptions, plan: Plan) -> tuple[Trace, list[str]]:
+    """reference_run's trace, and notes on what the comparison changed or what may explain
+    a difference (dropout turned off, BatchNorm layers and the slices they normalize)."""
     built = _build(options.model, options.seed)
     data = _SyntheticData(built, plan.global_batch, options.seed)
     batches = [data.batch(step) for step in range(options.steps)]
-    pieces = plan.layers[0].dp * plan.num_micro_batches
-    return reference_trace(built.module, batches, data.loss_fn, pieces,
-                           _optimizer(list(built.module.parameters()), options.lr))
+    pieces = _reference_pieces(plan)
+    with DropoutOff() as dropout:
+        trace = reference_trace(built.module, batches, data.loss_fn, pieces,
+                                _optimizer(list(built.module.parameters()), options.lr))
+    notes = [dropout.summary()] if dropout.seen else []
+    return trace, notes + _batch_norm_notes(built.module, plan)
+
+
+def _reference_pieces(plan: Plan) -> int:
+    return plan.layers[0].dp * plan.num_micro_batches
+
+
+def _batch_norm_notes(module: torch.nn.Module, plan: Plan) -> list[str]:
+    """Where BatchNorm normalizes other slices of the batch in the run than in the
+    reference: a real difference of the training, not a fault of the executor."""
+    names = batch_norm_layers(module)
+    if not names:
+        return []
+    ref_samples = plan.global_batch // _reference_pieces(plan)
+    differ = []
+    for name in names:
+        layer = max((lp for lp in plan.layers if name == lp.name or
+                     name.startswith(f"{lp.name}.")), key=lambda lp: len(lp.name), default=None)
+        samples = plan.global_batch // (plan.num_micro_batches * (layer.dp if layer else 1))
+        if layer is not None and samples != ref_samples:
+            differ.append(f"{name} ({samples})")
+    if not differ:
+        return [f"BatchNorm ({len(names)} layers) normalizes slices of {ref_samples} samples "
+                "here as in the reference, so its per-rank statistics do not explain a "
+                "difference"]
+    return [f"BatchNorm layers normalize with per-rank batch statistics: {', '.join(differ[:4])}"
+            f"{' ...' if len(differ) > 4 else ''} samples here, {ref_samples} in the "
+            "reference; a real difference of the training (torch's SyncBatchNorm would share "
+            "the statistics, but it runs on CUDA only)"]
 
 
 def merge_ranks(ranks: list[dict]) -> Trace:
@@ -448,8 +500,16 @@ def merge_ranks(ranks: list[dict]) -> Trace:
 
 
 def _verify(options: RunOptions, plan: Plan, ranks: list[dict]) -> Comparison:
-    """Compare the merged run with the one-process reference."""
-    return compare(merge_ranks(ranks), reference_run(options, plan), options.lr)
+    """Compare the merged run with the one-process reference, noting the criterion and
+    what the comparison changed or what may explain a difference."""
+    reference, notes = _reference_with_notes(options, plan)
+    comparison = compare(merge_ranks(ranks), reference, options.lr)
+    batch_norm = [n for n in notes if n.startswith("BatchNorm")]
+    notes = [n for n in notes if n not in batch_norm]
+    if not comparison.ok:
+        notes += batch_norm
+    return replace(comparison, notes=(f"criterion: {criterion(options.steps, options.lr)}",
+                                      *notes))
 
 
 # ------------------------------------------------------------------------------ entry
@@ -511,6 +571,9 @@ def report_lines(report: RunReport) -> list[str]:
                      f"{c.max_rel_param_diff:.2e}, loss_diff {c.loss_diff:.2e}, max_rel_grad_diff "
                      f"{c.max_rel_grad_diff:.2e}")
         lines += [f"  {problem}" for problem in c.problems[:10]]
+        if len(c.problems) > 10:
+            lines.append(f"  ... and {len(c.problems) - 10} more")
+        lines += [f"  {note}" for note in c.notes]
     return lines
 
 

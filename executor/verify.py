@@ -9,15 +9,19 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.overrides import TorchFunctionMode
 
 from autoplan.executor.parallelize import LossFn, Runner
 
-__all__ = ["RTOL", "ZERO_GRAD", "Comparison", "Trace", "adam_noise", "compare", "full_tensors",
-           "reference_trace", "train"]
+__all__ = ["RTOL", "ZERO_GRAD", "Comparison", "DropoutOff", "Trace", "adam_noise",
+           "batch_norm_layers", "compare", "criterion", "full_tensors", "reference_trace",
+           "train"]
 
 Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]
 """(positional inputs, targets) of one global batch."""
@@ -48,6 +52,74 @@ def adam_noise(steps: int, lr: float) -> float:
     exact test; this bound only catches errors larger than 5% of the steps' total movement.
     """
     return _ADAM_NOISE_PER_STEP * steps * lr
+
+
+def criterion(steps: int, lr: float) -> str:
+    """The bounds compare() applies, in words, for a report."""
+    return (f"losses and step-1 gradients within {RTOL:g} relative (a gradient per tensor, "
+            f"against its max |g|); parameters after {steps} steps within {RTOL:g} x |p| + "
+            f"{adam_noise(steps, lr):.1e} (AdamW rounding allowance, {_ADAM_NOISE_PER_STEP:g} "
+            f"x steps x lr)")
+
+
+# torch functions that drop out, and where their probability is: (keyword, position)
+_DROPOUTS: dict[Any, tuple[str, int]] = {
+    F.dropout: ("p", 1), F.dropout1d: ("p", 1), F.dropout2d: ("p", 1), F.dropout3d: ("p", 1),
+    F.alpha_dropout: ("p", 1), F.feature_alpha_dropout: ("p", 1), torch.dropout: ("p", 1),
+    torch.feature_dropout: ("p", 1), torch.alpha_dropout: ("p", 1),
+    torch.feature_alpha_dropout: ("p", 1),
+    F.scaled_dot_product_attention: ("dropout_p", 4),
+}
+
+
+class DropoutOff(TorchFunctionMode):
+    """Inside, every dropout probability is 0: nn.Dropout, F.dropout with a probability read
+    from anywhere (transformers attention calls F.dropout(p=self.config.attention_dropout,
+    training=self.training)), and scaled_dot_product_attention's dropout_p.
+
+    A parallel run and the one-process reference draw different random masks, so with dropout
+    on they differ by far more than rounding. Catching the calls, not the modules' flags,
+    leaves no path through (functional dropout, a config read at call time, a factory's own
+    float). `seen` records the probabilities the model asked for: name -> largest p.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[str, float] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = dict(kwargs or {})
+        where = _DROPOUTS.get(func)
+        if where is not None:
+            args, kwargs = self._zeroed(func, where, list(args), kwargs)
+        return func(*args, **kwargs)
+
+    def _zeroed(self, func: Any, where: tuple[str, int], args: list,
+                kwargs: dict) -> tuple[list, dict]:
+        key, position = where
+        if key in kwargs:
+            p, kwargs[key] = kwargs[key], 0.0
+        elif len(args) > position:
+            p, args[position] = args[position], 0.0
+        else:
+            return args, kwargs
+        if isinstance(p, float | int) and p > 0:
+            name = getattr(func, "__name__", str(func))
+            self.seen[name] = max(self.seen.get(name, 0.0), float(p))
+        return args, kwargs
+
+    def summary(self) -> str:
+        """What was turned off, for a report ("" when the model asked for no dropout)."""
+        if not self.seen:
+            return ""
+        asked = ", ".join(f"{name} p={p:g}" for name, p in sorted(self.seen.items()))
+        return f"dropout turned off in both runs (the model asked for {asked})"
+
+
+def batch_norm_layers(module: nn.Module) -> list[str]:
+    """The BatchNorm layers of `module` that normalize with batch statistics in training."""
+    return [name for name, m in module.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
 
 
 @dataclass
@@ -188,6 +260,9 @@ class Comparison:
     """Largest final parameter difference of a tensor over its own max |p| (at least 1% of
     the model's largest |p|)."""
     problems: list[str]
+    notes: tuple[str, ...] = ()
+    """What the comparison assumed or changed (the criterion, dropout turned off) and what
+    may explain a difference (BatchNorm's per-rank statistics)."""
 
     @property
     def ok(self) -> bool:
@@ -197,7 +272,7 @@ class Comparison:
         return {"max_rel_param_diff": self.max_rel_param_diff, "loss_diff": self.loss_diff,
                 "max_rel_loss_diff": self.max_rel_loss_diff,
                 "max_rel_grad_diff": self.max_rel_grad_diff, "ok": self.ok,
-                "problems": self.problems}
+                "problems": self.problems, "notes": list(self.notes)}
 
 
 def _loss_problems(run: Trace, ref: Trace) -> tuple[float, float, list[str]]:
