@@ -281,7 +281,7 @@ class _Tracer(TorchDispatchMode):
             self._follow(ins, outs)
             if not func.is_view:  # a view is its input's storage, made by whoever made that
                 self._originate(ins, outs)
-        count = flop_registry.get(func._overloadpacket)
+        count = flop_registry.get(func._overloadpacket) or _GROUPED_FLOPS.get(str(func))
         quadratic = self._quadratic(ins + outs)
         if count is not None:
             flops = count(*args, **kwargs, out_val=out)
@@ -428,6 +428,36 @@ def _not_activation(value: Any, what: str = "") -> str:
     if not value.requires_grad:
         return "a tensor that does not require grad (a model input or made from one)"
     return ""
+
+
+def _grouped_mm_flops(mat_a: torch.Tensor, mat_b: torch.Tensor, *args: Any,
+                      out_val: Any = None, **kwargs: Any) -> int:
+    """FLOPs of a grouped matmul (mixture-of-experts layers): the experts' rows or columns
+    are split by `offs` along one dim, so the work is one matmul's over the ungrouped
+    shapes; 3-d operands are the experts' stacked weights."""
+    if mat_a.dim() == 2 and mat_b.dim() == 3:  # (tokens, k) x (experts, k, n)
+        return 2 * mat_a.shape[0] * mat_a.shape[1] * mat_b.shape[2]
+    if mat_a.dim() == 3 and mat_b.dim() == 2:  # (experts, m, k) x (k, tokens)
+        return 2 * mat_a.shape[1] * mat_a.shape[2] * mat_b.shape[1]
+    if mat_a.dim() == 2:  # (m, tokens) x (tokens, n): a weight gradient per expert
+        return 2 * mat_a.shape[0] * mat_a.shape[1] * mat_b.shape[1]
+    return 2 * mat_a.shape[0] * mat_a.shape[1] * mat_a.shape[2] * mat_b.shape[2]
+
+
+def _grouped_mm_backward_flops(mat_a: torch.Tensor, mat_b: torch.Tensor, offs: torch.Tensor,
+                               grad: torch.Tensor, *args: Any, **kwargs: Any) -> int:
+    """The input and the weight gradient of a grouped matmul: twice its forward."""
+    return 2 * _grouped_mm_flops(mat_a, mat_b)
+
+
+_GROUPED_FLOPS: dict[str, Callable[..., int]] = {
+    "aten._grouped_mm.default": _grouped_mm_flops,
+    "transformers.grouped_mm_fallback.default": _grouped_mm_flops,
+    "transformers.grouped_mm_fallback_backward.default": _grouped_mm_backward_flops,
+}
+"""Ops the FLOP counter lacks: grouped matmuls, which transformers 5's mixture-of-experts
+layers (Mixtral, Qwen2-MoE) run all routed experts in (top_k rows per token), as aten's
+kernel or as transformers' fallback (a custom op, also its backward)."""
 
 
 def _in_backward() -> bool:
