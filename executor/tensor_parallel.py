@@ -84,8 +84,11 @@ class _RedistributeInput(ParallelStyle):
 
 
 def _splits_sequence(unit: nn.Module, sequence_parallel: bool) -> bool:
-    """True when the unit takes and gives sequence slices (not embeddings or heads)."""
-    return sequence_parallel and not isinstance(unit, (nn.Embedding, nn.Linear))
+    """True when the unit takes and gives sequence slices: not a head (a Linear), nor a unit
+    holding an Embedding (its input is token ids, whose positions a slice would lose, as
+    BERT's embeddings unit derives position ids from the input's length)."""
+    return sequence_parallel and not isinstance(unit, nn.Linear) \
+        and not any(isinstance(m, nn.Embedding) for m in unit.modules())
 
 
 def tp_styles(unit: nn.Module, sequence_parallel: bool,
