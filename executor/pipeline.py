@@ -36,7 +36,7 @@ from torch.distributed.pipelining import (
     ScheduleInterleaved1F1B,
 )
 from torch.distributed.pipelining.schedules import _PipelineSchedule
-from torch.utils._pytree import TreeSpec, tree_flatten, tree_leaves, tree_unflatten
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 from autoplan.errors import AutoplanError
 
@@ -94,17 +94,29 @@ class _ChunkState:
     def checking(self) -> bool:
         return not self.checked and torch.is_grad_enabled()
 
-    def stub_output(self, name: str) -> torch.Tensor:
-        """What a stub returns: the received activation, detached (while checking, a leaf
-        that requires grad, so that what derives from it can be traced back to it)."""
+    def stub_output(self, name: str, like: Any) -> Any:
+        """What a stub returns: zeros shaped as `like` (the unit's output on the meta
+        device, None when unknown: then the received activation, detached). While
+        checking, its floating tensors are leaves that require grad, so that what derives
+        from them can be traced back to the stub."""
         if self.recv is None:
             raise AutoplanError(f"pipeline stub {name} ran without a received activation: "
                                 "the model's forward calls it after the chunk's first layer")
-        out = self.recv.detach()
-        if self.checking:
-            out.requires_grad_(True)
-            self.stub_outputs[id(out)] = (name, out)
-        return out
+        device = self.recv.device
+
+        def make(meta: Any) -> Any:
+            if not isinstance(meta, torch.Tensor):
+                return meta
+            out = torch.zeros(meta.shape, dtype=meta.dtype, device=device)
+            if self.checking and out.is_floating_point():
+                out.requires_grad_(True)
+                self.stub_outputs[id(out)] = (name, out)
+                out = out.clone()  # not a leaf: the glue may change it in place
+            return out
+
+        if like is None:
+            return make(self.recv.detach()).copy_(self.recv.detach())
+        return tree_map(make, like)
 
     def source_stub(self, tensor: torch.Tensor) -> str | None:
         """The stub `tensor` was computed from (differentiably), if any."""
@@ -194,10 +206,13 @@ def _make_shell(unit: nn.Module, state: _ChunkState, name: str, shared: set[int]
     dtype of a parameter of a unit another chunk owns (transformers' ViT reads
     embeddings.patch_embeddings.projection.weight.dtype). The shell keeps the unit's class,
     attributes and sub-modules; its parameters and buffers become plain tensor attributes
-    (parameters on the meta device: no memory), invisible to parameters(), state_dict(),
-    FSDP and the optimizer; sub-modules that are also parts of the chunk's own units
-    (`shared`: their ids) stay as they are. Called, it returns the received activation,
-    detached."""
+    on the meta device (no memory), invisible to parameters(), state_dict(), FSDP and the
+    optimizer; sub-modules that are also parts of the chunk's own units (`shared`: their
+    ids) stay as they are. Called, it returns zeros shaped as the unit's output (its own
+    forward run on the meta device, once per input shape), so that the glue code between
+    units (a slice of the CLS token, an encoder's ModelOutput) runs as in the whole model;
+    what it computes from them reaches no unit of the chunk (the check hook refuses that),
+    and the chunk's first unit takes the received activation instead."""
     for module in unit.modules():
         if id(module) in shared:
             continue  # also a part of a unit this chunk owns (one Linear in several blocks)
@@ -205,16 +220,36 @@ def _make_shell(unit: nn.Module, state: _ChunkState, name: str, shared: set[int]
             tensors = getattr(module, key)
             for attr, tensor in list(tensors.items()):
                 del tensors[attr]
-                if tensor is not None and key == "_parameters":
-                    tensor = torch.empty_like(tensor.detach(), device="meta")
-                module.__dict__[attr] = tensor if tensor is None else tensor.detach()
+                module.__dict__[attr] = None if tensor is None else \
+                    torch.empty_like(tensor.detach(), device="meta")
         module._non_persistent_buffers_set.clear()
+    original, outputs = unit.forward, {}
 
-    def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
-        return state.stub_output(name)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return state.stub_output(name, _meta_output(original, args, kwargs, outputs))
 
     unit.forward = forward
     unit.autoplan_stub_of = name
+
+
+def _meta_output(forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                 known: dict[Any, Any]) -> Any:
+    """A unit's output for these inputs, computed on the meta device (its shell's tensors
+    are meta) and kept per input shapes; None when its forward cannot run on meta."""
+    leaves = tree_leaves((args, kwargs))
+    key = tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor)
+                else x if isinstance(x, (int, float, bool, str, type(None)))
+                else type(x).__name__ for x in leaves)
+    if key not in known:
+        meta = tree_map(lambda x: torch.empty_like(x, device="meta")
+                        if isinstance(x, torch.Tensor) else x, (args, kwargs))
+        try:
+            with torch.no_grad():
+                known[key] = forward(*meta[0], **meta[1])
+        except Exception as err:  # noqa: BLE001 (any failure: fall back to the activation)
+            log.debug("pipeline stub: %s cannot run on meta (%s)", forward, err)
+            known[key] = None
+    return known[key]
 
 
 def _meta_memo(model: nn.Module, units: Sequence[str], owned: Sequence[str]
@@ -296,6 +331,8 @@ def _chunk_forward(model_forward: Callable[..., Any], state: _ChunkState,
             output = model_forward(*inputs, **kwargs)
         except _StageExit as stop:
             return _boundary_tensor(stop.value, next_unit, trainable)
+        except AutoplanError:
+            raise
         except (RuntimeError, TypeError, ValueError, IndexError, AttributeError) as err:
             if checking and received:  # the whole model runs: suspect the cut, say where
                 raise AutoplanError(f"the model's forward fails on the pipeline stage that "
