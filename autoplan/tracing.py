@@ -542,10 +542,12 @@ def _trace_failure(err: Exception, tracer: _Tracer, inputs: tuple, backward: boo
         where = ("before the first layer" if tracer.last_fwd == _PRE
                  else f"after {tracer.last_fwd}")
     message = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    hint = (" (the model reads tensor values, which a trace on meta tensors does not have)"
-            if "meta" in message.lower() else "")
+    if "meta" in message.lower():  # torch's own words: the first sentence says it all
+        return (f"the model reads tensor values {where} (value-dependent code such as a "
+                f"data-dependent router: nonzero, where, item), which a trace on meta "
+                f"tensors does not have: {type(err).__name__}: {message.split('. ')[0]}")
     return (f"the model failed while traced at batch {batch}, {where}: "
-            f"{type(err).__name__}: {message}{hint}")
+            f"{type(err).__name__}: {message}")
 
 
 @contextlib.contextmanager

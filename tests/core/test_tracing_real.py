@@ -147,6 +147,35 @@ def test_a_failed_trace_names_the_real_cause_and_where() -> None:
     message = str(shapes.value)
     assert "after blocks.1" in message and "same reduction dim" in message
     assert "meta" not in message and "\n" not in message
-    with pytest.raises(AutoplanError, match="after blocks.1: RuntimeError: Tensor.item.*reads "
-                       "tensor values"):
+    with pytest.raises(AutoplanError, match="reads tensor values after blocks.1 .*: "
+                       "RuntimeError: Tensor.item"):
         layer_graph(_Broken(reads_values=True), (torch.randn(4, 8),))
+
+
+class _RoutedExperts(nn.Module):
+    """A mixture of experts whose router picks each token's expert by value (torch.where):
+    on meta tensors no expert can be found, so it must be refused, never priced without
+    its experts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = nn.Linear(8, 4)
+        self.experts = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+        self.top_k = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        choice = self.router(x).argmax(-1)
+        out = torch.zeros_like(x)
+        for index, expert in enumerate(self.experts):
+            rows = torch.where(choice == index)[0]
+            out = out.index_add(0, rows, expert(x[rows]))
+        return x + out
+
+
+def test_a_value_routed_mixture_of_experts_is_refused_naming_the_layer() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), _RoutedExperts(), _RoutedExperts(), nn.Linear(8, 2))
+    with pytest.raises(AutoplanError) as refused:
+        layer_graph(model, (torch.randn(4, 8),))
+    message = str(refused.value)
+    assert "reads tensor values in 1 " in message and "nonzero" in message
+    assert "\n" not in message
