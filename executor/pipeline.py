@@ -2,18 +2,32 @@
 
 Splitting (STYLE.md item 3): the units (autoplan.units.find_units) are cut into chunks at the
 plan's stage boundaries; each chunk is a deep copy of the whole model in which the units it
-does not own are replaced by parameter-free stubs, so every FQN survives. A chunk runs the
-model's own forward, unchanged:
+does not own are shells (stubs that keep the unit's class, attributes and sub-modules, with
+every tensor on the meta device and no parameter: a forward may read
+`self.embeddings.patch_embeddings.projection.weight.dtype` on any stage), so every FQN
+survives. A chunk runs the model's own forward, unchanged:
 - the first unit it owns takes the activation received from the previous chunk in place of
-  its first positional input, and the stubs before it return that activation (detached), so
-  that the glue code between units (adds, dropout, position ids) runs on tensors of the
-  right shape and type without reaching the parameters it does not hold;
+  its first input (positional, or the keyword of its forward's first parameter), and the
+  stubs before it return zeros shaped as their unit's output (computed once per input shape
+  on the meta device), so that the glue code between units (adds, dropout, position ids,
+  a CLS-token slice, an encoder's ModelOutput) runs as in the whole model without reaching
+  the parameters it does not hold;
 - just before the first unit of the next chunk runs, the forward stops and the chunk returns
-  that unit's first positional input: the one tensor sent to the next stage.
-The model's inputs reach every chunk as keyword arguments, so that glue which reads them
-(a sequence length, a mask) works on every stage. Limits: one tensor crosses a boundary
-(the first positional input of the next unit); other inputs of a unit must come from the
-model's inputs or buffers (Llama's rotary tables do), not from earlier units' outputs.
+  that unit's first input: the one tensor sent to the next stage;
+- the last chunk returns the tensors of the model's output as a tuple (torch pipelining
+  sends and checks only tensors) and the loss gets the output rebuilt as the model returned
+  it (wrap_loss: a ModelOutput with .logits, nanoGPT's (logits, None)).
+The model's inputs reach every chunk as keyword arguments (positional ones under INPUT_KEY
+names, keyword ones under their own), so that glue which reads them (a sequence length, an
+attention mask, position ids) works on every stage.
+
+The rule the executor keeps, checked in the first forward in training: one tensor crosses
+a boundary, the next unit's first input, and it must be computed by the chunk's units (not
+the position ids of a position embedding); no unit of a chunk may take a tensor computed
+from a stub's output (a decoder block taking an encoder's output held by another stage, a
+head taking an embedding's output); other inputs come from the model's inputs or buffers
+(Llama's rotary tables do). A cut that breaks it fails with one AutoplanError line naming the
+layers; autoplan's tracer refuses such cuts at plan time (LayerNode.cut_refusal).
 
 Chunk c runs on pipeline rank c % pp (the looped order of Interleaved1F1B).
 """
