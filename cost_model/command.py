@@ -62,8 +62,9 @@ def load_graph(model: str, dtype: str = "bf16", attention: str = "flash",
             raise AutoplanError("--seq applies to a model spec, not to a saved graph.json")
         return LayerGraph.load(model), {}
     from autoplan.inspection import inspect_model  # torch: only when a model is traced
+    from autoplan.models.spec import spec_with_seq
 
-    spec = model if seq is None else f"{model}{',' if ':' in model else ':'}seq={seq}"
+    spec = model if seq is None else spec_with_seq(model, seq)
     result = inspect_model(spec, dtype=dtype, attention=attention)
     from autoplan.models import parse_model_spec
 

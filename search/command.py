@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,11 +14,14 @@ from autoplan.errors import AutoplanError
 from autoplan.graph import LayerGraph
 from autoplan.plan import Plan
 from autoplan.profiler.presets import GiB
-from autoplan.profiler.profile import load_profile
+from autoplan.profiler.profile import Profile, load_profile
 from autoplan.search.search import Searcher, SearchOptions, SearchResult
 from autoplan.search.space import parse_fix
 
 __all__ = ["SearchCommand", "run_search", "search_plan", "no_plan_message"]
+
+_CLI_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+"""Trace dtype (LayerGraph.dtype, Profile.dtype) -> the name --dtype takes."""
 
 
 @dataclass(frozen=True)
@@ -66,9 +70,11 @@ def _search(graph: LayerGraph, command: SearchCommand, heads: dict,
             on_progress: Callable[[str, int, int], None] | None) -> SearchResult:
     cluster = parse_cluster_spec(command.cluster)
     profile = load_profile(command.profile) if command.profile else None
+    if profile is None and (cluster.device.peak_flops is None
+                            or cluster.device.memory_bandwidth is None):
+        raise AutoplanError(_profile_first(command, cluster.gpus))
     if profile is not None and profile.model_hash != graph.structural_hash:
-        raise AutoplanError(f"profile '{command.profile}' is of model {profile.model}, not "
-                            f"{graph.model}; profile this model")
+        raise AutoplanError(_profile_mismatch(command, profile, graph))
     options = SearchOptions(global_batch=command.global_batch,
                             memory_limit_bytes=memory_limit_bytes(command.memory_limit_gib),
                             max_tp=command.max_tp, fix=parse_fix(command.fix),
@@ -80,6 +86,29 @@ def _search(graph: LayerGraph, command: SearchCommand, heads: dict,
     if result.best is None:
         raise AutoplanError(no_plan_message(result, searcher.model.memory_limit_bytes))
     return result
+
+
+def _profile_first(command: SearchCommand, procs: int) -> str:
+    """Why a cluster without datasheet figures (local-cpu) needs a profile, and the command
+    that measures one (fp32, as `autoplan profile` times on a CPU)."""
+    model = shlex.quote(command.model)
+    dtype = "" if command.dtype == "fp32" else " --dtype fp32"
+    return (f"cluster '{command.cluster}' has no datasheet figures to price layers with; "
+            f"measure them first: autoplan profile --model {model} --nproc {procs} -o "
+            f"profile-{procs}, then search again with --profile profile-{procs}{dtype}")
+
+
+def _profile_mismatch(command: SearchCommand, profile: Profile, graph: LayerGraph) -> str:
+    """Why the profile is not of the graph searched: another dtype (and the --dtype that
+    matches it), or another model."""
+    made = _CLI_DTYPES.get(profile.dtype, profile.dtype)
+    traced = _CLI_DTYPES.get(graph.dtype, graph.dtype)
+    if made != traced:
+        return (f"profile '{command.profile}' was made in {made}, and this search traces "
+                f"the model in {traced}: give --dtype {made} (or profile with --dtype {traced})")
+    return (f"profile '{command.profile}' is of model {profile.model} (hash "
+            f"{profile.model_hash}), not {graph.model} ({graph.structural_hash}); profile "
+            "this model")
 
 
 def no_plan_message(result: SearchResult, limit: int) -> str:

@@ -228,8 +228,9 @@ def _build_hf_vision(spec: ModelSpec, config: Any, device: str | torch.device) -
     """A vision model takes pixel values (batch, num_channels, height, width) of its
     image_size; its logits are regressed on (`autoplan run`), summed when traced."""
     if spec.seq is not None:
-        raise AutoplanError(f"model spec '{spec.text}': a vision config ({config.model_type}) "
-                            "takes no seq: its inputs are images of the config's image_size")
+        raise AutoplanError(f"hf config '{spec.source}' is a vision model ({config.model_type})"
+                            ": it takes no seq (--seq or ,seq=N); its inputs are images of "
+                            "the config's image_size")
     module = _hf_module(spec, config, "vision")
     size = config.image_size
     height, width = (size, size) if isinstance(size, int) else tuple(size)[:2]

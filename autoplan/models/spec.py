@@ -9,9 +9,9 @@ from autoplan.errors import AutoplanError
 from autoplan.models.gpt import GPTConfig
 from autoplan.models.llama import LlamaConfig
 from autoplan.models.presets import PRESETS
-from autoplan.specs import parse_float, parse_int, parse_kv
+from autoplan.specs import parse_float, parse_int, parse_kv, shown
 
-__all__ = ["ModelSpec", "parse_model_spec", "FAMILIES"]
+__all__ = ["ModelSpec", "parse_model_spec", "spec_with_seq", "FAMILIES"]
 
 _CONFIGS = {"gpt": GPTConfig, "llama": LlamaConfig}
 FAMILIES = ("gpt", "llama", "hf", "module")
@@ -53,6 +53,34 @@ def parse_model_spec(text: str) -> ModelSpec:
         f"unknown model '{head}'; give a preset ({', '.join(PRESETS)}) or a family "
         f"({', '.join(FAMILIES)}), e.g. gpt:layers=24,hidden=2304,heads=24,seq=2048,vocab=51200"
     )
+
+
+def spec_with_seq(text: str, seq: int) -> str:
+    """The spec `text` with a sequence length given beside it (the CLI's --seq): unchanged
+    when it already says that seq, else with `seq=N` added.
+
+    Raises:
+        AutoplanError: when the spec says another seq (naming both), or is of a family
+            that takes no seq (module: factories, whose example_inputs set the length).
+    """
+    text = text.strip()
+    head, _, rest = text.partition(":")
+    if head == "module":
+        raise AutoplanError(f"--seq {seq}: a module: spec takes no seq (its factory's "
+                            "example_inputs set the input length); leave --seq out")
+    if head == "hf":
+        typed = parse_kv(rest.partition(",")[2], f"model spec '{text}'", ["seq"])
+    elif head in PRESETS or head in _CONFIGS:
+        typed = _kv(head, rest)
+    else:
+        parse_model_spec(text)  # raises, naming the valid models
+        typed = {}
+    if "seq" not in typed:
+        return f"{text}{',' if ':' in text else ':'}seq={seq}"
+    if parse_int(typed["seq"], f"model spec '{text}': seq") != seq:
+        raise AutoplanError(f"--seq {seq} and the model spec's seq={typed['seq']} differ; "
+                            "give the sequence length once")
+    return text
 
 
 def _as_text(options: dict[str, int]) -> dict[str, str]:
@@ -108,6 +136,11 @@ def _hf_spec(text: str, rest: str) -> ModelSpec:
 
 
 def _module_spec(text: str, rest: str) -> ModelSpec:
+    rest, comma, options = rest.partition(",")
+    if comma:
+        raise AutoplanError(f"model spec '{text}': a module: spec takes no options such as "
+                            f"'{shown(options, 20)}' (its factory's example_inputs set the "
+                            "inputs, seq included); give module:package.module:factory")
     module, sep, factory = rest.partition(":")
     if not sep or not module or not factory.isidentifier():
         raise AutoplanError(
