@@ -72,7 +72,7 @@ def _search(graph: LayerGraph, command: SearchCommand, heads: dict,
     profile = load_profile(command.profile) if command.profile else None
     if profile is None and (cluster.device.peak_flops is None
                             or cluster.device.memory_bandwidth is None):
-        raise AutoplanError(_profile_first(command, cluster.gpus))
+        raise AutoplanError(_profile_first(command, graph, cluster.gpus))
     if profile is not None and profile.model_hash != graph.structural_hash:
         raise AutoplanError(_profile_mismatch(command, profile, graph))
     options = SearchOptions(global_batch=command.global_batch,
@@ -88,10 +88,11 @@ def _search(graph: LayerGraph, command: SearchCommand, heads: dict,
     return result
 
 
-def _profile_first(command: SearchCommand, procs: int) -> str:
+def _profile_first(command: SearchCommand, graph: LayerGraph, procs: int) -> str:
     """Why a cluster without datasheet figures (local-cpu) needs a profile, and the command
-    that measures one (fp32, as `autoplan profile` times on a CPU)."""
-    model = shlex.quote(command.model)
+    that measures one (fp32, as `autoplan profile` times on a CPU) for the model (a saved
+    graph records the spec it was traced from)."""
+    model = shlex.quote(_is_saved_graph(command.model) and graph.model or command.model)
     dtype = "" if command.dtype == "fp32" else " --dtype fp32"
     return (f"cluster '{command.cluster}' has no datasheet figures to price layers with; "
             f"measure them first: autoplan profile --model {model} --nproc {procs} -o "
@@ -103,12 +104,21 @@ def _profile_mismatch(command: SearchCommand, profile: Profile, graph: LayerGrap
     matches it), or another model."""
     made = _CLI_DTYPES.get(profile.dtype, profile.dtype)
     traced = _CLI_DTYPES.get(graph.dtype, graph.dtype)
+    if made != traced and _is_saved_graph(command.model):  # it keeps the dtype it was traced in
+        return (f"profile '{command.profile}' was made in {made}, and the graph "
+                f"'{command.model}' was traced in {traced}: inspect the model again with "
+                f"--dtype {made} -o DIR (or profile with --dtype {traced})")
     if made != traced:
         return (f"profile '{command.profile}' was made in {made}, and this search traces "
                 f"the model in {traced}: give --dtype {made} (or profile with --dtype {traced})")
     return (f"profile '{command.profile}' is of model {profile.model} (hash "
             f"{profile.model_hash}), not {graph.model} ({graph.structural_hash}); profile "
             "this model")
+
+
+def _is_saved_graph(model: str) -> bool:
+    """True when --model names a graph.json (as load_graph reads it), not a spec."""
+    return model.endswith(".json") and not model.startswith("hf:")
 
 
 def no_plan_message(result: SearchResult, limit: int) -> str:

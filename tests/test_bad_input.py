@@ -151,6 +151,7 @@ MODEL_CASES = [
     ({"--model": "module:os.path:join()"}, ["module:package.module:factory"]),
     ({"--model": "module:os..path:join"}, ["not a dotted module name"]),
     ({"--model": "module:autoplan_no_such_package:build"}, ["autoplan_no_such_package"]),
+    ({"--model": "module:os.path:join,seq=64"}, ["module: spec takes no options", "seq=64"]),
 ]
 
 # Shared by every command that takes --cluster.
@@ -318,6 +319,12 @@ CASES: dict[str, list] = {
         *PROFILE_CASES,
         *_number_cases("search", ["--global-batch", "--memory-limit", "--seq"]),
         ({"--global-batch": "7", "--fix": "dp=8"}, ["no plan exists"]),
+        ({"--model": "gpt-tiny:seq=64", "--seq": "32"}, ["--seq 32", "seq=64", "differ"]),
+        ({"--model": "module:tests.zoo.resnet:build_resnet", "--seq": "32"},
+         ["module: spec takes no seq", "leave --seq out"]),
+        ({"--cluster": "local-cpu:procs=8"}, ["no datasheet figures", "autoplan profile "
+                                              "--model synthetic --nproc 8 -o profile-8",
+                                              "--profile profile-8 --dtype fp32"]),
         ({"--global-batch": str(10**30)}, ["global", "at most"]),
         ({"--cluster": "h100-sxm:nodes=1000000000"}, ["at most"]),
         ({"--memory-limit": "0.001"}, ["no plan fits in 0.0 GiB", "needs"]),
