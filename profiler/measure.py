@@ -37,6 +37,7 @@ from autoplan.profiler.profile import (
     TimePoint,
     fits_from_points,
 )
+from autoplan.tracing import trace_batch
 
 if TYPE_CHECKING:
     from autoplan.profiler.in_situ import LayerTimings
@@ -74,7 +75,11 @@ def measure_layers(built: BuiltModel, graph: LayerGraph, settings: MeasureSettin
 
 def _time_points(unit: nn.Module, name: str, call: UnitCall, settings: MeasureSettings,
                  on_step: Progress | None) -> list[TimePoint]:
-    """Time one layer at every (tp, micro-batch); tp = 1 always, so every layer has a fit."""
+    """Time one layer at every (tp, micro-batch); tp = 1 always, so every layer has a fit.
+    A layer with a BatchNorm in training mode is timed from 2 samples up (tracing.trace_batch:
+    BatchNorm refuses one value per channel)."""
+    first = trace_batch(unit)
+    micro_batches = sorted({max(m, first) for m in settings.micro_batches})
     points = []
     for tp in sorted({1, *settings.tps}):
         shard = shard_copy(unit, tp)
@@ -82,7 +87,7 @@ def _time_points(unit: nn.Module, name: str, call: UnitCall, settings: MeasureSe
             log.info("%s: no shard shapes for tp=%d, not profiled at that degree", name, tp)
             continue
         real = materialize(shard, settings.device, settings.dtype)
-        for micro_batch in settings.micro_batches:
+        for micro_batch in micro_batches:
             if on_step:
                 on_step(f"{name} tp={tp} micro_batch={micro_batch}")
             inputs = make_inputs(call, micro_batch, settings.device, settings.dtype)

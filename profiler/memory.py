@@ -28,6 +28,7 @@ from autoplan.profiler.compute import (
     output_grads,
 )
 from autoplan.profiler.profile import LayerMemory
+from autoplan.tracing import trace_batch
 
 __all__ = ["saved_bytes", "optimizer_state_bytes", "live_peaks", "measure_memory"]
 
@@ -132,7 +133,8 @@ def measure_memory(unit: nn.Module, node: LayerNode, call: UnitCall,
     real = materialize(unit, settings.device, settings.dtype)
     weights = list(real.parameters())
     plain, ckpt, peaks = [], [], []
-    for batch in (1, 2):
+    first = trace_batch(unit)  # 2 where BatchNorm refuses one value per channel
+    for batch in (first, 2 * first):
         args, kwargs = make_inputs(call, batch, settings.device, settings.dtype)
         plain.append(saved_bytes(partial(real, *args, **kwargs), weights))
         ckpt.append(saved_bytes(partial(checkpoint, real, *args, use_reentrant=False, **kwargs),
@@ -147,10 +149,10 @@ def measure_memory(unit: nn.Module, node: LayerNode, call: UnitCall,
     return LayerMemory(
         params=node.params, param_bytes=param_bytes, grad_bytes=param_bytes,
         optimizer_bytes=optimizer,
-        act_bytes_per_sample=max(plain[1] - plain[0], 0),
-        act_bytes_per_sample_ckpt=max(ckpt[1] - ckpt[0], 0),
-        peak_fwd_bytes_per_sample=max(peaks[1][0] - peaks[0][0], 0),
-        peak_bwd_bytes_per_sample=max(peaks[1][1] - peaks[0][1], 0),
+        act_bytes_per_sample=max(plain[1] - plain[0], 0) // first,
+        act_bytes_per_sample_ckpt=max(ckpt[1] - ckpt[0], 0) // first,
+        peak_fwd_bytes_per_sample=max(peaks[1][0] - peaks[0][0], 0) // first,
+        peak_bwd_bytes_per_sample=max(peaks[1][1] - peaks[0][1], 0) // first,
         cuda_max_allocated_bytes=cuda_peak)
 
 

@@ -25,6 +25,7 @@ from autoplan.models.build import default_loss
 from autoplan.plan import Plan
 from autoplan.profiler.launch import run_workers
 from autoplan.tracing import layer_graph
+from tests.core.test_tracing_real import NormMLP
 from tests.executor import harness
 from tests.zoo import zoo_model
 
@@ -75,6 +76,20 @@ def test_auto_times_and_trains_a_zoo_model_like_one_process(name: str) -> None:
     trace = verify.train(runner, harness.optimizer(runner.parameters()), batches, keep=True)
     reference = _reference(reference_model, batches, runner.plan)
     assert verify.compare(trace, reference, LR).problems == []
+
+
+def test_auto_times_a_batchnorm_model_that_refuses_one_sample_and_trains_it() -> None:
+    """BatchNorm1d sees one value per channel at one sample: traced, timed and sized from
+    2 samples up (before, timing raised BatchNorm's ValueError)."""
+    torch.manual_seed(0)
+    model = NormMLP()
+    batches = [((torch.randn(GLOBAL_BATCH, 8),), torch.randn(GLOBAL_BATCH, 2))
+               for _ in range(STEPS)]
+    reference_model = copy.deepcopy(model)
+    runner = _auto(model, batches)
+    trace = verify.train(runner, harness.optimizer(runner.parameters()), batches, keep=True)
+    assert verify.compare(trace, _reference(reference_model, batches, runner.plan),
+                          LR).problems == []
 
 
 # ------------------------------------------------------------------------------ experts

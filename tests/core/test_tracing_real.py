@@ -76,7 +76,7 @@ def test_layers_are_captured_without_a_kv_cache_and_timed(name: str) -> None:
 # ------------------------------------------------------------------------------ BatchNorm
 
 
-class _NormMLP(nn.Module):
+class NormMLP(nn.Module):
     """Blocks of Linear + BatchNorm1d: at batch 1 BatchNorm sees one value per channel."""
 
     def __init__(self, norm: bool = True) -> None:
@@ -93,8 +93,8 @@ class _NormMLP(nn.Module):
 
 
 def test_batchnorm_that_refuses_one_sample_is_traced_at_two_per_sample() -> None:
-    graph = layer_graph(_NormMLP(), (torch.randn(4, 8),), dtype=torch.float32)
-    plain = layer_graph(_NormMLP(norm=False), (torch.randn(4, 8),), dtype=torch.float32)
+    graph = layer_graph(NormMLP(), (torch.randn(4, 8),), dtype=torch.float32)
+    plain = layer_graph(NormMLP(norm=False), (torch.randn(4, 8),), dtype=torch.float32)
     for node, without in zip(graph.nodes, plain.nodes, strict=True):
         assert node.fwd_flops == without.fwd_flops  # 2 * 8 * 8 per block and sample
         assert node.output_shape == without.output_shape  # one sample
@@ -102,8 +102,8 @@ def test_batchnorm_that_refuses_one_sample_is_traced_at_two_per_sample() -> None
     # per sample: the Linear's input (8 floats) and BatchNorm's input and output (ReLU's
     # saved output); fixed: BatchNorm's per-channel mean and inverse std (8 floats each)
     assert (block.act_bytes, block.act_bytes_fixed) == (3 * 8 * 4, 2 * 8 * 4)
-    assert trace_batch(_NormMLP()) == 2 and trace_batch(_NormMLP().eval()) == 1
-    assert trace_batch(_NormMLP(norm=False)) == 1
+    assert trace_batch(NormMLP()) == 2 and trace_batch(NormMLP().eval()) == 1
+    assert trace_batch(NormMLP(norm=False)) == 1
 
 
 def test_a_resnet_traced_at_two_matches_its_trace_at_one() -> None:
