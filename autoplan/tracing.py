@@ -37,7 +37,7 @@ from autoplan.meta_state import keep_buffer_values
 from autoplan.models.build import BuiltModel, sum_loss
 from autoplan.replay import ReplayMismatch, replay_plan, swap_in_replays
 from autoplan.tp_plan import infer_tp_plan
-from autoplan.units import find_units, structure_hash
+from autoplan.units import find_units, first_input, first_param, structure_hash
 
 __all__ = ["layer_graph", "layer_graph_of_built", "meta_copy", "meta_inputs", "trace_batch",
            "loose_parameters"]
@@ -229,8 +229,10 @@ class _Record:
     inputs_from: Counter = field(default_factory=Counter)
     first_input: str = ""
     """What its first positional input is when that is not an activation ("" when it is)."""
+    cut_input: str = ""
+    """What its first input, positional or by keyword, is when not an activation."""
     first_from: frozenset = frozenset()
-    """The units whose outputs its first positional input derives from (through glue)."""
+    """The units whose outputs that first input derives from (through glue)."""
     others_from: frozenset = frozenset()
     """The same for every other tensor it takes (positional or keyword)."""
     output: str = ""
@@ -350,13 +352,13 @@ class _Tracer(TorchDispatchMode):
                 rec.act_bytes_fixed += t.untyped_storage().nbytes()
         return t
 
-    def enter(self, unit: str, args: Any, kwargs: Any) -> None:
+    def enter(self, unit: str, args: Any, kwargs: Any, keyword: str | None = None) -> None:
         rec = self.records[unit]
         rec.calls += 1
         if rec.order < 0:
             rec.order, self.calls = self.calls, self.calls + 1
         self._receive(rec, (args, kwargs), unit)
-        self._note_inputs(rec, args, kwargs)
+        self._note_inputs(rec, args, kwargs, keyword)
         before = self.last_fwd
         grads = [t for t in _tensors((args, kwargs)) if t.requires_grad]
         if grads:  # once the input's gradient is out, backward glue is the predecessor's,
@@ -390,16 +392,20 @@ class _Tracer(TorchDispatchMode):
         return frozenset().union(*(self.origins.get(_key(t), frozenset())
                                    for t in _tensors(tree)))
 
-    def _note_inputs(self, rec: _Record, args: tuple, kwargs: dict) -> None:
+    def _note_inputs(self, rec: _Record, args: tuple, kwargs: dict, keyword: str | None) -> None:
         """What the executor needs to know of a unit's inputs: whether its first positional
-        input is the activation (layout hops and pipeline stages replace it) and which
-        units every input comes from (over all calls)."""
+        input is the activation (a layout hop moves it), whether its first input (the
+        keyword of its forward's first parameter when none is positional) is (a pipeline
+        stage receives it), and which units every input comes from (over all calls)."""
         rec.call = rec.call or (args, kwargs)
-        first = args[0] if args else None
         rec.first_input = rec.first_input or _not_activation(
-            first, "no positional input" if not args else "")
+            args[0] if args else None, "" if args else "no positional input")
+        first = first_input(keyword, args, kwargs)
+        rec.cut_input = rec.cut_input or _not_activation(
+            first, "" if first is not None else "no input it could receive")
         rec.first_from |= self._sources(first)
-        rec.others_from |= self._sources((args[1:], kwargs))
+        rest = [t for t in _tensors((args, kwargs)) if t is not first]
+        rec.others_from |= self._sources(rest)
 
     def _receive(self, rec: _Record, tree: Any, unit: str) -> None:
         for t in _tensors(tree):
@@ -497,11 +503,13 @@ def _trace(root: nn.Module, units: list[tuple[str, bool]], inputs: tuple,
     names = [u for u, _ in units]
     tracer = _Tracer(root, names, inputs, seq)
     fresh = [p for p in root.parameters() if p.grad is None]  # backward must leave no grad
+    # each unit's first parameter, read before replays stand in for equal blocks
+    keywords = {unit: first_param(root.get_submodule(unit)) for unit in names}
     handles, restore = swap_in_replays(root, replays)
     for unit in names:
         module = root.get_submodule(unit)
         handles.append(module.register_forward_pre_hook(
-            lambda m, a, k, u=unit: tracer.enter(u, a, k), with_kwargs=True))
+            lambda m, a, k, u=unit: tracer.enter(u, a, k, keywords[u]), with_kwargs=True))
         handles.append(module.register_forward_hook(lambda m, a, o, u=unit: tracer.leave(u, o)))
     handles.append(root.register_forward_hook(lambda m, a, o: tracer.model_done(o)))
     attention_mode = _FlashAttention() if attention == "flash" else contextlib.nullcontext()
@@ -668,10 +676,10 @@ def _cut_refusals(ran: list[str], records: dict[str, _Record]) -> dict[str, str]
     for k in range(len(ran) - 1, -1, -1):
         unit, rec = ran[k], records[ran[k]]
         own = _earliest(rec.others_from, unit, position, None)
-        if rec.first_input:
-            reasons[unit] = f"its first positional input is {rec.first_input}"
+        if rec.cut_input:
+            reasons[unit] = f"its first input is {rec.cut_input}"
         elif not rec.first_from:
-            reasons[unit] = "its first positional input comes from no layer before it"
+            reasons[unit] = "its first input comes from no layer before it"
         elif later is not None and later[0] < k:
             reasons[unit] = (f"layer {later[1]} also takes the output of {later[2]}, which "
                              "would be on an earlier stage")

@@ -9,11 +9,13 @@ decoder).
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections import Counter
+from typing import Any
 
 from torch import nn
 
-__all__ = ["find_units", "join_name", "structure_hash"]
+__all__ = ["find_units", "join_name", "structure_hash", "first_param", "first_input"]
 
 
 def structure_hash(module: nn.Module, memo: dict[int, str]) -> str:
@@ -84,3 +86,22 @@ def find_units(model: nn.Module) -> list[tuple[str, bool]]:
     counts = Counter(structure_hash(model.get_submodule(f), memo) for f, _ in units)
     # A container child is a "block" only when its structure repeats.
     return [(f, b and counts[structure_hash(model.get_submodule(f), memo)] > 1) for f, b in units]
+
+
+def first_param(module: nn.Module) -> str | None:
+    """The name of the first parameter of a unit's forward: its keyword, when the model
+    passes the activation by name."""
+    params = list(inspect.signature(module.forward).parameters.values())
+    if params and params[0].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                     inspect.Parameter.KEYWORD_ONLY):
+        return params[0].name
+    return None
+
+
+def first_input(keyword: str | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """A unit's first input in one call: its first positional argument, else the keyword of
+    its forward's first parameter (None when the call has neither). A pipeline stage
+    receives this one tensor (executor/pipeline.py)."""
+    if args:
+        return args[0]
+    return kwargs.get(keyword) if keyword is not None else None
