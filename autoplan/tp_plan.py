@@ -26,18 +26,20 @@ falls back to pairing the Linear children of each parent (the last one row-wise)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from unittest import mock
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["COLWISE", "ROWWISE", "TPPlan", "infer_tp_plan", "HEAD_ATTRIBUTES"]
+__all__ = ["COLWISE", "ROWWISE", "TPPlan", "infer_tp_plan", "infer_tp_plans", "HEAD_ATTRIBUTES"]
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +113,9 @@ def infer_tp_plan(unit: nn.Module, override: dict[str, str] | None = None,
     structure = _structure(unit)
     if inputs is None and structure in _BY_STRUCTURE:
         return _BY_STRUCTURE[structure][1]
-    meta = _meta_unit(unit)
-    call = _meta_call(inputs) if inputs is not None else _guess_call(meta)
+    call = _meta_call(inputs) if inputs is not None else None
+    meta = _meta_unit(unit, _float_dtype(call))
+    call = call if call is not None else _guess_call(meta)
     key = (structure, _signature(call))
     if key not in _CACHE:
         _CACHE[key] = _flow_plan(meta, call) if call is not None else _parent_plan(unit)
@@ -132,23 +135,28 @@ def _structure(unit: nn.Module) -> str:
     return hashlib.sha1(text.encode()).hexdigest()
 
 
-def _meta_unit(unit: nn.Module) -> nn.Module:
-    """A float32 meta copy of the unit (shared sub-modules stay shared)."""
+def _meta_unit(unit: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """A meta copy of the unit, floating tensors in `dtype` (default: kept), shared
+    sub-modules still shared."""
+    def like(t: torch.Tensor) -> torch.Tensor:
+        to = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        return torch.empty(t.shape, dtype=to, device="meta")
+
     memo: dict[int, Any] = {}
     for p in unit.parameters():
-        dtype = torch.float32 if p.is_floating_point() else p.dtype
-        memo[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=dtype, device="meta"),
-                                   requires_grad=p.requires_grad)
+        memo[id(p)] = nn.Parameter(like(p), requires_grad=p.requires_grad)
     for b in unit.buffers():
-        dtype = torch.float32 if b.is_floating_point() else b.dtype
-        memo[id(b)] = torch.empty(b.shape, dtype=dtype, device="meta")
+        memo[id(b)] = like(b)
     return copy.deepcopy(unit, memo).eval()
+
+
+def _float_dtype(tree: Any) -> torch.dtype | None:
+    return next((t.dtype for t in _tensors(tree) if t.is_floating_point()), None)
 
 
 def _to_meta(tree: Any) -> Any:
     if isinstance(tree, torch.Tensor):
-        dtype = torch.float32 if tree.is_floating_point() else tree.dtype
-        return torch.empty(tree.shape, dtype=dtype, device="meta")
+        return torch.empty(tree.shape, dtype=tree.dtype, device="meta")
     if isinstance(tree, (tuple, list)):
         return type(tree)(_to_meta(t) for t in tree)
     if isinstance(tree, dict):
@@ -189,8 +197,16 @@ def _fresh(call: tuple[tuple, dict]) -> tuple[tuple, dict]:
 
 def _run(unit: nn.Module, call: tuple[tuple, dict]) -> Any:
     args, kwargs = _fresh(call)
-    with torch.no_grad():
+    with torch.no_grad(), _as_compiling():
         return unit(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _as_compiling() -> Iterator[None]:
+    """Meta tensors hold no values: libraries skip value-dependent checks while compiling
+    (as autoplan/tracing.py runs the model, for transformers 5's .item() reads)."""
+    with mock.patch.object(torch.compiler, "is_compiling", lambda: True):
+        yield
 
 
 def _guess_call(meta: nn.Module) -> tuple[tuple, dict] | None:
@@ -203,7 +219,8 @@ def _guess_call(meta: nn.Module) -> tuple[tuple, dict] | None:
             widths.append(module.normalized_shape[-1])
         elif isinstance(module, nn.Linear):
             widths.append(module.in_features)
-    guesses = [torch.empty(1, _GUESS_SEQ, width, device="meta")
+    dtype = next((p.dtype for p in meta.parameters() if p.is_floating_point()), None)
+    guesses = [torch.empty(1, _GUESS_SEQ, width, device="meta", dtype=dtype)
                for width in dict.fromkeys(widths)]
     guesses.append(torch.zeros(1, _GUESS_SEQ, dtype=torch.long, device="meta"))  # token ids
     for guess in guesses:
@@ -341,7 +358,7 @@ def _trace_flow(meta: nn.Module, call: tuple[tuple, dict]) -> _Flow:
         handles.append(module.register_forward_hook(
             lambda m, a, o, n=name: mode.linear_done(n, m.out_features, o)))
     try:
-        with mode, torch.no_grad():
+        with mode, torch.no_grad(), _as_compiling():
             output = meta(*call[0], **call[1])
     finally:
         for handle in handles:
@@ -446,7 +463,7 @@ def _shard(meta: nn.Module, styles: dict[str, str], tp: int) -> tuple[nn.Module,
         with torch.device("meta"):
             new = nn.Linear(old.in_features if col else old.in_features // tp,
                             old.out_features // tp if col else old.out_features,
-                            bias=old.bias is not None)
+                            bias=old.bias is not None, dtype=old.weight.dtype)
         swap[id(old)] = new
         if not col:
             rows.add(id(new))
@@ -597,3 +614,35 @@ def _parent_plan(unit: nn.Module) -> TPPlan:
 def _pairs(linears: list[tuple[str, nn.Linear]]) -> bool:
     *cols, (_, row) = linears
     return all(col.in_features == row.out_features for _, col in cols)
+
+
+def infer_tp_plans(model: nn.Module, example_inputs: Any,
+                   units: list[str]) -> dict[str, TPPlan]:
+    """Each unit's plan from the inputs it takes in one forward of a meta copy of `model`,
+    so that a process that did not trace the model splits each unit as tracing planned it
+    (later infer_tp_plan(unit) calls on equal units reuse these plans). A unit the forward
+    does not reach, or every unit when the model does not run on meta, is planned from a
+    guessed input.
+
+    Args:
+        model: the whole model, on any device (its weights are never read).
+        example_inputs: a tuple of tensors, or a function batch -> tuple (as layer_graph).
+        units: the units' FQNs (autoplan.units.find_units).
+    """
+    from autoplan.tracing import meta_inputs  # tracing imports this module
+
+    dtype = torch.bfloat16  # as tracing runs (some meta kernels, grouped_mm, take only bf16)
+    meta = _meta_unit(model, dtype)
+    calls: dict[str, tuple[tuple, dict]] = {}
+    handles = [meta.get_submodule(unit).register_forward_pre_hook(
+        lambda m, a, k, u=unit: calls.setdefault(u, _fresh((a, k))), with_kwargs=True)
+        for unit in units]
+    try:
+        _run(meta, (tuple(meta_inputs(example_inputs, dtype)(1)), {}))
+    except Exception as err:  # noqa: BLE001 - then each unit's input is guessed
+        log.info("tp plans: the model does not run on meta inputs (%s)", _first_line(err))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {unit: infer_tp_plan(model.get_submodule(unit), inputs=calls.get(unit))
+            for unit in units}

@@ -55,6 +55,7 @@ from autoplan.models import BuiltModel, build_model, default_loss
 from autoplan.plan import Plan, check_plan, load_plan, parse_plan_shorthand
 from autoplan.profiler.launch import run_workers, watch_parent
 from autoplan.profiler.profile import load_profile
+from autoplan.tp_plan import infer_tp_plans
 
 __all__ = ["RUN_FAULT_ENV", "RunFailed", "RunOptions", "RunReport", "load_run_plan", "merge_ranks",
            "predict", "reference_run", "report_lines", "run_plan", "train_rank", "under_torchrun"]
@@ -342,6 +343,9 @@ def train_rank(options: RunOptions, plan: Plan,
     built = _build(options.model, options.seed)
     data = _SyntheticData(built, plan.global_batch, options.seed, device)
     module = built.module.to(device)
+    if any(layer.tp > 1 for layer in plan.layers):  # split units as tracing planned them
+        infer_tp_plans(module, built.example_inputs,
+                       [layer.name for layer in plan.layers if layer.name != "loss"])
     runner = parallelize(module, plan, data.loss_fn, device=device)
     optimizer = _optimizer(runner.parameters(), options.lr)
 

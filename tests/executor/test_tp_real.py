@@ -18,7 +18,7 @@ from torch import nn
 from autoplan.executor import verify
 from autoplan.executor.run import RunOptions, load_run_plan, reference_run
 from autoplan.models import build_model
-from autoplan.tp_plan import COLWISE, ROWWISE, TPPlan, infer_tp_plan
+from autoplan.tp_plan import COLWISE, ROWWISE, TPPlan, infer_tp_plan, infer_tp_plans
 from autoplan.tracing import meta_inputs
 from autoplan.units import find_units
 from tests.executor import harness
@@ -82,6 +82,16 @@ def test_llama_pairs_with_its_real_inputs() -> None:
     assert plan.styles == LLAMA_LAYER and plan.refusal == ""
     assert 2 in plan.sizes and 4 in plan.sizes
     assert plan.max_degree_divides(unit, 2) and not plan.max_degree_divides(unit, 4)
+
+
+def test_plans_from_one_meta_forward_of_the_model_are_reused() -> None:
+    # A worker that did not trace the model (executor/run.py) learns each unit's inputs from
+    # one meta forward; later plans of equal units (the executor's) are those plans.
+    built = build_model(zoo_model("qwen2").spec, device="cpu")
+    units = [unit for unit, _ in find_units(built.module)]
+    plans = infer_tp_plans(built.module, built.example_inputs, units)
+    assert plans["model.layers.1"].styles == LLAMA_LAYER
+    assert infer_tp_plan(built.module.get_submodule("model.layers.1")) is plans["model.layers.1"]
 
 
 def test_fused_qkv_stays_whole_with_its_reason() -> None:
