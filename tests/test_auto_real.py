@@ -67,7 +67,8 @@ def _reference(model: nn.Module, batches: list[verify.Batch], plan: Plan) -> ver
 # ------------------------------------------------------------------------------ world of one
 
 
-@pytest.mark.parametrize("name", ["llama", "bert", "gpt2", "resnet", "nanogpt"])
+@pytest.mark.parametrize("name", ["llama", "bert", "gpt2", "resnet", "nanogpt",
+                                  pytest.param("mixtral", marks=pytest.mark.slow)])
 def test_auto_times_and_trains_a_zoo_model_like_one_process(name: str) -> None:
     model, batches = _model_and_batches(name)
     reference_model = copy.deepcopy(model)
