@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import autoplan
+from autoplan.cli import main
 from autoplan.executor import Runner, verify
 from autoplan.models import build_model
 from autoplan.models.build import default_loss
@@ -128,6 +129,17 @@ def test_a_mixture_of_experts_block_is_priced_with_its_routed_experts(dtype) -> 
     assert (two[0] - one[0], two[1] - one[1]) == (expert, 2 * expert)
     # one routed expert costs what the dense MLP does; the router's logits come on top
     assert (one[0] - dense[0], one[1] - dense[1]) == (router, 2 * router)
+
+
+@pytest.mark.slow
+def test_run_trains_a_mixture_of_experts_with_dp_2_like_one_process(capsys) -> None:  # noqa: ANN001
+    """`autoplan run --verify` of the zoo Mixtral on 2 ranks, whose experts run as grouped
+    matmuls (issue 16 saw run refuse an MoE model, blaming meta tensors)."""
+    status = main(["run", "--model", zoo_model("mixtral").spec, "--plan", "dp=2", "--steps",
+                   "2", "--warmup", "1", "--verify", "--timeout", "300"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "matches the one-process reference" in out
 
 
 # ------------------------------------------------------------------------------ two ranks
