@@ -53,9 +53,8 @@ from autoplan.profiler.profile import CommPoint, Profile, load_profile
 from autoplan.search import Searcher, SearchOptions, SearchResult
 from autoplan.search.command import no_plan_message
 from autoplan.search.report import describe
-from autoplan.search.search import Candidate
 from autoplan.search.space import divisors, parse_fix
-from autoplan.tracing import layer_graph, meta_copy, meta_inputs, trace_batch
+from autoplan.tracing import layer_graph, meta_copy, meta_inputs
 
 __all__ = ["auto", "default_loss"]
 
@@ -77,9 +76,6 @@ gloo (profiler/comm.py repeats small messages more). `autoplan profile` goes to 
 _COMM_COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
 """The collectives the cost model prices (cost_model/communication.py uses no all_to_all)."""
 _COMM_REPEATS = 3
-_RUNNERS_UP = 20
-"""Plans the search returns beyond its best: the first whose ranks get samples enough for
-the model (BatchNorm: 2 per micro-batch) is taken."""
 
 
 @dataclass(frozen=True)
@@ -198,7 +194,7 @@ def _check_request(model: Any, example: Any, global_batch: Any, cluster: str | C
     if limit is None and device.type == "cuda" and not _has_datasheet(resolved):
         limit = torch.cuda.get_device_properties(device).total_memory
     options = SearchOptions(global_batch=global_batch, memory_limit_bytes=limit,
-                            fix=parse_fix(fix), top_k=_RUNNERS_UP)
+                            fix=parse_fix(fix))
     return _Request(_check_example(example), options, resolved, profile, device)
 
 
@@ -336,7 +332,7 @@ def _decide(model: nn.Module, graph: LayerGraph, request: _Request, comm: list[C
     result = searcher.run()
     if result.best is None:
         raise AutoplanError(_no_plan(result, searcher.model.memory_limit_bytes, world))
-    chosen = _enough_samples(result, trace_batch(model))
+    chosen = result.best  # the search returns only plans the executor runs (feasibility)
     source = ("given" if request.profile is not None else "measured here" if request.measure
               else "datasheet")
     log.info("auto: %s on %s: %s; predicted %s per step, peak %s per device (profile %s, "
@@ -345,25 +341,6 @@ def _decide(model: nn.Module, graph: LayerGraph, request: _Request, comm: list[C
              fmt.nbytes(max(chosen.estimate.peak_memory_bytes)), source,
              fmt.seconds(result.search_time_s))
     return chosen.plan.to_json()
-
-
-def _enough_samples(result: SearchResult, least: int) -> Candidate:
-    """The fastest plan found whose ranks each get at least `least` samples per
-    micro-batch: 2 for a model with a BatchNorm in training mode (tracing.trace_batch),
-    which refuses one value per channel. The search returns only plans the executor runs
-    (feasibility) but does not know this rule.
-
-    Raises:
-        AutoplanError: when every plan found gives a rank fewer samples.
-    """
-    candidates = [c for c in [result.best, *result.runners_up] if c is not None]
-    for candidate in candidates:
-        plan = candidate.plan
-        if all(plan.micro_batch_size // layer.dp >= least for layer in plan.layers):
-            return candidate
-    raise AutoplanError(f"every plan found gives a rank fewer than {least} samples per "
-                        f"micro-batch, which the model's BatchNorm refuses in training; give a "
-                        f"larger global_batch or fix micro_batch_size")
 
 
 def _profile(model: nn.Module, graph: LayerGraph, request: _Request, comm: list[CommPoint],

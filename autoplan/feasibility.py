@@ -24,8 +24,14 @@ __all__ = ["layer_refusal", "feasible", "cut_refusal", "layout_change_refusal",
            "gives_whole_output", "last_layer", "tie_groups", "plan_refusal"]
 
 
-def layer_refusal(node: LayerNode, strategy: LayerStrategy) -> str | None:
-    """Why the executor cannot run `node` under `strategy`, or None when it can."""
+def layer_refusal(node: LayerNode, strategy: LayerStrategy,
+                  micro_batch_size: int | None = None) -> str | None:
+    """Why the executor cannot run `node` under `strategy` (with micro-batches of
+    `micro_batch_size` samples over its dp ranks, when given), or None when it can."""
+    if micro_batch_size is not None and micro_batch_size // strategy.dp < node.min_samples:
+        return (f"layer {node.name} needs {node.min_samples} samples per rank in each "
+                f"micro-batch (a BatchNorm in training refuses fewer); dp {strategy.dp} "
+                f"leaves {micro_batch_size // strategy.dp} of {micro_batch_size}")
     tp = strategy.tp
     if tp > 1 and node.tp_refusal:
         return f"layer {node.name}: {node.tp_refusal}"
@@ -38,9 +44,10 @@ def layer_refusal(node: LayerNode, strategy: LayerStrategy) -> str | None:
     return None
 
 
-def feasible(node: LayerNode, strategy: LayerStrategy) -> bool:
+def feasible(node: LayerNode, strategy: LayerStrategy,
+             micro_batch_size: int | None = None) -> bool:
     """Whether the executor runs `node` under `strategy` (layer_refusal finds nothing)."""
-    return layer_refusal(node, strategy) is None
+    return layer_refusal(node, strategy, micro_batch_size) is None
 
 
 def cut_refusal(graph: LayerGraph, index: int) -> str | None:
@@ -94,7 +101,7 @@ def plan_refusal(plan: Plan, graph: LayerGraph) -> str | None:
     The plan's layers must be the graph's, in order (plan.check_plan checks that first)."""
     nodes = graph.nodes
     for node, layer in zip(nodes, plan.layers, strict=True):
-        why = layer_refusal(node, layer)
+        why = layer_refusal(node, layer, plan.micro_batch_size)
         if why:
             return why
     last = last_layer(nodes)

@@ -82,6 +82,9 @@ class LayerNode:
     layout_refusal: str = ""
     """Why the (dp, tp) layout cannot change at this node, i.e. why the value a layout hop
     would move is not the activation of the layers before it ("" when it can)."""
+    min_samples: int = 1
+    """Samples each rank must get per micro-batch (2 for a BatchNorm in training mode,
+    which refuses one value per channel)."""
     cut_refusal: str = ""
     """Why a pipeline stage cannot start at this node ("" when it can): one tensor, its
     first positional input, crosses a stage boundary (executor/pipeline.py)."""

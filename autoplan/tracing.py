@@ -723,6 +723,7 @@ def _facts(root: nn.Module, ran: list[str], records: dict[str, _Record]) -> dict
         previous = ran[index - 1] if index else None
         out[unit] = dict(
             tie_group=ties.get(unit, ""), tp_divides=sizes, tp_refusal=tp_refusal,
+            min_samples=trace_batch(module) if module is not None else 1,
             layout_refusal=_layout_refusal(unit, module, previous, records) if index else "",
             cut_refusal=cuts.get(unit, "") if unit != _LOSS else "")
     return out

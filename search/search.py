@@ -539,7 +539,7 @@ class Searcher:
     def _refused(self, outer: Outer, bounds: list[int], layers: list[LayerStrategy]) -> bool:
         """Whether the executor refuses a baseline's uniform plan on this model."""
         plan = Plan.model_construct(
-            pp=outer.pp, stage_boundaries=bounds,
+            pp=outer.pp, stage_boundaries=bounds, micro_batch_size=outer.micro_batch_size,
             layers=[self._layer_plan(i, s) for i, s in enumerate(layers)])
         return plan_refusal(plan, self.graph) is not None
 

@@ -98,7 +98,7 @@ def layer_strategies(node: LayerNode, stage_gpus: int, micro_batch_size: int,
             continue
         if not (_allowed(space, "tp", tp) and _allowed(space, "dp", dp)):
             continue
-        if not feasible(node, LayerStrategy(dp=dp, tp=tp)):
+        if not feasible(node, LayerStrategy(dp=dp, tp=tp), micro_batch_size):
             continue
         sp_ok = tp > 1 and (not last or gives_whole_output(node))
         for sp in (False, True) if sp_ok else (False,):
