@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from autoplan.cluster import Cluster
-from autoplan.graph import LayerGraph
+from autoplan.errors import AutoplanError
+from autoplan.graph import LayerGraph, LayerNode
 from autoplan.io import utc_now
 from autoplan.meta_state import prepare_for_timing
 from autoplan.models.build import BuiltModel
@@ -56,21 +57,37 @@ def measure_layers(built: BuiltModel, graph: LayerGraph, settings: MeasureSettin
     Args:
         timings: times already taken in situ (profiler/in_situ.py); None times each layer
             here, alone.
+
+    Raises:
+        AutoplanError: naming the layer that failed to run for real, and its error.
     """
     prepare_for_timing(built.module, built.spec)
     calls = capture_unit_calls(built, graph)
     layers = []
     for signature, nodes in graph.by_signature().items():
-        node = nodes[0]
-        unit = unit_module(built, node)
-        points, optimizer, data_parallel = timings[signature] if timings is not None else (
-            _time_points(unit, node.name, calls[signature], settings, on_step), [], [])
-        memory = measure_memory(unit, node, calls[signature], settings)
-        layers.append(LayerProfile(signature=signature, kind=node.kind,
-                                   names=[n.name for n in nodes], points=points,
-                                   fits=fits_from_points(points), memory=memory,
-                                   optimizer=optimizer, data_parallel=data_parallel))
+        try:
+            layers.append(_measure_layer(built, nodes, calls[signature], settings, on_step,
+                                         timings[signature] if timings is not None else None))
+        except (RuntimeError, ValueError, TypeError, IndexError) as err:
+            message = (str(err).strip().splitlines() or [""])[0]
+            raise AutoplanError(f"layer {nodes[0].name} could not be timed on "
+                                f"{settings.device}: {type(err).__name__}: {message}") from err
     return layers
+
+
+def _measure_layer(built: BuiltModel, nodes: list[LayerNode], call: UnitCall,
+                   settings: MeasureSettings, on_step: Progress | None,
+                   timed: tuple | None) -> LayerProfile:
+    """The LayerProfile of the layers `nodes` (one signature), timed here unless `timed`."""
+    node = nodes[0]
+    unit = unit_module(built, node)
+    points, optimizer, data_parallel = timed if timed is not None else (
+        _time_points(unit, node.name, call, settings, on_step), [], [])
+    memory = measure_memory(unit, node, call, settings)
+    return LayerProfile(signature=node.signature, kind=node.kind,
+                        names=[n.name for n in nodes], points=points,
+                        fits=fits_from_points(points), memory=memory,
+                        optimizer=optimizer, data_parallel=data_parallel)
 
 
 def _time_points(unit: nn.Module, name: str, call: UnitCall, settings: MeasureSettings,

@@ -20,6 +20,7 @@ from torch import nn
 
 import autoplan
 from autoplan.cli import main
+from autoplan.errors import AutoplanError
 from autoplan.executor import Runner, verify
 from autoplan.models import build_model
 from autoplan.models.build import default_loss
@@ -92,6 +93,26 @@ def test_auto_times_a_batchnorm_model_that_refuses_one_sample_and_trains_it() ->
     trace = verify.train(runner, harness.optimizer(runner.parameters()), batches, keep=True)
     assert verify.compare(trace, _reference(reference_model, batches, runner.plan),
                           LR).problems == []
+
+
+class _IndexesByValue(nn.Module):
+    """A block that indexes a table by its input's values: shapes run on meta, but the real
+    run of its timed copy (random inputs) indexes out of bounds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+        self.table = nn.Embedding(4, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + self.table((x * 100).long().clamp(max=3)).mean(1)
+
+
+def test_a_layer_that_fails_when_timed_is_named_in_one_line() -> None:
+    model = nn.Sequential(_IndexesByValue(), _IndexesByValue())
+    with pytest.raises(AutoplanError, match=r"^layer 0 could not be timed on cpu: "
+                       r"IndexError: index out of range"):
+        autoplan.auto(model, torch.randn(4, 8), global_batch=4)
 
 
 # ------------------------------------------------------------------------------ experts
