@@ -15,6 +15,7 @@ import contextlib
 import copy
 import hashlib
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -203,6 +204,11 @@ def _tensors(tree: Any) -> Iterator[torch.Tensor]:
         yield from (t for t in tree_leaves(tree) if isinstance(t, torch.Tensor))
 
 
+_BATCH_NORMS = {torch.ops.aten.native_batch_norm.default,
+                torch.ops.aten._native_batch_norm_legit.default,
+                torch.ops.aten._native_batch_norm_legit_functional.default}
+"""(input, weight, bias, running mean, running var, training, ...): what F.batch_norm runs."""
+
 _COSTS = ("fwd_flops", "bwd_flops", "act_bytes", "act_bytes_fixed", "fwd_io_bytes",
           "bwd_io_bytes", "attn_act_bytes", "attn_fwd_flops", "attn_fwd_io_bytes")
 """The _Record fields a replayed block copies and the first unit absorbs from glue."""
@@ -237,6 +243,8 @@ class _Record:
     """The same for every other tensor it takes (positional or keyword)."""
     output: str = ""
     """What it returns when that is not one activation tensor ("" when it is)."""
+    min_samples: int = 1
+    """Samples per rank and micro-batch its batch norms need (_Tracer._note_batch_norm)."""
     call: tuple[tuple, dict] | None = None
     """The (args, kwargs) of its first call (meta tensors: the tp plan is inferred on them)."""
 
@@ -280,6 +288,7 @@ class _Tracer(TorchDispatchMode):
         rec = self.records[owner]
         ins, outs = list(_tensors((args, kwargs))), list(_tensors(out))
         if not backward:  # first, so that outputs count as per-sample below
+            self._note_batch_norm(rec, func, args)
             self._follow(ins, outs)
             if not func.is_view:  # a view is its input's storage, made by whoever made that
                 self._originate(ins, outs)
@@ -330,6 +339,13 @@ class _Tracer(TorchDispatchMode):
                 self.batched.add(_key(t))
             else:
                 self.batched.discard(_key(t))
+
+    @staticmethod
+    def _note_batch_norm(rec: _Record, func: Any, args: tuple) -> None:
+        """A batch norm in training over one value per channel and sample (a (N, C) input or
+        1 x 1 maps) needs 2 samples on every rank: with one it refuses to run."""
+        if func in _BATCH_NORMS and args[5] and math.prod(args[0].shape[2:]) == 1:
+            rec.min_samples = 2
 
     def _originate(self, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
         """As _follow for `origins`, which views leave alone: a unit that views a buffer or
@@ -723,7 +739,7 @@ def _facts(root: nn.Module, ran: list[str], records: dict[str, _Record]) -> dict
         previous = ran[index - 1] if index else None
         out[unit] = dict(
             tie_group=ties.get(unit, ""), tp_divides=sizes, tp_refusal=tp_refusal,
-            min_samples=trace_batch(module) if module is not None else 1,
+            min_samples=records[unit].min_samples,
             layout_refusal=_layout_refusal(unit, module, previous, records) if index else "",
             cut_refusal=cuts.get(unit, "") if unit != _LOSS else "")
     return out
