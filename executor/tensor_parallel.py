@@ -35,6 +35,7 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
     parallelize_module,
 )
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from autoplan.errors import AutoplanError
 from autoplan.tp_plan import COLWISE, TPPlan, infer_tp_plan
@@ -49,6 +50,13 @@ SEQUENCE_DIM = 1
 _NORMS = (nn.LayerNorm, nn.RMSNorm)
 
 
+def _is_norm(module: nn.Module) -> bool:
+    """A per-token norm: torch's, or one whose class says so (LlamaRMSNorm, T5LayerNorm);
+    not a batch norm (its statistics span the batch and sequence)."""
+    return isinstance(module, _NORMS) or ("norm" in type(module).__name__.lower()
+                                          and not isinstance(module, _BatchNorm))
+
+
 @dataclass(frozen=True)
 class TPLayer:
     """One unit's tensor-parallel decision."""
@@ -60,7 +68,9 @@ class TPLayer:
 
 
 class _RedistributeInput(ParallelStyle):
-    """Moves a module's first positional input between a sequence slice and the whole tensor."""
+    """Moves a module's first positional input (or, called with keywords only, its first
+    tensor keyword: transformers calls attention as self_attn(hidden_states=...)) between a
+    sequence slice and the whole tensor."""
 
     def __init__(self, gather: bool) -> None:
         super().__init__()
@@ -70,25 +80,48 @@ class _RedistributeInput(ParallelStyle):
         src, dst = (Shard(SEQUENCE_DIM), Replicate()) if self.gather else \
             (Replicate(), Shard(SEQUENCE_DIM))
 
-        def hook(_: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-            if not args or not isinstance(args[0], torch.Tensor):
-                return args
-            moved = DTensor.from_local(args[0], device_mesh, (src,), run_check=False)
-            return (moved.redistribute(device_mesh, (dst,)).to_local(), *args[1:])
+        def move(t: torch.Tensor) -> torch.Tensor:
+            moved = DTensor.from_local(t, device_mesh, (src,), run_check=False)
+            return moved.redistribute(device_mesh, (dst,)).to_local()
 
-        module.register_forward_pre_hook(hook)
+        def hook(_: nn.Module, args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+            if args:
+                if isinstance(args[0], torch.Tensor):
+                    args = (move(args[0]), *args[1:])
+                return args, kwargs
+            key = next((k for k, v in kwargs.items() if isinstance(v, torch.Tensor)), None)
+            return args, kwargs if key is None else {**kwargs, key: move(kwargs[key])}
+
+        module.register_forward_pre_hook(hook, with_kwargs=True)
         return module
 
     def __repr__(self) -> str:
         return f"_RedistributeInput(gather={self.gather})"
 
 
-def _splits_sequence(unit: nn.Module, sequence_parallel: bool) -> bool:
+def _splits_sequence(unit: nn.Module, sequence_parallel: bool,
+                     override: dict[str, str] | None = None) -> bool:
     """True when the unit takes and gives sequence slices: not a head (a Linear), nor a unit
     holding an Embedding (its input is token ids, whose positions a slice would lose, as
-    BERT's embeddings unit derives position ids from the input's length)."""
+    BERT's embeddings unit derives position ids from the input's length), and only a unit
+    whose split Linear layers gather and scatter the sequence around all it does besides
+    per-token norms (_split_with_norms)."""
     return sequence_parallel and not isinstance(unit, nn.Linear) \
-        and not any(isinstance(m, nn.Embedding) for m in unit.modules())
+        and not any(isinstance(m, nn.Embedding) for m in unit.modules()) \
+        and _split_with_norms(unit, override)
+
+
+def _split_with_norms(unit: nn.Module, override: dict[str, str] | None) -> bool:
+    """Whether the plan splits Linear layers of the unit and every other module holding
+    parameters is a norm. A module left whole (a fused attention, GPT-2's Conv1D) would mix
+    the tokens of a sequence slice alone, and a unit of norms alone may be followed by glue
+    that reshapes the whole sequence (GPT-2's view after ln_f): such units take the whole
+    sequence instead."""
+    styles = infer_tp_plan(unit, override).styles
+    return bool(styles) and all(name in styles or _is_norm(module)
+               for name, module in unit.named_modules()
+               if any(True for _ in module.parameters(recurse=False)))
 
 
 def tp_styles(unit: nn.Module, sequence_parallel: bool,
@@ -105,6 +138,7 @@ def tp_styles(unit: nn.Module, sequence_parallel: bool,
          RowwiseParallel(output_layouts=Shard(1)), "ln_1": SequenceParallel(...), ...}
     """
     plan = infer_tp_plan(unit, override)
+    sequence_parallel = _splits_sequence(unit, sequence_parallel, override)
     if not plan.shardable:
         styles: dict[str, ParallelStyle] = {}
     elif isinstance(unit, nn.Embedding):
@@ -114,10 +148,10 @@ def tp_styles(unit: nn.Module, sequence_parallel: bool,
     else:
         styles = {name: _linear_style(style, sequence_parallel)
                   for name, style in plan.styles.items()}
-    if not _splits_sequence(unit, sequence_parallel):
+    if not sequence_parallel:
         return styles
     for name, module in unit.named_modules():
-        if isinstance(module, _NORMS):
+        if _is_norm(module) and any(True for _ in module.parameters(recurse=False)):
             styles[name] = SequenceParallel(use_local_output=True)
     for parent in sorted({name.rpartition(".")[0] for name, style in plan.styles.items()
                           if style == COLWISE}):  # one order on every rank
@@ -134,7 +168,7 @@ def _linear_style(style: str, sequence_parallel: bool) -> ParallelStyle:
 
 def sequence_splits(model: nn.Module, layers: Sequence[TPLayer]) -> list[bool]:
     """For each layer of the whole (unsplit) model: does it take and give sequence slices?"""
-    return [_splits_sequence(model.get_submodule(lay.name), lay.sequence_parallel)
+    return [_splits_sequence(model.get_submodule(lay.name), lay.sequence_parallel, lay.override)
             for lay in layers]
 
 

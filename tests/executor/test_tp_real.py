@@ -17,6 +17,7 @@ from torch import nn
 
 from autoplan.executor import verify
 from autoplan.executor.run import RunOptions, load_run_plan, reference_run
+from autoplan.executor.tensor_parallel import TPLayer, sequence_splits
 from autoplan.models import build_model
 from autoplan.tp_plan import COLWISE, ROWWISE, TPPlan, infer_tp_plan, infer_tp_plans
 from autoplan.tracing import meta_inputs
@@ -32,8 +33,9 @@ LLAMA_LAYER = {"self_attn.q_proj": _C, "self_attn.k_proj": _C, "self_attn.v_proj
                "mlp.down_proj": _R}
 NANOGPT_MLP = {"mlp.c_fc": _C, "mlp.c_proj": _R}
 # zoo model -> plan shorthand, trained on 2 ranks against one process
-TWO_RANKS = {"bert": "tp=2", "shared_mlp": "tp=2", "nanogpt": "tp=2",
-             "bert_sp": "tp=2,sequence_parallel=true"}
+_SP = "tp=2,sequence_parallel=true"
+TWO_RANKS = {"bert": "tp=2", "shared_mlp": "tp=2", "nanogpt": "tp=2", "bert_sp": _SP,
+             "llama_sp": _SP, "nanogpt_sp": _SP}
 
 
 def _module(name: str) -> nn.Module:
@@ -153,6 +155,19 @@ def test_plans_are_the_same_in_every_process() -> None:
                            timeout=120, env={**os.environ, "PYTHONHASHSEED": str(seed)},
                            check=True).stdout for seed in (1, 2, 3)}
     assert outs == {"['mlp.fc1', 'mlp.fc2']\n"}
+
+
+def test_which_units_take_sequence_slices() -> None:
+    # Only units whose split Linears gather and scatter the sequence around all they do
+    # besides norms: not BERT's embeddings (token ids), not nanoGPT's blocks (their whole
+    # attention would see a slice), not GPT-2's Conv1D blocks or a unit of norms alone.
+    expected = {"bert": {"bert.encoder.layer.0", "bert.encoder.layer.1"}, "nanogpt": set(),
+                "gpt2": set(), "llama": {"model.layers.0", "model.layers.1"}}
+    for name, blocks in expected.items():
+        model = build_model(zoo_model(name).spec, device="cpu").module
+        units = [unit for unit, _ in find_units(model)]
+        splits = sequence_splits(model, [TPLayer(unit, True) for unit in units])
+        assert {u for u, split in zip(units, splits, strict=True) if split} == blocks
 
 
 # ------------------------------------------------------------------ gloo worlds of 2 ranks
