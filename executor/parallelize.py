@@ -229,9 +229,12 @@ class Runner:
         for tied in self.tied:
             params = [self.chunks[c].get_parameter(fqn) for c, fqn in tied.fqns.items()
                       if c in self.chunks]
-            local = [_grad_like_param(p) for p in params if p.grad is not None]
-            if not local:
+            if tied.group is None and all(p.grad is None for p in params):
                 continue
+            for param in params:  # a copy no use reached (a class token on a later stage)
+                if param.grad is None:  # still takes the sum, and its holders wait for it
+                    param.grad = torch.zeros_like(param)
+            local = [_grad_like_param(p) for p in params]
             with torch.no_grad():
                 total = torch.stack(local).sum(0)
                 if tied.group is not None:
@@ -279,12 +282,7 @@ def precheck(model: nn.Module, plan: Plan, graph: LayerGraph | None = None, *,
     units = _check(model, plan, graph, world_size)
     layout = {layer.name: (layer.dp, layer.tp) for layer in plan.layers}
     check_layouts(model, units, [layout[name] for name in units])
-    layout_dims(plan)
-    if plan.pp > 1:
-        outside = [n for n, _ in model.named_parameters(recurse=False)]
-        if outside:
-            raise AutoplanError(f"the model's own parameters {outside} belong to no layer; a "
-                                "pipeline cannot place them: move them into a sub-module")
+    layout_dims(plan)  # pipelining copies parameters outside every layer into each chunk
     for name in units:
         tp = layout[name][1]
         unit = model.get_submodule(name)
@@ -460,8 +458,9 @@ def _tied_across_chunks(model: nn.Module, chunks: list[list[str]], mesh: DeviceM
     where: dict[int, dict[int, str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         unit = _unit_of(name, chunks)
-        if unit is not None:
-            where.setdefault(id(param), {}).setdefault(unit, name)
+        # a parameter outside every unit (pipeline.loose_parameters): every chunk holds it
+        for holder in range(len(chunks)) if unit is None else [unit]:
+            where.setdefault(id(param), {}).setdefault(holder, name)
     tied = []
     for holders in where.values():
         if len(holders) < 2:

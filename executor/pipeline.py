@@ -55,7 +55,7 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_leaves, tree_map, t
 from autoplan.errors import AutoplanError
 
 __all__ = ["INPUT_KEY", "build_chunk", "build_schedule", "chunk_ranks", "chunk_units",
-           "input_kwargs", "wrap_loss"]
+           "input_kwargs", "loose_parameters", "wrap_loss"]
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +246,18 @@ def _make_shell(unit: nn.Module, state: _ChunkState, name: str, shared: set[int]
     unit.autoplan_stub_of = name
 
 
+def loose_parameters(model: nn.Module, units: Sequence[str]) -> list[str]:
+    """The FQNs of the model's parameters that belong to no unit (every chunk holds them).
+
+    Example: a ViT with cls_token and pos_embed on the model itself -> ["cls_token",
+    "pos_embed"].
+    """
+    prefixes = tuple(f"{u}." for u in units)
+    held = {id(p) for u in units for p in model.get_submodule(u).parameters()}
+    return [name for name, param in model.named_parameters()
+            if not name.startswith(prefixes) and id(param) not in held]
+
+
 def _meta_output(forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                  known: dict[Any, Any]) -> Any:
     """A unit's output for these inputs, computed on the meta device (its shell's tensors
@@ -285,6 +297,11 @@ def _meta_memo(model: nn.Module, units: Sequence[str], owned: Sequence[str]
 def build_chunk(model: nn.Module, units: Sequence[str], owned: Sequence[str]) -> nn.Module:
     """A copy of `model` that runs only the units in `owned` (one contiguous run of `units`).
 
+    Parameters outside every unit (loose_parameters: a class token on the model itself) are
+    copied into every chunk: each chunk's glue code may use them, and the Runner sums their
+    gradients over the chunks as it does for tied parameters (a use counts on the one chunk
+    where its result reaches the chunk's output).
+
     Args:
         model: the whole model (not modified).
         units: every unit FQN, in execution order.
@@ -295,14 +312,7 @@ def build_chunk(model: nn.Module, units: Sequence[str], owned: Sequence[str]) ->
         chunk(**input_kwargs(inputs)) for the first chunk. A middle chunk returns the one
         tensor sent on; the last returns the tensors of the model's output as a tuple
         (one tensor: that tensor), which wrap_loss turns back into the model's output.
-
-    Raises:
-        AutoplanError: when the model holds parameters outside its units.
     """
-    outside = [n for n, _ in model.named_parameters(recurse=False)]
-    if outside:
-        raise AutoplanError(f"the model's own parameters {outside} belong to no layer; a "
-                            "pipeline cannot place them: move them into a sub-module")
     chunk = copy.deepcopy(model, _meta_memo(model, units, owned))
     state = _ChunkState()
     first, last = units.index(owned[0]), units.index(owned[-1])

@@ -1,17 +1,20 @@
 """Small modules whose forwards do what pipeline stubs used to break, for the pipeline tests
 (tests/executor/test_pipeline_real.py) and `module:` specs: a forward that reads attributes
-of units another stage owns, and one that passes a mask (by keyword) to every block."""
+of units another stage owns, one that passes a mask (by keyword) to every block, and one
+with parameters of its own outside every layer (a class token, as in ViTs)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-__all__ = ["MaskedBlocks", "SubmoduleReader", "build_masked_blocks", "build_submodule_reader"]
+__all__ = ["LooseParams", "MaskedBlocks", "SubmoduleReader", "build_loose_params",
+           "build_masked_blocks", "build_submodule_reader"]
 
 FEATURES = 16
 INPUTS = 8
 OUTPUTS = 4
+TOKENS = 5
 
 
 class _Embed(nn.Module):
@@ -76,6 +79,36 @@ class MaskedBlocks(nn.Module):
 
     def example_inputs(self, batch_size: int) -> tuple[torch.Tensor, ...]:
         return (torch.zeros(batch_size, INPUTS), torch.ones(batch_size, FEATURES))
+
+
+class LooseParams(nn.Module):
+    """A class token and a position table on the model itself, used before the blocks, and
+    a scale used after them: parameters outside every unit, used on the first and the last
+    pipeline stage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(INPUTS, FEATURES)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, FEATURES) * 0.1)
+        self.pos_embed = nn.Parameter(torch.randn(1, TOKENS + 1, FEATURES) * 0.1)
+        self.blocks = nn.ModuleList(_Block() for _ in range(3))
+        self.scale = nn.Parameter(torch.ones(FEATURES))
+        self.head = nn.Linear(FEATURES, OUTPUTS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)  # (batch, TOKENS, FEATURES)
+        h = torch.cat((self.cls_token.expand(h.shape[0], -1, -1), h), dim=1) + self.pos_embed
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h[:, 0] * self.scale)
+
+    def example_inputs(self, batch_size: int) -> tuple[torch.Tensor, ...]:
+        return (torch.zeros(batch_size, TOKENS, INPUTS),)
+
+
+def build_loose_params() -> nn.Module:
+    """The `module:tests.executor.pipeline_models:build_loose_params` factory."""
+    return LooseParams()
 
 
 def build_submodule_reader() -> nn.Module:

@@ -2,7 +2,7 @@
 (ModelOutput outputs, a Conv1D GPT-2 with its embedding tied to the head across stages, a
 ViT that reads a sub-module of its embeddings in its forward), nanoGPT's forward(idx,
 targets=None), a forward that reads attributes of units another stage owns and one that
-passes a mask to every block.
+passes a mask to every block, one with parameters outside every layer (a class token).
 
 Gloo worlds of 2 ranks train each for 3 AdamW steps as `autoplan run --verify` does and
 are compared with one process; the checks that need no processes run the chunks one after
@@ -18,15 +18,17 @@ from torch.utils._pytree import tree_leaves
 
 from autoplan.errors import AutoplanError
 from autoplan.executor import verify
-from autoplan.executor.pipeline import build_chunk, input_kwargs, wrap_loss
+from autoplan.executor.pipeline import build_chunk, input_kwargs, loose_parameters, wrap_loss
 from autoplan.executor.run import RunOptions, load_run_plan, reference_run
 from autoplan.models import BuiltModel, build_model
+from autoplan.plan import uniform_plan
 from autoplan.tracing import layer_graph_of_built
 from tests.executor import harness
 
 ZOO = "tests/zoo/configs"
 READER = "module:tests.executor.pipeline_models:build_submodule_reader"
 MASKED = "module:tests.executor.pipeline_models:build_masked_blocks"
+LOOSE = "module:tests.executor.pipeline_models:build_loose_params"
 NANOGPT = "module:tests.zoo.nanogpt:build_nanogpt"
 CASES = {  # case -> (model, plan shorthand)
     "hf_llama_1f1b": (f"hf:{ZOO}/llama.json", "pp=2,schedule=1f1b"),
@@ -36,7 +38,12 @@ CASES = {  # case -> (model, plan shorthand)
     "nanogpt_1f1b": (NANOGPT, "pp=2,schedule=1f1b"),
     "submodule_reader_gpipe": (READER, "pp=2,schedule=gpipe"),
     "masked_blocks_1f1b": (MASKED, "pp=2,schedule=1f1b"),
+    "loose_params_gpipe": (LOOSE, "pp=2,schedule=gpipe"),
 }
+# The plan checks refuse a pipeline of a model with parameters outside every layer
+# (autoplan/feasibility.py cut_refusal) while the executor runs it (each chunk holds a copy,
+# their gradients summed): its plan is made without them, as a Python API user may.
+UNCHECKED = {"loose_params_gpipe"}
 
 
 def _options(case: str) -> RunOptions:
@@ -47,7 +54,11 @@ def _options(case: str) -> RunOptions:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> tuple[harness.WorldResult, dict]:
-    plans = {case: load_run_plan(_options(case), 2)[0] for case in CASES}
+    plans = {case: load_run_plan(_options(case), 2)[0] for case in CASES
+             if case not in UNCHECKED}
+    for case in UNCHECKED:
+        graph = layer_graph_of_built(build_model(CASES[case][0]))
+        plans[case] = uniform_plan(CASES[case][1], graph, 2, harness.GLOBAL_BATCH)
     extra = {case: {"kind": "run", "model": CASES[case][0]} for case in CASES}
     folder = tmp_path_factory.mktemp("pipeline_real")
     return harness.run_world(2, plans, folder, extra=extra), plans
@@ -87,7 +98,7 @@ def _run_two_chunks(model: nn.Module, units: list[str], cut: int, kwargs: dict) 
 
 
 @pytest.mark.parametrize("spec", [f"hf:{ZOO}/llama.json", f"hf:{ZOO}/gpt2.json",
-                                  f"hf:{ZOO}/vit.json", NANOGPT, READER, MASKED])
+                                  f"hf:{ZOO}/vit.json", NANOGPT, READER, MASKED, LOOSE])
 def test_chunks_one_after_the_other_give_the_models_output(spec: str) -> None:
     built, units, refusals = _built(spec)
     model = built.module.eval()
@@ -121,6 +132,14 @@ def test_a_chunk_holds_only_its_units_parameters() -> None:
     assert weight.device.type == "meta" and weight.dtype == torch.float32
     assert not isinstance(weight, nn.Parameter)
     assert model.embed.proj.weight.device.type == "cpu"  # the model is left as it was
+
+
+def test_every_chunk_holds_the_parameters_outside_every_layer() -> None:
+    built, units, _ = _built(LOOSE)
+    assert loose_parameters(built.module, units) == ["cls_token", "pos_embed", "scale"]
+    for owned in (units[:2], units[2:]):
+        names = {n for n, _ in build_chunk(built.module, units, owned).named_parameters()}
+        assert {"cls_token", "pos_embed", "scale"} <= names
 
 
 def test_the_loss_gets_the_output_as_the_model_returns_it() -> None:
