@@ -358,7 +358,7 @@ def train_rank(options: RunOptions, plan: Plan,
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     # verify compares with a reference that draws other dropout masks: dropout off in both
-    with DropoutOff() if options.verify else contextlib.nullcontext():
+    with DropoutOff(runner.module) if options.verify else contextlib.nullcontext():
         trace = train(runner, optimizer, steps=options.steps, make_batch=batch,
                       keep=options.verify, device_type=device)
     state = dict(trace.state_bytes)
@@ -459,7 +459,7 @@ def _reference_with_notes(options: RunOptions, plan: Plan) -> tuple[Trace, list[
     data = _SyntheticData(built, plan.global_batch, options.seed)
     batches = [data.batch(step) for step in range(options.steps)]
     pieces = _reference_pieces(plan)
-    with DropoutOff() as dropout:
+    with DropoutOff(built.module) as dropout:
         trace = reference_trace(built.module, batches, data.loss_fn, pieces,
                                 _optimizer(list(built.module.parameters()), options.lr))
     notes = [dropout.summary()] if dropout.seen else []

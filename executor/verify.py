@@ -21,7 +21,7 @@ from autoplan.executor.parallelize import LossFn, Runner
 
 __all__ = ["RTOL", "ZERO_GRAD", "Comparison", "DropoutOff", "Trace", "adam_noise",
            "batch_norm_layers", "compare", "criterion", "full_tensors", "reference_trace",
-           "train"]
+           "train", "zero_dropout"]
 
 Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]
 """(positional inputs, targets) of one global batch."""
@@ -72,20 +72,46 @@ _DROPOUTS: dict[Any, tuple[str, int]] = {
 }
 
 
+_DROPOUT_NAMES = ("dropout", "pdrop", "drop_prob", "drop_rate", "layerdrop")
+"""Parts of the names of float attributes (of modules and their configs) that hold a dropout
+probability: attention_dropout, attn_pdrop, hidden_dropout_prob, dropout_rate, layerdrop."""
+
+
+def zero_dropout(module: nn.Module) -> dict[str, float]:
+    """Set every dropout probability `module` holds to 0: nn.Dropout's p, and float
+    attributes named like one on its sub-modules and their `config`s (transformers attention
+    reads self.attention_dropout or self.config.attention_dropout when called). They stay 0.
+
+    Returns:
+        What was nonzero: attribute name (or "nn.Dropout") -> largest probability.
+    """
+    found: dict[str, float] = {}
+    for sub in module.modules():
+        if isinstance(sub, nn.modules.dropout._DropoutNd) and sub.p > 0:
+            found["nn.Dropout"] = max(found.get("nn.Dropout", 0.0), sub.p)
+            sub.p = 0.0
+        for holder in (sub, getattr(sub, "config", None)):
+            for name, value in list(getattr(holder, "__dict__", {}).items()):
+                if isinstance(value, float) and value > 0 and \
+                        any(part in name.lower() for part in _DROPOUT_NAMES):
+                    found[name] = max(found.get(name, 0.0), value)
+                    setattr(holder, name, 0.0)
+    return found
+
+
 class DropoutOff(TorchFunctionMode):
-    """Inside, every dropout probability is 0: nn.Dropout, F.dropout with a probability read
-    from anywhere (transformers attention calls F.dropout(p=self.config.attention_dropout,
-    training=self.training)), and scaled_dot_product_attention's dropout_p.
+    """Inside, every dropout probability is 0: `module`'s settings (zero_dropout, which a
+    recomputation under activation checkpointing also reads) and every call to F.dropout, its
+    kin and scaled_dot_product_attention's dropout_p, whatever the probability's source.
 
     A parallel run and the one-process reference draw different random masks, so with dropout
-    on they differ by far more than rounding. Catching the calls, not the modules' flags,
-    leaves no path through (functional dropout, a config read at call time, a factory's own
-    float). `seen` records the probabilities the model asked for: name -> largest p.
+    on they differ by far more than rounding. `seen` records the probabilities the model
+    asked for: name -> largest p.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, module: nn.Module | None = None) -> None:
         super().__init__()
-        self.seen: dict[str, float] = {}
+        self.seen: dict[str, float] = zero_dropout(module) if module is not None else {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = dict(kwargs or {})
@@ -93,6 +119,10 @@ class DropoutOff(TorchFunctionMode):
         if where is not None:
             args, kwargs = self._zeroed(func, where, list(args), kwargs)
         return func(*args, **kwargs)
+
+    def __enter__(self) -> DropoutOff:
+        super().__enter__()
+        return self
 
     def _zeroed(self, func: Any, where: tuple[str, int], args: list,
                 kwargs: dict) -> tuple[list, dict]:

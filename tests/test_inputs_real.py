@@ -178,6 +178,19 @@ def test_dropout_off_catches_every_way_to_drop() -> None:
     assert not torch.equal(model(x), model(x))  # outside, dropout is the model's own again
 
 
+def test_dropout_settings_stay_off_for_recomputation_outside_the_mode() -> None:
+    """Activation checkpointing recomputes a block in backward, where the function mode may
+    not be active: the model's own dropout settings must be 0 too."""
+    torch.manual_seed(0)
+    built = build_model(ZOO["gpt2_dropout"].spec, device="cpu")
+    with DropoutOff(built.module) as off:
+        pass
+    assert {"attn_pdrop", "resid_pdrop", "nn.Dropout"} <= set(off.seen)
+    (ids,) = built.example_inputs(2)
+    assert built.module.training
+    assert torch.equal(built.module(ids).logits, built.module(ids).logits)
+
+
 def _resnet_plan(spec: str, dp_of_blocks: int) -> tuple[nn.Module, object]:
     built = build_model(spec, device="cpu")
     graph = layer_graph_of_built(build_model(spec))
