@@ -49,8 +49,9 @@ class MeasureSettings:
 
 @dataclass(frozen=True)
 class UnitCall:
-    """The arguments one unit receives, as meta tensors at batch 1 and batch 2 (the
-    dimension that differs between the two is the batch dimension)."""
+    """The arguments one unit receives, as meta tensors at batch 1 and batch 2 (2 and 4 for
+    a model with a BatchNorm in training: tracing.trace_batch); the dimension that differs
+    between the two is the batch dimension."""
 
     name: str
     one: tuple[list[Any], Any]
@@ -78,7 +79,8 @@ def unit_module(built: BuiltModel, node: LayerNode) -> nn.Module:
 
 def capture_unit_calls(built: BuiltModel, graph: LayerGraph) -> dict[str, UnitCall]:
     """signature -> the call of its first layer, captured by meta forward passes at batch
-    1 and 2 (hooks keep the first call of each unit in each pass)."""
+    1 and 2, or 2 and 4 (see UnitCall; hooks keep the first call of each unit in each pass,
+    without a transformers KV cache: meta_state.without_caches)."""
     names = {sig: nodes[0].name for sig, nodes in graph.by_signature().items()}
     calls: dict[str, list[Any]] = {name: [] for name in names.values()}
     pass_index = 0
