@@ -25,8 +25,8 @@ from autoplan.models.gpt import GPT, GPTConfig
 from autoplan.models.llama import Llama
 from autoplan.models.spec import ModelSpec, parse_model_spec
 
-__all__ = ["DTYPES", "BuiltModel", "build_model", "default_loss", "lm_loss", "positional_inputs",
-           "sum_loss", "token_loss"]
+__all__ = ["DTYPES", "BuiltModel", "as_positional", "build_model", "default_loss", "lm_loss",
+           "positional_inputs", "sum_loss", "token_loss"]
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 """The dtype names the CLI takes."""
@@ -326,24 +326,46 @@ def _build_factory(spec: ModelSpec, device: str | torch.device,
             f"{spec.source} returned {type(module).__name__} without an example_inputs(batch_size)"
             " method; add one so that autoplan can trace it"
         )
+    module, inputs = as_positional(module, make_inputs, device, spec.source)
+    if dtype is not None:
+        module = module.to(dtype)
+    return BuiltModel(spec, module, inputs, sum_loss, getattr(module, "tokens_per_sample", None))
+
+
+def as_positional(module: nn.Module, make_inputs: Callable[[int], Any],
+                  device: str | torch.device | None = None,
+                  source: str = "example_inputs") -> tuple[nn.Module, InputsFn]:
+    """`module` and batch size -> positional tensor inputs, from a function that returns its
+    inputs in any of the forms _build_factory documents (tensor, tuple, dict of keyword
+    inputs, (tuple, dict)). Keyword tensors go through positional_inputs; other keyword
+    values are fixed at those of make_inputs(1).
+
+    Args:
+        device: where the inputs are moved (None: where make_inputs made them).
+        source: how error messages name the model.
+
+    Raises:
+        AutoplanError: on keyword names that are not identifiers, or keyword tensors that
+            change with the batch size.
+    """
     with torch.random.fork_rng(devices=[]):  # the caller's random numbers stay as they were
         args, keywords = _split_inputs(make_inputs(1))
-    _check_keywords(spec.source, keywords)
+    _check_keywords(source, keywords)
     names = tuple(k for k, v in keywords.items() if isinstance(v, torch.Tensor))
     fixed = {k: v for k, v in keywords.items() if not isinstance(v, torch.Tensor)}
     module = positional_inputs(module, names, len(args), fixed)
-    if dtype is not None:
-        module = module.to(dtype)
 
-    def inputs(batch: int) -> Any:  # where the module is, whatever device the user made them on
+    def inputs(batch: int) -> Any:
         args, keywords = _split_inputs(make_inputs(batch))
         if sorted(k for k, v in keywords.items() if isinstance(v, torch.Tensor)) != sorted(names):
-            raise AutoplanError(f"{spec.source}: example_inputs({batch}) gave keyword tensors "
+            raise AutoplanError(f"{source}: example_inputs({batch}) gave keyword tensors "
                                 f"{sorted(keywords)}, example_inputs(1) gave {sorted(names)}")
         flat = (*args, *(keywords[name] for name in names))
+        if device is None:
+            return flat
         return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, flat)
 
-    return BuiltModel(spec, module, inputs, sum_loss, getattr(module, "tokens_per_sample", None))
+    return module, inputs
 
 
 def sum_loss(output: Any, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
