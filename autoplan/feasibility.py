@@ -55,9 +55,6 @@ def cut_refusal(graph: LayerGraph, index: int) -> str | None:
     node = graph.nodes[index]
     if index == 0:
         return None
-    if graph.loose_params:
-        return (f"parameters {', '.join(graph.loose_params[:3])} belong to no layer, so no "
-                "pipeline stage holds them: move them into a sub-module to pipeline")
     if node.cut_refusal:
         return f"a pipeline stage cannot start at layer {node.name}: {node.cut_refusal}"
     return None

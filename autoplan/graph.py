@@ -110,8 +110,8 @@ class LayerGraph:
     nodes: tuple[LayerNode, ...]
     edges: tuple[LayerEdge, ...]
     loose_params: tuple[str, ...] = ()
-    """Parameters held outside every layer (e.g. a class token on the model itself): no
-    pipeline stage or single layout owns them."""
+    """Parameters held outside every layer (e.g. a class token on the model itself): every
+    pipeline stage holds a copy, but no single layout owns them, so layouts cannot differ."""
     version: int = GRAPH_FORMAT_VERSION
     index: dict[str, int] = field(init=False, repr=False, compare=False)
 

@@ -266,10 +266,11 @@ def split_stages(graph: LayerGraph, chunks: int) -> list[int]:
         AutoplanError: when there are fewer layers than pieces.
     """
     blocks = [i for i, node in enumerate(graph.nodes) if node.kind == "block"]
-    units = blocks if len(blocks) >= chunks else list(range(len(graph.nodes)))
+    layers = [i for i, node in enumerate(graph.nodes) if node.kind != "loss"]  # loss: last's
+    units = blocks if len(blocks) >= chunks else layers
     if len(units) < chunks:
         raise AutoplanError(f"plan: {chunks} pipeline chunks need at least {chunks} layers; "
-                            f"the model has {len(graph.nodes)}")
+                            f"the model has {len(layers)}")
     base, extra = divmod(len(units), chunks)
     starts, at = [0], 0
     for k in range(chunks - 1):

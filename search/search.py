@@ -149,7 +149,8 @@ class Searcher:
         max_tp = options.max_tp or cluster.gpus_per_node
         self.space = SearchSpace(max_tp, cluster.gpus_per_node, options.fix, heads, kv_heads)
         self.blocks = [i for i, n in enumerate(graph.nodes) if n.kind == "block"]
-        self.units = self.blocks or list(range(len(graph.nodes)))
+        # what stages split: the blocks, else every layer (the loss goes with the last)
+        self.units = self.blocks or [i for i, n in enumerate(graph.nodes) if n.kind != "loss"]
         self.ties = tie_groups(graph.nodes)
         self._group_of = {i: g for g, group in enumerate(self.ties) for i in group}
         # (first layer, how many) of each signature and tie group: equal layers cost alike,

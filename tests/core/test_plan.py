@@ -132,8 +132,9 @@ def test_split_stages_balances_blocks(graph: LayerGraph) -> None:
     names = graph.names
     assert split_stages(graph, 1) == [0]
     assert split_stages(graph, 4) == [0, *(names.index(f"h.{i}") for i in (1, 2, 3))]
-    # More chunks than blocks: the 9 layers themselves are split, 2 2 2 1 1 1.
-    assert split_stages(graph, 6) == [0, 2, 4, 6, 7, 8]
+    # More chunks than blocks: the 8 layers themselves are split, 2 2 1 1 1 1, the loss
+    # going with the last (a chunk of the loss alone holds no layer to run).
+    assert split_stages(graph, 6) == [0, 2, 4, 5, 6, 7]
 
 
 def test_world_and_batch_must_be_positive(graph: LayerGraph) -> None:

@@ -109,9 +109,15 @@ def test_side_inputs_and_loose_parameters_are_refused_with_their_reason() -> Non
                     side=True, fused=False)
     assert graph.loose_params == ("scale",)
     assert "embed" in graph["blocks.1"].cut_refusal
-    plan = uniform_plan("pp=2", graph, 2, 4)
-    with pytest.raises(AutoplanError, match="scale belong to no layer"):
-        check_plan(plan, graph, world_size=2)
+    with pytest.raises(AutoplanError, match="cannot start at layer blocks.1: besides its "
+                                            "first input it takes the output of embed"):
+        check_plan(uniform_plan("pp=2", graph, 2, 4), graph, world_size=2)
+    plan = uniform_plan("dp=2", graph, 2, 4)  # every stage holds loose parameters: one layout
+    mixed = plan.model_copy(update={"layers": [
+        layer.model_copy(update={"dp": 1, "tp": 2}) if layer.name == "head" else layer
+        for layer in plan.layers]})
+    with pytest.raises(AutoplanError, match="scale belong to no layer, so they have no layout"):
+        check_plan(mixed, graph, world_size=2)
 
 
 def test_refusals_name_the_layer_and_the_rule() -> None:
