@@ -55,6 +55,8 @@ MARK = "compat:"
 """The auto driver's result line starts with this."""
 _ERROR = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Failed|Interrupt)\b:?")
 """A line that names an exception, as a traceback's last line does."""
+_RANK = re.compile(r"^\[(rank|default)\d+\]:\s*")
+"""The prefix torchrun puts before each line of a rank's output."""
 README_START, README_END = "<!-- compatibility:start -->", "<!-- compatibility:end -->"
 
 
@@ -105,7 +107,7 @@ def _command(model: str, cell: str, folder: Path) -> list[str]:
 def _last_line(text: str) -> str:
     """The error a failed command ended with: the last exception line of a traceback (not
     torchrun's summary of its children), else the last non-empty line."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = [_RANK.sub("", line.strip()) for line in text.splitlines() if line.strip()]
     errors = [line for line in lines if _ERROR.match(line) and "ChildFailedError" not in line]
     return errors[-1] if errors else lines[-1] if lines else "(no output)"
 

@@ -116,6 +116,8 @@ def _compatibility():  # noqa: ANN202 - the benchmark script, imported from its 
     ("auto1", 2, "compat: refused: no plan fits", "", ("refused", "no plan fits")),
     ("auto2", 1, "", "RuntimeError: boom\nChildFailedError:\n====", ("FAILED",
                                                                     "exit 1: RuntimeError: boom")),
+    ("auto2", 1, "", "[rank1]: ValueError: tied\n  error_file: <N/A>\n====",
+     ("FAILED", "exit 1: ValueError: tied")),
 ])
 def test_the_matrix_classifies_a_cell_by_its_exit_and_output(
         cell: str, code: int, out: str, err: str, expected: tuple[str, str]) -> None:
