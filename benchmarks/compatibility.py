@@ -196,8 +196,8 @@ def _auto_worker(spec: str) -> int:
 
     import autoplan
     from autoplan.errors import AutoplanError
-    from autoplan.executor.run import _build, _optimizer, _SyntheticData
-    from autoplan.executor.verify import compare, reference_trace, train
+    from autoplan.executor.run import _build, _optimizer, _reference_pieces, _SyntheticData
+    from autoplan.executor.verify import DropoutOff, compare, reference_trace, train
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
@@ -214,7 +214,9 @@ def _auto_worker(spec: str) -> int:
         if rank == 0:
             print(f"{MARK} refused: {str(err).splitlines()[0] if str(err) else err!r}")
         return 2
-    trace = train(runner, _optimizer(runner.parameters(), LR), batches, keep=True)
+    # as `autoplan run --verify`: the reference draws other dropout masks, so dropout is off
+    with DropoutOff(runner.module):
+        trace = train(runner, _optimizer(runner.parameters(), LR), batches, keep=True)
     held = [(trace.params, trace.grads)]
     if world > 1:
         held = [None] * world
@@ -227,9 +229,9 @@ def _auto_worker(spec: str) -> int:
         trace.grads.update(grads)
     plan = runner.plan
     ref_built = _build(spec, SEED)
-    ref = reference_trace(ref_built.module, batches, data.loss_fn,
-                          plan.layers[0].dp * plan.num_micro_batches,
-                          _optimizer(list(ref_built.module.parameters()), LR))
+    with DropoutOff(ref_built.module):
+        ref = reference_trace(ref_built.module, batches, data.loss_fn, _reference_pieces(plan),
+                              _optimizer(list(ref_built.module.parameters()), LR))
     comparison = compare(trace, ref, LR)
     if world > 1:
         dist.destroy_process_group()
