@@ -17,12 +17,13 @@ import copy
 import logging
 from collections.abc import Iterator
 from typing import Any
+from unittest import mock
 
 import torch
 from torch import nn
 
-__all__ = ["fill_buffers", "keep_buffer_values", "params_on_meta", "prepare_for_timing",
-           "rebuild_buffer_values", "without_caches"]
+__all__ = ["as_compiling", "fill_buffers", "keep_buffer_values", "params_on_meta",
+           "prepare_for_timing", "rebuild_buffer_values", "without_caches"]
 
 log = logging.getLogger(__name__)
 
@@ -144,3 +145,13 @@ def prepare_for_timing(module: nn.Module, spec: Any) -> None:
     """Before layers of a meta model built from `spec` are timed: real values for its
     buffers."""
     rebuild_buffer_values(module, spec)
+
+
+@contextlib.contextmanager
+def as_compiling() -> Iterator[None]:
+    """Tell the model it is being compiled while it runs on meta tensors: meta tensors hold
+    no values, as a compiler's do not, and libraries skip value-dependent checks then
+    (transformers 5 reads position ids with .item() to find packed sequences unless it is
+    compiling, which a meta tensor cannot answer)."""
+    with mock.patch.object(torch.compiler, "is_compiling", lambda: True):
+        yield

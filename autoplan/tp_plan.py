@@ -26,18 +26,18 @@ falls back to pairing the Linear children of each parent (the last one row-wise)
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
-from unittest import mock
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from autoplan.meta_state import as_compiling
 
 __all__ = ["COLWISE", "ROWWISE", "TPPlan", "infer_tp_plan", "infer_tp_plans", "HEAD_ATTRIBUTES"]
 
@@ -107,7 +107,7 @@ def infer_tp_plan(unit: nn.Module, override: dict[str, str] | None = None,
             raise ValueError(f"tp override styles must be colwise or rowwise, got {bad}")
         return TPPlan(dict(override), sizes=_sizes(unit, override))
     if isinstance(unit, nn.Embedding):
-        return TPPlan({"": ROWWISE}, sizes=(unit.num_embeddings,))
+        return _embedding_plan(unit, inputs)
     if isinstance(unit, nn.Linear):
         return TPPlan({"": COLWISE}, sizes=(unit.out_features,))
     structure = _structure(unit)
@@ -125,6 +125,53 @@ def infer_tp_plan(unit: nn.Module, override: dict[str, str] | None = None,
 
 
 # ------------------------------------------------------------------------------ helpers
+
+
+def _embedding_plan(unit: nn.Embedding, inputs: tuple[tuple, dict] | None) -> TPPlan:
+    """An Embedding unit split by vocabulary rows, which hands the lookup the indices the
+    unit is given; one whose forward looks up indices of its own (BART's learned positions,
+    made from the input's shape or from position ids) stays whole. A subclass is checked
+    on its inputs (or as an equal unit checked before); nn.Embedding itself needs none."""
+    rows = TPPlan({"": ROWWISE}, sizes=(unit.num_embeddings,))
+    if type(unit) is nn.Embedding:
+        return rows
+    structure = _structure(unit)
+    if inputs is None:
+        return _BY_STRUCTURE[structure][1] if structure in _BY_STRUCTURE else rows
+    call = _meta_call(inputs)
+    plan = rows if _looks_up_its_input(_meta_unit(unit, _float_dtype(call)), call) else \
+        TPPlan(replicated=("",), notes={"": "its forward looks up indices of its own, not "
+                                            "the input it is given"})
+    _BY_STRUCTURE[structure] = _signature(call), plan
+    return plan
+
+
+class _Lookups(TorchDispatchMode):
+    """Records the storages of the indices every embedding lookup reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.indices: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if func is torch.ops.aten.embedding.default:
+            self.indices.add(args[1].untyped_storage()._cdata)
+        return func(*args, **(kwargs or {}))
+
+
+def _looks_up_its_input(meta: nn.Module, call: tuple[tuple, dict]) -> bool:
+    """Whether the unit's lookup reads its first positional input (or a view of it); True
+    when the forward does not run on meta (row splitting as before)."""
+    args, kwargs = _fresh(call)
+    if not args or not isinstance(args[0], torch.Tensor):
+        return False
+    mode = _Lookups()
+    try:
+        with mode, torch.no_grad(), as_compiling():
+            meta(*args, **kwargs)
+    except Exception:  # noqa: BLE001 (a forward that fails here fails in the trace too)
+        return True
+    return args[0].untyped_storage()._cdata in mode.indices
 
 
 def _structure(unit: nn.Module) -> str:
@@ -197,16 +244,8 @@ def _fresh(call: tuple[tuple, dict]) -> tuple[tuple, dict]:
 
 def _run(unit: nn.Module, call: tuple[tuple, dict]) -> Any:
     args, kwargs = _fresh(call)
-    with torch.no_grad(), _as_compiling():
+    with torch.no_grad(), as_compiling():
         return unit(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def _as_compiling() -> Iterator[None]:
-    """Meta tensors hold no values: libraries skip value-dependent checks while compiling
-    (as autoplan/tracing.py runs the model, for transformers 5's .item() reads)."""
-    with mock.patch.object(torch.compiler, "is_compiling", lambda: True):
-        yield
 
 
 def _guess_call(meta: nn.Module) -> tuple[tuple, dict] | None:
@@ -358,7 +397,7 @@ def _trace_flow(meta: nn.Module, call: tuple[tuple, dict]) -> _Flow:
         handles.append(module.register_forward_hook(
             lambda m, a, o, n=name: mode.linear_done(n, m.out_features, o)))
     try:
-        with mode, torch.no_grad(), _as_compiling():
+        with mode, torch.no_grad(), as_compiling():
             output = meta(*call[0], **call[1])
     finally:
         for handle in handles:

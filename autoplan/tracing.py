@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +33,7 @@ from torch.utils.flop_counter import flop_registry
 
 from autoplan.errors import AutoplanError
 from autoplan.graph import LayerEdge, LayerGraph, LayerNode
-from autoplan.meta_state import keep_buffer_values
+from autoplan.meta_state import as_compiling, keep_buffer_values
 from autoplan.models.build import BuiltModel, sum_loss
 from autoplan.replay import ReplayMismatch, replay_plan, swap_in_replays
 from autoplan.tp_plan import infer_tp_plan
@@ -531,7 +530,7 @@ def _trace(root: nn.Module, units: list[tuple[str, bool]], inputs: tuple,
     attention_mode = _FlashAttention() if attention == "flash" else contextlib.nullcontext()
     backward = False
     try:
-        with attention_mode, _without_data_dependence(), tracer, \
+        with attention_mode, as_compiling(), tracer, \
                 torch.autograd.graph.saved_tensors_hooks(tracer.pack, lambda t: t):
             loss = loss_fn(root(*inputs), inputs)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
@@ -572,16 +571,6 @@ def _trace_failure(err: Exception, tracer: _Tracer, inputs: tuple, backward: boo
                 f"tensors does not have: {type(err).__name__}: {message.split('. ')[0]}")
     return (f"the model failed while traced at batch {batch}, {where}: "
             f"{type(err).__name__}: {message}")
-
-
-@contextlib.contextmanager
-def _without_data_dependence() -> Iterator[None]:
-    """Tell the model it is being compiled while it runs on meta tensors: meta tensors hold
-    no values, as a compiler's do not, and libraries skip value-dependent checks then
-    (transformers 5 reads position ids with .item() to find packed sequences unless it is
-    compiling, which a meta tensor cannot answer)."""
-    with mock.patch.object(torch.compiler, "is_compiling", lambda: True):
-        yield
 
 
 def _copy_costs(source: _Record, target: _Record) -> None:
@@ -681,6 +670,46 @@ def _tp_facts(module: nn.Module, call: tuple[tuple, dict] | None) -> tuple[tuple
     return tuple(plan.sizes), plan.refusal
 
 
+def _tp_splits(module: nn.Module, call: tuple[tuple, dict] | None) -> dict[int, str]:
+    """id(parameter) -> how the unit's tensor-parallel plan splits it ("rows", "columns",
+    or "whole"): an Embedding split by vocabulary and a column-wise Linear shard dim 0 of
+    their weight, a row-wise Linear dim 1."""
+    styles = infer_tp_plan(module, inputs=call).styles
+    out: dict[int, str] = {}
+    for name, sub in module.named_modules():
+        style = styles.get(name)
+        for attr, p in sub.named_parameters(recurse=False):
+            if style is None or (style == "rowwise" and attr == "bias"):
+                out.setdefault(id(p), "whole")
+            elif isinstance(sub, nn.Embedding):
+                out[id(p)] = "rows" if style == "rowwise" else "columns"
+            else:
+                out[id(p)] = "rows" if style == "colwise" or attr == "bias" else "columns"
+    return out
+
+
+_SPLIT_WORDS = {"rows": "by rows", "columns": "by columns", "whole": "not at all"}
+
+
+def _tie_refusals(root: nn.Module, ties: dict[str, str],
+                  records: dict[str, _Record]) -> dict[str, str]:
+    """Why tp cannot split the units of a tie group: their plans split the shared
+    parameter differently (T5's embedding, whole inside its encoder, by rows in its head),
+    and the executor holds one parameter."""
+    splits = {u: _tp_splits(root.get_submodule(u), records[u].call) for u in ties}
+    out: dict[str, str] = {}
+    for unit, owner in ties.items():
+        for other, other_owner in ties.items():
+            if other_owner != owner or other == unit:
+                continue
+            for key in splits[unit].keys() & splits[other].keys():
+                if splits[unit][key] != splits[other][key]:
+                    out[unit] = (f"it shares a parameter with {other}, which tensor "
+                                 f"parallelism would split {_SPLIT_WORDS[splits[other][key]]} "
+                                 f"there and {_SPLIT_WORDS[splits[unit][key]]} here")
+    return out
+
+
 def _cut_refusals(ran: list[str], records: dict[str, _Record]) -> dict[str, str]:
     """Why a pipeline stage cannot start at each unit: one tensor crosses a boundary, the
     unit's first positional input, so that must be the activation, and its other inputs and
@@ -731,6 +760,7 @@ def _layout_refusal(unit: str, module: nn.Module | None, previous: str | None,
 def _facts(root: nn.Module, ran: list[str], records: dict[str, _Record]) -> dict[str, dict]:
     """What running each unit needs (LayerNode's tie_group ... cut_refusal fields)."""
     ties, cuts = _tie_owners(root, ran), _cut_refusals(ran, records)
+    tie_refusals = _tie_refusals(root, ties, records)
     out: dict[str, dict] = {}
     for index, unit in enumerate([*ran, _LOSS]):
         module = root.get_submodule(unit) if unit != _LOSS else None
@@ -738,7 +768,8 @@ def _facts(root: nn.Module, ran: list[str], records: dict[str, _Record]) -> dict
             else ((), "")
         previous = ran[index - 1] if index else None
         out[unit] = dict(
-            tie_group=ties.get(unit, ""), tp_divides=sizes, tp_refusal=tp_refusal,
+            tie_group=ties.get(unit, ""), tp_divides=sizes,
+            tp_refusal=tp_refusal or tie_refusals.get(unit, ""),
             min_samples=records[unit].min_samples,
             layout_refusal=_layout_refusal(unit, module, previous, records) if index else "",
             cut_refusal=cuts.get(unit, "") if unit != _LOSS else "")

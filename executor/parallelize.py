@@ -307,8 +307,8 @@ def _check(model: nn.Module, plan: Plan, graph: LayerGraph | None,
         check_plan(plan, graph, world_size=world)
     elif world != plan.world_size:
         raise AutoplanError(f"plan is for {plan.world_size} devices; this world has {world}")
-    units = [name for name, _ in find_units(model)]
     planned = [layer.name for layer in plan.layers if layer.name != "loss"]
+    units = [name for name, _ in find_units(model) if not _aliases_planned(model, name, planned)]
     if sorted(planned) != sorted(units):
         unknown = [n for n in planned if n not in units]
         missing = [n for n in units if n not in planned]
@@ -318,6 +318,17 @@ def _check(model: nn.Module, plan: Plan, graph: LayerGraph | None,
             + (f"; the plan misses {', '.join(missing[:5])}" if missing else "")
             + ("" if unknown or missing else "; a layer is named twice"))
     return planned  # execution order (the LayerGraph's), which pipelining cuts
+
+
+def _aliases_planned(model: nn.Module, unit: str, planned: list[str]) -> bool:
+    """Whether `unit` is not planned and holds only parameters that planned units hold: a
+    module the forward never calls whose weight another unit uses (T5's and BART's `shared`
+    embedding, tied to the encoder's and decoder's), which tracing leaves out of the graph."""
+    if unit in planned:
+        return False
+    held = {id(p) for name in planned for p in model.get_submodule(name).parameters()}
+    own = list(model.get_submodule(unit).parameters())
+    return bool(own) and all(id(p) in held for p in own)
 
 
 # ------------------------------------------------------------------------------ steps
@@ -392,7 +403,7 @@ def _apply_tp_per_layout(chunk: nn.Module, layers: dict[str, LayerPlan], units: 
         mine = {n for n in present if layouts.of[n] == layout}
         if tp_mesh is not None and mine:
             replicated.update(apply_tp(chunk, tp_layers, splits, tp_mesh, mine, hopped))
-            _retie(chunk, aliases)
+            _retie(chunk, aliases, units)
     return [n for n in units if n in replicated]
 
 
@@ -409,7 +420,8 @@ def _apply_dp(chunk: nn.Module, layers: dict[str, LayerPlan], owned: list[str],
         if layout[0] == 1:
             ignored.update(p for n in group for p in chunk.get_submodule(n).parameters())
         else:
-            by_layout.setdefault(layout, []).append((group, max(layers[n].zero for n in group)))
+            zero = max(layers[n].zero for n in group)
+            by_layout.setdefault(layout, []).append((_with_aliases(chunk, group, owned), zero))
     if not by_layout:
         return
     meshes = {lay: get_mesh(layouts.meshes[lay], layouts.dims[lay].dp_axis) for lay in by_layout}
@@ -424,6 +436,21 @@ def _apply_dp(chunk: nn.Module, layers: dict[str, LayerPlan], owned: list[str],
     apply(chunk, [], next(iter(meshes.values())), ignored_params=ignored or None)
 
 
+def _with_aliases(chunk: nn.Module, group: tuple[str, ...],
+                  owned: list[str]) -> tuple[str, ...]:
+    """The group's units and the modules outside every unit whose own parameters are all
+    the group's (T5's `shared` embedding, tied to its embed_tokens): one data-parallel
+    group must hold a parameter wherever it is reached, or FSDP sees it twice."""
+    held = {id(p) for name in group for p in chunk.get_submodule(name).parameters()}
+    aliases = []
+    for name, module in chunk.named_modules():
+        own = list(module.parameters(recurse=False))
+        inside = any(name == u or name.startswith(u + ".") for u in owned)
+        if own and not inside and all(id(p) in held for p in own):
+            aliases.append(name)
+    return (*group, *aliases)
+
+
 def _alias_groups(chunk: nn.Module) -> list[list[str]]:
     """FQNs that share one parameter (tied weights), found before TP replaces parameters."""
     by_param: dict[int, list[str]] = {}
@@ -432,21 +459,26 @@ def _alias_groups(chunk: nn.Module) -> list[list[str]]:
     return [names for names in by_param.values() if len(names) > 1]
 
 
-def _retie(chunk: nn.Module, aliases: list[list[str]]) -> None:
-    """Tensor parallelism replaces each module's parameters: make tied ones one again.
+def _retie(chunk: nn.Module, aliases: list[list[str]], units: list[str]) -> None:
+    """Tensor parallelism replaces each module's parameters: make tied ones one again. A
+    name outside every unit (a module the forward never calls, e.g. T5's `shared`) takes
+    the units' parameter as it is.
 
     Raises:
-        AutoplanError: when tied copies were split differently.
+        AutoplanError: when tied copies in units were split differently.
     """
     for group in aliases:
-        keep = chunk.get_parameter(group[0])
-        for name in group[1:]:
+        inside = [n for n in group if _unit_of(n, [units]) is not None]
+        keep_name = next((n for n in inside if isinstance(chunk.get_parameter(n), DTensor)),
+                         group[0])
+        keep = chunk.get_parameter(keep_name)
+        for name in group:
             other = chunk.get_parameter(name)
             if other is keep:
                 continue
-            if isinstance(keep, DTensor) != isinstance(other, DTensor) or (
-                    isinstance(keep, DTensor) and keep.placements != other.placements):
-                raise AutoplanError(f"tied parameters {group[0]} and {name} were split "
+            if name in inside and (isinstance(keep, DTensor) != isinstance(other, DTensor) or (
+                    isinstance(keep, DTensor) and keep.placements != other.placements)):
+                raise AutoplanError(f"tied parameters {keep_name} and {name} were split "
                                     "differently by tensor parallelism; give a tp override")
             module_name, _, attr = name.rpartition(".")
             setattr(chunk.get_submodule(module_name), attr, keep)

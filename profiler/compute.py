@@ -23,10 +23,10 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from autoplan.errors import AutoplanError
 from autoplan.graph import LayerGraph, LayerNode
-from autoplan.meta_state import fill_buffers, without_caches
+from autoplan.meta_state import as_compiling, fill_buffers, without_caches
 from autoplan.models.build import BuiltModel
 from autoplan.tp_plan import COLWISE, infer_tp_plan
-from autoplan.tracing import _without_data_dependence, trace_batch
+from autoplan.tracing import trace_batch
 
 __all__ = ["MeasureSettings", "UnitCall", "capture_unit_calls", "materialize", "shard_copy",
            "runs_on_meta", "make_inputs", "time_unit", "timed_pass", "output_grads", "LossUnit",
@@ -93,7 +93,7 @@ def capture_unit_calls(built: BuiltModel, graph: LayerGraph) -> dict[str, UnitCa
         lambda _m, a, k, name=name: keep(name, a, k), with_kwargs=True)
         for name in calls if name != LOSS]
     try:  # meta tensors answer no value-dependent checks, as in the trace
-        with torch.no_grad(), _without_data_dependence():
+        with torch.no_grad(), as_compiling():
             first = trace_batch(built.module)  # 2 where BatchNorm refuses 1
             for pass_index, batch in enumerate((first, 2 * first)):  # noqa: B007 - keep()
                 inputs = built.example_inputs(batch)
@@ -148,7 +148,7 @@ def runs_on_meta(unit: nn.Module, call: UnitCall) -> bool:
     one attention head fails here (shapes only, no compute)."""
     args, kwargs = tree_unflatten(*call.one)
     try:
-        with torch.no_grad(), _without_data_dependence():
+        with torch.no_grad(), as_compiling():
             unit(*args, **kwargs)
     except RuntimeError:
         return False

@@ -167,3 +167,20 @@ def test_every_plan_the_search_returns_passes_the_executor_precheck(
         assert plan_refusal(candidate.plan, graph) is None
         check_plan(candidate.plan, graph, world_size=gpus)
         precheck(model, candidate.plan, graph, world_size=gpus)
+
+
+def test_tied_parameters_split_alike_and_embeddings_that_look_up_their_own_indices() -> None:
+    """T5's embedding is tied into whole encoder/decoder units and a head that tp splits by
+    rows: tp is refused there. BART's learned positions look up indices they make
+    themselves: that unit stays whole under tp (nothing to divide) while its token
+    embeddings split."""
+    from autoplan.models import build_model
+    from autoplan.tracing import layer_graph_of_built
+
+    t5 = layer_graph_of_built(build_model("hf:tests/zoo/configs/t5.json,seq=32"))
+    assert t5["encoder"].tie_group == t5["lm_head"].tie_group == "encoder"
+    assert "shares a parameter with lm_head" in t5["encoder"].tp_refusal
+    bart = layer_graph_of_built(build_model("hf:tests/zoo/configs/bart.json"))
+    assert bart["model.encoder.embed_positions"].tp_divides == ()
+    assert bart["model.encoder.embed_tokens"].tp_divides == (128,)
+    assert plan_refusal(uniform_plan("tp=2", bart, 2, 2), bart) is None
