@@ -288,6 +288,8 @@ class _Tracer(TorchDispatchMode):
         ins, outs = list(_tensors((args, kwargs))), list(_tensors(out))
         if not backward:  # first, so that outputs count as per-sample below
             self._note_batch_norm(rec, func, args)
+            if owner == _LOSS:  # what the loss function reads of the model's output
+                rec.first_from |= self._sources(ins)
             self._follow(ins, outs)
             if not func.is_view:  # a view is its input's storage, made by whoever made that
                 self._originate(ins, outs)
@@ -400,7 +402,6 @@ class _Tracer(TorchDispatchMode):
         loss.order = self.calls
         self._receive(loss, output, _LOSS)
         loss.first_input = _not_activation(output)
-        loss.first_from = self._sources(output)
 
     def _sources(self, tree: Any) -> frozenset:
         """The units whose outputs the tensors of `tree` derive from."""
