@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 
 from autoplan.errors import AutoplanError
 from autoplan.executor.checkpointing import apply_ac
@@ -225,34 +225,41 @@ class Runner:
         return loss
 
     def _sum_tied_grads(self) -> None:
-        """Copies of one parameter in several chunks get the sum of their gradients."""
+        """Copies of one parameter in several chunks get the sum of their gradients. The
+        holders sum whole gradients: stages may shard their copy differently (ZeRO 0 beside
+        ZeRO 3, a row-split embedding beside a row-split head), so local pieces differ."""
         for tied in self.tied:
             params = [self.chunks[c].get_parameter(fqn) for c, fqn in tied.fqns.items()
                       if c in self.chunks]
             if tied.group is None and all(p.grad is None for p in params):
                 continue
-            for param in params:  # a copy no use reached (a class token on a later stage)
-                if param.grad is None:  # still takes the sum, and its holders wait for it
-                    param.grad = torch.zeros_like(param)
-            local = [_grad_like_param(p) for p in params]
-            with torch.no_grad():
-                total = torch.stack(local).sum(0)
+            with torch.no_grad():  # a copy no use reached (a class token on a later stage)
+                total = torch.stack([_whole_grad(p) for p in params]).sum(0)  # takes zeros
                 if tied.group is not None:
                     dist.all_reduce(total, group=tied.group)
-                for grad in local:
-                    grad.copy_(total)
+                for param in params:
+                    _set_whole_grad(param, total)
 
 
-def _grad_like_param(param: nn.Parameter) -> torch.Tensor:
-    """The local gradient of `param`, first placed as the parameter is (TP can leave the
-    gradient of a vocabulary-split embedding replicated or partial)."""
+def _whole_grad(param: nn.Parameter) -> torch.Tensor:
+    """The whole gradient of `param` (gathered when sharded, reduced when partial; zeros
+    when no use reached it)."""
     grad = param.grad
-    if isinstance(grad, DTensor):
-        if grad.placements != param.placements:
-            grad = grad.redistribute(param.device_mesh, param.placements)
-            param.grad = grad
-        return grad.to_local()
-    return grad
+    if grad is None:
+        local = param.to_local() if isinstance(param, DTensor) else param
+        return torch.zeros(param.shape, dtype=param.dtype, device=local.device)
+    return grad.full_tensor() if isinstance(grad, DTensor) else grad
+
+
+def _set_whole_grad(param: nn.Parameter, whole: torch.Tensor) -> None:
+    """Give `param` the gradient `whole`, placed as the parameter is (slicing only: every
+    rank holds the whole)."""
+    if isinstance(param, DTensor):
+        mesh = param.device_mesh
+        param.grad = DTensor.from_local(whole, mesh, [Replicate()] * mesh.ndim,
+                                        run_check=False).redistribute(mesh, param.placements)
+    else:
+        param.grad = whole.clone()
 
 
 # ------------------------------------------------------------------------------ checks
