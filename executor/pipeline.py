@@ -35,7 +35,6 @@ Chunk c runs on pipeline rank c % pp (the looped order of Interleaved1F1B).
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +52,7 @@ from torch.distributed.pipelining.schedules import _PipelineSchedule
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 from autoplan.errors import AutoplanError
+from autoplan.units import first_input, first_param
 
 __all__ = ["INPUT_KEY", "build_chunk", "build_schedule", "chunk_ranks", "chunk_units",
            "input_kwargs", "loose_parameters", "wrap_loss"]
@@ -157,24 +157,6 @@ _TENSOR = object()
 """Marks where the last stage's tensors go back among the leaves of the model's output."""
 
 
-def _first_param(module: nn.Module) -> str | None:
-    """The name of the first parameter of a unit's forward (its keyword, when the model
-    passes the activation by name)."""
-    params = list(inspect.signature(module.forward).parameters.values())
-    if params and params[0].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                     inspect.Parameter.KEYWORD_ONLY):
-        return params[0].name
-    return None
-
-
-def _first_input(keyword: str | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """A unit's first input in one call: its first positional argument, else the keyword of
-    its forward's first parameter (None when the call has neither)."""
-    if args:
-        return args[0]
-    return kwargs.get(keyword) if keyword is not None else None
-
-
 def _receive_hook(state: _ChunkState, keyword: str | None) -> Callable[..., Any]:
     """A forward pre-hook that gives the chunk's first unit the received activation as its
     first input (positional or keyword, as the model passes it)."""
@@ -208,7 +190,7 @@ def _check_hook(state: _ChunkState, name: str, first: str) -> Callable[..., Any]
 def _stop_hook(keyword: str | None) -> Callable[..., Any]:
     """A forward pre-hook that ends the chunk's forward with the next unit's first input."""
     def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        raise _StageExit(_first_input(keyword, args, kwargs))
+        raise _StageExit(first_input(keyword, args, kwargs))
 
     return hook
 
@@ -319,14 +301,14 @@ def build_chunk(model: nn.Module, units: Sequence[str], owned: Sequence[str]) ->
     next_unit = units[last + 1] if last + 1 < len(units) else None
     if first > 0:
         unit = chunk.get_submodule(owned[0])
-        unit.register_forward_pre_hook(_receive_hook(state, _first_param(unit)),
+        unit.register_forward_pre_hook(_receive_hook(state, first_param(unit)),
                                        prepend=True, with_kwargs=True)
         for name in owned:
             chunk.get_submodule(name).register_forward_pre_hook(
                 _check_hook(state, name, owned[0]), with_kwargs=True)
     if next_unit is not None:
         unit = chunk.get_submodule(next_unit)
-        unit.register_forward_pre_hook(_stop_hook(_first_param(unit)), with_kwargs=True)
+        unit.register_forward_pre_hook(_stop_hook(first_param(unit)), with_kwargs=True)
     shared = {id(m) for name in owned for m in chunk.get_submodule(name).modules()}
     for index, name in enumerate(units):
         if index < first or index > last:
