@@ -151,7 +151,10 @@ class Searcher:
         self.blocks = [i for i, n in enumerate(graph.nodes) if n.kind == "block"]
         # what stages split: the blocks, else every layer (the loss goes with the last)
         self.units = self.blocks or [i for i, n in enumerate(graph.nodes) if n.kind != "loss"]
-        self.ties = tie_groups(graph.nodes)
+        # parameters outside every layer have no layout of their own: then every layer,
+        # on every stage, takes one (a tie over the whole model)
+        self.ties = [tuple(range(len(graph.nodes)))] if graph.loose_params \
+            else tie_groups(graph.nodes)
         self._group_of = {i: g for g, group in enumerate(self.ties) for i in group}
         # (first layer, how many) of each signature and tie group: equal layers cost alike,
         # so bounds sum each kind once
