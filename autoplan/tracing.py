@@ -37,10 +37,15 @@ from autoplan.meta_state import as_compiling, keep_buffer_values
 from autoplan.models.build import BuiltModel, sum_loss
 from autoplan.replay import ReplayMismatch, replay_plan, swap_in_replays
 from autoplan.tp_plan import infer_tp_plan
-from autoplan.units import find_units, first_input, first_param, structure_hash
+from autoplan.units import (
+    find_units,
+    first_input,
+    first_param,
+    loose_parameters,
+    structure_hash,
+)
 
-__all__ = ["layer_graph", "layer_graph_of_built", "meta_copy", "meta_inputs", "trace_batch",
-           "loose_parameters"]
+__all__ = ["layer_graph", "layer_graph_of_built", "meta_copy", "meta_inputs", "trace_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +95,7 @@ def layer_graph(model: nn.Module, example_inputs: Any,
     if batch > 1:
         _per_sample(tracer.records, trace(2 * batch).records, batch)
     nodes, edges = _assemble(meta, units, tracer.records)
-    loose = loose_parameters(meta, [n.name for n in nodes[:-1]])
+    loose = tuple(loose_parameters(meta, [n.name for n in nodes[:-1]]))
     return LayerGraph(name, str(dtype).removeprefix("torch."), attention, tokens_per_sample,
                       tuple(nodes), tuple(edges), loose)
 
@@ -635,12 +640,6 @@ def _param_owners(root: nn.Module, units: list[str]) -> tuple[dict[str, int], di
     if units:
         params[units[0]] += loose
     return params, shared
-
-
-def loose_parameters(root: nn.Module, units: list[str]) -> tuple[str, ...]:
-    """Names of the parameters that no unit holds (e.g. a class token on the model itself)."""
-    held = {id(p) for unit in units for p in root.get_submodule(unit).parameters()}
-    return tuple(name for name, p in root.named_parameters() if id(p) not in held)
 
 
 def _tie_owners(root: nn.Module, units: list[str]) -> dict[str, str]:

@@ -11,11 +11,13 @@ from __future__ import annotations
 import hashlib
 import inspect
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
-__all__ = ["find_units", "join_name", "structure_hash", "first_param", "first_input"]
+__all__ = ["find_units", "join_name", "structure_hash", "first_param", "first_input",
+           "loose_parameters"]
 
 
 def structure_hash(module: nn.Module, memo: dict[int, str]) -> str:
@@ -105,3 +107,14 @@ def first_input(keyword: str | None, args: tuple[Any, ...], kwargs: dict[str, An
     if args:
         return args[0]
     return kwargs.get(keyword) if keyword is not None else None
+
+
+def loose_parameters(model: nn.Module, units: Sequence[str]) -> list[str]:
+    """The FQNs of the model's parameters that no unit holds (tracing records them; every
+    pipeline chunk holds a copy).
+
+    Example: a ViT with cls_token and pos_embed on the model itself -> ["cls_token",
+    "pos_embed"].
+    """
+    held = {id(p) for u in units for p in model.get_submodule(u).parameters()}
+    return [name for name, p in model.named_parameters() if id(p) not in held]

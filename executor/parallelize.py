@@ -315,7 +315,9 @@ def _check(model: nn.Module, plan: Plan, graph: LayerGraph | None,
     elif world != plan.world_size:
         raise AutoplanError(f"plan is for {plan.world_size} devices; this world has {world}")
     planned = [layer.name for layer in plan.layers if layer.name != "loss"]
-    units = [name for name, _ in find_units(model) if not _aliases_planned(model, name, planned)]
+    held = {id(p) for name in planned for p in model.get_submodule(name).parameters()}
+    units = [name for name, _ in find_units(model)
+             if not _aliases_planned(model, name, planned, held)]
     if sorted(planned) != sorted(units):
         unknown = [n for n in planned if n not in units]
         missing = [n for n in units if n not in planned]
@@ -327,13 +329,13 @@ def _check(model: nn.Module, plan: Plan, graph: LayerGraph | None,
     return planned  # execution order (the LayerGraph's), which pipelining cuts
 
 
-def _aliases_planned(model: nn.Module, unit: str, planned: list[str]) -> bool:
-    """Whether `unit` is not planned and holds only parameters that planned units hold: a
-    module the forward never calls whose weight another unit uses (T5's and BART's `shared`
-    embedding, tied to the encoder's and decoder's), which tracing leaves out of the graph."""
+def _aliases_planned(model: nn.Module, unit: str, planned: list[str], held: set[int]) -> bool:
+    """Whether `unit` is not planned and holds only parameters that planned units hold
+    (`held`: their ids): a module the forward never calls whose weight another unit uses
+    (T5's and BART's `shared` embedding, tied to the encoder's and decoder's), which
+    tracing leaves out of the graph."""
     if unit in planned:
         return False
-    held = {id(p) for name in planned for p in model.get_submodule(name).parameters()}
     own = list(model.get_submodule(unit).parameters())
     return bool(own) and all(id(p) in held for p in own)
 
@@ -497,7 +499,7 @@ def _tied_across_chunks(model: nn.Module, chunks: list[list[str]], mesh: DeviceM
     where: dict[int, dict[int, str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         unit = _unit_of(name, chunks)
-        # a parameter outside every unit (pipeline.loose_parameters): every chunk holds it
+        # a parameter outside every unit (units.loose_parameters): every chunk holds it
         for holder in range(len(chunks)) if unit is None else [unit]:
             where.setdefault(id(param), {}).setdefault(holder, name)
     tied = []

@@ -55,7 +55,7 @@ from autoplan.errors import AutoplanError
 from autoplan.units import first_input, first_param
 
 __all__ = ["INPUT_KEY", "build_chunk", "build_schedule", "chunk_ranks", "chunk_units",
-           "input_kwargs", "loose_parameters", "wrap_loss"]
+           "input_kwargs", "wrap_loss"]
 
 log = logging.getLogger(__name__)
 
@@ -228,18 +228,6 @@ def _make_shell(unit: nn.Module, state: _ChunkState, name: str, shared: set[int]
     unit.autoplan_stub_of = name
 
 
-def loose_parameters(model: nn.Module, units: Sequence[str]) -> list[str]:
-    """The FQNs of the model's parameters that belong to no unit (every chunk holds them).
-
-    Example: a ViT with cls_token and pos_embed on the model itself -> ["cls_token",
-    "pos_embed"].
-    """
-    prefixes = tuple(f"{u}." for u in units)
-    held = {id(p) for u in units for p in model.get_submodule(u).parameters()}
-    return [name for name, param in model.named_parameters()
-            if not name.startswith(prefixes) and id(param) not in held]
-
-
 def _meta_output(forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                  known: dict[Any, Any]) -> Any:
     """A unit's output for these inputs, computed on the meta device (its shell's tensors
@@ -279,10 +267,10 @@ def _meta_memo(model: nn.Module, units: Sequence[str], owned: Sequence[str]
 def build_chunk(model: nn.Module, units: Sequence[str], owned: Sequence[str]) -> nn.Module:
     """A copy of `model` that runs only the units in `owned` (one contiguous run of `units`).
 
-    Parameters outside every unit (loose_parameters: a class token on the model itself) are
-    copied into every chunk: each chunk's glue code may use them, and the Runner sums their
-    gradients over the chunks as it does for tied parameters (a use counts on the one chunk
-    where its result reaches the chunk's output).
+    Parameters outside every unit (autoplan.units.loose_parameters: a class token on the
+    model itself) are copied into every chunk: each chunk's glue code may use them, and the
+    Runner sums their gradients over the chunks as it does for tied parameters (a use counts
+    on the one chunk where its result reaches the chunk's output).
 
     Args:
         model: the whole model (not modified).
