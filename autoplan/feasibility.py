@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # plan.py checks plans with this module
     from autoplan.plan import LayerStrategy, Plan
 
 __all__ = ["layer_refusal", "feasible", "cut_refusal", "layout_change_refusal",
-           "gives_whole_output", "last_layer", "tie_groups", "plan_refusal"]
+           "gives_whole_output", "last_layer", "tie_groups", "schedule_refusal", "plan_refusal"]
 
 
 def layer_refusal(node: LayerNode, strategy: LayerStrategy,
@@ -93,10 +93,30 @@ def tie_groups(nodes: Sequence[LayerNode]) -> list[tuple[int, ...]]:
     return [tuple(group) for group in groups.values() if len(group) > 1]
 
 
+def schedule_refusal(schedule: str, pp: int, micro_batches: int) -> str | None:
+    """Why torch's pipeline schedule refuses `micro_batches` micro-batches over `pp` stages
+    (torch 2.13 torch.distributed.pipelining.schedules), or None when it runs them; without a
+    pipeline (pp 1) the executor builds no schedule."""
+    if pp == 1:
+        return None
+    if schedule == "1f1b" and micro_batches < pp:
+        # Schedule1F1B.__init__: "Number of microbatches must be >= the number of stages"
+        return (f"schedule 1f1b needs at least pp = {pp} micro-batches; the plan has "
+                f"{micro_batches} (gpipe or interleaved_1f1b take fewer)")
+    rounds = max(1, micro_batches // pp)  # ScheduleInterleaved1F1B's rounds
+    if schedule == "interleaved_1f1b" and micro_batches % rounds:
+        return (f"schedule interleaved_1f1b runs micro-batches in {rounds} rounds "
+                f"(max(1, m // pp)), which must divide the {micro_batches} micro-batches")
+    return None
+
+
 def plan_refusal(plan: Plan, graph: LayerGraph) -> str | None:
     """Why the executor cannot run `plan` on the model of `graph`, or None when it can.
     The plan's layers must be the graph's, in order (plan.check_plan checks that first)."""
     nodes = graph.nodes
+    why = schedule_refusal(plan.schedule, plan.pp, plan.num_micro_batches)
+    if why:
+        return why
     for node, layer in zip(nodes, plan.layers, strict=True):
         why = layer_refusal(node, layer, plan.micro_batch_size)
         if why:

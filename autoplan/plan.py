@@ -25,6 +25,7 @@ from autoplan.specs import parse_bool, parse_int, parse_kv
 __all__ = [
     "PLAN_FORMAT_VERSION", "CHECKPOINT_MODES", "SCHEDULES", "LayerStrategy", "LayerPlan",
     "Prediction", "Provenance", "Plan", "parse_plan_shorthand", "uniform_plan", "split_stages",
+    "pipeline_units",
     "load_plan", "check_plan", "plan_from_json",
 ]
 
@@ -258,6 +259,14 @@ def _sequence_kept(graph: LayerGraph, index: int, strategy: dict) -> dict:
     return {}
 
 
+def pipeline_units(graph: LayerGraph, chunks: int) -> list[int]:
+    """The layers a pipeline of `chunks` chunks may start a chunk at: the blocks when there
+    are at least `chunks` of them, else every layer but the loss (which goes with the last)."""
+    blocks = [i for i, node in enumerate(graph.nodes) if node.kind == "block"]
+    layers = [i for i, node in enumerate(graph.nodes) if node.kind != "loss"]
+    return blocks if len(blocks) >= chunks else layers
+
+
 def split_stages(graph: LayerGraph, chunks: int) -> list[int]:
     """First-layer indices of `chunks` contiguous pieces holding equal numbers of blocks
     (the first piece takes what precedes the blocks, the last what follows them).
@@ -265,12 +274,11 @@ def split_stages(graph: LayerGraph, chunks: int) -> list[int]:
     Raises:
         AutoplanError: when there are fewer layers than pieces.
     """
-    blocks = [i for i, node in enumerate(graph.nodes) if node.kind == "block"]
-    layers = [i for i, node in enumerate(graph.nodes) if node.kind != "loss"]  # loss: last's
-    units = blocks if len(blocks) >= chunks else layers
+    units = pipeline_units(graph, chunks)
     if len(units) < chunks:
+        layers = sum(node.kind != "loss" for node in graph.nodes)
         raise AutoplanError(f"plan: {chunks} pipeline chunks need at least {chunks} layers; "
-                            f"the model has {len(layers)}")
+                            f"the model has {layers}")
     base, extra = divmod(len(units), chunks)
     starts, at = [0], 0
     for k in range(chunks - 1):

@@ -30,7 +30,11 @@ from autoplan.cost_model.memory import (
     stage_memory,
     stage_tail,
 )
-from autoplan.cost_model.pipeline import micro_batches_in_flight, pipeline_time_s
+from autoplan.cost_model.pipeline import (
+    micro_batches_in_flight,
+    pipeline_time_bound_s,
+    pipeline_time_s,
+)
 from autoplan.errors import AutoplanError
 from autoplan.graph import LayerGraph, LayerNode
 from autoplan.plan import LayerPlan, LayerStrategy, Plan
@@ -153,6 +157,30 @@ class CostModel:
         breakdown |= {"bubble": relief * (pipe - m * pace.micro_batch_s), **tail.tail_s}
         return self._summary(plan, step, breakdown, stages, layers)
 
+    def step_bound_s(self, slowest_s: float, total_s: float, micro_batches: int, pp: int,
+                     virtual: int, tail_s: float) -> float:
+        """No plan is faster whose slowest stage takes at least `slowest_s` per micro-batch,
+        whose stages take at least `total_s` together and whose tail (the largest stage's)
+        is at least `tail_s`: estimate's step, relief x pipeline + tail, bounded term by
+        term. On oversubscribed cores, relief x pipeline = max(pipeline / threads,
+        m x sum_s T_s / pp) (ComputeModel.waiting_relief with busy = m sum_s T_s / (pp
+        pipeline)); elsewhere relief is 1."""
+        pipe = pipeline_time_bound_s(slowest_s, total_s, micro_batches, pp, virtual)
+        if self.compute.oversubscribed:
+            pipe = max(pipe / self.compute.rank_threads, micro_batches * total_s / pp)
+        return pipe + tail_s
+
+    def paced_bound_s(self, floors: list[tuple[float, float]], virtual: int) -> float:
+        """No plan is faster whose stage s takes at least floors[s][0] per micro-batch and
+        at least floors[s][1] as m x that + its tail: for every s, the step is at least
+        m T_s + tail_s + (sum of the other stages' T) / v (pipeline_time_s's first term with
+        T_max >= T_s, m >= 1/v; the largest tail >= tail_s). 0 on oversubscribed cores,
+        where waiting relief makes the step shorter than its pipeline."""
+        if self.compute.oversubscribed:
+            return 0.0
+        total = sum(time for time, _ in floors)
+        return max(objective + (total - time) / virtual for time, objective in floors)
+
     def _check(self, plan: Plan) -> None:
         if plan.world_size != self.cluster.gpus:
             raise AutoplanError(f"plan is for {plan.world_size} devices; cluster "
@@ -166,6 +194,23 @@ class CostModel:
         bounds = [*plan.stage_boundaries, len(plan.layers)]
         return [list(range(bounds[c], bounds[c + 1]))
                 for c in range(stage, len(bounds) - 1, plan.pp)]
+
+    def peak_memory_bytes(self, plan: Plan) -> list[int]:
+        """Each stage's peak bytes per rank, as estimate() gives them, without the times
+        (the search checks this of many plans before pricing the few that fit)."""
+        return [int(stage_memory([self.layer_cost(self.graph.nodes[i], plan.layers[i],
+                                                  plan.micro_batch_size, s)
+                                  for chunk in self._stage_layers(plan, s) for i in chunk],
+                                 self._held(plan, s)).peak)
+                for s in range(plan.pp)]
+
+    def fits(self, peaks: list[int]) -> bool:
+        """Whether stages of these peaks fit the device with the framework's overhead."""
+        return max(peaks) + self.overhead_bytes <= self.memory_limit_bytes
+
+    def _held(self, plan: Plan, stage: int) -> float:
+        return micro_batches_in_flight(plan.schedule, plan.pp, stage, plan.num_micro_batches,
+                                       plan.virtual_stages)
 
     def _stage(self, plan: Plan, stage: int,
                layers: list[tuple[LayerNode, LayerPlan]]) -> StageEstimate:
@@ -182,11 +227,9 @@ class CostModel:
                     parts["reshard"] += self.reshard_s(layers[i][0], layers[i - 1][1],
                                                        layers[i][1], plan.micro_batch_size)
             parts["pp_comm"] += self._hops(plan, layers, chunk)
-        held = micro_batches_in_flight(plan.schedule, plan.pp, stage, plan.num_micro_batches,
-                                       plan.virtual_stages)
         return StageEstimate(stage=stage, layers=[layers[i][0].name for c in chunks for i in c],
                              per_micro_batch_s=parts, tail_s=stage_tail(costs),
-                             memory=stage_memory(costs, held))
+                             memory=stage_memory(costs, self._held(plan, stage)))
 
     def layer_cost(self, node: LayerNode, layer: LayerStrategy, micro_batch_size: int,
                    stage: int = 0) -> LayerCost:
@@ -303,5 +346,5 @@ class CostModel:
             mfu=model_flops / step / world / peak if peak else 0.0,
             peak_memory_bytes=peaks, memory_limit_bytes=self.memory_limit_bytes,
             overhead_bytes=self.overhead_bytes,
-            fits=max(peaks) + self.overhead_bytes <= self.memory_limit_bytes,
+            fits=self.fits(peaks),
             breakdown=breakdown, stages=stages, notes=list(self.notes))

@@ -3,26 +3,44 @@ many micro-batches of activations a stage holds at its peak."""
 
 from __future__ import annotations
 
-__all__ = ["pipeline_time_s", "bubble_fraction", "micro_batches_in_flight"]
+__all__ = ["pipeline_time_s", "pipeline_time_bound_s", "bubble_fraction",
+           "micro_batches_in_flight"]
 
 
 def pipeline_time_s(stage_times_s: list[float], micro_batches: int, virtual: int = 1) -> float:
     """Step time of a pipeline whose stage s takes stage_times_s[s] (forward + backward) per
-    micro-batch: m T_max + (sum_s T_s - T_max) / v.
+    micro-batch: max(m T_max + (sum_s T_s - T_max) / v, sum_s T_s + (m - 1) T_max / v).
 
-    The slowest stage sets the pace of the m micro-batches; filling and draining the pipe
-    crosses the other stages once, v times faster with v interleaved chunks per stage. With
-    equal stages this is (m + (p - 1) / v) T: GPipe and 1F1B (Huang et al. 2019; Narayanan
-    et al. 2021, sec. 2.2.1), interleaved 1F1B (Narayanan et al. 2021, sec. 2.2.2).
+    The first term: the slowest stage sets the pace of the m micro-batches; filling and
+    draining the pipe crosses the other stages once, v times faster with v interleaved
+    chunks per stage. With equal stages this is (m + (p - 1) / v) T: GPipe and 1F1B (Huang
+    et al. 2019; Narayanan et al. 2021, sec. 2.2.1), interleaved 1F1B (Narayanan et al. 2021,
+    sec. 2.2.2, which takes m >= p). The second: one micro-batch crosses every chunk of every
+    stage in turn, and the others follow a chunk of the slowest stage apart; it is the larger
+    when m < p with v > 1 (equal to the first when v = 1), and both match the op-by-op
+    simulation (schedule.simulate_schedule; tests/cost_model/test_schedule.py).
     """
-    slowest = max(stage_times_s)
-    return micro_batches * slowest + (sum(stage_times_s) - slowest) / virtual
+    slowest, total = max(stage_times_s), sum(stage_times_s)
+    return max(micro_batches * slowest + (total - slowest) / virtual,
+               total + (micro_batches - 1) * slowest / virtual)
+
+
+def pipeline_time_bound_s(slowest_s: float, total_s: float, micro_batches: int, pp: int,
+                          virtual: int = 1) -> float:
+    """No pipeline whose slowest stage takes at least `slowest_s` per micro-batch and whose
+    stages take at least `total_s` together is faster: both terms of pipeline_time_s rise
+    in T_max and in the sum (m >= 1 >= 1/v), and T_max is at least the mean, total_s / pp."""
+    slowest = max(slowest_s, total_s / pp)
+    total = max(total_s, slowest)
+    return max(micro_batches * slowest + (total - slowest) / virtual,
+               total + (micro_batches - 1) * slowest / virtual)
 
 
 def bubble_fraction(pp: int, micro_batches: int, virtual: int = 1) -> float:
-    """Idle share of a balanced pipeline's step: ((p - 1) / v) / (m + (p - 1) / v)."""
-    idle = (pp - 1) / virtual
-    return idle / (micro_batches + idle)
+    """Idle share of a balanced pipeline's step (pipeline_time_s with equal stages):
+    ((p - 1) / v) / (m + (p - 1) / v) when m >= p."""
+    step = pipeline_time_s([1.0] * pp, micro_batches, virtual)
+    return (step - micro_batches) / step
 
 
 def micro_batches_in_flight(schedule: str, pp: int, stage: int, micro_batches: int,
@@ -36,6 +54,6 @@ def micro_batches_in_flight(schedule: str, pp: int, stage: int, micro_batches: i
     if schedule == "gpipe":
         return float(micro_batches)
     held = float(min(micro_batches, pp - stage))
-    if schedule == "interleaved_1f1b":
-        held *= 1 + (pp - 1) / (pp * virtual)
+    if schedule == "interleaved_1f1b":  # never more than every micro-batch of the step
+        held = min(float(micro_batches), held * (1 + (pp - 1) / (pp * virtual)))
     return held

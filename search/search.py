@@ -35,28 +35,34 @@ from autoplan.cost_model.pipeline import micro_batches_in_flight
 from autoplan.errors import AutoplanError
 from autoplan.feasibility import (
     cut_refusal,
-    gives_whole_output,
     last_layer,
     layout_change_refusal,
     plan_refusal,
     tie_groups,
 )
 from autoplan.graph import LayerGraph, LayerNode
-from autoplan.plan import LayerPlan, LayerStrategy, Plan, Prediction, Provenance, split_stages
+from autoplan.plan import (
+    LayerPlan,
+    LayerStrategy,
+    Plan,
+    Prediction,
+    Provenance,
+    pipeline_units,
+    split_stages,
+)
 from autoplan.profiler.profile import Profile
+from autoplan.search.bounds import knapsack_floor
 from autoplan.search.dp import solve_dp
 from autoplan.search.ilp import solve_ilp
 from autoplan.search.problem import Layout, Option, Run, StageProblem, StageSolution
 from autoplan.search.space import (
     Outer,
     SearchSpace,
-    checkpoint_modes,
-    divisors,
     layer_strategies,
     outer_settings,
     plan_respects_fix,
-    tp_fits,
 )
+from autoplan.search.uniform import best_uniform, uniform_points
 
 __all__ = ["SearchOptions", "Candidate", "SearchResult", "Searcher", "SOLVERS",
            "MAX_GLOBAL_BATCH"]
@@ -84,16 +90,13 @@ class SearchOptions:
     ilp_solver: str = "highs"
     time_limit_s: float = 30.0
     top_k: int = 3
-    window: int = 1
-    """Stage block counts tried around an even split: floor(blocks / pp) - window to
-    ceil(blocks / pp) + window."""
 
     def __post_init__(self) -> None:
         if self.solver not in SOLVERS:
             raise AutoplanError(f"solver '{self.solver}' is not one of {', '.join(SOLVERS)}")
-        if self.global_batch < 1 or self.top_k < 0 or self.window < 0:
-            raise AutoplanError(f"global batch must be >= 1, top-k and window >= 0; got "
-                                f"{self.global_batch}, {self.top_k} and {self.window}")
+        if self.global_batch < 1 or self.top_k < 0:
+            raise AutoplanError(f"global batch must be >= 1 and top-k >= 0; got "
+                                f"{self.global_batch} and {self.top_k}")
         if self.global_batch > MAX_GLOBAL_BATCH:
             raise AutoplanError(f"global batch {self.global_batch} is too large; the search "
                                 f"takes at most {MAX_GLOBAL_BATCH} samples per step")
@@ -148,9 +151,9 @@ class Searcher:
         self.budget = self.model.memory_limit_bytes - self.model.overhead_bytes
         max_tp = options.max_tp or cluster.gpus_per_node
         self.space = SearchSpace(max_tp, cluster.gpus_per_node, options.fix, heads, kv_heads)
-        self.blocks = [i for i, n in enumerate(graph.nodes) if n.kind == "block"]
-        # what stages split: the blocks, else every layer (the loss goes with the last)
-        self.units = self.blocks or [i for i, n in enumerate(graph.nodes) if n.kind != "loss"]
+        # a pipeline chunk holds at least one layer besides the loss (plan.pipeline_units)
+        self.max_chunks = sum(node.kind != "loss" for node in graph.nodes)
+        self.last = last_layer(graph.nodes)
         # parameters outside every layer have no layout of their own: then every layer,
         # on every stage, takes one (a tie over the whole model)
         self.ties = [tuple(range(len(graph.nodes)))] if graph.loose_params \
@@ -164,6 +167,7 @@ class Searcher:
         self.kinds = [(found[0], len(found)) for found in firsts.values()]
         self._choices: dict[tuple, list[_Choice]] = {}
         self._stages: dict[tuple, StageSolution] = {}
+        self._sends: dict[tuple, float] = {}
         self.candidates: list[Candidate] = []
         self._incumbent: Candidate | None = None
         self._layer_plans: dict[tuple[int, LayerStrategy], LayerPlan] = {}
@@ -173,9 +177,9 @@ class Searcher:
     def run(self, on_progress: Callable[[str, int, int], None] | None = None) -> SearchResult:
         started = time.perf_counter()
         baselines = self._baselines()
-        outers = outer_settings(self.cluster.gpus, self.options.global_batch, len(self.units),
+        outers = outer_settings(self.cluster.gpus, self.options.global_batch, self.max_chunks,
                                 self.space)
-        bounds = sorted((self._lower_bound(o), o) for o in outers)
+        bounds = sorted((self.lower_bound(o), o) for o in outers)
         solved = 0
         for done, (bound, outer) in enumerate(bounds, 1):
             if self._beats_best(bound):
@@ -227,7 +231,7 @@ class Searcher:
         if self._keeps_ties(found[1]):
             self._add(outer, *found, "search")
             return
-        for bound, ties in sorted((self._lower_bound(outer, t), t)
+        for bound, ties in sorted((self.lower_bound(outer, t), t)
                                   for t in self._tie_layouts(outer)):
             if self._beats_best(bound):
                 found = self._solve_outer(outer, ties)
@@ -246,7 +250,7 @@ class Searcher:
         no faster, and no smaller in any memory term."""
         node = self.graph.nodes[i]
         shared = stage > 0 and node.shared_params > 0
-        last = i == last_layer(self.graph.nodes)
+        last = i == self.last
         key = (node.signature, shared, self.cluster.gpus // outer.pp, outer.micro_batch_size,
                last)
         if key not in self._choices:
@@ -280,11 +284,14 @@ class Searcher:
             per_group.append(sorted(common))
         return list(itertools.product(*per_group))
 
-    def _lower_bound(self, outer: Outer, ties: Ties | None = None) -> float:
-        """No plan of `outer` with tied layers on `ties` is faster. With stage times T_s of
-        mean T, the pipeline takes m T_max + (sum T_s - T_max) / v >= (m + (pp - 1) / v) T,
-        and T >= 1/pp of the fastest layer times; the tail (the slowest stage's) is at least
-        the mean tail."""
+    def lower_bound(self, outer: Outer, ties: Ties | None = None) -> float:
+        """No plan of `outer` with tied layers on `ties` is faster (CostModel.step_bound_s):
+        its stages take together at least each layer's fastest time per micro-batch plus
+        the pipeline's sends at their cheapest (_sends_floor), and the slowest stage's tail is
+        at least the mean of the layers' least tails. Where the stages' layers are known
+        before solving (no pipeline, or interleaved chunks as split_stages cuts them), each
+        stage takes at least the fastest its layers can be within the memory
+        (bounds.knapsack_floor). inf when a layer has no choice or a stage cannot fit."""
         m = self.options.global_batch // outer.micro_batch_size
         per_micro_batch = tail = 0.0
         for i, count in self.kinds:
@@ -293,8 +300,86 @@ class Searcher:
                 return math.inf
             per_micro_batch += count * min(c.cost.micro_batch_s for c in choices)
             tail += count * min(sum(c.cost.tail_s.values()) for c in choices)
-        pace = m + (outer.pp - 1) / outer.virtual_stages
-        return (pace * per_micro_batch + tail) / outer.pp
+        slowest, paced = 0.0, 0.0
+        if outer.pp == 1 or outer.virtual_stages > 1:
+            floors = [self._stage_floors(outer, stage, layers, ties)
+                      for stage, layers in enumerate(self._fixed_stages(outer))]
+            times = [time for time, _ in floors]
+            slowest, per_micro_batch = max(times), max(per_micro_batch, sum(times))
+            paced = self.model.paced_bound_s(floors, outer.virtual_stages)
+        sends = self._sends_floor(outer)
+        return max(paced, self.model.step_bound_s(slowest, per_micro_batch + sends, m, outer.pp,
+                                                  outer.virtual_stages, tail / outer.pp))
+
+    def _fixed_stages(self, outer: Outer) -> list[list[int]]:
+        """The layers of each stage where the plan space fixes them: all on one without a
+        pipeline; chunk c on stage c mod pp as split_stages cuts them when interleaved."""
+        if outer.pp == 1:
+            return [list(range(len(self.graph.nodes)))]
+        starts = [*split_stages(self.graph, outer.pp * outer.virtual_stages),
+                  len(self.graph.nodes)]
+        return [[i for c in range(stage, len(starts) - 1, outer.pp)
+                 for i in range(starts[c], starts[c + 1])] for stage in range(outer.pp)]
+
+    def _stage_floors(self, outer: Outer, stage: int, layers: list[int],
+                      ties: Ties | None) -> tuple[float, float]:
+        """The least time per micro-batch stage `stage` can take holding `layers` within the
+        device's memory, and the least m x that + its time per step (the stage problem's
+        objective): bounds.knapsack_floor over what every plan's peak memory holds at
+        least (state, held x saved and fixed bytes: cost_model.memory.stage_memory)."""
+        m = self.options.global_batch // outer.micro_batch_size
+        held = micro_batches_in_flight(outer.schedule, outer.pp, stage, m, outer.virtual_stages)
+        counts: dict[tuple, int] = {}
+        options: dict[tuple, list[tuple[float, float, float]]] = {}
+        for i in layers:
+            node = self.graph.nodes[i]
+            key = (node.signature, node.shared_params > 0, self._fixed_layout(i, ties),
+                   i == self.last)
+            counts[key] = counts.get(key, 0) + 1
+            if key not in options:
+                options[key] = [(c.cost.state_bytes + held * c.cost.saved_bytes
+                                 + c.cost.fixed_bytes, c.cost.micro_batch_s,
+                                 m * c.cost.micro_batch_s + sum(c.cost.tail_s.values()))
+                                for c in self._allowed_choices(i, outer, stage, ties)]
+        # + 1: estimate rounds each stage's peak down to whole bytes
+        budget = self.model.memory_limit_bytes - self.model.overhead_bytes + 1
+        return tuple(knapsack_floor([(counts[k], [(o[0], o[term]) for o in options[k]])
+                                     for k in counts], budget) for term in (1, 2))
+
+    def _sends_floor(self, outer: Outer) -> float:
+        """The least time the pipeline's sends of one micro-batch take in `outer`: each
+        chunk boundary sends the output of the layer before it forward and its gradient
+        back (CostModel._hops), at the cheapest of that layer's choices (a send's cost
+        depends on its dp and tp: CostModel.hop_s). Interleaved chunks are cut where
+        split_stages cuts them; elsewhere a boundary may follow any layer."""
+        if outer.pp == 1:
+            return 0.0
+        stage_gpus = self.cluster.gpus // outer.pp
+
+        def cheapest(i: int) -> float:
+            key = (self.graph.nodes[i].signature, i == self.last, stage_gpus,
+                   outer.micro_batch_size)
+            if key not in self._sends:
+                self._sends[key] = min((self.model.hop_s(self.graph.nodes[i], c.strategy,
+                                                         outer.micro_batch_size, stage_gpus)
+                                        for c in self._layer_choices(i, outer, 0)),
+                                       default=0.0)
+            return self._sends[key]
+
+        if outer.virtual_stages > 1:
+            starts = split_stages(self.graph, outer.pp * outer.virtual_stages)
+            return sum(2 * cheapest(start - 1) for start in starts[1:])
+        return 2 * (outer.pp - 1) * min(cheapest(i) for i, _ in self.kinds)
+
+    def _least_times(self, outer: Outer, ties: Ties | None) -> list[float]:
+        """Prefix sums over the layers of each one's fastest time per micro-batch in `outer`:
+        a stage of layers a..b-1 takes at least [b] - [a] per micro-batch."""
+        sums = [0.0]
+        for i in range(len(self.graph.nodes)):
+            choices = self._allowed_choices(i, outer, 0, ties)
+            least = min((c.cost.micro_batch_s for c in choices), default=math.inf)
+            sums.append(sums[-1] + least)
+        return sums
 
     # ------------------------------------------------------------------------- stages
 
@@ -424,27 +509,33 @@ class Searcher:
         return costs
 
     def _partition(self, outer: Outer, ties: Ties | None) -> dict[int, list[list[int]]] | None:
-        """Stage boundaries by dynamic programming: minimise the slowest stage's objective
-        (then the sum), each stage taking an even share of the blocks within the window."""
-        pp, units, n = outer.pp, self.units, len(self.units)
-        lo = max(1, n // pp - self.options.window)
-        hi = min(n, math.ceil(n / pp) + self.options.window)
+        """Stage boundaries by dynamic programming over the pipeline units: minimise the
+        slowest stage's objective (then the sum). Every cut the executor accepts is tried
+        but two kinds, skipped by proof: a stage whose layers' least times already make
+        every plan holding it no faster than the best found (_may_beat_best), and a stage
+        longer than one that does not fit at the same start (it holds all of its layers)."""
+        pp, layers = outer.pp, len(self.graph.nodes)
+        units = pipeline_units(self.graph, pp)
+        n, least = len(units), self._least_times(outer, ties)
         # best[k][j]: (slowest, total, starts) for k stages over the first j units
         best: list[dict[int, tuple[float, float, tuple[int, ...]]]] = [{0: (0.0, 0.0, ())}]
         for k in range(pp):
             row: dict[int, tuple[float, float, tuple[int, ...]]] = {}
             for j0, (slowest, total, starts) in sorted(best[k].items()):
-                for size in range(lo, hi + 1):
-                    j1 = j0 + size
-                    if j1 > n or (k == pp - 1 and j1 != n) or n - j1 < (pp - k - 1) * lo:
+                first = 0 if k == 0 else units[j0]
+                if cut_refusal(self.graph, first):
+                    continue
+                ends = [n] if k == pp - 1 else range(j0 + 1, n - (pp - k - 1) + 1)
+                for j1 in ends:
+                    last = layers if j1 == n else units[j1]
+                    verdict = self._may_beat_best(outer, least, first, last, k)
+                    if verdict == "longer":
                         continue
-                    first = 0 if k == 0 else units[j0]
-                    last = len(self.graph.nodes) if k == pp - 1 else units[j1]
-                    if cut_refusal(self.graph, first):
-                        continue
+                    if verdict == "never":
+                        break
                     solution, _ = self._stage(outer, k, [list(range(first, last))], ties)
                     if not solution.feasible:
-                        continue
+                        break
                     value = (max(slowest, solution.objective), total + solution.objective,
                              (*starts, first))
                     if j1 not in row or value < row[j1]:
@@ -452,8 +543,32 @@ class Searcher:
             best.append(row)
         if n not in best[pp]:
             return None
-        starts = [*best[pp][n][2], len(self.graph.nodes)]
+        starts = [*best[pp][n][2], layers]
         return {s: [list(range(starts[s], starts[s + 1]))] for s in range(pp)}
+
+    def _may_beat_best(self, outer: Outer, least: list[float], first: int, last: int,
+                       stage: int) -> str:
+        """Whether a plan of `outer` whose stage `stage` holds layers first..last-1 can beat
+        the best plan found: its slowest stage is at least this one, the mean of the stages
+        before it and the mean of those after (least: prefix sums of least times).
+        "yes"; "longer" when only a longer stage could (the stages after are too slow);
+        "never" when no stage from `first` of this length or longer can."""
+        incumbent = self._best()
+        if incumbent is None:
+            return "yes"
+        m = self.options.global_batch // outer.micro_batch_size
+        after = outer.pp - stage - 1
+        mine = least[last] - least[first]
+        before = least[first] / stage if stage else 0.0
+        rest = (least[-1] - least[last]) / after if after else 0.0
+
+        def beats(slowest: float) -> bool:
+            return self.model.step_bound_s(slowest, least[-1], m, outer.pp, 1,
+                                           0.0) < incumbent.estimate.step_time_s
+
+        if not beats(max(mine, before)):
+            return "never"
+        return "yes" if beats(max(mine, before, rest)) else "longer"
 
     # ------------------------------------------------------------------------- plans
 
@@ -489,90 +604,18 @@ class Searcher:
             self._layer_plans[key] = _as_layer(self.graph.nodes[i], strategy)
         return self._layer_plans[key]
 
-    def _uniform_layers(self, strategy: LayerStrategy) -> list[LayerStrategy]:
-        """`strategy` on every layer, without checkpointing where a layer has none to do and
-        without sequence parallelism on a last layer it would leave in slices."""
-        last = last_layer(self.graph.nodes)
-        out = []
-        for i, node in enumerate(self.graph.nodes):
-            update: dict[str, Any] = {}
-            if strategy.checkpoint not in ("none", *checkpoint_modes(node)):
-                update["checkpoint"] = "none"
-            if i == last and strategy.sequence_parallel and not gives_whole_output(node):
-                update["sequence_parallel"] = False
-            out.append(strategy.model_copy(update=update) if update else strategy)
-        return out
-
-    def _uniform_bound(self, outer: Outer, layers: list[LayerStrategy]) -> float:
-        """The lower bound of _lower_bound for one given strategy per layer."""
-        m = self.options.global_batch // outer.micro_batch_size
-        per_micro_batch = tail = 0.0
-        for i, count in self.kinds:
-            cost = self.model.layer_cost(self.graph.nodes[i], layers[i], outer.micro_batch_size)
-            per_micro_batch += count * cost.micro_batch_s
-            tail += count * sum(cost.tail_s.values())
-        return ((m + (outer.pp - 1) / outer.virtual_stages) * per_micro_batch + tail) / outer.pp
-
     def _baselines(self) -> dict[str, Candidate | None]:
-        """Pure DDP and FSDP (ZeRO 3) over all GPUs, and the best uniform Megatron-style
-        TP x PP x DP grid point (ZeRO 1, SP with TP, 1F1B or interleaved), each at its best
-        micro-batch and checkpointing: the fastest that fits, else the one needing the least
-        memory. Points are priced cheapest bound first; a point whose bound cannot beat its
-        family's best fitting plan is skipped."""
-        points = []
-        for family, outer, strategy in self._baseline_points():
-            layers = self._uniform_layers(strategy)
-            key = (self._uniform_bound(outer, layers), family, outer, strategy.model_dump_json())
-            points.append((key, layers))
-        best: dict[str, Candidate | None] = {"ddp": None, "fsdp": None, "grid": None}
-        tried: dict[str, list[Candidate]] = {"ddp": [], "fsdp": [], "grid": []}
-        for (bound, family, outer, _), layers in sorted(points, key=lambda p: p[0]):
-            incumbent = best[family]
-            if incumbent is not None and bound >= incumbent.estimate.step_time_s:
-                continue
-            bounds = split_stages(self.graph, outer.pp * outer.virtual_stages)
-            if self._refused(outer, bounds, layers):
-                continue
-            candidate = self._add(outer, bounds, layers, family)
-            tried[family].append(candidate)
-            if candidate.estimate.fits and (incumbent is None or candidate.estimate.step_time_s
-                                            < incumbent.estimate.step_time_s):
-                best[family] = candidate
-        return {family: best[family] or _fastest(tried[family]) for family in best}
-
-    def _refused(self, outer: Outer, bounds: list[int], layers: list[LayerStrategy]) -> bool:
-        """Whether the executor refuses a baseline's uniform plan on this model."""
-        plan = Plan.model_construct(
-            pp=outer.pp, stage_boundaries=bounds, micro_batch_size=outer.micro_batch_size,
-            layers=[self._layer_plan(i, s) for i, s in enumerate(layers)])
-        return plan_refusal(plan, self.graph) is not None
-
-    def _baseline_points(self) -> list[tuple[str, Outer, LayerStrategy]]:
-        gpus, batch, chunks_max = self.cluster.gpus, self.options.global_batch, len(self.units)
-        points = []
-        for per_rank in (1, 2, 4, 8):
-            for ckpt in ("none", "selective", "full"):
-                if batch % (per_rank * gpus) == 0:
-                    outer = Outer(1, per_rank * gpus, "1f1b")
-                    points += [(name, outer, LayerStrategy(dp=gpus, tp=1, checkpoint=ckpt,
-                                                           zero=zero if gpus > 1 else 0))
-                               for name, zero in (("ddp", 0), ("fsdp", 3))]
-                for tp in divisors(gpus):
-                    heads = (self.space.heads, self.space.kv_heads)
-                    if not tp_fits(tp, self.space) or any(h and h % tp for h in heads):
-                        continue
-                    for pp in divisors(gpus // tp):
-                        dp = gpus // (tp * pp)
-                        if batch % (per_rank * dp) or (pp > 1 and batch // (per_rank * dp) < pp):
-                            continue
-                        strategy = LayerStrategy(dp=dp, tp=tp, sequence_parallel=tp > 1,
-                                                 zero=1 if dp > 1 else 0, checkpoint=ckpt)
-                        schedules = [("1f1b", 1)] + [
-                            ("interleaved_1f1b", v) for v in (2, 3, 4)
-                            if pp > 1 and len(self.units) % (pp * v) == 0]
-                        points += [("grid", Outer(pp, per_rank * dp, schedule, v), strategy)
-                                   for schedule, v in schedules if pp * v <= chunks_max]
-        return points
+        """Pure DDP, pure FSDP (ZeRO 3) and the best uniform plan ("grid"), each the fastest
+        of its family that fits, else the one needing the least memory (search/uniform.py).
+        """
+        points = uniform_points(self.graph, self.model, self.space, self.cluster.gpus,
+                                self.options.global_batch, self.kinds)
+        return best_uniform(
+            self.graph, self.model, points, self.options.global_batch,
+            refused=lambda plan: plan_refusal(plan, self.graph) is not None,
+            price=lambda point, bounds, layers: self._add(point.outer, bounds, layers,
+                                                          point.families[0]),
+            layer_plan=self._layer_plan)
 
     def _smallest_fitting(self, ranked: list[Candidate]) -> tuple[int | None, str | None]:
         if not ranked:
@@ -595,14 +638,6 @@ def _as_layer(node: LayerNode, strategy: LayerStrategy) -> LayerPlan:
 
 def _plan_key(plan: Plan) -> str:
     return plan.model_dump_json(exclude={"prediction", "provenance"})
-
-
-def _fastest(candidates: list[Candidate]) -> Candidate | None:
-    fitting = [c for c in candidates if c.estimate.fits]
-    pool = fitting or candidates
-    return min(pool, key=lambda c: (c.estimate.step_time_s if fitting
-                                    else max(c.estimate.peak_memory_bytes), _plan_key(c.plan)),
-               default=None)
 
 
 def _buffer_bytes(cost: LayerCost) -> float:

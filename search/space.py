@@ -9,21 +9,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autoplan.errors import AutoplanError
-from autoplan.feasibility import feasible, gives_whole_output, tie_groups
+from autoplan.feasibility import feasible, gives_whole_output, schedule_refusal, tie_groups
 from autoplan.graph import LayerNode
 from autoplan.plan import CHECKPOINT_MODES, SCHEDULES, LayerStrategy, Plan
 from autoplan.specs import parse_bool, parse_int, parse_kv
 
 __all__ = ["FIXABLE", "SearchSpace", "Outer", "divisors", "parse_fix", "layer_strategies",
-           "checkpoint_modes", "outer_settings", "tp_fits", "respects_fix",
-           "plan_respects_fix", "plan_keeps_ties"]
+           "checkpoint_modes", "outer_settings", "tp_fits", "layouts", "uniform_strategies",
+           "respects_fix", "plan_respects_fix", "plan_keeps_ties"]
 
 FIXABLE = ("pp", "dp", "tp", "sequence_parallel", "zero", "ckpt", "schedule", "virtual_stages",
            "micro_batch_size")
-MAX_SAMPLES_PER_RANK = 16
-"""Bound: a micro-batch larger than this per rank is not tried (it only grows memory once
-the matmuls are large; the profile's fits stop at 8)."""
-VIRTUAL_STAGES = (2, 3, 4)
 
 
 def divisors(n: int) -> list[int]:
@@ -82,33 +78,53 @@ def _allowed(space: SearchSpace, key: str, value: Any) -> bool:
     return key not in space.fix or space.fix[key] == value
 
 
-def layer_strategies(node: LayerNode, stage_gpus: int, micro_batch_size: int,
-                     space: SearchSpace, last: bool = False) -> list[LayerStrategy]:
-    """Every strategy `node` may take on a stage of `stage_gpus` devices: dp x tp fills the
-    stage, dp divides the micro-batch, tp divides the heads of a block and stays within
-    max_tp, and the executor runs it (autoplan.feasibility); ZeRO needs dp > 1, SP needs
-    tp > 1 (and on the model's `last` layer a whole output); checkpointing applies to layers
-    that save more than their input, selective to those with S x S tensors."""
+def layouts(stage_gpus: int, micro_batch_size: int, space: SearchSpace,
+            block: bool = True) -> list[tuple[int, int]]:
+    """Every (dp, tp) filling a stage of `stage_gpus` devices where dp divides the
+    micro-batch and tp tiles nodes within max_tp (tp_fits) and, in a block, divides the
+    model's heads and kv heads."""
     out = []
     for tp in divisors(stage_gpus):
         dp = stage_gpus // tp
-        heads_ok = node.kind != "block" or all(not h or h % tp == 0
-                                               for h in (space.heads, space.kv_heads))
-        if not tp_fits(tp, space) or micro_batch_size % dp or not heads_ok:
-            continue
+        heads_ok = not block or all(not h or h % tp == 0 for h in (space.heads, space.kv_heads))
+        if tp_fits(tp, space) and micro_batch_size % dp == 0 and heads_ok:
+            out.append((dp, tp))
+    return out
+
+
+def layer_strategies(node: LayerNode, stage_gpus: int, micro_batch_size: int,
+                     space: SearchSpace, last: bool = False) -> list[LayerStrategy]:
+    """Every strategy `node` may take on a stage of `stage_gpus` devices: its layouts, and
+    the executor runs it (autoplan.feasibility); ZeRO needs dp > 1, SP needs tp > 1 (and on
+    the model's `last` layer a whole output); checkpointing applies to layers that save more
+    than their input, selective to those with S x S tensors."""
+    out = []
+    for dp, tp in layouts(stage_gpus, micro_batch_size, space, node.kind == "block"):
         if not (_allowed(space, "tp", tp) and _allowed(space, "dp", dp)):
             continue
         if not feasible(node, LayerStrategy(dp=dp, tp=tp), micro_batch_size):
             continue
         sp_ok = tp > 1 and (not last or gives_whole_output(node))
-        for sp in (False, True) if sp_ok else (False,):
-            for zero in (0, 1, 2, 3) if dp > 1 else (0,):
-                for ckpt in checkpoint_modes(node):
-                    strategy = LayerStrategy(dp=dp, tp=tp, sequence_parallel=sp, zero=zero,
-                                             checkpoint=ckpt)
-                    if respects_fix(node, strategy, space.fix):
-                        out.append(strategy)
+        for strategy in _strategies(dp, tp, sp_ok, checkpoint_modes(node)):
+            if respects_fix(node, strategy, space.fix):
+                out.append(strategy)
     return out
+
+
+def uniform_strategies(stage_gpus: int, micro_batch_size: int,
+                       space: SearchSpace) -> list[LayerStrategy]:
+    """Every strategy a uniform plan (the shorthand's: one on every layer) may write on a
+    stage of `stage_gpus` devices: its layouts, SP with tp > 1, ZeRO with dp > 1 (without
+    it ZeRO shards nothing) and every checkpointing mode."""
+    return [strategy for dp, tp in layouts(stage_gpus, micro_batch_size, space)
+            for strategy in _strategies(dp, tp, tp > 1, list(CHECKPOINT_MODES))]
+
+
+def _strategies(dp: int, tp: int, sp_ok: bool, checkpoints: list[str]) -> list[LayerStrategy]:
+    return [LayerStrategy(dp=dp, tp=tp, sequence_parallel=sp, zero=zero, checkpoint=ckpt)
+            for sp in ((False, True) if sp_ok else (False,))
+            for zero in ((0, 1, 2, 3) if dp > 1 else (0,))
+            for ckpt in checkpoints]
 
 
 def respects_fix(node: LayerNode, strategy: LayerStrategy, fix: dict[str, Any]) -> bool:
@@ -161,32 +177,37 @@ def checkpoint_modes(node: LayerNode) -> list[str]:
     return modes
 
 
-def outer_settings(gpus: int, global_batch: int, blocks: int, space: SearchSpace) -> list[Outer]:
-    """Pipeline degrees (every divisor of the GPUs up to the blocks), micro-batch sizes (every
-    divisor of the global batch up to MAX_SAMPLES_PER_RANK per rank of the widest dp; with a
-    pipeline, at least pp micro-batches: fewer leave most of it idle) and schedules
-    (interleaving when the blocks split evenly into pp x v chunks)."""
+def outer_settings(gpus: int, global_batch: int, max_chunks: int,
+                   space: SearchSpace) -> list[Outer]:
+    """The plan space around the layers, as estimate and the executor accept it: every
+    pipeline degree dividing the GPUs (at most `max_chunks` chunks: plan.pipeline_units),
+    every micro-batch size dividing the global batch, and each schedule torch runs for that
+    many micro-batches (feasibility.schedule_refusal): 1F1B, and interleaved 1F1B with every
+    v from 2 to max_chunks / pp chunks per rank, cut as plan.split_stages cuts them (unevenly
+    where the units do not divide). GPipe and interleaving with v = 1 are kept only where
+    1F1B is refused: elsewhere they price as 1F1B does with at least its micro-batches in
+    flight (cost_model.pipeline), so they cannot beat it."""
     out = []
     for pp in divisors(gpus):
-        if pp > max(blocks, 1) or not _allowed(space, "pp", pp):
+        if pp > max(max_chunks, 1) or not _allowed(space, "pp", pp):
             continue
-        stage_gpus = gpus // pp
         for size in divisors(global_batch):
-            if size > MAX_SAMPLES_PER_RANK * stage_gpus or not _allowed(
-                    space, "micro_batch_size", size):
+            if not _allowed(space, "micro_batch_size", size):
                 continue
-            if pp > 1 and global_batch // size < pp:
-                continue
-            for schedule, virtual in _schedules(pp, blocks):
+            for schedule, virtual in _schedules(pp, global_batch // size, max_chunks):
                 if _allowed(space, "schedule", schedule) and _allowed(
                         space, "virtual_stages", virtual):
                     out.append(Outer(pp, size, schedule, virtual))
     return out
 
 
-def _schedules(pp: int, blocks: int) -> list[tuple[str, int]]:
+def _schedules(pp: int, micro_batches: int, max_chunks: int) -> list[tuple[str, int]]:
     if pp == 1:
         return [("1f1b", 1)]
-    out = [("gpipe", 1), ("1f1b", 1)]
-    out += [("interleaved_1f1b", v) for v in VIRTUAL_STAGES if blocks % (pp * v) == 0]
-    return out
+    runs = [(s, 1) for s in ("gpipe", "1f1b", "interleaved_1f1b")
+            if schedule_refusal(s, pp, micro_batches) is None]
+    if ("1f1b", 1) in runs:
+        runs = [("1f1b", 1)]
+    if schedule_refusal("interleaved_1f1b", pp, micro_batches) is None:
+        runs += [("interleaved_1f1b", v) for v in range(2, max_chunks // pp + 1)]
+    return runs

@@ -1,0 +1,239 @@
+"""The uniform plans: every plan the shorthand writes (one strategy on every layer, stages
+cut by plan.split_stages) in the search's plan space (space.outer_settings, and the (dp, tp)
+that space.uniform_strategies allows). Their best is the "grid" baseline users compare
+with; pure DDP and pure FSDP over all GPUs are two families among them. They are candidates
+of the search, so its answer is never slower than a uniform plan of that space.
+
+There are many (for Llama 3 405B on 16,384 GPUs about 10^5): each is bounded from its
+layer kinds' costs (CostModel.step_bound_s), visited cheapest bound first, skipped once its
+bound cannot beat its families' best, and priced only when its memory, checked first
+(CostModel.peak_memory_bytes), fits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from autoplan.cost_model import CostModel
+from autoplan.cost_model.memory import stage_memory
+from autoplan.cost_model.pipeline import micro_batches_in_flight
+from autoplan.feasibility import gives_whole_output, last_layer
+from autoplan.graph import LayerGraph
+from autoplan.plan import LayerPlan, LayerStrategy, Plan, split_stages
+from autoplan.search.space import (
+    Outer,
+    SearchSpace,
+    checkpoint_modes,
+    outer_settings,
+    uniform_strategies,
+)
+
+__all__ = ["FAMILIES", "UniformPoint", "uniform_points", "uniform_layers", "best_uniform"]
+
+FAMILIES = ("ddp", "fsdp", "grid")
+
+
+@dataclass(frozen=True)
+class UniformPoint:
+    bound: float
+    """No plan of this point is faster (CostModel.step_bound_s)."""
+    outer: Outer
+    strategy: LayerStrategy
+    families: tuple[str, ...]
+
+
+def uniform_layers(graph: LayerGraph, strategy: LayerStrategy) -> list[LayerStrategy]:
+    """`strategy` on every layer, as _on_layer adjusts it."""
+    last = last_layer(graph.nodes)
+    return [_on_layer(graph, i, strategy, last) for i in range(len(graph.nodes))]
+
+
+def _on_layer(graph: LayerGraph, i: int, strategy: LayerStrategy, last: int) -> LayerStrategy:
+    """A uniform strategy on layer i: without checkpointing where the layer has none to do
+    (it saves no more than its input: checkpointing would only add recomputation) and
+    without sequence parallelism on the `last` layer where it would leave the output in
+    slices (as the shorthand's expansion, plan.uniform_plan, drops it there)."""
+    node = graph.nodes[i]
+    update: dict[str, Any] = {}
+    if strategy.checkpoint not in ("none", *checkpoint_modes(node)):
+        update["checkpoint"] = "none"
+    if i == last and strategy.sequence_parallel and not gives_whole_output(node):
+        update["sequence_parallel"] = False
+    return strategy.model_copy(update=update) if update else strategy
+
+
+def _families(outer: Outer, strategy: LayerStrategy, gpus: int) -> tuple[str, ...]:
+    """DDP: no pipeline, every GPU a data-parallel replica; FSDP: the same with ZeRO 3 (on
+    one GPU both are the plain model)."""
+    if outer.pp > 1 or strategy.tp > 1:
+        return ("grid",)
+    ddp, fsdp = strategy.zero == 0, strategy.zero == 3 or gpus == 1
+    return (*(("ddp",) if ddp else ()), *(("fsdp",) if fsdp else ()), "grid")
+
+
+def uniform_points(graph: LayerGraph, model: CostModel, space: SearchSpace, gpus: int,
+                   global_batch: int, kinds: list[tuple[int, int]]) -> list[UniformPoint]:
+    """Every uniform plan of the space (the user's --fix aside: baselines are what users
+    compare with), with its bound, cheapest first. `kinds`: (first layer, how many) of each
+    kind of equal layers (Searcher.kinds): equal layers cost alike."""
+    free = replace(space, fix={})
+    chunks = sum(node.kind != "loss" for node in graph.nodes)
+    sums: dict[tuple, tuple[float, float, float]] = {}
+    points = []
+    for outer in outer_settings(gpus, global_batch, chunks, free):
+        stage_gpus = gpus // outer.pp
+        m = global_batch // outer.micro_batch_size
+        for strategy in uniform_strategies(stage_gpus, outer.micro_batch_size, free):
+            key = (stage_gpus, outer.micro_batch_size, strategy)
+            if key not in sums:
+                sums[key] = _kind_sums(graph, model, strategy, outer, stage_gpus, kinds)
+            per_micro_batch, tail, send = sums[key]
+            sends = 2 * (outer.pp * outer.virtual_stages - 1) * send
+            bound = model.step_bound_s(0.0, per_micro_batch + sends, m, outer.pp,
+                                       outer.virtual_stages, tail / outer.pp)
+            points.append(UniformPoint(bound, outer, strategy, _families(outer, strategy, gpus)))
+    return sorted(points, key=lambda p: (p.bound, p.outer, _fields(p.strategy)))
+
+
+def _fields(strategy: LayerStrategy) -> tuple:
+    return (strategy.dp, strategy.tp, strategy.sequence_parallel, strategy.zero,
+            strategy.checkpoint)
+
+
+def _kind_sums(graph: LayerGraph, model: CostModel, strategy: LayerStrategy, outer: Outer,
+               stage_gpus: int, kinds: list[tuple[int, int]]) -> tuple[float, float, float]:
+    """Over the layers under `strategy` (as _on_layer adjusts it): the sum of times per
+    micro-batch, the sum of tails, and the cheapest pipeline send."""
+    per_micro_batch = tail = 0.0
+    send = float("inf")
+    last = last_layer(graph.nodes)
+    for i, count in kinds:
+        node, layer = graph.nodes[i], _on_layer(graph, i, strategy, last)
+        cost = model.layer_cost(node, layer, outer.micro_batch_size)
+        per_micro_batch += count * cost.micro_batch_s
+        tail += count * sum(cost.tail_s.values())
+        if outer.pp > 1:
+            send = min(send, model.hop_s(node, layer, outer.micro_batch_size, stage_gpus))
+    return per_micro_batch, tail, send if outer.pp > 1 else 0.0
+
+
+@dataclass
+class _Family:
+    best: Any = None
+    """The fastest fitting candidate priced."""
+    least: tuple[int, UniformPoint] | None = None
+    """(peak bytes, point) of the plan needing the least memory, while none fits."""
+
+
+def best_uniform(graph: LayerGraph, model: CostModel, points: list[UniformPoint],
+                 global_batch: int, refused: Callable[[Plan], bool],
+                 price: Callable[[UniformPoint, list[int], list[LayerStrategy]], Any],
+                 layer_plan: Callable[[int, LayerStrategy], LayerPlan]) -> dict[str, Any]:
+    """Each family's fastest plan that fits, else the one needing the least memory (None
+    when the family has no point). `price(point, boundaries, layers)` makes the candidate;
+    `refused(plan)`: whether the executor refuses it; `layer_plan(i, strategy)`: layer i's
+    LayerPlan (the caller's, shared by its plans)."""
+    families = {name: _Family() for name in FAMILIES}
+    memory = _UniformMemory(graph, model, global_batch)
+    for point in points:
+        if all(families[name].best is not None
+               and point.bound >= families[name].best.estimate.step_time_s
+               for name in point.families):
+            continue
+        peak = memory.peak(point)
+        # the grouped sums may differ from estimate's by rounding: only a clear miss skips
+        if peak + model.overhead_bytes > model.memory_limit_bytes * (1 + 1e-9):
+            _note_least(families, point, peak, lambda p=point: refused(memory.plan(p, layer_plan)))
+            continue
+        plan = memory.plan(point, layer_plan)
+        if refused(plan):
+            continue
+        candidate = price(point, plan.stage_boundaries, memory.layers(point.strategy))
+        for name in point.families:
+            best = families[name].best
+            if candidate.estimate.fits and (best is None or candidate.estimate.step_time_s
+                                            < best.estimate.step_time_s):
+                families[name].best = candidate
+    out = {}
+    for name, family in families.items():
+        if family.best is None and family.least is not None:
+            point = family.least[1]
+            bounds = split_stages(graph, point.outer.pp * point.outer.virtual_stages)
+            family.best = price(point, bounds, memory.layers(point.strategy))
+        out[name] = family.best
+    return out
+
+
+def _note_least(families: dict[str, _Family], point: UniformPoint, peak: float,
+                is_refused: Callable[[], bool]) -> None:
+    """Keep `point` as its families' least-memory plan while none of them fits."""
+    for name in point.families:
+        family = families[name]
+        if family.best is None and (family.least is None or peak < family.least[0]) \
+                and not is_refused():
+            family.least = (peak, point)
+
+
+class _UniformMemory:
+    """The peak memory of uniform plans, from one layer cost per kind of layer on each
+    stage (stage_memory over the same costs as estimate's, grouped), and the plans
+    themselves with only what the cost model and the executor's check read."""
+
+    def __init__(self, graph: LayerGraph, model: CostModel, global_batch: int) -> None:
+        self.graph, self.model, self.global_batch = graph, model, global_batch
+        self.last = last_layer(graph.nodes)
+        self._kinds: dict[tuple[int, int], list[list[tuple[int, int]]]] = {}
+        self._layers: dict[LayerStrategy, list[LayerStrategy]] = {}
+
+    def layers(self, strategy: LayerStrategy) -> list[LayerStrategy]:
+        if strategy not in self._layers:
+            self._layers[strategy] = uniform_layers(self.graph, strategy)
+        return self._layers[strategy]
+
+    def plan(self, point: UniformPoint,
+             layer_plan: Callable[[int, LayerStrategy], LayerPlan]) -> Plan:
+        """`point` as a plan (Plan.model_construct: no validation)."""
+        outer = point.outer
+        return Plan.model_construct(
+            pp=outer.pp, virtual_stages=outer.virtual_stages, schedule=outer.schedule,
+            micro_batch_size=outer.micro_batch_size, global_batch=self.global_batch,
+            num_micro_batches=self.global_batch // outer.micro_batch_size,
+            stage_boundaries=split_stages(self.graph, outer.pp * outer.virtual_stages),
+            layers=[layer_plan(i, layer)
+                    for i, layer in enumerate(self.layers(point.strategy))])
+
+    def peak(self, point: UniformPoint) -> float:
+        """The largest stage peak of `point`'s plan, in bytes."""
+        outer, nodes = point.outer, self.graph.nodes
+        m = self.global_batch // outer.micro_batch_size
+        layers = self.layers(point.strategy)
+        peaks = []
+        for stage, kinds in enumerate(self._stage_kinds(outer.pp, outer.virtual_stages)):
+            costs = []
+            for i, count in kinds:
+                costs += [self.model.layer_cost(nodes[i], layers[i], outer.micro_batch_size,
+                                                stage)] * count
+            held = micro_batches_in_flight(outer.schedule, outer.pp, stage, m,
+                                           outer.virtual_stages)
+            peaks.append(stage_memory(costs, held).peak)
+        return max(peaks)
+
+    def _stage_kinds(self, pp: int, virtual: int) -> list[list[tuple[int, int]]]:
+        """Per stage, (first layer, how many) of each kind of layer it holds (chunk c on
+        stage c mod pp): layers of one signature cost alike under one strategy, but for
+        tied weights held past the first stage and the last layer's own adjustments."""
+        if (pp, virtual) not in self._kinds:
+            starts = [*split_stages(self.graph, pp * virtual), len(self.graph.nodes)]
+            stages = []
+            for stage in range(pp):
+                kinds: dict[tuple, list[int]] = {}
+                for c in range(stage, pp * virtual, pp):
+                    for i in range(starts[c], starts[c + 1]):
+                        node = self.graph.nodes[i]
+                        key = (node.signature, node.shared_params > 0, i == self.last)
+                        kinds.setdefault(key, []).append(i)
+                stages.append([(found[0], len(found)) for found in kinds.values()])
+            self._kinds[pp, virtual] = stages
+        return self._kinds[pp, virtual]
