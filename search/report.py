@@ -9,6 +9,7 @@ from rich.table import Table
 
 from autoplan import fmt
 from autoplan.search.search import Candidate, SearchResult
+from autoplan.search.space import SPACE_LIMITS
 
 __all__ = ["search_tables", "describe", "result_json"]
 
@@ -71,6 +72,9 @@ def _summary(result: SearchResult) -> Table:
                    + ("all proven optimal" if not result.unproven else
                       f"{result.unproven} stopped at the time limit (gap up to "
                       f"{result.worst_gap:.2%})")),
+        ("found by", {"search": "the search"}.get(
+            result.best.origin, f"the {result.best.origin} baseline (uniform plan)")),
+        ("plan space", SPACE_LIMITS),
     ):
         table.add_row(key, value)
     return table

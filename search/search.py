@@ -477,8 +477,12 @@ class Searcher:
                            m * c.cost.micro_batch_s + sum(c.cost.tail_s.values()),
                            c.cost.state_bytes + held * c.cost.saved_bytes + c.cost.fixed_bytes)
                     for k, c in enumerate(choices)])
-                same = (len(runs) > start and self.graph.nodes[i - 1].signature == node.signature
-                        and self._group_of.get(i - 1) == self._group_of.get(i))
+                # one run: layers with the same choices (_layer_choices' key) and tie group
+                before = self.graph.nodes[i - 1]
+                same = (len(runs) > start and before.signature == node.signature
+                        and self._group_of.get(i - 1) == self._group_of.get(i)
+                        and (before.shared_params > 0) == (node.shared_params > 0)
+                        and i != self.last)
                 if same:
                     runs[-1] = Run(runs[-1].count + 1, runs[-1].options)
                     continue

@@ -14,9 +14,17 @@ from autoplan.graph import LayerNode
 from autoplan.plan import CHECKPOINT_MODES, SCHEDULES, LayerStrategy, Plan
 from autoplan.specs import parse_bool, parse_int, parse_kv
 
-__all__ = ["FIXABLE", "SearchSpace", "Outer", "divisors", "parse_fix", "layer_strategies",
+__all__ = ["SPACE_LIMITS", "FIXABLE", "SearchSpace", "Outer", "divisors", "parse_fix",
+           "layer_strategies",
            "checkpoint_modes", "outer_settings", "tp_fits", "layouts", "uniform_strategies",
            "respects_fix", "plan_respects_fix", "plan_keeps_ties"]
+
+SPACE_LIMITS = ("every pp, micro-batch size, schedule and virtual stages torch runs; "
+                "interleaved chunks cut evenly (split_stages), 1F1B stages anywhere at blocks; "
+                "tp tiles nodes, at most --max-tp")
+"""What the search's plan space leaves out of the plans estimate accepts (said in its output
+and the README): uneven interleaved chunks other than split_stages' cut, stages starting
+elsewhere than at a block, and tp groups that straddle nodes or exceed --max-tp."""
 
 FIXABLE = ("pp", "dp", "tp", "sequence_parallel", "zero", "ckpt", "schedule", "virtual_stages",
            "micro_batch_size")
