@@ -16,7 +16,7 @@ from autoplan.profiler.analytic import TP_SHARDED_KINDS
 
 __all__ = ["StageMemory", "LayerCost", "KORTHIKANTI_REPLICATED_TENSORS", "DDP_BUCKET_BYTES",
            "TORCH_SP_GATHERED_TENSORS", "saved_bytes_per_sample", "layer_state_bytes",
-           "stage_memory", "stage_tail"]
+           "stage_memory", "counted_stage_memory", "stage_tail"]
 
 KORTHIKANTI_REPLICATED_TENSORS = 5
 """Hidden-state tensors of a transformer block's saved activations that stay whole on every
@@ -103,14 +103,23 @@ def stage_tail(costs: list[LayerCost]) -> dict[str, float]:
 def stage_memory(costs: list[LayerCost], held: float) -> StageMemory:
     """A stage's memory from its layers' costs with `held` micro-batches in flight: what adds
     up, plus the largest transient (one layer recomputes at a time) and the buffers."""
-    buffers = PREFETCHED_LAYERS * max((c.gathered_bytes for c in costs), default=0.0)
-    buffers += DDP_BUCKET_BYTES if any(c.bucket for c in costs) else 0
-    buffers += sum(c.kept_bytes for c in costs)
+    return counted_stage_memory([(cost, 1) for cost in costs], held)
+
+
+def counted_stage_memory(counted: list[tuple[LayerCost, int]], held: float) -> StageMemory:
+    """stage_memory of a stage holding `count` layers of each (cost, count): the search
+    checks many plans whose stages repeat a few kinds of layer."""
+    present = [(c, n) for c, n in counted if n > 0]
+    buffers = PREFETCHED_LAYERS * max((c.gathered_bytes for c, _ in present), default=0.0)
+    buffers += DDP_BUCKET_BYTES if any(c.bucket for c, _ in present) else 0
+    buffers += sum(n * c.kept_bytes for c, n in present)
     return StageMemory(
-        params=sum(c.state_parts[0] for c in costs), grads=sum(c.state_parts[1] for c in costs),
-        optimizer=sum(c.state_parts[2] for c in costs),
-        activations=held * sum(c.saved_bytes for c in costs) + sum(c.fixed_bytes for c in costs),
-        transient=max((c.transient_bytes for c in costs), default=0.0), buffers=buffers)
+        params=sum(n * c.state_parts[0] for c, n in present),
+        grads=sum(n * c.state_parts[1] for c, n in present),
+        optimizer=sum(n * c.state_parts[2] for c, n in present),
+        activations=held * sum(n * c.saved_bytes for c, n in present)
+        + sum(n * c.fixed_bytes for c, n in present),
+        transient=max((c.transient_bytes for c, _ in present), default=0.0), buffers=buffers)
 
 
 def _sharded(node: LayerNode) -> bool:

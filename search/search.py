@@ -71,7 +71,11 @@ SOLVERS = ("auto", "ilp", "dp")
 DP_LAYERS = 16
 """auto: stage problems of at most this many layers go to the DP, which answers them in a
 millisecond or two where the ILP takes tens; longer chains go to the ILP, whose size does
-not grow with a run's length. Both are exact."""
+not grow with a run's length, unless they have DP_RUNS runs or more. Both are exact."""
+DP_RUNS = 32
+"""auto: stage problems of this many runs or more (an interleaved stage of many one-block
+chunks) go to the DP too: the ILP's layout variables grow with the runs (measured: Llama 3
+405B on 8,192 H100s searched in 19 s this way, 42 s with the ILP, same plan)."""
 MAX_GLOBAL_BATCH = 2**24
 """Samples per step the search takes at most (it enumerates the batch's divisors)."""
 Ties = tuple[Layout, ...]
@@ -301,37 +305,39 @@ class Searcher:
             per_micro_batch += count * min(c.cost.micro_batch_s for c in choices)
             tail += count * min(sum(c.cost.tail_s.values()) for c in choices)
         slowest, paced = 0.0, 0.0
-        if outer.pp == 1 or outer.virtual_stages > 1:
-            floors = [self._stage_floors(outer, stage, layers, ties)
-                      for stage, layers in enumerate(self._fixed_stages(outer))]
+        per_micro_batch += self._sends_floor(outer)
+        if outer.pp == 1 or outer.virtual_stages > 1:  # the floors hold the sends too
+            floors = [self._stage_floors(outer, stage, chunks, ties)
+                      for stage, chunks in enumerate(self._fixed_chunks(outer))]
             times = [time for time, _ in floors]
             slowest, per_micro_batch = max(times), max(per_micro_batch, sum(times))
             paced = self.model.paced_bound_s(floors, outer.virtual_stages)
-        sends = self._sends_floor(outer)
-        return max(paced, self.model.step_bound_s(slowest, per_micro_batch + sends, m, outer.pp,
+        return max(paced, self.model.step_bound_s(slowest, per_micro_batch, m, outer.pp,
                                                   outer.virtual_stages, tail / outer.pp))
 
-    def _fixed_stages(self, outer: Outer) -> list[list[int]]:
-        """The layers of each stage where the plan space fixes them: all on one without a
-        pipeline; chunk c on stage c mod pp as split_stages cuts them when interleaved."""
+    def _fixed_chunks(self, outer: Outer) -> list[list[tuple[int, int]]]:
+        """The chunks [first, last) of each stage where the plan space fixes them: one
+        holding every layer without a pipeline; chunk c on stage c mod pp as split_stages
+        cuts them when interleaved."""
         if outer.pp == 1:
-            return [list(range(len(self.graph.nodes)))]
+            return [[(0, len(self.graph.nodes))]]
         starts = [*split_stages(self.graph, outer.pp * outer.virtual_stages),
                   len(self.graph.nodes)]
-        return [[i for c in range(stage, len(starts) - 1, outer.pp)
-                 for i in range(starts[c], starts[c + 1])] for stage in range(outer.pp)]
+        return [[(starts[c], starts[c + 1]) for c in range(stage, len(starts) - 1, outer.pp)]
+                for stage in range(outer.pp)]
 
-    def _stage_floors(self, outer: Outer, stage: int, layers: list[int],
-                      ties: Ties | None) -> tuple[float, float]:
-        """The least time per micro-batch stage `stage` can take holding `layers` within the
-        device's memory, and the least m x that + its time per step (the stage problem's
-        objective): bounds.knapsack_floor over what every plan's peak memory holds at
-        least (state, held x saved and fixed bytes: cost_model.memory.stage_memory)."""
+    def _stage_floors(self, outer: Outer, stage: int, chunks: list[tuple[int, int]],
+                      ties: Ties | None, sends: bool = True) -> tuple[float, float]:
+        """The least time per micro-batch stage `stage` can take holding chunks [first,
+        last) within the device's memory, its sends included (_chunk_sends), and the least
+        m x that + its time per step (the stage problem's objective): bounds.knapsack_floor
+        over what every plan's peak memory holds at least (state, held x saved and fixed
+        bytes: cost_model.memory.stage_memory)."""
         m = self.options.global_batch // outer.micro_batch_size
         held = micro_batches_in_flight(outer.schedule, outer.pp, stage, m, outer.virtual_stages)
         counts: dict[tuple, int] = {}
         options: dict[tuple, list[tuple[float, float, float]]] = {}
-        for i in layers:
+        for i in (i for first, last in chunks for i in range(first, last)):
             node = self.graph.nodes[i]
             key = (node.signature, node.shared_params > 0, self._fixed_layout(i, ties),
                    i == self.last)
@@ -343,33 +349,45 @@ class Searcher:
                                 for c in self._allowed_choices(i, outer, stage, ties)]
         # + 1: estimate rounds each stage's peak down to whole bytes
         budget = self.model.memory_limit_bytes - self.model.overhead_bytes + 1
-        return tuple(knapsack_floor([(counts[k], [(o[0], o[term]) for o in options[k]])
-                                     for k in counts], budget) for term in (1, 2))
+        time, objective = (knapsack_floor([(counts[k], [(o[0], o[term]) for o in options[k]])
+                                           for k in counts], budget) for term in (1, 2))
+        sent = self._chunk_sends(outer, chunks) if sends else 0.0
+        return time + sent, objective + m * sent
 
     def _sends_floor(self, outer: Outer) -> float:
         """The least time the pipeline's sends of one micro-batch take in `outer`: each
         chunk boundary sends the output of the layer before it forward and its gradient
-        back (CostModel._hops), at the cheapest of that layer's choices (a send's cost
-        depends on its dp and tp: CostModel.hop_s). Interleaved chunks are cut where
-        split_stages cuts them; elsewhere a boundary may follow any layer."""
+        back (CostModel._hops). Interleaved chunks are cut where split_stages cuts them;
+        elsewhere a boundary may follow any layer."""
         if outer.pp == 1:
             return 0.0
-        stage_gpus = self.cluster.gpus // outer.pp
-
-        def cheapest(i: int) -> float:
-            key = (self.graph.nodes[i].signature, i == self.last, stage_gpus,
-                   outer.micro_batch_size)
-            if key not in self._sends:
-                self._sends[key] = min((self.model.hop_s(self.graph.nodes[i], c.strategy,
-                                                         outer.micro_batch_size, stage_gpus)
-                                        for c in self._layer_choices(i, outer, 0)),
-                                       default=0.0)
-            return self._sends[key]
-
         if outer.virtual_stages > 1:
-            starts = split_stages(self.graph, outer.pp * outer.virtual_stages)
-            return sum(2 * cheapest(start - 1) for start in starts[1:])
-        return 2 * (outer.pp - 1) * min(cheapest(i) for i, _ in self.kinds)
+            return sum(self._chunk_sends(outer, chunks)
+                       for chunks in self._fixed_chunks(outer))
+        return 2 * (outer.pp - 1) * min(self._cheapest_send(outer, i) for i, _ in self.kinds)
+
+    def _chunk_sends(self, outer: Outer, chunks: list[tuple[int, int]]) -> float:
+        """The least time the sends of one micro-batch take at the ends of chunks
+        [first, last) of one stage: its output forward unless it ends the model, its
+        input's gradient back unless it starts it (CostModel._hops)."""
+        if outer.pp == 1:
+            return 0.0
+        layers = len(self.graph.nodes)
+        return sum((self._cheapest_send(outer, last - 1) if last < layers else 0.0)
+                   + (self._cheapest_send(outer, first - 1) if first > 0 else 0.0)
+                   for first, last in chunks)
+
+    def _cheapest_send(self, outer: Outer, i: int) -> float:
+        """Layer i's output sent once, at the cheapest of its choices (a send's cost depends
+        on the layer's dp and tp: CostModel.hop_s)."""
+        stage_gpus = self.cluster.gpus // outer.pp
+        key = (self.graph.nodes[i].signature, i == self.last, stage_gpus,
+               outer.micro_batch_size)
+        if key not in self._sends:
+            self._sends[key] = min((self.model.hop_s(self.graph.nodes[i], c.strategy,
+                                                     outer.micro_batch_size, stage_gpus)
+                                    for c in self._layer_choices(i, outer, 0)), default=0.0)
+        return self._sends[key]
 
     def _least_times(self, outer: Outer, ties: Ties | None) -> list[float]:
         """Prefix sums over the layers of each one's fastest time per micro-batch in `outer`:
@@ -450,7 +468,7 @@ class Searcher:
         solver = self.options.solver
         if solver == "auto":
             layers = sum(run.count for run in problem.runs)
-            solver = "dp" if layers <= DP_LAYERS else "ilp"
+            solver = "dp" if layers <= DP_LAYERS or len(problem.runs) >= DP_RUNS else "ilp"
         if solver == "dp":
             return solve_dp(problem)
         return solve_ilp(problem, self.options.time_limit_s, self.options.ilp_solver)
@@ -532,7 +550,7 @@ class Searcher:
                 ends = [n] if k == pp - 1 else range(j0 + 1, n - (pp - k - 1) + 1)
                 for j1 in ends:
                     last = layers if j1 == n else units[j1]
-                    verdict = self._may_beat_best(outer, least, first, last, k)
+                    verdict = self._may_beat_best(outer, least, first, last, k, ties)
                     if verdict == "longer":
                         continue
                     if verdict == "never":
@@ -551,18 +569,26 @@ class Searcher:
         return {s: [list(range(starts[s], starts[s + 1]))] for s in range(pp)}
 
     def _may_beat_best(self, outer: Outer, least: list[float], first: int, last: int,
-                       stage: int) -> str:
+                       stage: int, ties: Ties | None) -> str:
         """Whether a plan of `outer` whose stage `stage` holds layers first..last-1 can beat
-        the best plan found: its slowest stage is at least this one, the mean of the stages
-        before it and the mean of those after (least: prefix sums of least times).
-        "yes"; "longer" when only a longer stage could (the stages after are too slow);
-        "never" when no stage from `first` of this length or longer can."""
+        the best plan found: its slowest stage is at least this one (at least its least time
+        within memory, _stage_floors), the mean of the stages before it and the mean of
+        those after (least: prefix sums of least times); and its step is at least this
+        stage's m x time + tail plus the other layers' least times (paced_bound_s). "yes";
+        "longer" when only a longer stage could (the stages after are too slow); "never"
+        when no stage from `first` of this length or longer can (both floors only grow
+        with the stage: a layer added brings at least its least time to the first and
+        takes as much from the second)."""
         incumbent = self._best()
         if incumbent is None:
             return "yes"
         m = self.options.global_batch // outer.micro_batch_size
         after = outer.pp - stage - 1
         mine = least[last] - least[first]
+        # sends at its start only: those at its end could shrink as the stage grows
+        floor, objective = self._stage_floors(outer, stage, [(first, last)], ties, sends=False)
+        start = self._cheapest_send(outer, first - 1) if first > 0 else 0.0
+        floor, objective = floor + start, objective + m * start
         before = least[first] / stage if stage else 0.0
         rest = (least[-1] - least[last]) / after if after else 0.0
 
@@ -570,9 +596,10 @@ class Searcher:
             return self.model.step_bound_s(slowest, least[-1], m, outer.pp, 1,
                                            0.0) < incumbent.estimate.step_time_s
 
-        if not beats(max(mine, before)):
+        paced = self.model.paced_bound_s([(floor, objective), (least[-1] - mine, 0.0)], 1)
+        if paced >= incumbent.estimate.step_time_s or not beats(max(floor, before)):
             return "never"
-        return "yes" if beats(max(mine, before, rest)) else "longer"
+        return "yes" if beats(max(floor, before, rest)) else "longer"
 
     # ------------------------------------------------------------------------- plans
 

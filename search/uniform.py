@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from autoplan.cost_model import CostModel
-from autoplan.cost_model.memory import stage_memory
+from autoplan.cost_model.memory import counted_stage_memory
 from autoplan.cost_model.pipeline import micro_batches_in_flight
 from autoplan.feasibility import gives_whole_output, last_layer
 from autoplan.graph import LayerGraph
@@ -80,35 +80,35 @@ def uniform_points(graph: LayerGraph, model: CostModel, space: SearchSpace, gpus
     kind of equal layers (Searcher.kinds): equal layers cost alike."""
     free = replace(space, fix={})
     chunks = sum(node.kind != "loss" for node in graph.nodes)
-    sums: dict[tuple, tuple[float, float, float]] = {}
+    last = last_layer(graph.nodes)
+    sums: dict[tuple, list[tuple[LayerStrategy, float, float, float]]] = {}
     points = []
     for outer in outer_settings(gpus, global_batch, chunks, free):
         stage_gpus = gpus // outer.pp
         m = global_batch // outer.micro_batch_size
-        for strategy in uniform_strategies(stage_gpus, outer.micro_batch_size, free):
-            key = (stage_gpus, outer.micro_batch_size, strategy)
-            if key not in sums:
-                sums[key] = _kind_sums(graph, model, strategy, outer, stage_gpus, kinds)
-            per_micro_batch, tail, send = sums[key]
+        key = (stage_gpus, outer.micro_batch_size, outer.pp > 1)
+        if key not in sums:
+            sums[key] = [(strategy, *_kind_sums(graph, model, strategy, outer, stage_gpus,
+                                                kinds, last))
+                         for strategy in uniform_strategies(stage_gpus, outer.micro_batch_size,
+                                                            free)]
+        for strategy, per_micro_batch, tail, send in sums[key]:
             sends = 2 * (outer.pp * outer.virtual_stages - 1) * send
             bound = model.step_bound_s(0.0, per_micro_batch + sends, m, outer.pp,
                                        outer.virtual_stages, tail / outer.pp)
             points.append(UniformPoint(bound, outer, strategy, _families(outer, strategy, gpus)))
-    return sorted(points, key=lambda p: (p.bound, p.outer, _fields(p.strategy)))
-
-
-def _fields(strategy: LayerStrategy) -> tuple:
-    return (strategy.dp, strategy.tp, strategy.sequence_parallel, strategy.zero,
-            strategy.checkpoint)
+    # ties in bound: the enumeration's order, which is deterministic
+    order = sorted(range(len(points)), key=lambda k: (points[k].bound, k))
+    return [points[k] for k in order]
 
 
 def _kind_sums(graph: LayerGraph, model: CostModel, strategy: LayerStrategy, outer: Outer,
-               stage_gpus: int, kinds: list[tuple[int, int]]) -> tuple[float, float, float]:
+               stage_gpus: int, kinds: list[tuple[int, int]],
+               last: int) -> tuple[float, float, float]:
     """Over the layers under `strategy` (as _on_layer adjusts it): the sum of times per
     micro-batch, the sum of tails, and the cheapest pipeline send."""
     per_micro_batch = tail = 0.0
     send = float("inf")
-    last = last_layer(graph.nodes)
     for i, count in kinds:
         node, layer = graph.nodes[i], _on_layer(graph, i, strategy, last)
         cost = model.layer_cost(node, layer, outer.micro_batch_size)
@@ -178,7 +178,7 @@ def _note_least(families: dict[str, _Family], point: UniformPoint, peak: float,
 
 class _UniformMemory:
     """The peak memory of uniform plans, from one layer cost per kind of layer on each
-    stage (stage_memory over the same costs as estimate's, grouped), and the plans
+    stage (counted_stage_memory: estimate's stage_memory, grouped), and the plans
     themselves with only what the cost model and the executor's check read."""
 
     def __init__(self, graph: LayerGraph, model: CostModel, global_batch: int) -> None:
@@ -211,13 +211,11 @@ class _UniformMemory:
         layers = self.layers(point.strategy)
         peaks = []
         for stage, kinds in enumerate(self._stage_kinds(outer.pp, outer.virtual_stages)):
-            costs = []
-            for i, count in kinds:
-                costs += [self.model.layer_cost(nodes[i], layers[i], outer.micro_batch_size,
-                                                stage)] * count
+            costs = [(self.model.layer_cost(nodes[i], layers[i], outer.micro_batch_size, stage),
+                      count) for i, count in kinds]
             held = micro_batches_in_flight(outer.schedule, outer.pp, stage, m,
                                            outer.virtual_stages)
-            peaks.append(stage_memory(costs, held).peak)
+            peaks.append(counted_stage_memory(costs, held).peak)
         return max(peaks)
 
     def _stage_kinds(self, pp: int, virtual: int) -> list[list[tuple[int, int]]]:
