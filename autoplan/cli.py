@@ -107,7 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--profile", help="profile folder or profile.json")
     search.add_argument("--solver", choices=("auto", "ilp", "dp"), default="auto",
                         help="stage solver: the ILP (HiGHS), the exact Pareto DP, or auto: "
-                        "the DP on stages of up to 16 layers, the ILP beyond (all exact)")
+                        "the DP on stages of up to 16 layers or of 32 runs or more, the ILP "
+                        "on the others (all exact)")
     search.add_argument("--top-k", type=int, default=3, help="runners-up to show")
     search.add_argument("--memory-limit", type=float, help="GiB per device")
     search.add_argument("--max-tp", type=int, help="largest TP degree (default: a node)")

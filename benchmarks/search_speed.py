@@ -19,6 +19,8 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 CASES = [  # (name, model spec, cluster, global batch): the search issue's figures
     ("llama3-70b, 1024 H100, batch 2048, seq 8192", "llama3-70b", "h100-sxm:gpus=1024", 2048),
+    ("llama3-405b, 16384 H100, batch 2048, seq 8192", "llama3-405b", "h100-sxm:gpus=16384",
+     2048),
     ("gpt3-175b, 1536 A100", "gpt3-175b", "a100-80g:gpus=1536", 1536),
     ("1T GPT (128 layers), 3072 A100", "gpt-1t", "a100-80g:gpus=3072", 3072),
 ]

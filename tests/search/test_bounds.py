@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,23 @@ def test_a_pipeline_cut_far_from_even_is_found(pp: int) -> None:
     assert fastest < even.step_time_s  # the case is what it claims: uneven cuts pay
     assert best.estimate.step_time_s <= fastest * (1 + 1e-9)
     assert best.plan.stage_boundaries[-1] > 12 - 12 // pp  # the head's stage is short
+
+
+def _send_heavy(blocks: int) -> LayerGraph:
+    """Blocks whose outputs are as large as their saved activations: pipeline sends cost
+    about as much as compute, so a bound that counted them twice would pass the step."""
+    return LayerGraph("send-heavy", "bfloat16", "flash", 1024, tuple(
+        replace(synthetic_block(i), output_bytes=4 * 10**9, input_bytes=4 * 10**9)
+        for i in range(blocks)), ())
+
+
+@pytest.mark.parametrize("shorthand", ["pp=2,virtual_stages=2", "pp=2,virtual_stages=3",
+                                       "pp=2,virtual_stages=6", "pp=2", "pp=2,virtual_stages=4"])
+def test_bounds_hold_where_pipeline_sends_cost_as_much_as_compute(shorthand: str) -> None:
+    """Stages on nodes of their own: every send crosses the network."""
+    graph, cluster = _send_heavy(12), parse_cluster_spec("a100-80g:gpus=16")
+    searcher = Searcher(graph, cluster, SearchOptions(global_batch=32))
+    plan = uniform_plan(shorthand, graph, 16, 32)
+    estimate = CostModel(graph, cluster).estimate(plan)
+    assert estimate.breakdown["pp_comm"] > 0.2 * estimate.step_time_s  # the case is heavy
+    assert searcher.lower_bound(_outer(plan)) <= estimate.step_time_s * (1 + 1e-9)
