@@ -1,13 +1,16 @@
 """`autoplan search`: the fastest plan that fits memory, over pipeline degree and stage
 boundaries, micro-batch size, schedule and each layer's (dp, tp, sp, ZeRO, checkpointing).
 
-The outer settings (space.outer_settings) are enumerated cheapest lower bound first and
-skipped once their bound cannot beat the best plan found. Inside one, stage boundaries come
-from a min-max dynamic program over the blocks (each stage's block count within `window` of
-an even split), and each stage's layers from an exact solver of the stage problem (ilp.py or
-dp.py: the sum over layers of m x time per micro-batch + time per step, under the stage's
-memory budget). Every plan found is then priced by the full cost model, which has the last
-word: the search is exact for the stage problem, the cost model for the plan.
+The uniform plans of the space (uniform.py) are priced first: the best is the "grid"
+baseline and the first incumbent. The outer settings (space.outer_settings: the plan space
+estimate and the executor accept) are enumerated cheapest lower bound first and skipped once
+their bound cannot beat the best plan found; every bound is a lower bound of every plan of
+its setting (lower_bound, bounds.py; tests/search/test_bounds.py). Inside one, stage
+boundaries come from a min-max dynamic program over the blocks that skips only cuts a bound
+excludes, and each stage's layers from an exact solver of the stage problem (ilp.py or dp.py:
+the sum over layers of m x time per micro-batch + time per step, under the stage's memory
+budget). Every plan found is then priced by the full cost model, which has the last word:
+the search is exact for the stage problem, the cost model for the plan.
 
 Tied layers (feasibility.tie_groups: e.g. GPT's wte and lm_head, often on the first and the last
 stage) must share one (dp, tp) layout (the executor refuses plans that split them). An outer
