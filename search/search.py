@@ -643,7 +643,7 @@ class Searcher:
         of its family that fits, else the one needing the least memory (search/uniform.py).
         """
         points = uniform_points(self.graph, self.model, self.space, self.cluster.gpus,
-                                self.options.global_batch, self.kinds)
+                                self.options.global_batch)
         return best_uniform(
             self.graph, self.model, points, self.options.global_batch,
             refused=lambda plan: plan_refusal(plan, self.graph) is not None,

@@ -74,13 +74,17 @@ def _families(outer: Outer, strategy: LayerStrategy, gpus: int) -> tuple[str, ..
 
 
 def uniform_points(graph: LayerGraph, model: CostModel, space: SearchSpace, gpus: int,
-                   global_batch: int, kinds: list[tuple[int, int]]) -> list[UniformPoint]:
+                   global_batch: int) -> list[UniformPoint]:
     """Every uniform plan of the space (the user's --fix aside: baselines are what users
-    compare with), with its bound, cheapest first. `kinds`: (first layer, how many) of each
-    kind of equal layers (Searcher.kinds): equal layers cost alike."""
+    compare with), with its bound, cheapest first."""
     free = replace(space, fix={})
     chunks = sum(node.kind != "loss" for node in graph.nodes)
     last = last_layer(graph.nodes)
+    # equal layers cost alike under one strategy, but for the last layer's own adjustment
+    firsts: dict[tuple[str, bool], list[int]] = {}
+    for i, node in enumerate(graph.nodes):
+        firsts.setdefault((node.signature, i == last), []).append(i)
+    kinds = [(found[0], len(found)) for found in firsts.values()]
     sums: dict[tuple, list[tuple[LayerStrategy, float, float, float]]] = {}
     points = []
     for outer in outer_settings(gpus, global_batch, chunks, free):
