@@ -440,6 +440,10 @@ def _apply_dp(chunk: nn.Module, layers: dict[str, LayerPlan], owned: list[str],
             apply_replicate(chunk, plain, meshes[layout], root=False)
         if len(plain) < len(groups):
             apply_fsdp(chunk, [g for g in groups if g[1] > 0], meshes[layout], root=False)
+    # the groups' parameters are theirs, also where the root reaches them another way (a
+    # module shared by a unit of this chunk and by one another chunk runs)
+    ignored.update(p for groups in by_layout.values() for names, _ in groups
+                   for n in names for p in chunk.get_submodule(n).parameters())
     sharded = any(zero for groups in by_layout.values() for _, zero in groups)
     apply = apply_fsdp if sharded else apply_replicate
     apply(chunk, [], next(iter(meshes.values())), ignored_params=ignored or None)

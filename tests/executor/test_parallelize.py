@@ -81,6 +81,11 @@ OTHER_MODELS = {  # case -> (model, plan shorthand); "hf" is replaced by the con
 MIXED_RUN = ("run_mixed_dp_tp", "dp=2", {"h.1": _TP2, "ln_f": _TP2})
 # A checkpoint saved under TP2 x DP2 loads under PP2 x DP2 (FSDP) and training goes on.
 RESUME = ("dp=2,tp=2", "pp=2,dp=2,zero=1,schedule=1f1b")
+# A Linear that all blocks call, cut across two stages, each data-parallel (the search's plan
+# for this zoo model on 4 H100s): the root must leave the shared weights to their group, also
+# where a unit of the other stage reaches them.
+SHARED_RUN = ("shared_linear_pp_dp", "module:tests.zoo.shared_mlp:build_shared_mlp",
+              "pp=2,dp=2,schedule=gpipe")
 # Interleaved 1F1B needs 4 chunks; gpt-tiny has 2 blocks, so the cut is given by hand:
 # (wte, wpe) | h.0 | h.1 | (ln_f, lm_head).
 INTERLEAVED = ("pp=2,dp=2,virtual_stages=2", {}, [0, 2, 3, 4])
@@ -142,7 +147,13 @@ def four_rank_world(graph: LayerGraph, tmp_path_factory) -> tuple[harness.WorldR
     plans["tp_dp_save"] = harness.make_plan(graph, 4, RESUME[0])
     plans["_pp_dp_load"] = harness.make_plan(graph, 4, RESUME[1])
     extra = {"tp_dp_save": {"kind": "resume", "plan": "_pp_dp_load"}}
-    return harness.run_world(4, plans, tmp_path_factory.mktemp("world4"), extra=extra), plans
+    case, model, text = SHARED_RUN
+    options = RunOptions(model=model, plan=text, nproc=4, steps=harness.STEPS,
+                         global_batch=harness.GLOBAL_BATCH, seed=harness.SEED, lr=harness.LR)
+    plans[case] = load_run_plan(options, 4)[0]
+    extra[case] = {"kind": "run", "model": model}
+    world = harness.run_world(4, plans, tmp_path_factory.mktemp("world4"), extra=extra)
+    return world, plans | {"_options": {case: options}}
 
 
 @pytest.mark.slow
@@ -155,6 +166,15 @@ def test_two_ranks_match_one_process(two_rank_world, case: str) -> None:
 @pytest.mark.parametrize("case", [*FOUR_RANKS, "pp_dp_interleaved"])
 def test_four_ranks_match_one_process(four_rank_world, case: str) -> None:
     _check(*four_rank_world, case)
+
+
+@pytest.mark.slow
+def test_a_linear_shared_across_stages_trains_under_pp_and_dp(four_rank_world) -> None:
+    world, plans = four_rank_world
+    case = SHARED_RUN[0]
+    ref = reference_run(plans["_options"][case], plans[case])
+    run = verify.Trace(world.losses[case], world.params[case], world.grads[case])
+    assert verify.compare(run, ref, harness.LR).problems == []
 
 
 @pytest.mark.slow
