@@ -25,7 +25,7 @@ from autoplan.specs import parse_bool, parse_int, parse_kv
 __all__ = [
     "PLAN_FORMAT_VERSION", "CHECKPOINT_MODES", "SCHEDULES", "LayerStrategy", "LayerPlan",
     "Prediction", "Provenance", "Plan", "parse_plan_shorthand", "uniform_plan", "split_stages",
-    "pipeline_units",
+    "pipeline_units", "stage_chunks",
     "load_plan", "check_plan", "plan_from_json",
 ]
 
@@ -265,6 +265,14 @@ def pipeline_units(graph: LayerGraph, chunks: int) -> list[int]:
     blocks = [i for i, node in enumerate(graph.nodes) if node.kind == "block"]
     layers = [i for i, node in enumerate(graph.nodes) if node.kind != "loss"]
     return blocks if len(blocks) >= chunks else layers
+
+
+def stage_chunks(boundaries: list[int], layers: int, pp: int) -> list[list[tuple[int, int]]]:
+    """The chunks [first, last) each pipeline stage runs: chunk c (cut at `boundaries`, the
+    first layer of each, over `layers` layers) on stage c mod pp, as Megatron interleaves."""
+    ends = [*boundaries, layers]
+    return [[(ends[c], ends[c + 1]) for c in range(stage, len(boundaries), pp)]
+            for stage in range(pp)]
 
 
 def split_stages(graph: LayerGraph, chunks: int) -> list[int]:

@@ -37,7 +37,7 @@ from autoplan.cost_model.pipeline import (
 )
 from autoplan.errors import AutoplanError
 from autoplan.graph import LayerGraph, LayerNode
-from autoplan.plan import LayerPlan, LayerStrategy, Plan
+from autoplan.plan import LayerPlan, LayerStrategy, Plan, stage_chunks
 from autoplan.profiler.analytic import DTYPE_BYTES, OPTIMIZER_STATE_BYTES_PER_PARAM, tp_shards
 from autoplan.profiler.efficiency import memory_efficiency
 from autoplan.profiler.profile import Profile
@@ -190,19 +190,9 @@ class CostModel:
                                 "plan for this model")
 
     def _stage_layers(self, plan: Plan, stage: int) -> list[list[int]]:
-        """Layer indices of each chunk that stage `stage` runs (chunk c on stage c mod pp)."""
-        bounds = [*plan.stage_boundaries, len(plan.layers)]
-        return [list(range(bounds[c], bounds[c + 1]))
-                for c in range(stage, len(bounds) - 1, plan.pp)]
-
-    def peak_memory_bytes(self, plan: Plan) -> list[int]:
-        """Each stage's peak bytes per rank, as estimate() gives them, without the times
-        (the search checks this of many plans before pricing the few that fit)."""
-        return [int(stage_memory([self.layer_cost(self.graph.nodes[i], plan.layers[i],
-                                                  plan.micro_batch_size, s)
-                                  for chunk in self._stage_layers(plan, s) for i in chunk],
-                                 self._held(plan, s)).peak)
-                for s in range(plan.pp)]
+        """Layer indices of each chunk that stage `stage` runs (plan.stage_chunks)."""
+        chunks = stage_chunks(plan.stage_boundaries, len(plan.layers), plan.pp)[stage]
+        return [list(range(first, last)) for first, last in chunks]
 
     def fits(self, peaks: list[int]) -> bool:
         """Whether stages of these peaks fit the device with the framework's overhead."""

@@ -29,11 +29,11 @@ def pipeline_time_bound_s(slowest_s: float, total_s: float, micro_batches: int, 
                           virtual: int = 1) -> float:
     """No pipeline whose slowest stage takes at least `slowest_s` per micro-batch and whose
     stages take at least `total_s` together is faster: both terms of pipeline_time_s rise
-    in T_max and in the sum (m >= 1 >= 1/v), and T_max is at least the mean, total_s / pp."""
+    in T_max and in the sum (m >= 1 >= 1/v), and T_max is at least the mean, total_s / pp:
+    stages of that slowest one and the rest shared equally (none slower) reach the bound."""
     slowest = max(slowest_s, total_s / pp)
-    total = max(total_s, slowest)
-    return max(micro_batches * slowest + (total - slowest) / virtual,
-               total + (micro_batches - 1) * slowest / virtual)
+    rest = max(total_s - slowest, 0.0) / (pp - 1) if pp > 1 else 0.0
+    return pipeline_time_s([slowest, *[rest] * (pp - 1)], micro_batches, virtual)
 
 
 def bubble_fraction(pp: int, micro_batches: int, virtual: int = 1) -> float:

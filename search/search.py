@@ -52,6 +52,7 @@ from autoplan.plan import (
     Provenance,
     pipeline_units,
     split_stages,
+    stage_chunks,
 )
 from autoplan.profiler.profile import Profile
 from autoplan.search.bounds import knapsack_floor
@@ -320,14 +321,9 @@ class Searcher:
 
     def _fixed_chunks(self, outer: Outer) -> list[list[tuple[int, int]]]:
         """The chunks [first, last) of each stage where the plan space fixes them: one
-        holding every layer without a pipeline; chunk c on stage c mod pp as split_stages
-        cuts them when interleaved."""
-        if outer.pp == 1:
-            return [[(0, len(self.graph.nodes))]]
-        starts = [*split_stages(self.graph, outer.pp * outer.virtual_stages),
-                  len(self.graph.nodes)]
-        return [[(starts[c], starts[c + 1]) for c in range(stage, len(starts) - 1, outer.pp)]
-                for stage in range(outer.pp)]
+        holding every layer without a pipeline; as split_stages cuts them when interleaved."""
+        return stage_chunks(split_stages(self.graph, outer.pp * outer.virtual_stages),
+                            len(self.graph.nodes), outer.pp)
 
     def _stage_floors(self, outer: Outer, stage: int, chunks: list[tuple[int, int]],
                       ties: Ties | None, sends: bool = True) -> tuple[float, float]:
@@ -411,12 +407,11 @@ class Searcher:
         if outer.pp == 1:
             chunks_of = {0: [list(range(len(self.graph.nodes)))]}
         elif outer.virtual_stages > 1:
-            bounds = [*split_stages(self.graph, outer.pp * outer.virtual_stages),
-                      len(self.graph.nodes)]
-            if any(cut_refusal(self.graph, b) for b in bounds[1:-1]):
+            starts = split_stages(self.graph, outer.pp * outer.virtual_stages)
+            if any(cut_refusal(self.graph, b) for b in starts[1:]):
                 return None
-            chunks = [list(range(a, b)) for a, b in zip(bounds, bounds[1:], strict=False)]
-            chunks_of = {s: chunks[s::outer.pp] for s in range(outer.pp)}
+            chunks_of = {s: [list(range(a, b)) for a, b in chunks]
+                         for s, chunks in enumerate(self._fixed_chunks(outer))}
         else:
             chunks_of = self._partition(outer, ties)
             if chunks_of is None:

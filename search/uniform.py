@@ -21,7 +21,7 @@ from autoplan.cost_model.memory import counted_stage_memory
 from autoplan.cost_model.pipeline import micro_batches_in_flight
 from autoplan.feasibility import gives_whole_output, last_layer
 from autoplan.graph import LayerGraph
-from autoplan.plan import LayerPlan, LayerStrategy, Plan, split_stages
+from autoplan.plan import LayerPlan, LayerStrategy, Plan, split_stages, stage_chunks
 from autoplan.search.space import (
     Outer,
     SearchSpace,
@@ -227,15 +227,14 @@ class _UniformMemory:
         stage c mod pp): layers of one signature cost alike under one strategy, but for
         tied weights held past the first stage and the last layer's own adjustments."""
         if (pp, virtual) not in self._kinds:
-            starts = [*split_stages(self.graph, pp * virtual), len(self.graph.nodes)]
             stages = []
-            for stage in range(pp):
+            for chunks in stage_chunks(split_stages(self.graph, pp * virtual),
+                                       len(self.graph.nodes), pp):
                 kinds: dict[tuple, list[int]] = {}
-                for c in range(stage, pp * virtual, pp):
-                    for i in range(starts[c], starts[c + 1]):
-                        node = self.graph.nodes[i]
-                        key = (node.signature, node.shared_params > 0, i == self.last)
-                        kinds.setdefault(key, []).append(i)
+                for i in (i for first, last in chunks for i in range(first, last)):
+                    node = self.graph.nodes[i]
+                    key = (node.signature, node.shared_params > 0, i == self.last)
+                    kinds.setdefault(key, []).append(i)
                 stages.append([(found[0], len(found)) for found in kinds.values()])
             self._kinds[pp, virtual] = stages
         return self._kinds[pp, virtual]
