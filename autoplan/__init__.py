@@ -13,7 +13,7 @@ def __getattr__(name: str):  # lazy: `import autoplan` stays free of torch
 
         return parallelize
     if name == "auto":  # the module, callable: autoplan.auto(model, inputs, global_batch=8)
-        import autoplan.auto
+        import autoplan.app.auto
 
-        return autoplan.auto
+        return autoplan.app.auto
     raise AttributeError(f"module 'autoplan' has no attribute {name!r}")

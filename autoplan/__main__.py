@@ -2,6 +2,6 @@
 
 import sys
 
-from autoplan.cli import main
+from autoplan.app.cli import main
 
 sys.exit(main())

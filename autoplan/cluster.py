@@ -10,7 +10,7 @@ from pathlib import Path
 
 from autoplan.errors import AutoplanError
 from autoplan.formats import check_version
-from autoplan.profiler.presets import HARDWARE_PRESETS, DevicePreset, local_cpu_preset
+from autoplan.hardware import HARDWARE_PRESETS, DevicePreset, local_cpu_preset
 from autoplan.specs import parse_int, parse_kv, shown
 
 __all__ = ["CLUSTER_FORMAT_VERSION", "MAX_DEVICES", "Cluster", "parse_cluster_spec"]

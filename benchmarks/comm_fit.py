@@ -38,7 +38,7 @@ from autoplan.profiler.comm import (
     measure_collectives,
     repeats_for,
 )
-from autoplan.profiler.profile import CommFit, CommPoint
+from autoplan.profile import CommFit, CommPoint
 
 TARGET_ERROR = 0.25  # the held-out accuracy this benchmark checks against
 KEY = ["nproc", "collective", "group_size", "scope"]

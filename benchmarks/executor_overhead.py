@@ -53,7 +53,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 import autoplan
-from autoplan.cost_model.command import load_graph
+from autoplan.app.estimate import load_graph
 from autoplan.models import build_model
 from autoplan.plan import uniform_plan
 

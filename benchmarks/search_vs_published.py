@@ -30,12 +30,12 @@ from korthikanti import PRESETS, predict, published_rows  # noqa: E402
 
 from autoplan.cluster import parse_cluster_spec  # noqa: E402
 from autoplan.cost_model import CostModel, Estimate  # noqa: E402
-from autoplan.cost_model.command import load_graph  # noqa: E402
+from autoplan.app.estimate import load_graph  # noqa: E402
 from autoplan.errors import AutoplanError  # noqa: E402
 from autoplan.graph import LayerGraph  # noqa: E402
 from autoplan.io import atomic_write_text  # noqa: E402
 from autoplan.plan import Plan, check_plan, uniform_plan  # noqa: E402
-from autoplan.profiler.profile import Profile, load_profile  # noqa: E402
+from autoplan.profile import Profile, load_profile  # noqa: E402
 from autoplan.search.report import describe  # noqa: E402
 from autoplan.search.search import Searcher, SearchOptions, SearchResult  # noqa: E402
 

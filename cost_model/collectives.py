@@ -8,8 +8,8 @@ from functools import lru_cache
 from autoplan.cluster import Cluster
 from autoplan.cost_model.placement import place_group
 from autoplan.errors import AutoplanError
-from autoplan.profiler.analytic import collective_fit
-from autoplan.profiler.profile import CommFit, Profile, bus_factor
+from autoplan.cost_model.analytic import collective_fit
+from autoplan.profile import CommFit, Profile, bus_factor
 
 __all__ = ["CommModel"]
 

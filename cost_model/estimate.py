@@ -38,9 +38,9 @@ from autoplan.cost_model.pipeline import (
 from autoplan.errors import AutoplanError
 from autoplan.graph import LayerGraph, LayerNode
 from autoplan.plan import LayerPlan, LayerStrategy, Plan, stage_chunks
-from autoplan.profiler.analytic import DTYPE_BYTES, OPTIMIZER_STATE_BYTES_PER_PARAM, tp_shards
-from autoplan.profiler.efficiency import memory_efficiency
-from autoplan.profiler.profile import Profile
+from autoplan.cost_model.analytic import DTYPE_BYTES, OPTIMIZER_STATE_BYTES_PER_PARAM, tp_shards
+from autoplan.efficiency import memory_efficiency
+from autoplan.profile import Profile
 
 __all__ = ["STEP_PARTS", "StageEstimate", "Estimate", "CostModel", "LayerCost"]
 

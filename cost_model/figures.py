@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from autoplan.profiler.efficiency import Figure
+from autoplan.efficiency import Figure
 
 __all__ = ["GPU_FRAMEWORK_OVERHEAD_BYTES", "FIGURES"]
 

@@ -1,9 +1,7 @@
-"""autoplan.profiler: measured and datasheet figures of layers, devices and links.
+"""autoplan.profiler: measurement only, of layers and collectives on the machine at hand.
 
-presets.py holds the datasheet figures, analytic.py derives profiles from them, measure.py
-and comm.py measure layers and collectives on the machine at hand; profile.py is the format.
+measure.py times and weighs each distinct layer alone (compute.py, memory.py), in_situ.py
+times them in a world of local ranks, comm.py measures collectives and fits them. The
+Profile they fill is a ground-floor format (autoplan/profile.py); the datasheet figures and
+formulas that stand in for a measurement live in autoplan/hardware.py and cost_model/.
 """
-
-from autoplan.profiler.presets import HARDWARE_PRESETS, DevicePreset
-
-__all__ = ["HARDWARE_PRESETS", "DevicePreset"]

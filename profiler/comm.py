@@ -67,8 +67,8 @@ from pydantic import ValidationError
 from autoplan import fmt
 from autoplan.errors import AutoplanError, WorkerFailed, choices_hint
 from autoplan.io import atomic_write_text
-from autoplan.profiler.launch import run_workers, watch_parent
-from autoplan.profiler.profile import COLLECTIVES, CommFit, CommPoint, CommRegime, bus_factor
+from autoplan.launch import run_workers, watch_parent
+from autoplan.profile import COLLECTIVES, CommFit, CommPoint, CommRegime, bus_factor
 
 __all__ = ["measure_collectives", "measure_in_world", "fit_alpha_beta"]
 

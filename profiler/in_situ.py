@@ -77,8 +77,8 @@ from autoplan.profiler.compute import (
     timed_pass,
     unit_module,
 )
-from autoplan.profiler.launch import run_workers, watch_parent
-from autoplan.profiler.profile import DataParallelPoint, OptimizerPoint, TimePoint
+from autoplan.launch import run_workers, watch_parent
+from autoplan.profile import DataParallelPoint, OptimizerPoint, TimePoint
 from autoplan.tracing import layer_graph_of_built
 
 __all__ = ["LayerTimings", "time_layers_in_situ"]

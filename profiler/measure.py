@@ -31,7 +31,7 @@ from autoplan.profiler.compute import (
     unit_module,
 )
 from autoplan.profiler.memory import measure_memory
-from autoplan.profiler.profile import (
+from autoplan.profile import (
     LayerProfile,
     Machine,
     Profile,

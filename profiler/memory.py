@@ -27,7 +27,7 @@ from autoplan.profiler.compute import (
     materialize,
     output_grads,
 )
-from autoplan.profiler.profile import LayerMemory
+from autoplan.profile import LayerMemory
 from autoplan.tracing import trace_batch
 
 __all__ = ["saved_bytes", "optimizer_state_bytes", "live_peaks", "measure_memory"]

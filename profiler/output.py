@@ -11,7 +11,7 @@ from rich.table import Table
 
 from autoplan import fmt
 from autoplan.io import atomic_write_text
-from autoplan.profiler.profile import CommPoint, Profile
+from autoplan.profile import CommPoint, Profile
 
 __all__ = ["layers_frame", "data_parallel_frame", "comm_frame", "write_profile",
            "profile_tables"]

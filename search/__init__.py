@@ -8,7 +8,7 @@ returns a Plan while `autoplan.search.ilp` stays importable.
 import sys
 import types
 
-from autoplan.search.command import search_plan
+from autoplan.app.search import search_plan
 from autoplan.search.search import Searcher, SearchOptions, SearchResult
 
 __all__ = ["search_plan", "Searcher", "SearchOptions", "SearchResult"]

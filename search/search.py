@@ -54,7 +54,7 @@ from autoplan.plan import (
     split_stages,
     stage_chunks,
 )
-from autoplan.profiler.profile import Profile
+from autoplan.profile import Profile
 from autoplan.search.bounds import knapsack_floor
 from autoplan.search.dp import solve_dp
 from autoplan.search.ilp import solve_ilp

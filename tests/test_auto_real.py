@@ -19,13 +19,13 @@ import torch
 from torch import nn
 
 import autoplan
-from autoplan.cli import main
+from autoplan.app.cli import main
 from autoplan.errors import AutoplanError
 from autoplan.executor import Runner, verify
 from autoplan.models import build_model
 from autoplan.models.build import default_loss
 from autoplan.plan import Plan
-from autoplan.profiler.launch import run_workers
+from autoplan.launch import run_workers
 from autoplan.tracing import layer_graph
 from tests.core.test_tracing_real import NormMLP
 from tests.executor import harness

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from autoplan.cli import main
+from autoplan.app.cli import main
 from autoplan.cluster import parse_cluster_spec
 from autoplan.graph import GRAPH_FORMAT_VERSION
 from autoplan.plan import uniform_plan
-from autoplan.profiler.analytic import analytic_profile
-from autoplan.profiler.profile import PROFILE_FORMAT_VERSION
+from autoplan.cost_model.analytic import analytic_profile
+from autoplan.profile import PROFILE_FORMAT_VERSION
 from tests.graphs import synthetic_graph
 
 CLUSTER = "h100-sxm:gpus=8"

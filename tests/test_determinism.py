@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from autoplan.cli import main
+from autoplan.app.cli import main
 from tests.graphs import synthetic_graph
 
 

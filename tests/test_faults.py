@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from autoplan.cli import main
+from autoplan.app.cli import main
 from autoplan.errors import WorkerFailed
-from autoplan.executor.run import RUN_FAULT_ENV, RunFailed
+from autoplan.app.run import RUN_FAULT_ENV, RunFailed
 from autoplan.profiler.comm import FAULT_ENV as COMM_FAULT_ENV
 from tests.processes import TAG_ENV, processes_with
 from tests.test_files import ROOT, SOURCES
@@ -148,10 +148,10 @@ def test_ctrl_c_ends_validate_and_every_worker(
 def test_workers_exit_when_their_launcher_is_killed(tag: str, tmp_path: Path) -> None:
     """A launcher SIGKILLed (it cannot stop anyone) leaves no worker: each notices its parent
     went (launch.watch_parent) and exits within a second. No torch is imported here."""
-    worker = ("import time; from autoplan.profiler.launch import watch_parent; "
+    worker = ("import time; from autoplan.launch import watch_parent; "
               "watch_parent(); time.sleep(60)")
     launcher = subprocess.Popen(
-        [sys.executable, "-c", "import pathlib, sys; from autoplan.profiler.launch import "
+        [sys.executable, "-c", "import pathlib, sys; from autoplan.launch import "
          "run_workers; run_workers(2, [sys.executable, '-c', sys.argv[1]], "
          "pathlib.Path(sys.argv[2]), 60)", worker, str(tmp_path)])
     try:
@@ -172,13 +172,13 @@ def test_debug_shows_the_traceback_of_a_runtime_fault(
         profile_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """A dead worker is status 1 (2 is for bad input); --debug raises it instead. No process
     is started: the run fails as run_plan's launcher reports a dead worker."""
-    import autoplan.executor.run
+    import autoplan.app.run
 
     def dead_worker(options: object) -> None:
         raise RunFailed("run worker rank 1 was killed by SIGKILL after 1.0 s; all workers "
                         "were stopped")
 
-    monkeypatch.setattr(autoplan.executor.run, "run_plan", dead_worker)
+    monkeypatch.setattr(autoplan.app.run, "run_plan", dead_worker)
     args = ["validate", "--model", "gpt-tiny", "--nproc", "2", "--global-batch", "4",
             "--top-k", "2", "--steps", "2", "--warmup", "1", "--profile", str(profile_dir)]
     assert main(args) == 1

@@ -25,9 +25,9 @@ from autoplan.graph import LayerGraph
 from autoplan.models.presets import PRESETS
 from autoplan.models.spec import parse_model_spec
 from autoplan.plan import check_plan, parse_plan_shorthand, plan_from_json, uniform_plan
-from autoplan.profiler.analytic import analytic_profile
-from autoplan.profiler.presets import HARDWARE_PRESETS
-from autoplan.profiler.profile import load_profile
+from autoplan.cost_model.analytic import analytic_profile
+from autoplan.hardware import HARDWARE_PRESETS
+from autoplan.profile import load_profile
 from autoplan.search.space import FIXABLE, parse_fix
 from tests.graphs import synthetic_graph
 

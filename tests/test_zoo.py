@@ -16,7 +16,7 @@ import torch
 
 from autoplan.errors import AutoplanError
 from autoplan.models import build_model
-from autoplan.search.command import SearchCommand, run_search
+from autoplan.app.search import SearchCommand, run_search
 from autoplan.tracing import layer_graph_of_built
 from tests.zoo import CONFIGS, ZOO
 

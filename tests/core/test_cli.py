@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from autoplan.cli import main
+from autoplan.app.cli import main
 from autoplan.graph import LayerGraph
 from autoplan.plan import load_plan
 
@@ -97,7 +97,7 @@ def test_inspecting_and_profiling_llama3_405b_stays_under_2_gb(tmp_path) -> None
     # Memory, not time, is asserted here (time is noisy; benchmarks/inspect_speed.py and
     # benchmarks/results/resources.md measure it). The 2 GB bound is issue 9's. An analytic
     # profile traces the model first, so one process covers both.
-    code = ("import resource, sys; from autoplan.cli import main; rc = main(['profile', "
+    code = ("import resource, sys; from autoplan.app.cli import main; rc = main(['profile', "
             f"'--model', 'llama3-405b', '--mode', 'analytic', '--cluster', "
             f"'h100-sxm:nodes=16', '-o', {str(tmp_path)!r}]); "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); "

@@ -8,7 +8,7 @@ import pytest
 
 from autoplan.cluster import Cluster, parse_cluster_spec
 from autoplan.errors import AutoplanError
-from autoplan.profiler import HARDWARE_PRESETS
+from autoplan.hardware import HARDWARE_PRESETS
 
 
 def test_presets_and_sizes() -> None:

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from autoplan.cli import main
+from autoplan.app.cli import main
 from autoplan.errors import AutoplanError
-from autoplan.export import export_plan
+from autoplan.app.export import export_plan
 from autoplan.graph import LayerGraph, LayerNode
 from autoplan.plan import Plan, uniform_plan
 

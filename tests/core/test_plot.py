@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from autoplan.cli import main
+from autoplan.app.cli import main
 from autoplan.graph import LayerGraph, LayerNode
 from autoplan.plan import uniform_plan
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from autoplan.cost_model.command import load_graph
+from autoplan.app.estimate import load_graph
 from autoplan.errors import AutoplanError
 from autoplan.plan import uniform_plan
-from autoplan.validate import (
+from autoplan.app.validate import (
     PlanOutcome,
     ValidateOptions,
     _select,

@@ -44,7 +44,7 @@ from autoplan.cost_model.memory import StageMemory
 from autoplan.graph import LayerGraph
 from autoplan.models import build_model
 from autoplan.plan import Plan
-from autoplan.profiler.launch import run_workers
+from autoplan.launch import run_workers
 from autoplan.tracing import layer_graph_of_built
 from tests.executor import harness
 

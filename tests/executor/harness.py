@@ -18,7 +18,7 @@ from autoplan.executor import verify
 from autoplan.graph import LayerGraph
 from autoplan.models import build_model
 from autoplan.plan import Plan, uniform_plan
-from autoplan.profiler.launch import run_workers
+from autoplan.launch import run_workers
 
 MODEL = "gpt-tiny"
 GLOBAL_BATCH = 8
@@ -129,7 +129,7 @@ def serve_world(spec_path: str, run_case: Callable[[str, dict, Path, int], Any],
 
     import torch.distributed as dist
 
-    from autoplan.profiler.launch import watch_parent
+    from autoplan.launch import watch_parent
 
     watch_parent()
     spec = json.loads(Path(spec_path).read_text())

@@ -19,7 +19,7 @@ import uuid
 
 import pytest
 
-from autoplan.profiler.launch import free_port
+from autoplan.launch import free_port
 from tests.executor.test_run import TAG_ENV, _processes_with
 
 NODES = 2

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from autoplan.cli import main
-from autoplan.executor.run import RUN_FAULT_ENV
+from autoplan.app.cli import main
+from autoplan.app.run import RUN_FAULT_ENV
 from autoplan.models import build_model
 from tests.processes import processes_with
 

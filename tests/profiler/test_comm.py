@@ -20,8 +20,8 @@ from autoplan.profiler.comm import (
     repeats_for,
     sweep_repeats,
 )
-from autoplan.profiler.launch import _describe_exit
-from autoplan.profiler.profile import (
+from autoplan.launch import _describe_exit
+from autoplan.profile import (
     COLLECTIVES,
     CommPoint,
     bus_factor,
@@ -148,7 +148,7 @@ def test_profile_with_a_killed_worker_exits_naming_its_rank(
     """Issue 9: `autoplan profile` whose comm worker rank 1 is SIGKILLed (once its worker
     has started) ends with status 1 (a runtime fault, not bad input) within 60 s, names the
     rank and the signal, and leaves no process behind."""
-    from autoplan.cli import main
+    from autoplan.app.cli import main
 
     monkeypatch.setenv(FAULT_ENV, "kill:1")
     start_s = time.monotonic()

@@ -12,8 +12,8 @@ from pydantic import ValidationError
 
 from autoplan.errors import AutoplanError
 from autoplan.profiler.comm import fit_alpha_beta
-from autoplan.profiler.command import DEFAULT_COMM_SIZES
-from autoplan.profiler.profile import (
+from autoplan.app.profile import DEFAULT_COMM_SIZES
+from autoplan.profile import (
     PROFILE_FORMAT_VERSION,
     CommFit,
     CommPoint,

@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from autoplan.cli import main
+from autoplan.app.cli import main
 from autoplan.cluster import parse_cluster_spec
 from autoplan.cost_model import CostModel
 from autoplan.cost_model.compute import core_share
 from autoplan.errors import AutoplanError
 from autoplan.models import build_model
 from autoplan.plan import uniform_plan
-from autoplan.profiler.command import ProfileOptions
-from autoplan.profiler.profile import Machine, Profile, load_profile
+from autoplan.app.profile import ProfileOptions
+from autoplan.profile import Machine, Profile, load_profile
 from autoplan.tracing import layer_graph_of_built
 
 

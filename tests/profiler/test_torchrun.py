@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from autoplan.profiler.launch import free_port
-from autoplan.profiler.profile import load_profile
+from autoplan.launch import free_port
+from autoplan.profile import load_profile
 
 
 def _agent(node_rank: int, port: int, out: str, log: Path) -> subprocess.Popen:

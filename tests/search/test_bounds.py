@@ -16,10 +16,10 @@ import pytest
 
 from autoplan.cluster import parse_cluster_spec
 from autoplan.cost_model import CostModel
-from autoplan.cost_model.command import load_graph
+from autoplan.app.estimate import load_graph
 from autoplan.graph import LayerGraph, LayerNode
 from autoplan.plan import Plan, uniform_plan
-from autoplan.profiler.profile import load_profile
+from autoplan.profile import load_profile
 from autoplan.search.bounds import knapsack_floor
 from autoplan.search.search import Searcher, SearchOptions
 from autoplan.search.space import Outer

@@ -24,12 +24,12 @@ from pathlib import Path
 
 from autoplan.cluster import parse_cluster_spec
 from autoplan.cost_model import CostModel
-from autoplan.cost_model.command import load_graph
+from autoplan.app.estimate import load_graph
 from autoplan.errors import AutoplanError
 from autoplan.graph import LayerGraph
 from autoplan.io import atomic_write_text
 from autoplan.plan import uniform_plan
-from autoplan.profiler.profile import Profile, load_profile
+from autoplan.profile import Profile, load_profile
 from autoplan.search.space import divisors
 
 __all__ = ["ValidateOptions", "PlanOutcome", "Validation", "candidate_plans", "validate",
@@ -130,7 +130,7 @@ def _profile(options: ValidateOptions, on_progress: Progress | None) -> Profile:
     layers timed in nproc ranks at once with TP as DTensors (profiler/in_situ.py)."""
     if options.profile:
         return load_profile(options.profile)
-    from autoplan.profiler.command import ProfileOptions, run_profile
+    from autoplan.app.profile import ProfileOptions, run_profile
     from autoplan.profiler.output import write_profile
 
     tps = tuple(tp for tp in (1, 2, 4, 8) if options.nproc % tp == 0)
@@ -163,7 +163,7 @@ def validate(options: ValidateOptions, on_progress: Progress | None = None) -> V
         WorkerFailed: a profiling worker died or stalled; RunFailed (one) when a run's worker
             did, naming the plan, the rank and how. Every worker is stopped first.
     """
-    from autoplan.executor.run import RunFailed, RunOptions, run_plan
+    from autoplan.app.run import RunFailed, RunOptions, run_plan
 
     graph, heads = load_graph(options.model, dtype="fp32")
     profile = _profile(options, on_progress)
@@ -250,7 +250,7 @@ def write_outputs(result: Validation, folder: str | Path) -> list[Path]:
 def _scatter(result: Validation, path: Path) -> Path:
     from matplotlib.figure import Figure
 
-    from autoplan.plotting import save_png
+    from autoplan.app.plotting import save_png
 
     fig = Figure(figsize=(5.5, 5), layout="constrained")
     ax = fig.add_subplot()

@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from autoplan.cluster import parse_cluster_spec
-from autoplan.cost_model.command import load_graph, memory_limit_bytes
+from autoplan.app.estimate import load_graph, memory_limit_bytes
 from autoplan.errors import AutoplanError
 from autoplan.graph import LayerGraph
 from autoplan.plan import Plan
-from autoplan.profiler.presets import GiB
-from autoplan.profiler.profile import Profile, load_profile
+from autoplan.hardware import GiB
+from autoplan.profile import Profile, load_profile
 from autoplan.search.search import Searcher, SearchOptions, SearchResult
 from autoplan.search.space import parse_fix
 

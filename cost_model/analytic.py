@@ -14,7 +14,7 @@ from autoplan.cluster import Cluster
 from autoplan.errors import AutoplanError
 from autoplan.graph import LayerGraph, LayerNode
 from autoplan.io import utc_now
-from autoplan.profiler.efficiency import (
+from autoplan.efficiency import (
     NCCL_BASE_LATENCY_S,
     NETWORK_BUS_FRACTION,
     NETWORK_RING_STEP_S,
@@ -26,8 +26,8 @@ from autoplan.profiler.efficiency import (
     matmul_efficiency,
     memory_efficiency,
 )
-from autoplan.profiler.presets import DevicePreset
-from autoplan.profiler.profile import (
+from autoplan.hardware import DevicePreset
+from autoplan.profile import (
     COLLECTIVES,
     CommFit,
     LayerMemory,

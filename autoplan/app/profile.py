@@ -12,7 +12,7 @@ from autoplan.cluster import Cluster, parse_cluster_spec
 from autoplan.errors import AutoplanError
 from autoplan.models import DTYPES, build_model, parse_model_spec
 from autoplan.profiler.compute import MeasureSettings
-from autoplan.profiler.profile import Profile
+from autoplan.profile import Profile
 from autoplan.tracing import layer_graph_of_built
 
 __all__ = ["DEFAULT_COMM_SIZES", "ProfileOptions", "run_profile", "under_torchrun"]
@@ -92,7 +92,7 @@ def run_profile(options: ProfileOptions, on_step: Progress | None = None) -> Pro
     built = build_model(spec, dtype=dtype)
     graph = layer_graph_of_built(built, dtype)
     if options.mode == "analytic":
-        from autoplan.profiler.analytic import analytic_profile
+        from autoplan.cost_model.analytic import analytic_profile
 
         return analytic_profile(graph, parse_cluster_spec(options.cluster),
                                 micro_batches=options.micro_batches, tps=options.tps)

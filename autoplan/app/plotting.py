@@ -59,11 +59,11 @@ def run_plot(options: PlotOptions) -> tuple[Plan, Estimate, Timeline]:
         AutoplanError: on a plan that is not a file, a missing cluster, or any bad input.
     """
     from autoplan.cluster import parse_cluster_spec
-    from autoplan.cost_model.command import load_graph, memory_limit_bytes
+    from autoplan.app.estimate import load_graph, memory_limit_bytes
     from autoplan.cost_model.estimate import CostModel
     from autoplan.cost_model.schedule import plan_timeline
     from autoplan.plan import check_plan, load_plan
-    from autoplan.profiler.profile import load_profile
+    from autoplan.profile import load_profile
 
     if not Path(options.plan).is_file():
         raise AutoplanError(f"plan file '{options.plan}' does not exist (plot reads a "

@@ -8,8 +8,8 @@ from autoplan.cluster import parse_cluster_spec
 from autoplan.errors import AutoplanError
 from autoplan.graph import LayerGraph, LayerNode
 from autoplan.models import build_model
-from autoplan.profiler import efficiency as eff
-from autoplan.profiler.analytic import (
+from autoplan import efficiency as eff
+from autoplan.cost_model.analytic import (
     OPTIMIZER_STATE_BYTES_PER_PARAM,
     analytic_profile,
     collective_fit,
@@ -17,7 +17,7 @@ from autoplan.profiler.analytic import (
     layer_pass_work,
     replicated_fraction,
 )
-from autoplan.profiler.profile import COLLECTIVES, load_profile
+from autoplan.profile import COLLECTIVES, load_profile
 from autoplan.tracing import layer_graph_of_built
 
 H100_PEAK_FLOPS = 989e12  # HARDWARE.md

@@ -253,7 +253,7 @@ def _not_built(name: str) -> Callable[[argparse.Namespace], int]:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from autoplan.report import models_table, preset_rows
+    from autoplan.app.report import models_table, preset_rows
 
     rows = preset_rows()
     if args.json:
@@ -265,7 +265,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from autoplan.inspection import inspect_model
-    from autoplan.report import graph_summary, layer_table, plan_table
+    from autoplan.app.report import graph_summary, layer_table, plan_table
 
     console = _console(stderr=True)
     with console.status(f"tracing {args.model} on the meta device"):
@@ -296,7 +296,7 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 def _cmd_profile(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from autoplan.profiler.command import DEFAULT_COMM_SIZES, ProfileOptions, run_profile
+    from autoplan.app.profile import DEFAULT_COMM_SIZES, ProfileOptions, run_profile
     from autoplan.profiler.output import profile_tables, write_profile
 
     sizes = _int_list(args.comm_sizes, "--comm-sizes") if args.comm_sizes else DEFAULT_COMM_SIZES
@@ -329,7 +329,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
-    from autoplan.cost_model.command import EstimateOptions, run_estimate
+    from autoplan.app.estimate import EstimateOptions, run_estimate
 
     options = EstimateOptions(
         model=args.model, cluster=args.cluster, global_batch=args.global_batch, plan=args.plan,
@@ -349,7 +349,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from autoplan.executor.run import RunOptions, report_lines, run_plan
+    from autoplan.app.run import RunOptions, report_lines, run_plan
 
     options = RunOptions(
         model=args.model, plan=args.plan, nproc=args.nproc, steps=args.steps,
@@ -373,7 +373,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_search(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from autoplan.search.command import SearchCommand, run_search
+    from autoplan.app.search import SearchCommand, run_search
     from autoplan.search.report import result_json, search_tables
 
     command = SearchCommand(
@@ -403,7 +403,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from autoplan.validate import ValidateOptions, validate, write_outputs
+    from autoplan.app.validate import ValidateOptions, validate, write_outputs
 
     options = ValidateOptions(model=args.model, nproc=args.nproc, global_batch=args.global_batch,
                               top_k=args.top_k, steps=args.steps, warmup=args.warmup,
@@ -434,7 +434,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from autoplan.plotting import PlotOptions, run_plot
+    from autoplan.app.plotting import PlotOptions, run_plot
 
     options = PlotOptions(plan=args.plan, output=args.output, model=args.model,
                           cluster=args.cluster, profile=args.profile, dtype=args.dtype,
@@ -448,7 +448,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from autoplan.export import export_plan
+    from autoplan.app.export import export_plan
     from autoplan.io import atomic_write_text
     from autoplan.plan import load_plan
 

@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_leaves
 
 from autoplan import fmt
 from autoplan.cluster import parse_cluster_spec
-from autoplan.cost_model.command import load_graph, memory_limit_bytes
+from autoplan.app.estimate import load_graph, memory_limit_bytes
 from autoplan.cost_model.estimate import CostModel, Estimate
 from autoplan.errors import AutoplanError, WorkerFailed
 from autoplan.executor.mesh import GROUP_TIMEOUT
@@ -53,8 +53,8 @@ from autoplan.graph import LayerGraph
 from autoplan.io import atomic_write_text
 from autoplan.models import BuiltModel, build_model, default_loss
 from autoplan.plan import Plan, check_plan, load_plan, parse_plan_shorthand
-from autoplan.profiler.launch import run_workers, watch_parent
-from autoplan.profiler.profile import load_profile
+from autoplan.launch import run_workers, watch_parent
+from autoplan.profile import load_profile
 from autoplan.tp_plan import infer_tp_plans
 
 __all__ = ["RUN_FAULT_ENV", "RunFailed", "RunOptions", "RunReport", "load_run_plan", "merge_ranks",
@@ -407,7 +407,7 @@ def _launch(options: RunOptions, plan: Plan, world: int) -> list[dict]:
         spec = {"options": asdict(options), "plan": str(folder / "plan.json"),
                 "result": str(result), "progress": str(folder / "progress.log")}
         atomic_write_text(folder / "spec.json", json.dumps(spec))
-        argv = [sys.executable, "-m", "autoplan.executor.run", str(folder / "spec.json")]
+        argv = [sys.executable, "-m", "autoplan.app.run", str(folder / "spec.json")]
         try:
             run_workers(world, argv, folder, options.timeout_s,
                         progress_path=folder / "progress.log", done=result.exists,
