@@ -32,13 +32,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from autoplan.profile import CommFit, CommPoint
 from autoplan.profiler.comm import (
     SWEEPS,
     fit_alpha_beta,
     measure_collectives,
     repeats_for,
 )
-from autoplan.profile import CommFit, CommPoint
 
 TARGET_ERROR = 0.25  # the held-out accuracy this benchmark checks against
 KEY = ["nproc", "collective", "group_size", "scope"]

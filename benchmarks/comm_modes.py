@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from autoplan.profiler.comm import _Group, _make_op
 from autoplan.launch import free_port
+from autoplan.profiler.comm import _Group, _make_op
 
 QUANTILES = [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0]
 

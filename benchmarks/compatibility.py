@@ -195,8 +195,8 @@ def _auto_worker(spec: str) -> int:
     import torch.distributed as dist
 
     import autoplan
-    from autoplan.errors import AutoplanError
     from autoplan.app.run import _build, _optimizer, _reference_pieces, _SyntheticData
+    from autoplan.errors import AutoplanError
     from autoplan.executor.verify import DropoutOff, compare, reference_trace, train
 
     world = int(os.environ.get("WORLD_SIZE", "1"))

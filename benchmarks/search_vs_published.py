@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from korthikanti import PRESETS, predict, published_rows  # noqa: E402
 
+from autoplan.app.estimate import load_graph  # noqa: E402
 from autoplan.cluster import parse_cluster_spec  # noqa: E402
 from autoplan.cost_model import CostModel, Estimate  # noqa: E402
-from autoplan.app.estimate import load_graph  # noqa: E402
 from autoplan.errors import AutoplanError  # noqa: E402
 from autoplan.graph import LayerGraph  # noqa: E402
 from autoplan.io import atomic_write_text  # noqa: E402

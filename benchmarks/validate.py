@@ -13,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from autoplan.io import atomic_write_text
 from autoplan.app.validate import ValidateOptions, validate, write_outputs
+from autoplan.io import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results" / "validate"
 MODEL = "gpt:layers=4,hidden=256,heads=4,seq=128,vocab=1024"

@@ -11,9 +11,6 @@ import math
 from dataclasses import dataclass
 
 from autoplan.cluster import Cluster
-from autoplan.errors import AutoplanError
-from autoplan.graph import LayerGraph, LayerNode
-from autoplan.io import utc_now
 from autoplan.efficiency import (
     NCCL_BASE_LATENCY_S,
     NETWORK_BUS_FRACTION,
@@ -26,7 +23,10 @@ from autoplan.efficiency import (
     matmul_efficiency,
     memory_efficiency,
 )
+from autoplan.errors import AutoplanError
+from autoplan.graph import LayerGraph, LayerNode
 from autoplan.hardware import DevicePreset
+from autoplan.io import utc_now
 from autoplan.profile import (
     COLLECTIVES,
     CommFit,

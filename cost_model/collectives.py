@@ -6,9 +6,9 @@ from __future__ import annotations
 from functools import lru_cache
 
 from autoplan.cluster import Cluster
+from autoplan.cost_model.analytic import collective_fit
 from autoplan.cost_model.placement import place_group
 from autoplan.errors import AutoplanError
-from autoplan.cost_model.analytic import collective_fit
 from autoplan.profile import CommFit, Profile, bus_factor
 
 __all__ = ["CommModel"]

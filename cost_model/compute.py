@@ -10,14 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from autoplan.cluster import Cluster
-from autoplan.errors import AutoplanError
-from autoplan.graph import LayerNode
 from autoplan.cost_model.analytic import (
     TP_SHARDED_KINDS,
     layer_pass_work,
     pass_time_s,
     tp_shards,
 )
+from autoplan.errors import AutoplanError
+from autoplan.graph import LayerNode
 from autoplan.profile import LayerProfile, Profile
 
 __all__ = ["LayerTimes", "ComputeModel", "core_share"]

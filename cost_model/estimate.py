@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from autoplan.cluster import Cluster
+from autoplan.cost_model.analytic import DTYPE_BYTES, OPTIMIZER_STATE_BYTES_PER_PARAM, tp_shards
 from autoplan.cost_model.collectives import CommModel
 from autoplan.cost_model.communication import (
     fsdp_time_s,
@@ -35,11 +36,10 @@ from autoplan.cost_model.pipeline import (
     pipeline_time_bound_s,
     pipeline_time_s,
 )
+from autoplan.efficiency import memory_efficiency
 from autoplan.errors import AutoplanError
 from autoplan.graph import LayerGraph, LayerNode
 from autoplan.plan import LayerPlan, LayerStrategy, Plan, stage_chunks
-from autoplan.cost_model.analytic import DTYPE_BYTES, OPTIMIZER_STATE_BYTES_PER_PARAM, tp_shards
-from autoplan.efficiency import memory_efficiency
 from autoplan.profile import Profile
 
 __all__ = ["STEP_PARTS", "StageEstimate", "Estimate", "CostModel", "LayerCost"]

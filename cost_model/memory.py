@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from autoplan.cost_model.analytic import TP_SHARDED_KINDS
 from autoplan.graph import LayerNode
 from autoplan.plan import LayerStrategy
-from autoplan.cost_model.analytic import TP_SHARDED_KINDS
 
 __all__ = ["StageMemory", "LayerCost", "KORTHIKANTI_REPLICATED_TENSORS", "DDP_BUCKET_BYTES",
            "TORCH_SP_GATHERED_TENSORS", "saved_bytes_per_sample", "layer_state_bytes",

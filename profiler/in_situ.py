@@ -62,9 +62,11 @@ from autoplan.executor.data_parallel import apply_fsdp, apply_replicate
 from autoplan.executor.tensor_parallel import tp_styles
 from autoplan.graph import LayerNode
 from autoplan.io import atomic_write_text
+from autoplan.launch import run_workers, watch_parent
 from autoplan.meta_state import prepare_for_timing
 from autoplan.models import DTYPES, build_model
 from autoplan.models.build import BuiltModel
+from autoplan.profile import DataParallelPoint, OptimizerPoint, TimePoint
 from autoplan.profiler.compute import (
     MeasureSettings,
     UnitCall,
@@ -77,8 +79,6 @@ from autoplan.profiler.compute import (
     timed_pass,
     unit_module,
 )
-from autoplan.launch import run_workers, watch_parent
-from autoplan.profile import DataParallelPoint, OptimizerPoint, TimePoint
 from autoplan.tracing import layer_graph_of_built
 
 __all__ = ["LayerTimings", "time_layers_in_situ"]

@@ -19,6 +19,13 @@ from autoplan.graph import LayerGraph, LayerNode
 from autoplan.io import utc_now
 from autoplan.meta_state import prepare_for_timing
 from autoplan.models.build import BuiltModel
+from autoplan.profile import (
+    LayerProfile,
+    Machine,
+    Profile,
+    TimePoint,
+    fits_from_points,
+)
 from autoplan.profiler.compute import (
     MeasureSettings,
     UnitCall,
@@ -31,13 +38,6 @@ from autoplan.profiler.compute import (
     unit_module,
 )
 from autoplan.profiler.memory import measure_memory
-from autoplan.profile import (
-    LayerProfile,
-    Machine,
-    Profile,
-    TimePoint,
-    fits_from_points,
-)
 from autoplan.tracing import trace_batch
 
 if TYPE_CHECKING:

@@ -20,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.checkpoint import checkpoint
 
 from autoplan.graph import LayerNode
+from autoplan.profile import LayerMemory
 from autoplan.profiler.compute import (
     MeasureSettings,
     UnitCall,
@@ -27,7 +28,6 @@ from autoplan.profiler.compute import (
     materialize,
     output_grads,
 )
-from autoplan.profile import LayerMemory
 from autoplan.tracing import trace_batch
 
 __all__ = ["saved_bytes", "optimizer_state_bytes", "live_peaks", "measure_memory"]

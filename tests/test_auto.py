@@ -20,11 +20,11 @@ import torch.nn.functional as F
 
 import autoplan
 from autoplan.cluster import parse_cluster_spec
+from autoplan.cost_model.analytic import analytic_profile
 from autoplan.errors import AutoplanError
 from autoplan.executor import Runner, verify
-from autoplan.plan import Plan
-from autoplan.cost_model.analytic import analytic_profile
 from autoplan.launch import run_workers
+from autoplan.plan import Plan
 from autoplan.tracing import layer_graph
 from tests.executor import harness
 from tests.executor.custom_models import ResidualMLP

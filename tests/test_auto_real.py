@@ -22,10 +22,10 @@ import autoplan
 from autoplan.app.cli import main
 from autoplan.errors import AutoplanError
 from autoplan.executor import Runner, verify
+from autoplan.launch import run_workers
 from autoplan.models import build_model
 from autoplan.models.build import default_loss
 from autoplan.plan import Plan
-from autoplan.launch import run_workers
 from autoplan.tracing import layer_graph
 from tests.core.test_tracing_real import NormMLP
 from tests.executor import harness

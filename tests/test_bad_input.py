@@ -15,9 +15,9 @@ import pytest
 
 from autoplan.app.cli import main
 from autoplan.cluster import parse_cluster_spec
+from autoplan.cost_model.analytic import analytic_profile
 from autoplan.graph import GRAPH_FORMAT_VERSION
 from autoplan.plan import uniform_plan
-from autoplan.cost_model.analytic import analytic_profile
 from autoplan.profile import PROFILE_FORMAT_VERSION
 from tests.graphs import synthetic_graph
 

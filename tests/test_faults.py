@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from autoplan.app.cli import main
-from autoplan.errors import WorkerFailed
 from autoplan.app.run import RUN_FAULT_ENV, RunFailed
+from autoplan.errors import WorkerFailed
 from autoplan.profiler.comm import FAULT_ENV as COMM_FAULT_ENV
 from tests.processes import TAG_ENV, processes_with
 from tests.test_files import ROOT, SOURCES

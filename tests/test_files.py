@@ -13,13 +13,13 @@ import pytest
 
 from autoplan.app.cli import main
 from autoplan.cluster import CLUSTER_FORMAT_VERSION, parse_cluster_spec
+from autoplan.cost_model.analytic import analytic_profile
 from autoplan.errors import AutoplanError
 from autoplan.graph import GRAPH_FORMAT_VERSION, LayerGraph
 from autoplan.io import atomic_write_text
 from autoplan.plan import PLAN_FORMAT_VERSION, load_plan, uniform_plan
-from autoplan.cost_model.analytic import analytic_profile
-from autoplan.profiler.output import write_profile
 from autoplan.profile import PROFILE_FORMAT_VERSION, load_profile
+from autoplan.profiler.output import write_profile
 from tests.graphs import synthetic_graph
 
 ROOT = Path(__file__).resolve().parents[1]

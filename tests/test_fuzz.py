@@ -20,13 +20,13 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from autoplan.cluster import parse_cluster_spec
+from autoplan.cost_model.analytic import analytic_profile
 from autoplan.errors import AutoplanError
 from autoplan.graph import LayerGraph
+from autoplan.hardware import HARDWARE_PRESETS
 from autoplan.models.presets import PRESETS
 from autoplan.models.spec import parse_model_spec
 from autoplan.plan import check_plan, parse_plan_shorthand, plan_from_json, uniform_plan
-from autoplan.cost_model.analytic import analytic_profile
-from autoplan.hardware import HARDWARE_PRESETS
 from autoplan.profile import load_profile
 from autoplan.search.space import FIXABLE, parse_fix
 from tests.graphs import synthetic_graph

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoplan.app.cli import main
-from autoplan.errors import AutoplanError
 from autoplan.app.run import _batch_norm_notes
+from autoplan.errors import AutoplanError
 from autoplan.executor.verify import DropoutOff, batch_norm_layers
 from autoplan.models import build_model
 from autoplan.models.spec import spec_with_seq

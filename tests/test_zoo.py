@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from autoplan.app.search import SearchCommand, run_search
 from autoplan.errors import AutoplanError
 from autoplan.models import build_model
-from autoplan.app.search import SearchCommand, run_search
 from autoplan.tracing import layer_graph_of_built
 from tests.zoo import CONFIGS, ZOO
 

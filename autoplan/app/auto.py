@@ -39,19 +39,19 @@ import torch.distributed as dist
 from torch import nn
 
 from autoplan import fmt
-from autoplan.cluster import Cluster, parse_cluster_spec
 from autoplan.app.estimate import memory_limit_bytes
+from autoplan.app.search import no_plan_message
+from autoplan.cluster import Cluster, parse_cluster_spec
+from autoplan.cost_model.analytic import TP_SHARDED_KINDS
 from autoplan.errors import AutoplanError
 from autoplan.executor import LossFn, Runner, parallelize
 from autoplan.graph import LayerGraph
 from autoplan.models.build import BuiltModel, default_loss, sum_loss
 from autoplan.models.spec import ModelSpec
 from autoplan.plan import plan_from_json
-from autoplan.cost_model.analytic import TP_SHARDED_KINDS
-from autoplan.profiler.compute import MeasureSettings
 from autoplan.profile import CommPoint, Profile, load_profile
+from autoplan.profiler.compute import MeasureSettings
 from autoplan.search import Searcher, SearchOptions, SearchResult
-from autoplan.app.search import no_plan_message
 from autoplan.search.report import describe
 from autoplan.search.space import divisors, parse_fix
 from autoplan.tracing import layer_graph, meta_copy, meta_inputs

@@ -264,8 +264,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from autoplan.inspection import inspect_model
     from autoplan.app.report import graph_summary, layer_table, plan_table
+    from autoplan.inspection import inspect_model
 
     console = _console(stderr=True)
     with console.status(f"tracing {args.model} on the meta device"):

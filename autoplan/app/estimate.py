@@ -10,8 +10,8 @@ from autoplan.cluster import parse_cluster_spec
 from autoplan.cost_model.estimate import CostModel, Estimate
 from autoplan.errors import AutoplanError
 from autoplan.graph import LayerGraph
-from autoplan.plan import Plan, check_plan, load_plan
 from autoplan.hardware import GiB
+from autoplan.plan import Plan, check_plan, load_plan
 from autoplan.profile import load_profile
 
 __all__ = ["EstimateOptions", "load_graph", "memory_limit_bytes", "run_estimate"]

@@ -58,8 +58,8 @@ def run_plot(options: PlotOptions) -> tuple[Plan, Estimate, Timeline]:
     Raises:
         AutoplanError: on a plan that is not a file, a missing cluster, or any bad input.
     """
-    from autoplan.cluster import parse_cluster_spec
     from autoplan.app.estimate import load_graph, memory_limit_bytes
+    from autoplan.cluster import parse_cluster_spec
     from autoplan.cost_model.estimate import CostModel
     from autoplan.cost_model.schedule import plan_timeline
     from autoplan.plan import check_plan, load_plan

@@ -11,8 +11,8 @@ import torch
 from autoplan.cluster import Cluster, parse_cluster_spec
 from autoplan.errors import AutoplanError
 from autoplan.models import DTYPES, build_model, parse_model_spec
-from autoplan.profiler.compute import MeasureSettings
 from autoplan.profile import Profile
+from autoplan.profiler.compute import MeasureSettings
 from autoplan.tracing import layer_graph_of_built
 
 __all__ = ["DEFAULT_COMM_SIZES", "ProfileOptions", "run_profile", "under_torchrun"]

@@ -32,8 +32,8 @@ import torch.distributed as dist
 from torch.utils._pytree import tree_leaves
 
 from autoplan import fmt
-from autoplan.cluster import parse_cluster_spec
 from autoplan.app.estimate import load_graph, memory_limit_bytes
+from autoplan.cluster import parse_cluster_spec
 from autoplan.cost_model.estimate import CostModel, Estimate
 from autoplan.errors import AutoplanError, WorkerFailed
 from autoplan.executor.mesh import GROUP_TIMEOUT
@@ -51,9 +51,9 @@ from autoplan.executor.verify import (
 )
 from autoplan.graph import LayerGraph
 from autoplan.io import atomic_write_text
+from autoplan.launch import run_workers, watch_parent
 from autoplan.models import BuiltModel, build_model, default_loss
 from autoplan.plan import Plan, check_plan, load_plan, parse_plan_shorthand
-from autoplan.launch import run_workers, watch_parent
 from autoplan.profile import load_profile
 from autoplan.tp_plan import infer_tp_plans
 

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from autoplan.cluster import parse_cluster_spec
 from autoplan.app.estimate import load_graph, memory_limit_bytes
+from autoplan.cluster import parse_cluster_spec
 from autoplan.errors import AutoplanError
 from autoplan.graph import LayerGraph
-from autoplan.plan import Plan
 from autoplan.hardware import GiB
+from autoplan.plan import Plan
 from autoplan.profile import Profile, load_profile
 from autoplan.search.search import Searcher, SearchOptions, SearchResult
 from autoplan.search.space import parse_fix

@@ -22,9 +22,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from autoplan.app.estimate import load_graph
 from autoplan.cluster import parse_cluster_spec
 from autoplan.cost_model import CostModel
-from autoplan.app.estimate import load_graph
 from autoplan.errors import AutoplanError
 from autoplan.graph import LayerGraph
 from autoplan.io import atomic_write_text

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from autoplan.app.cli import main
-from autoplan.errors import AutoplanError
 from autoplan.app.export import export_plan
+from autoplan.errors import AutoplanError
 from autoplan.graph import LayerGraph, LayerNode
 from autoplan.plan import Plan, uniform_plan
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 import pytest
 
 from autoplan.app.estimate import load_graph
-from autoplan.errors import AutoplanError
-from autoplan.plan import uniform_plan
 from autoplan.app.validate import (
     PlanOutcome,
     ValidateOptions,
@@ -16,6 +14,8 @@ from autoplan.app.validate import (
     candidate_plans,
     spearman,
 )
+from autoplan.errors import AutoplanError
+from autoplan.plan import uniform_plan
 
 
 def test_candidates_are_uniform_plans_of_the_world() -> None:

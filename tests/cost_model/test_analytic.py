@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from autoplan.cluster import parse_cluster_spec
-from autoplan.errors import AutoplanError
-from autoplan.graph import LayerGraph, LayerNode
-from autoplan.models import build_model
 from autoplan import efficiency as eff
+from autoplan.cluster import parse_cluster_spec
 from autoplan.cost_model.analytic import (
     OPTIMIZER_STATE_BYTES_PER_PARAM,
     analytic_profile,
@@ -17,6 +14,9 @@ from autoplan.cost_model.analytic import (
     layer_pass_work,
     replicated_fraction,
 )
+from autoplan.errors import AutoplanError
+from autoplan.graph import LayerGraph, LayerNode
+from autoplan.models import build_model
 from autoplan.profile import COLLECTIVES, load_profile
 from autoplan.tracing import layer_graph_of_built
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from autoplan import efficiency as eff
 from autoplan.app.cli import main
 from autoplan.cluster import parse_cluster_spec
 from autoplan.cost_model import STEP_PARTS, CostModel
@@ -21,7 +22,6 @@ from autoplan.cost_model.pipeline import (
 from autoplan.errors import AutoplanError
 from autoplan.graph import LayerGraph, LayerNode
 from autoplan.plan import uniform_plan
-from autoplan import efficiency as eff
 
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "korthikanti.py"
 

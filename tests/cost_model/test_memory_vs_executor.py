@@ -42,9 +42,9 @@ from autoplan.cluster import parse_cluster_spec
 from autoplan.cost_model import CostModel
 from autoplan.cost_model.memory import StageMemory
 from autoplan.graph import LayerGraph
+from autoplan.launch import run_workers
 from autoplan.models import build_model
 from autoplan.plan import Plan
-from autoplan.launch import run_workers
 from autoplan.tracing import layer_graph_of_built
 from tests.executor import harness
 

@@ -16,9 +16,9 @@ from torch import nn
 
 from autoplan.executor import verify
 from autoplan.graph import LayerGraph
+from autoplan.launch import run_workers
 from autoplan.models import build_model
 from autoplan.plan import Plan, uniform_plan
-from autoplan.launch import run_workers
 
 MODEL = "gpt-tiny"
 GLOBAL_BATCH = 8

@@ -15,13 +15,13 @@ import pytest
 import torch
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
 
+from autoplan.app.run import RunOptions, load_run_plan, reference_run
 from autoplan.errors import AutoplanError
 from autoplan.executor import parallelize, verify
 from autoplan.executor.data_parallel import tied_groups
 from autoplan.executor.hops import Hop, _check_activation, check_layouts, hop_layouts
 from autoplan.executor.mesh import Layout, ParallelDims, layout_dims, parallel_dims
 from autoplan.executor.pipeline import chunk_ranks, chunk_units
-from autoplan.app.run import RunOptions, load_run_plan, reference_run
 from autoplan.executor.tensor_parallel import tp_styles
 from autoplan.graph import LayerGraph
 from autoplan.models import build_model

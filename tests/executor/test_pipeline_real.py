@@ -16,10 +16,10 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from autoplan.app.run import RunOptions, load_run_plan, reference_run
 from autoplan.errors import AutoplanError
 from autoplan.executor import verify
 from autoplan.executor.pipeline import build_chunk, input_kwargs, wrap_loss
-from autoplan.app.run import RunOptions, load_run_plan, reference_run
 from autoplan.models import BuiltModel, build_model
 from autoplan.plan import uniform_plan
 from autoplan.tracing import layer_graph_of_built

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoplan.executor import verify
 from autoplan.app.run import RunOptions, load_run_plan, reference_run
+from autoplan.executor import verify
 from autoplan.executor.tensor_parallel import TPLayer, sequence_splits
 from autoplan.models import build_model
 from autoplan.tp_plan import COLWISE, ROWWISE, TPPlan, infer_tp_plan, infer_tp_plans

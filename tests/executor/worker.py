@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from autoplan.executor import parallelize, verify
 from autoplan.app.run import RunOptions, train_rank
+from autoplan.executor import parallelize, verify
 from autoplan.io import atomic_write_text
 from autoplan.models import build_model
 from autoplan.plan import Plan

@@ -11,6 +11,12 @@ from pathlib import Path
 import pytest
 
 from autoplan.errors import AutoplanError, WorkerFailed
+from autoplan.launch import _describe_exit
+from autoplan.profile import (
+    COLLECTIVES,
+    CommPoint,
+    bus_factor,
+)
 from autoplan.profiler.comm import (
     FAULT_ENV,
     _measure_local,
@@ -19,12 +25,6 @@ from autoplan.profiler.comm import (
     measure_collectives,
     repeats_for,
     sweep_repeats,
-)
-from autoplan.launch import _describe_exit
-from autoplan.profile import (
-    COLLECTIVES,
-    CommPoint,
-    bus_factor,
 )
 from tests.processes import TAG_ENV, processes_with
 

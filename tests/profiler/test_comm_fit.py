@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from autoplan.errors import AutoplanError
-from autoplan.profiler.comm import fit_alpha_beta
 from autoplan.app.profile import DEFAULT_COMM_SIZES
+from autoplan.errors import AutoplanError
 from autoplan.profile import (
     PROFILE_FORMAT_VERSION,
     CommFit,
@@ -20,6 +19,7 @@ from autoplan.profile import (
     bus_factor,
     load_profile,
 )
+from autoplan.profiler.comm import fit_alpha_beta
 
 SIZES = list(DEFAULT_COMM_SIZES)  # every power of 2 from 1 KiB
 KIB, MIB = 2**10, 2**20

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from autoplan.app.cli import main
+from autoplan.app.profile import ProfileOptions
 from autoplan.cluster import parse_cluster_spec
 from autoplan.cost_model import CostModel
 from autoplan.cost_model.compute import core_share
 from autoplan.errors import AutoplanError
 from autoplan.models import build_model
 from autoplan.plan import uniform_plan
-from autoplan.app.profile import ProfileOptions
 from autoplan.profile import Machine, Profile, load_profile
 from autoplan.tracing import layer_graph_of_built
 

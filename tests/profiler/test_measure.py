@@ -11,6 +11,7 @@ from torch import nn
 from autoplan.app.cli import main
 from autoplan.errors import AutoplanError
 from autoplan.models import build_model
+from autoplan.profile import fit_line, load_profile
 from autoplan.profiler.compute import (
     MeasureSettings,
     capture_unit_calls,
@@ -20,7 +21,6 @@ from autoplan.profiler.compute import (
     shard_copy,
 )
 from autoplan.profiler.memory import optimizer_state_bytes, saved_bytes
-from autoplan.profile import fit_line, load_profile
 from autoplan.tracing import layer_graph, layer_graph_of_built
 
 FAST = MeasureSettings(micro_batches=(1, 2), tps=(1, 2), repeats=2, warmup=1)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from autoplan.app.estimate import load_graph
 from autoplan.cluster import parse_cluster_spec
 from autoplan.cost_model import CostModel
-from autoplan.app.estimate import load_graph
 from autoplan.graph import LayerGraph, LayerNode
 from autoplan.plan import Plan, uniform_plan
 from autoplan.profile import load_profile

@@ -12,11 +12,11 @@ import pytest
 
 import autoplan
 from autoplan.app.cli import main
+from autoplan.app.search import SearchCommand, run_search
 from autoplan.cluster import parse_cluster_spec
 from autoplan.errors import AutoplanError
 from autoplan.feasibility import tie_groups
 from autoplan.graph import LayerGraph
-from autoplan.app.search import SearchCommand, run_search
 from autoplan.search.search import Searcher, SearchOptions
 from autoplan.search.space import plan_keeps_ties, plan_respects_fix
 from tests.graphs import synthetic_graph
