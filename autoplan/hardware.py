@@ -32,6 +32,11 @@ class DevicePreset:
     cores_per_node: int | None = None
     """CPU cores a node's processes share (local-cpu); None for GPUs, one per process."""
 
+    @property
+    def has_datasheet(self) -> bool:
+        """Whether layers can be priced from this device's figures alone (no profile)."""
+        return self.peak_flops is not None and self.memory_bandwidth is not None
+
 
 _A100 = "NVIDIA A100 datasheet; DGX A100: 8x HDR 200 Gb/s InfiniBand (HARDWARE.md)"
 _H100 = "NVIDIA H100 SXM datasheet; DGX H100: 8x NDR 400 Gb/s InfiniBand (HARDWARE.md)"

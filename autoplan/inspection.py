@@ -35,7 +35,5 @@ def inspect_model(spec_text: str, dtype: str = "bf16", attention: str = "flash",
     if plan is None:
         return InspectResult(graph, None)
     loaded = load_plan(plan, graph, world_size, global_batch)
-    config = spec.config
-    check_plan(loaded, graph, heads=getattr(config, "heads", None),
-               kv_heads=getattr(config, "kv_heads", None), world_size=world_size)
+    check_plan(loaded, graph, world_size=world_size)
     return InspectResult(graph, loaded)

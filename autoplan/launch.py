@@ -1,21 +1,28 @@
-"""Start local worker processes with torchrun's environment, watch them, end them all on a fault."""
+"""Start local worker processes with torchrun's environment, watch them, end them all on a fault;
+the one request/result protocol of local multi-process runs (call_workers / serve_worker)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NoReturn, TypeVar
 
-from autoplan.errors import WorkerFailed
+from autoplan.errors import AutoplanError, WorkerFailed
+from autoplan.io import atomic_write_text
 
-__all__ = ["LOOPBACK", "free_port", "run_workers", "watch_parent"]
+__all__ = ["LOOPBACK", "call_workers", "exit_worker", "free_port", "run_workers",
+           "serve_worker", "under_torchrun", "watch_parent"]
 
 log = logging.getLogger(__name__)
 
@@ -211,3 +218,139 @@ def watch_parent() -> None:
         os._exit(1)
 
     threading.Thread(target=_watch, name="autoplan-parent-watch", daemon=True).start()
+
+
+# ---------------------------------------------------------------------------- torchrun
+
+_TORCHRUN_KEYS = ("RANK", "WORLD_SIZE")
+"""What marks a rank of a launched world: torchrun sets both (and run_workers does), as does
+any launcher that env:// initialisation serves; LOCAL_WORLD_SIZE is not among them, since
+launchers other than torchrun need not set it: read it with a default (WORLD_SIZE)."""
+
+
+def under_torchrun() -> bool:
+    """True in a process that torchrun (or a launcher like it) started as one rank of a world,
+    so a command runs as that rank instead of starting local workers of its own."""
+    return all(key in os.environ for key in _TORCHRUN_KEYS)
+
+
+# ---------------------------------------------------------------------------- the protocol
+# A local multi-process run (profiling collectives, timing layers in situ, `autoplan run`)
+# is a call: the parent writes a request into a scratch folder and starts `python -m module
+# request.json` as every rank (run_workers); each rank serves it (serve_worker), rank 0
+# appends progress lines and writes the result; the parent reads that result. Files, not
+# pipes: the parent only watches exit codes and one growing file, a rank that dies leaves
+# nothing half-read, and the result's format is the caller's (JSON, a torch.save file).
+
+_T = TypeVar("_T")
+_RESULT = "result"
+_PROGRESS = "progress.log"
+
+
+def call_workers(module: str, request: Mapping[str, Any], nproc: int, timeout_s: float,
+                 read_result: Callable[[Path], _T], *, label: str,
+                 ranks_per_node: int | None = None,
+                 on_progress: Callable[[str], None] | None = None) -> _T:
+    """Run `python -m module` as nproc local ranks on `request` and return rank 0's result.
+
+    The module's `__main__` block calls serve_worker. Everything lives in a scratch folder
+    named after the module's last part (autoplan-<name>-*, e.g. autoplan-run-*), removed on
+    return: request.json, progress.log, the result and each rank's stdout and stderr.
+
+    Args:
+        module: the worker module, e.g. "autoplan.profiler.comm".
+        request: what the workers are to do, as JSON-able data (serve_worker's body gets it).
+        nproc: number of ranks.
+        timeout_s: the limit without progress (run_workers).
+        read_result: reads the file rank 0's result writer wrote (serve_worker's
+            write_result), in this process, before the folder is removed.
+        label: names the workers in messages ("comm worker").
+        ranks_per_node: ranks that count as one node (default: all); fewer fakes a
+            multi-node world on one machine.
+        on_progress: called with each progress line (default: logged).
+
+    Returns:
+        What read_result returned.
+
+    Raises:
+        WorkerFailed: a rank died or stalled (run_workers); or the workers ended without
+            writing their result, or wrote one that read_result refused (ValueError,
+            KeyError, TypeError), naming the label.
+        KeyboardInterrupt: passed on after every worker has been killed.
+    """
+    name = module.rsplit(".", 1)[-1].replace("_", "-")
+    with tempfile.TemporaryDirectory(prefix=f"autoplan-{name}-") as scratch:
+        folder = Path(scratch)
+        result, progress = folder / _RESULT, folder / _PROGRESS
+        envelope = {"request": dict(request), "result": str(result), "progress": str(progress)}
+        atomic_write_text(folder / "request.json", json.dumps(envelope))
+        run_workers(nproc, [sys.executable, "-m", module, str(folder / "request.json")],
+                    folder, timeout_s, ranks_per_node=ranks_per_node, progress_path=progress,
+                    on_progress=on_progress, done=result.exists, label=label)
+        return _read(result, read_result, label)
+
+
+def _read(result: Path, read_result: Callable[[Path], _T], label: str) -> _T:
+    """read_result's value, or WorkerFailed when the file is missing or unreadable."""
+    missing = WorkerFailed(f"{label}s ended without writing their results")
+    if not result.exists():
+        raise missing
+    try:
+        return read_result(result)
+    except AutoplanError:
+        raise
+    except OSError:
+        raise missing from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise WorkerFailed(f"{label}s wrote unreadable results: {err}") from None
+
+
+def _write_json(value: Any, path: Path) -> None:
+    atomic_write_text(path, json.dumps(value))
+
+
+def serve_worker(request_path: str,
+                 body: Callable[[dict[str, Any], Callable[[str], None]], _T],
+                 write_result: Callable[[_T, Path], None] = _write_json) -> NoReturn:
+    """Serve call_workers' request as one rank, then exit; a worker module's `__main__`
+    block calls it with sys.argv[1].
+
+    It watches the parent (a worker outlives no launcher), runs body(request, progress) on
+    every rank, and on rank 0 writes body's value with write_result to a temporary file,
+    renamed over the result path, so the parent never reads a half-written result.
+
+    Args:
+        request_path: the request.json call_workers wrote.
+        body: this rank's part of the work: gets the request and `progress`, which appends a
+            line to the progress file on rank 0 (a no-op on the others); returns the result
+            (read on rank 0 only).
+        write_result: writes the result to the path given (default: as JSON).
+    """
+    watch_parent()
+    envelope = json.loads(Path(request_path).read_text())
+    rank0 = int(os.environ["RANK"]) == 0
+
+    def progress(line: str) -> None:
+        if rank0:
+            with open(envelope["progress"], "a") as f:
+                f.write(line + "\n")
+
+    value = body(envelope["request"], progress)
+    if rank0:
+        result = Path(envelope["result"])
+        tmp = result.with_name(f".{result.name}.tmp")
+        write_result(value, tmp)
+        os.replace(tmp, result)
+    exit_worker()
+
+
+def exit_worker() -> NoReturn:
+    """End a worker process: leave its default process group if one is up, flush its output
+    and exit 0 at once, skipping interpreter teardown, where gloo rarely aborts
+    (NOTES-torch.md)."""
+    dist = sys.modules.get("torch.distributed")  # imported by the worker if it made a group
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

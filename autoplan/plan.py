@@ -314,12 +314,12 @@ def load_plan(source: str, graph: LayerGraph | None = None, world_size: int | No
     return uniform_plan(source, graph, world_size, global_batch, cluster)
 
 
-def check_plan(plan: Plan, graph: LayerGraph, heads: int | None = None,
-               kv_heads: int | None = None, world_size: int | None = None) -> None:
+def check_plan(plan: Plan, graph: LayerGraph, world_size: int | None = None) -> None:
     """Check a plan against the model and world it is about to run on.
 
     Raises:
-        AutoplanError: naming the mismatch (model hash, layer names, heads vs tp, world).
+        AutoplanError: naming the mismatch (model hash, layer names, world), or why the
+            executor cannot run it (autoplan.feasibility: tp vs head counts among others).
     """
     if plan.model_hash and plan.model_hash != graph.structural_hash:
         raise AutoplanError(f"plan is for model {plan.model} (hash {plan.model_hash}); this "
@@ -337,10 +337,4 @@ def check_plan(plan: Plan, graph: LayerGraph, heads: int | None = None,
     why = plan_refusal(plan, graph)
     if why:
         raise AutoplanError(f"the executor cannot run this plan: {why}")
-    blocks = [layer for layer in plan.layers if graph[layer.name].kind == "block"]
-    for layer in blocks:
-        for what, count in (("heads", heads), ("kv_heads", kv_heads)):
-            if count and count % layer.tp:
-                raise AutoplanError(f"layer {layer.name}: tp {layer.tp} does not divide the "
-                                    f"model's {count} {what}")
 

@@ -53,7 +53,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 import autoplan
-from autoplan.app.estimate import load_graph
+from autoplan.workload import load_graph
 from autoplan.models import build_model
 from autoplan.plan import uniform_plan
 
@@ -150,7 +150,7 @@ HAND = {"fsdp-zero3": _hand_fsdp_zero3, "tp2": _hand_tp2}
 
 
 def _autoplan(case: str, spec: str) -> Callable[[nn.Module], Callable]:
-    graph, _ = load_graph(spec, dtype="fp32")
+    graph = load_graph(spec, dtype="fp32")
     plan = uniform_plan(CASES[case], graph, world_size=WORLD, global_batch=GLOBAL_BATCH)
     assert plan.num_micro_batches == 1, plan.num_micro_batches
 

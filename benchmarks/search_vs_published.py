@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from korthikanti import PRESETS, predict, published_rows  # noqa: E402
 
-from autoplan.app.estimate import load_graph  # noqa: E402
+from autoplan.workload import load_graph  # noqa: E402
 from autoplan.cluster import parse_cluster_spec  # noqa: E402
 from autoplan.cost_model import CostModel, Estimate  # noqa: E402
 from autoplan.errors import AutoplanError  # noqa: E402
@@ -57,7 +57,6 @@ class Model:
 
     spec: str
     graph: LayerGraph
-    heads: dict = field(default_factory=dict)
     profile: Profile | None = None
     profile_path: str | None = None
 
@@ -82,7 +81,7 @@ def korthikanti_settings() -> list[Setting]:
     for row in published_rows():
         published = predict(row, graphs)
         name = PRESETS[row["model"]]
-        model = Model(name + " (fp16, math attention)", graphs[name], {"heads": int(row["heads"])})
+        model = Model(name + " (fp16, math attention)", graphs[name])
         setting = Setting(f"Korthikanti T5 {row['model']} {row['recompute']}", model,
                           f"a100-80g:gpus={row['gpus']}", int(row["global_batch"]),
                           _korthikanti_shorthand(row))
@@ -109,8 +108,7 @@ def _same_price(setting: Setting, published: Estimate) -> None:
 def llama3_settings() -> list[Setting]:
     """Meta's tp8 pp16 setting for 405B; checkpointing and virtual stages unpublished, so
     every variant (zero 1, SP, one sample per micro-batch and dp rank, as Megatron runs it)."""
-    graph, heads = load_graph("llama3-405b", seq=8192)
-    model = Model("llama3-405b (seq 8192)", graph, heads)
+    model = Model("llama3-405b (seq 8192)", load_graph("llama3-405b", seq=8192))
     settings = []
     for gpus, dp in LLAMA3_CLUSTERS.items():
         for ckpt in ("none", "selective", "full"):
@@ -124,8 +122,7 @@ def llama3_settings() -> list[Setting]:
 
 def readme_settings() -> list[Setting]:
     """The uniform plans README.md shows, each with the model and cluster its text gives."""
-    graph, heads = load_graph("llama3-70b")
-    llama70 = Model("llama3-70b", graph, heads)
+    llama70 = Model("llama3-70b", load_graph("llama3-70b"))
     # README "Plans" names no model; dp16 tp8 pp8 is 1024 GPUs, the size of its Llama 3 70B
     # search example (h100-sxm:gpus=1024, global batch 2048). Shown interleaved with
     # virtual_stages=2 (it once said schedule=1f1b, which no plan can be); 1F1B beside it.
@@ -134,10 +131,10 @@ def readme_settings() -> list[Setting]:
                 (" (1f1b v1)", ",schedule=1f1b,virtual_stages=1"))
     settings = [Setting(f"README Plans{label}", llama70, "h100-sxm:gpus=1024", 2048, shown + tail)
                 for label, tail in readings]
-    graph, heads = load_graph("llama3-8b")
+    graph = load_graph("llama3-8b")
     # Makefile demo (README: "a uniform plan checked against Llama 3 8B"): inspect names 64
     # GPUs and batch 512 but no cluster; h100-sxm is our choice.
-    settings.append(Setting("Makefile demo llama3-8b", Model("llama3-8b", graph, heads),
+    settings.append(Setting("Makefile demo llama3-8b", Model("llama3-8b", graph),
                             "h100-sxm:gpus=64", 512, "tp=8,pp=4,ckpt=full,zero=1"))
     return settings + validate_settings()
 
@@ -145,14 +142,14 @@ def readme_settings() -> list[Setting]:
 def validate_settings() -> list[Setting]:
     """README "Validation": the 12 plans run there (from its summary.json), priced with its
     measured profile, and `autoplan run`'s synopsis plan "dp=2,tp=2" (4 processes)."""
-    graph, heads = load_graph(VALIDATE_MODEL, dtype="fp32")
+    graph = load_graph(VALIDATE_MODEL, dtype="fp32")
     profile_path = str(VALIDATE_DIR / "profile")
     profile = load_profile(profile_path)
     if profile.model_hash != graph.structural_hash:
         print(f"skipped the validation rows: {profile_path} is of hash {profile.model_hash}, "
               f"the model now traces to {graph.structural_hash}")
         return []
-    model = Model(VALIDATE_MODEL + " (fp32)", graph, heads, profile, profile_path)
+    model = Model(VALIDATE_MODEL + " (fp32)", graph, profile, profile_path)
     summary = json.loads((VALIDATE_DIR / "summary.json").read_text())
     plans = [(f"README validate #{i} {p['role']}", p["plan"])
              for i, p in enumerate(summary["plans"], 1)]
@@ -179,7 +176,7 @@ def _estimate(setting: Setting) -> tuple[str, Estimate | None]:
 
 def _check(plan: Plan, model: Model, gpus: int) -> str:
     try:
-        check_plan(plan, model.graph, world_size=gpus, **model.heads)
+        check_plan(plan, model.graph, world_size=gpus)
     except AutoplanError as err:
         return str(err)
     return "ok"
@@ -196,11 +193,9 @@ class Searches:
                setting.global_batch)
         if key not in self._done:
             started = time.perf_counter()
-            heads = setting.model.heads
             result = Searcher(setting.model.graph, parse_cluster_spec(setting.cluster),
                               SearchOptions(global_batch=setting.global_batch),
-                              setting.model.profile, heads.get("heads"),
-                              heads.get("kv_heads")).run()
+                              setting.model.profile).run()
             self._done[key] = (result, time.perf_counter() - started)
         return self._done[key]
 

@@ -1,14 +1,15 @@
 """Analytic profiles: layer times, memory and collective fits derived from datasheet figures.
 
-`autoplan profile --mode analytic --cluster PRESET` serves hardware that is not at hand: no
-measurement, only the preset's peaks (profiler/presets.py) scaled by the achievable fractions
-of profiler/efficiency.py. Pure arithmetic, no torch: it runs in milliseconds.
+`autoplan profile --mode analytic --cluster PRESET` writes down, for hardware that is not at
+hand, what the cost model applies when no profile is given (measured_part): no
+measurement, only the preset's peaks (autoplan/hardware.py) scaled by the achievable fractions
+of autoplan/efficiency.py. Pure arithmetic, no torch: it runs in milliseconds.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from autoplan.cluster import Cluster
 from autoplan.efficiency import (
@@ -87,6 +88,27 @@ _PLACEMENT_NOTE = (
 
 
 # ------------------------------------------------------------------------- the profile
+
+
+def measured_part(profile: Profile | None, cluster: Cluster) -> Profile | None:
+    """What of `profile` the cost model reads: a measured profile whole; None for an
+    analytic one, whose figures are this module's formulas on its cluster's device, which
+    the cost model then applies itself (one road from a preset to a price, not a fit of the
+    formulas beside the formulas).
+
+    Raises:
+        AutoplanError: for an analytic profile of another device than the cluster's.
+    """
+    if profile is None or profile.mode != "analytic":
+        return profile
+    made_for = profile.cluster.get("device", {})
+    if made_for != asdict(cluster.device):
+        raise AutoplanError(f"the analytic profile is of device {made_for.get('name', '?')}, "
+                            f"the cluster's is {cluster.device.name}: analytic profiles are "
+                            "the datasheet formulas of their device; leave --profile out to "
+                            f"price {cluster.device.name} from its datasheet")
+    return None
+
 
 
 def analytic_profile(graph: LayerGraph, cluster: Cluster,

@@ -12,7 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from autoplan.cluster import Cluster
-from autoplan.cost_model.analytic import DTYPE_BYTES, OPTIMIZER_STATE_BYTES_PER_PARAM, tp_shards
+from autoplan.cost_model.analytic import (
+    DTYPE_BYTES,
+    OPTIMIZER_STATE_BYTES_PER_PARAM,
+    measured_part,
+    tp_shards,
+)
 from autoplan.cost_model.collectives import CommModel
 from autoplan.cost_model.communication import (
     fsdp_time_s,
@@ -41,6 +46,7 @@ from autoplan.errors import AutoplanError
 from autoplan.graph import LayerGraph, LayerNode
 from autoplan.plan import LayerPlan, LayerStrategy, Plan, stage_chunks
 from autoplan.profile import Profile
+from autoplan.workload import Workload
 
 __all__ = ["STEP_PARTS", "StageEstimate", "Estimate", "CostModel", "LayerCost"]
 
@@ -109,8 +115,10 @@ class CostModel:
     Args:
         graph: the model's layer graph.
         cluster: the target cluster (its preset's figures serve where no profile is given).
-        profile: a measured or analytic profile; without one, layer times and collectives
-            come from the cluster's datasheet figures (profiler/analytic.py).
+        profile: a measured profile; without one, layer times and collectives come from
+            the cluster's datasheet figures (cost_model/analytic.py). An analytic profile is
+            those same formulas written down: it is checked to be of the cluster's device and
+            then priced as no profile, so that the two cannot disagree.
         optimizer: "adamw" or "sgd"; with a bf16/fp16 graph its state is mixed precision.
         memory_limit_bytes: the budget per device; default the device's memory.
     """
@@ -125,13 +133,19 @@ class CostModel:
             raise AutoplanError(f"optimizer '{optimizer}' is not modelled; choose adamw or sgd")
         self.optimizer_bytes = OPTIMIZER_STATE_BYTES_PER_PARAM[key]
         self.optimizer = optimizer
-        self.compute = ComputeModel(cluster, self.elt_bytes, profile)
-        self.comm = CommModel(cluster, profile)
+        measured = measured_part(profile, cluster)
+        self.compute = ComputeModel(cluster, self.elt_bytes, measured)
+        self.comm = CommModel(cluster, measured)
         on_gpu = cluster.device.peak_flops is not None
         self.overhead_bytes = int(GPU_FRAMEWORK_OVERHEAD_BYTES.value) if on_gpu else 0
         self.memory_limit_bytes = memory_limit_bytes or cluster.device.memory_bytes
         self.notes = [] if profile is None else [f"profile {profile.mode} {profile.content_hash}"]
         self._layer_costs: dict[tuple, LayerCost] = {}
+
+    @classmethod
+    def of(cls, work: Workload, optimizer: str = "adamw") -> CostModel:
+        """The cost model of a Workload (every command's front door)."""
+        return cls(work.graph, work.cluster, work.profile, optimizer, work.memory_limit_bytes)
 
     # ------------------------------------------------------------------------- the plan
 

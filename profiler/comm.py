@@ -51,23 +51,20 @@ import os
 import signal
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from pydantic import ValidationError
 
 from autoplan import fmt
-from autoplan.errors import AutoplanError, WorkerFailed, choices_hint
-from autoplan.io import atomic_write_text
-from autoplan.launch import run_workers, watch_parent
+from autoplan.errors import AutoplanError, choices_hint
+from autoplan.launch import call_workers, serve_worker
 from autoplan.profile import COLLECTIVES, CommFit, CommPoint, CommRegime, bus_factor
 
 __all__ = ["measure_collectives", "measure_in_world", "fit_alpha_beta"]
@@ -467,35 +464,22 @@ def measure_collectives(nproc: int, sizes: list[int], collectives: Sequence[str]
 
 def _measure_local(nproc: int, request: _Request, on_progress: Callable[[str], None] | None,
                    ranks_per_node: int) -> list[CommPoint]:
-    """Run the workers in a scratch folder and read rank 0's JSON (fewer ranks_per_node fakes
-    a multi-node world on one machine, for tests)."""
+    """Run the workers (launch.call_workers) and read rank 0's points (fewer ranks_per_node
+    fakes a multi-node world on one machine, for tests)."""
     if nproc < 2:
         raise AutoplanError(f"nproc {nproc} must be >= 2: a collective needs two ranks")
     if nproc > (os.cpu_count() or nproc):
         log.warning("%d ranks share %d cores: times include waiting for a core", nproc,
                     os.cpu_count())
-    with tempfile.TemporaryDirectory(prefix="autoplan-comm-") as scratch:
-        folder = Path(scratch)
-        result = folder / "result.json"
-        spec = asdict(request) | {"result_path": str(result),
-                                  "progress_path": str(folder / "progress.log")}
-        atomic_write_text(folder / "spec.json", json.dumps(spec))
-        run_workers(nproc, [sys.executable, "-m", _WORKER_MODULE, str(folder / "spec.json")],
-                    folder, request.timeout_s, ranks_per_node=ranks_per_node,
-                    progress_path=folder / "progress.log", on_progress=on_progress,
-                    done=result.exists, label="comm worker")
-        return _read_points(result)
+    return call_workers(_WORKER_MODULE, asdict(request), nproc, request.timeout_s, _read_points,
+                        label="comm worker", ranks_per_node=ranks_per_node,
+                        on_progress=on_progress)
 
 
 def _read_points(path: Path) -> list[CommPoint]:
-    """The points rank 0 wrote, validated."""
-    try:
-        data = json.loads(path.read_text())
-        return [CommPoint.model_validate(p) for p in data["points"]]
-    except OSError:
-        raise WorkerFailed("comm workers ended without writing their results") from None
-    except (ValueError, KeyError, TypeError, ValidationError) as err:
-        raise WorkerFailed(f"comm workers wrote unreadable results: {err}") from None
+    """The points rank 0 wrote, validated (a ValidationError is a ValueError: call_workers
+    reports it as unreadable results)."""
+    return [CommPoint.model_validate(p) for p in json.loads(path.read_text())["points"]]
 
 
 def _maybe_fault(rank: int) -> None:
@@ -511,31 +495,16 @@ def _maybe_fault(rank: int) -> None:
         time.sleep(1e6)
 
 
-def _worker_main(spec_path: str) -> None:
-    """One local rank: measure, rank 0 writes the JSON, then exit without teardown noise."""
-    watch_parent()
-    spec = json.loads(Path(spec_path).read_text())
-    rank = int(os.environ["RANK"])
-    _maybe_fault(rank)
+def _serve_rank(spec: dict[str, Any], progress: Callable[[str], None]) -> dict[str, Any]:
+    """One local rank's part (launch.serve_worker): measure with the others; rank 0's points
+    go back as JSON, with the backend and torch version they were measured on."""
+    _maybe_fault(int(os.environ["RANK"]))
     torch.set_num_threads(1)
-    progress_path = Path(spec.pop("progress_path"))
-    result_path = spec.pop("result_path")
-
-    def progress(line: str) -> None:
-        with open(progress_path, "a") as f:
-            f.write(line + "\n")
-
     request = _Request(**spec)
     points = measure_in_world(request.sizes, request.collectives, request.repeats,
                               request.warmup, request.timeout_s, progress)
-    if rank == 0:
-        atomic_write_text(result_path, json.dumps({
-            "backend": dist.get_backend(), "torch": torch.__version__,
-            "points": [p.model_dump() for p in points]}))
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # skips interpreter teardown, where gloo rarely aborts (NOTES-torch.md)
+    return {"backend": dist.get_backend(), "torch": torch.__version__,
+            "points": [p.model_dump() for p in points]}
 
 
 def fit_alpha_beta(points: list[CommPoint], max_regimes: int | None = None) -> list[CommFit]:
@@ -712,4 +681,4 @@ def _fit_relative(x: np.ndarray, t: np.ndarray) -> tuple[float, float, float]:
 
 
 if __name__ == "__main__":
-    _worker_main(sys.argv[1])
+    serve_worker(sys.argv[1], _serve_rank)

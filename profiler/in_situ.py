@@ -39,16 +39,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -61,8 +60,7 @@ from autoplan.errors import AutoplanError
 from autoplan.executor.data_parallel import apply_fsdp, apply_replicate
 from autoplan.executor.tensor_parallel import tp_styles
 from autoplan.graph import LayerNode
-from autoplan.io import atomic_write_text
-from autoplan.launch import run_workers, watch_parent
+from autoplan.launch import call_workers, serve_worker
 from autoplan.meta_state import prepare_for_timing
 from autoplan.models import DTYPES, build_model
 from autoplan.models.build import BuiltModel
@@ -108,8 +106,6 @@ class _Request:
     repeats: int
     warmup: int
     threads: int
-    result: str
-    progress: str
     timeout_s: float
 
 
@@ -128,30 +124,25 @@ def time_layers_in_situ(model: str, dtype: str, settings: MeasureSettings, nproc
 
     Raises:
         AutoplanError: on a device other than the CPU, or when nproc < 2.
-        WorkerFailed: a worker died or stalled (every worker is stopped first).
+        WorkerFailed: a worker died or stalled (every worker is stopped first), or the
+            workers ended without writing their times.
     """
     if settings.device != "cpu":
         raise AutoplanError("in-situ timing runs on the CPU (gloo); time GPU layers alone")
     if nproc < 2:
         raise AutoplanError(f"in-situ timing needs --nproc >= 2, got {nproc}")
-    with tempfile.TemporaryDirectory(prefix="autoplan-in-situ-") as tmp:
-        folder = Path(tmp)
-        request = _Request(model, dtype, tuple(settings.micro_batches), tuple(settings.tps),
-                           settings.repeats, settings.warmup, settings.threads or 1,
-                           str(folder / "result.json"), str(folder / "progress.log"),
-                           timeout_s)
-        atomic_write_text(folder / "request.json", json.dumps(asdict(request)))
-        argv = [sys.executable, "-m", "autoplan.profiler.in_situ", str(folder / "request.json")]
-        result = folder / "result.json"
-        run_workers(nproc, argv, folder, timeout_s, progress_path=folder / "progress.log",
-                    on_progress=on_progress, done=result.exists, label="layer-timing worker")
-        if not result.exists():
-            raise AutoplanError("layer-timing workers ended without writing their times")
-        raw = json.loads(result.read_text())
+    request = _Request(model, dtype, tuple(settings.micro_batches), tuple(settings.tps),
+                       settings.repeats, settings.warmup, settings.threads or 1, timeout_s)
+    return call_workers("autoplan.profiler.in_situ", asdict(request), nproc, timeout_s,
+                        _read_timings, label="layer-timing worker", on_progress=on_progress)
+
+
+def _read_timings(path: Path) -> LayerTimings:
+    """The points rank 0 wrote, by signature."""
     return {sig: ([TimePoint(**p) for p in entry["points"]],
                   [OptimizerPoint(**p) for p in entry["optimizer"]],
                   [DataParallelPoint(**p) for p in entry["data_parallel"]])
-            for sig, entry in raw.items()}
+            for sig, entry in json.loads(path.read_text()).items()}
 
 
 # ---------------------------------------------------------------------------- in a worker
@@ -389,28 +380,16 @@ def _time_all(request: _Request, barrier: _Barrier,
     return out
 
 
-def _worker_main(request_path: str) -> None:
-    """One rank: time every layer with the others; rank 0 writes the medians."""
-    watch_parent()
-    request = _Request(**json.loads(Path(request_path).read_text()))
+def _serve_rank(spec: dict[str, Any], progress: Callable[[str], None]) -> dict:
+    """One rank's part (launch.serve_worker): time every layer with the others; rank 0's
+    medians go back as JSON."""
+    request = _Request(**spec)
     torch.set_num_threads(request.threads)
     dist.init_process_group("gloo", timeout=_GROUP_TIMEOUT)
-    rank = dist.get_rank()
-
-    def progress(line: str) -> None:
-        if rank == 0:
-            with open(request.progress, "a") as f:
-                f.write(line + "\n")
-
     barrier = _Barrier(dist.distributed_c10d._get_default_store(), dist.get_world_size(),
                        request.timeout_s)
-    result = _time_all(request, barrier, progress)
-    if rank == 0:
-        atomic_write_text(Path(request.result), json.dumps(result))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # skips interpreter teardown, where gloo rarely aborts (NOTES-torch.md)
+    return _time_all(request, barrier, progress)
 
 
 if __name__ == "__main__":
-    _worker_main(sys.argv[1])
+    serve_worker(sys.argv[1], _serve_rank)

@@ -8,10 +8,11 @@ returns a Plan while `autoplan.search.ilp` stays importable.
 import sys
 import types
 
-from autoplan.app.search import search_plan
+from autoplan.search.front import no_plan_message, search_plan, search_workload
 from autoplan.search.search import Searcher, SearchOptions, SearchResult
 
-__all__ = ["search_plan", "Searcher", "SearchOptions", "SearchResult"]
+__all__ = ["search_plan", "search_workload", "no_plan_message", "Searcher", "SearchOptions",
+           "SearchResult"]
 
 
 class _CallableModule(types.ModuleType):

@@ -1,17 +1,30 @@
-"""Fixtures shared by the tests that start worker processes."""
+"""Fixtures shared by the tests: the graph cache every test uses, and those of the tests
+that start worker processes."""
 
 from __future__ import annotations
 
 import signal
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from autoplan.graph_cache import CACHE_DIR_ENV
 from tests.processes import TAG_ENV, time_limit
 
 FAULT_TEST_LIMIT_S = 90
 """No test that asks for `time_limited` may run longer; SIGALRM ends it (no pytest-timeout)."""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def graph_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The graph cache of this test session (autoplan/graph_cache.py): never the user's, and
+    set in os.environ so that CLI subprocesses and workers use it too."""
+    with pytest.MonkeyPatch.context() as patch:
+        folder = tmp_path_factory.mktemp("graph-cache")
+        patch.setenv(CACHE_DIR_ENV, str(folder))
+        yield folder
 
 
 @pytest.fixture

@@ -95,11 +95,13 @@ def test_a_given_profile_is_used_and_one_of_another_model_refused() -> None:
     ids = harness.batches(model)[0][0]
     cluster = parse_cluster_spec(PRESET.format(world=1))
     profile = analytic_profile(layer_graph(model, (ids,), dtype=torch.float32), cluster)
-    runner = _auto(model, profile=profile)
+    runner = _auto(model, cluster.spec, profile=profile)
     assert runner.plan.provenance.profile_hash == profile.content_hash
     other = harness.build(OTHER_MODEL)
-    with pytest.raises(AutoplanError, match="the profile is of model .* not this GPT"):
-        _auto(other, profile=profile)
+    with pytest.raises(AutoplanError, match="the profile is of model .* not GPT"):
+        _auto(other, cluster.spec, profile=profile)
+    with pytest.raises(AutoplanError, match="analytic profile is of device h100-sxm"):
+        _auto(model, profile=profile)  # the world's own cluster: local-cpu
 
 
 @pytest.mark.parametrize(("call", "message"), [

@@ -192,7 +192,7 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @given(st.data())
 def test_plan_documents(data: st.DataObject) -> None:
     text = _text(_mutate(PLAN, data), data)
-    parses(lambda: check_plan(plan_from_json(text), GRAPH, heads=8, kv_heads=8, world_size=8))
+    parses(lambda: check_plan(plan_from_json(text), GRAPH, world_size=8))
 
 
 @settings(FUZZ, max_examples=350)

@@ -39,8 +39,6 @@ import torch.distributed as dist
 from torch import nn
 
 from autoplan import fmt
-from autoplan.app.estimate import memory_limit_bytes
-from autoplan.app.search import no_plan_message
 from autoplan.cluster import Cluster, parse_cluster_spec
 from autoplan.cost_model.analytic import TP_SHARDED_KINDS
 from autoplan.errors import AutoplanError
@@ -51,10 +49,11 @@ from autoplan.models.spec import ModelSpec
 from autoplan.plan import plan_from_json
 from autoplan.profile import CommPoint, Profile, load_profile
 from autoplan.profiler.compute import MeasureSettings
-from autoplan.search import Searcher, SearchOptions, SearchResult
+from autoplan.search import SearchOptions, SearchResult, no_plan_message, search_workload
 from autoplan.search.report import describe
 from autoplan.search.space import divisors, parse_fix
 from autoplan.tracing import layer_graph, meta_copy, meta_inputs
+from autoplan.workload import Workload, check_profile, memory_limit_bytes
 
 __all__ = ["auto", "default_loss"]
 
@@ -104,7 +103,7 @@ class _Request:
     def measure(self) -> bool:
         """Whether layers and collectives are timed here: no profile given and the cluster
         has no datasheet figures for the cost model to derive times from."""
-        return self.profile is None and not _has_datasheet(self.cluster)
+        return self.profile is None and not self.cluster.device.has_datasheet
 
 
 def auto(model: nn.Module, example_inputs: Inputs, *, global_batch: int,
@@ -191,7 +190,7 @@ def _check_request(model: Any, example: Any, global_batch: Any, cluster: str | C
                             f"{global_batch!r}")
     resolved = _resolve_cluster(cluster, world)
     limit = memory_limit_bytes(memory_limit_gib)
-    if limit is None and device.type == "cuda" and not _has_datasheet(resolved):
+    if limit is None and device.type == "cuda" and not resolved.device.has_datasheet:
         limit = torch.cuda.get_device_properties(device).total_memory
     options = SearchOptions(global_batch=global_batch, memory_limit_bytes=limit,
                             fix=parse_fix(fix))
@@ -225,11 +224,6 @@ def _resolve_cluster(cluster: str | Cluster | None, world: _World) -> Cluster:
                             f"world has {world.size} ranks; auto() plans for the world it runs "
                             f"in: leave cluster out or give {world.size} devices")
     return resolved
-
-
-def _has_datasheet(cluster: Cluster) -> bool:
-    """Whether the cost model can time layers from the cluster's figures alone."""
-    return cluster.device.peak_flops is not None and cluster.device.memory_bandwidth is not None
 
 
 def _param_dtype(model: nn.Module) -> torch.dtype:
@@ -328,10 +322,9 @@ def _decide(model: nn.Module, graph: LayerGraph, request: _Request, comm: list[C
     with _rng_kept(request.device):
         profile = _profile(model, graph, request, comm, world)
     options = replace(request.options, max_tp=_max_tp(request.cluster, profile))
-    searcher = Searcher(graph, request.cluster, options, profile)
-    result = searcher.run()
-    if result.best is None:
-        raise AutoplanError(_no_plan(result, searcher.model.memory_limit_bytes, world))
+    work = Workload(graph, request.cluster, profile, options.memory_limit_bytes, graph.model)
+    result = search_workload(work, options,
+                             explain=lambda found, limit: _no_plan(found, limit, world))
     chosen = result.best  # the search returns only plans the executor runs (feasibility)
     source = ("given" if request.profile is not None else "measured here" if request.measure
               else "datasheet")
@@ -356,10 +349,7 @@ def _profile(model: nn.Module, graph: LayerGraph, request: _Request, comm: list[
         return None
     profile = request.profile if isinstance(request.profile, Profile) \
         else load_profile(request.profile)
-    if profile.model_hash != graph.structural_hash:
-        raise AutoplanError(f"the profile is of model {profile.model} (hash "
-                            f"{profile.model_hash}), not this {graph.model} (hash "
-                            f"{graph.structural_hash}); leave profile out to time this one")
+    check_profile(profile, graph)
     return profile
 
 

@@ -96,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     estimate.add_argument("--seq", type=int, help="sequence length (overrides the model's)")
     _add_pricing_arguments(estimate)
     estimate.add_argument("--json", action="store_true", help="print JSON")
+    _add_cache_argument(estimate)
     estimate.set_defaults(handler=_cmd_estimate)
 
     search = sub.add_parser("search", help="find the fastest plan that fits memory (ILP, DP)")
@@ -121,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="seconds per ILP before it reports its gap")
     search.add_argument("--json", action="store_true", help="print JSON")
     search.add_argument("-o", "--output", help="write the plan here (plan.json)")
+    _add_cache_argument(search)
     search.set_defaults(handler=_cmd_search)
 
     run = sub.add_parser("run", help="train a model under a plan on local processes or "
@@ -149,6 +151,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, default=300.0,
                      help="seconds without a finished step before the workers are stopped")
     run.add_argument("--json", action="store_true", help="print JSON")
+    _add_cache_argument(run)
     run.set_defaults(handler=_cmd_run)
 
     validate = sub.add_parser("validate", help="profile, predict and really run many plans "
@@ -164,6 +167,7 @@ def _parser() -> argparse.ArgumentParser:
                           "--threads 1 --dtype fp32 (default: measure one)")
     validate.add_argument("--json", action="store_true", help="print JSON")
     validate.add_argument("-o", "--output", help="folder for plans.csv, scatter.png, profile/")
+    _add_cache_argument(validate)
     validate.set_defaults(handler=_cmd_validate)
 
     plot = sub.add_parser("plot", help="draw a plan's pipeline schedule (Gantt chart per "
@@ -173,6 +177,7 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("--model", help="model spec or graph.json (default: the plan's model)")
     plot.add_argument("--cluster", help="cluster spec (default: the plan's cluster)")
     _add_pricing_arguments(plot)
+    _add_cache_argument(plot)
     plot.set_defaults(handler=_cmd_plot)
 
     export = sub.add_parser("export", help="write a plan as torchtitan TOML, Megatron-LM "
@@ -200,6 +205,14 @@ def _add_pricing_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-limit", type=float, help="GiB per device (default: the "
                         "device's memory)")
     parser.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+
+
+def _add_cache_argument(parser: argparse.ArgumentParser) -> None:
+    """--no-cache, for the commands that trace a model spec (autoplan/graph_cache.py)."""
+    parser.add_argument("--no-cache", dest="cache", action="store_false",
+                        help="trace the model even if the graph cache holds it, and leave "
+                        "the cache as it is (cache folder: $AUTOPLAN_CACHE_DIR, else "
+                        "~/.cache/autoplan/graphs)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -334,7 +347,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     options = EstimateOptions(
         model=args.model, cluster=args.cluster, global_batch=args.global_batch, plan=args.plan,
         seq=args.seq, profile=args.profile, dtype=args.dtype, attention=args.attention,
-        memory_limit_gib=args.memory_limit, optimizer=args.optimizer)
+        memory_limit_gib=args.memory_limit, optimizer=args.optimizer, cache=args.cache)
     with _console(stderr=True).status(f"estimating {args.model} on {args.cluster}"):
         plan, estimate = run_estimate(options)
     if args.json:
@@ -356,7 +369,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         global_batch=args.global_batch, warmup=args.warmup, verify=args.verify,
         force=args.force, profile=args.profile, cluster=args.cluster,
         memory_limit_gib=args.memory_limit, seed=args.seed, timeout_s=args.timeout,
-        device=args.device)
+        device=args.device, cache=args.cache)
     report = run_plan(options)  # a dead worker raises RunFailed: main() exits 1
     if report is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
@@ -382,7 +395,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
         memory_limit_gib=args.memory_limit, max_tp=args.max_tp,
         fix=",".join(filter(None, [args.fix, args.schedule and f"schedule={args.schedule}"]))
         or None, dtype=args.dtype,
-        attention=args.attention, time_limit_s=args.time_limit, output=args.output)
+        attention=args.attention, time_limit_s=args.time_limit, output=args.output,
+        cache=args.cache)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   console=_console(stderr=True), transient=True) as bar:
         task = bar.add_task(f"tracing {args.model}", total=None)
@@ -407,7 +421,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     options = ValidateOptions(model=args.model, nproc=args.nproc, global_batch=args.global_batch,
                               top_k=args.top_k, steps=args.steps, warmup=args.warmup,
-                              profile=args.profile, output=args.output)
+                              profile=args.profile, output=args.output, cache=args.cache)
     console = _console(stderr=True)
     with console.status("validating") as status:
         result = validate(options, lambda text: status.update(text))
@@ -439,7 +453,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     options = PlotOptions(plan=args.plan, output=args.output, model=args.model,
                           cluster=args.cluster, profile=args.profile, dtype=args.dtype,
                           attention=args.attention, memory_limit_gib=args.memory_limit,
-                          optimizer=args.optimizer)
+                          optimizer=args.optimizer, cache=args.cache)
     with _console(stderr=True).status(f"drawing {args.plan}"):
         _, estimate, timeline = run_plot(options)
     print(f"wrote {args.output}: simulated pipeline {timeline.makespan_s:.4g} s, bubble "

@@ -49,6 +49,8 @@ class PlotOptions:
     attention: str = "flash"
     memory_limit_gib: float | None = None
     optimizer: str = "adamw"
+    cache: bool = True
+    """Whether a spec's graph may come from, and go to, the graph cache (--no-cache: no)."""
 
 
 def run_plot(options: PlotOptions) -> tuple[Plan, Estimate, Timeline]:
@@ -58,12 +60,10 @@ def run_plot(options: PlotOptions) -> tuple[Plan, Estimate, Timeline]:
     Raises:
         AutoplanError: on a plan that is not a file, a missing cluster, or any bad input.
     """
-    from autoplan.app.estimate import load_graph, memory_limit_bytes
-    from autoplan.cluster import parse_cluster_spec
-    from autoplan.cost_model.estimate import CostModel
+    from autoplan.cost_model import CostModel
     from autoplan.cost_model.schedule import plan_timeline
     from autoplan.plan import check_plan, load_plan
-    from autoplan.profile import load_profile
+    from autoplan.workload import load_workload
 
     if not Path(options.plan).is_file():
         raise AutoplanError(f"plan file '{options.plan}' does not exist (plot reads a "
@@ -72,15 +72,11 @@ def run_plot(options: PlotOptions) -> tuple[Plan, Estimate, Timeline]:
     cluster_spec = options.cluster or plan.cluster
     if not cluster_spec:
         raise AutoplanError(f"plan '{options.plan}' records no cluster; give --cluster")
-    cluster = parse_cluster_spec(cluster_spec)
-    graph, heads = load_graph(options.model or plan.model, options.dtype, options.attention)
-    check_plan(plan, graph, world_size=cluster.gpus, **heads)
-    profile = load_profile(options.profile) if options.profile else None
-    if profile is not None and profile.model_hash != graph.structural_hash:
-        raise AutoplanError(f"profile '{options.profile}' is of model {profile.model}, not "
-                            f"{graph.model}")
-    limit = memory_limit_bytes(options.memory_limit_gib)
-    model = CostModel(graph, cluster, profile, options.optimizer, limit)
+    work = load_workload(options.model or plan.model, cluster_spec, options.profile,
+                         options.dtype, options.attention,
+                         memory_limit_gib=options.memory_limit_gib, cache=options.cache)
+    check_plan(plan, work.graph, world_size=work.cluster.gpus)
+    model = CostModel.of(work, options.optimizer)
     estimate = model.estimate(plan)
     timeline = plan_timeline(model, plan, estimate)
     save_png(plan_figure(plan, estimate, timeline), options.output)

@@ -10,12 +10,13 @@ import torch
 
 from autoplan.cluster import Cluster, parse_cluster_spec
 from autoplan.errors import AutoplanError
+from autoplan.launch import under_torchrun
 from autoplan.models import DTYPES, build_model, parse_model_spec
 from autoplan.profile import Profile
 from autoplan.profiler.compute import MeasureSettings
 from autoplan.tracing import layer_graph_of_built
 
-__all__ = ["DEFAULT_COMM_SIZES", "ProfileOptions", "run_profile", "under_torchrun"]
+__all__ = ["DEFAULT_COMM_SIZES", "ProfileOptions", "run_profile"]
 
 # Every power of 2 from 1 KiB (the profiler issue's range starts there) to 128 MiB: the
 # piecewise fit (profiler.comm.fit_alpha_beta) needs 3 sizes per regime, and gloo's
@@ -73,11 +74,6 @@ class ProfileOptions:
 
 Progress = Callable[[str, str], None]
 """(stage, text): stage is "layers" (one time point done) or "comm" (one collective)."""
-
-
-def under_torchrun() -> bool:
-    """True in a rank that torchrun started (it sets RANK, WORLD_SIZE and LOCAL_WORLD_SIZE)."""
-    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"))
 
 
 def run_profile(options: ProfileOptions, on_step: Progress | None = None) -> Profile | None:
@@ -139,7 +135,7 @@ def _local_cluster(options: ProfileOptions) -> Cluster:
     if options.cluster:
         return parse_cluster_spec(options.cluster)
     if under_torchrun():
-        local = int(os.environ["LOCAL_WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
         world = int(os.environ["WORLD_SIZE"])
         return parse_cluster_spec(f"local-cpu:procs={world},gpus_per_node={local}")
     return parse_cluster_spec(f"local-cpu:procs={options.nproc}")

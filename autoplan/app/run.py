@@ -7,7 +7,7 @@ Flow (run_plan):
 2. predict the plan with the CostModel (needs a profile or a cluster with datasheet figures)
    and refuse a plan that does not fit memory unless forced;
 3. train: in this process when torchrun started it (RANK/WORLD_SIZE set) or for one rank,
-   else in `nproc` local workers (profiler/launch.py: a worker that dies stops them all);
+   else in `nproc` local workers (autoplan/launch.py: a worker that dies stops them all);
 4. with verify, train the same model, seed and batches in this process without parallelism
    and compare (executor/verify.py).
 """
@@ -15,13 +15,11 @@ Flow (run_plan):
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
 import statistics
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -32,8 +30,6 @@ import torch.distributed as dist
 from torch.utils._pytree import tree_leaves
 
 from autoplan import fmt
-from autoplan.app.estimate import load_graph, memory_limit_bytes
-from autoplan.cluster import parse_cluster_spec
 from autoplan.cost_model.estimate import CostModel, Estimate
 from autoplan.errors import AutoplanError, WorkerFailed
 from autoplan.executor.mesh import GROUP_TIMEOUT
@@ -50,21 +46,19 @@ from autoplan.executor.verify import (
     train,
 )
 from autoplan.graph import LayerGraph
-from autoplan.io import atomic_write_text
-from autoplan.launch import run_workers, watch_parent
+from autoplan.launch import call_workers, serve_worker, under_torchrun
 from autoplan.models import BuiltModel, build_model, default_loss
-from autoplan.plan import Plan, check_plan, load_plan, parse_plan_shorthand
-from autoplan.profile import load_profile
+from autoplan.plan import Plan, check_plan, load_plan, parse_plan_shorthand, plan_from_json
 from autoplan.tp_plan import infer_tp_plans
+from autoplan.workload import load_graph, load_workload, memory_limit_bytes
 
 __all__ = ["RUN_FAULT_ENV", "RunFailed", "RunOptions", "RunReport", "load_run_plan", "merge_ranks",
-           "predict", "reference_run", "report_lines", "run_plan", "train_rank", "under_torchrun"]
+           "predict", "reference_run", "report_lines", "run_plan", "train_rank"]
 
 log = logging.getLogger(__name__)
 
 RUN_FAULT_ENV = "AUTOPLAN_RUN_FAULT"
 """Test-only: "kill:RANK:STEP" makes that rank SIGKILL itself as step STEP (from 1) begins."""
-_NO_TORCHRUN_KEYS = ("RANK", "WORLD_SIZE")
 
 
 class RunFailed(WorkerFailed):
@@ -102,6 +96,8 @@ class RunOptions:
     """Local workers are stopped after this long without finishing a step."""
     device: str | None = None
     """"cpu" or "cuda"; None: cuda when available."""
+    cache: bool = True
+    """Whether a spec's graph may come from, and go to, the graph cache (--no-cache: no)."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -231,11 +227,6 @@ def _optimizer(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optim
 # ------------------------------------------------------------------------------ step 1-2
 
 
-def under_torchrun() -> bool:
-    """True in a process that torchrun (or a launcher like it) started as one rank."""
-    return all(k in os.environ for k in _NO_TORCHRUN_KEYS)
-
-
 def _world_size(options: RunOptions) -> int:
     if under_torchrun():
         world = int(os.environ["WORLD_SIZE"])
@@ -268,12 +259,12 @@ def load_run_plan(options: RunOptions, world: int) -> tuple[Plan, LayerGraph]:
     Raises:
         AutoplanError: naming the mismatch.
     """
-    graph, heads = load_graph(options.model, dtype="fp32")
+    graph = load_graph(options.model, dtype="fp32", cache=options.cache)
     global_batch = _default_global_batch(options, world)
     plan = load_plan(options.plan, graph, world, global_batch)
     if global_batch is not None and plan.global_batch != global_batch:
         raise AutoplanError(f"plan is for global batch {plan.global_batch}, not {global_batch}")
-    check_plan(plan, graph, world_size=world, **heads)
+    check_plan(plan, graph, world_size=world)
     return plan, graph
 
 
@@ -292,20 +283,12 @@ def predict(options: RunOptions, plan: Plan, graph: LayerGraph,
         AutoplanError: on a bad cluster or profile, or when the plan does not fit memory and
             options.force is not set (naming the peak and the limit).
     """
-    cluster = parse_cluster_spec(_cluster_spec(options, world))
-    profile = load_profile(options.profile) if options.profile else None
-    if profile is not None and profile.model_hash != graph.structural_hash:
-        hint = "" if "32" in profile.dtype else (f"; it was made for {profile.dtype}, and "
-                                                 "`autoplan run` trains in fp32: profile "
-                                                 "with --dtype fp32")
-        raise AutoplanError(f"profile '{options.profile}' is of model {profile.model} (hash "
-                            f"{profile.model_hash}), not {graph.model} ({graph.structural_hash})"
-                            f"{hint}")
-    limit = memory_limit_bytes(options.memory_limit_gib)
+    work = load_workload(graph, _cluster_spec(options, world), options.profile,
+                         memory_limit_gib=options.memory_limit_gib, takes_dtype=False)
     try:
-        model = CostModel(graph, cluster, profile, "adamw", limit)
+        model = CostModel.of(work)
     except AutoplanError:
-        if profile is not None:
+        if work.profile is not None:
             raise
         return None, "no prediction: give --profile"
     estimate = model.estimate(plan)
@@ -395,51 +378,37 @@ def _train_world(options: RunOptions, plan: Plan,
 
 
 def _launch(options: RunOptions, plan: Plan, world: int) -> list[dict]:
-    """Run the world as local workers and read rank 0's file of all ranks' results.
+    """Run the world as local workers (launch.call_workers) and read rank 0's file of all
+    ranks' results.
 
     Raises:
-        RunFailed: a worker died or stalled (every worker is stopped first).
+        RunFailed: a worker died or stalled (every worker is stopped first), or the workers
+            wrote no results.
     """
-    with tempfile.TemporaryDirectory(prefix="autoplan-run-") as tmp:
-        folder = Path(tmp)
-        plan.save(folder / "plan.json")
-        result = folder / "result.pt"
-        spec = {"options": asdict(options), "plan": str(folder / "plan.json"),
-                "result": str(result), "progress": str(folder / "progress.log")}
-        atomic_write_text(folder / "spec.json", json.dumps(spec))
-        argv = [sys.executable, "-m", "autoplan.app.run", str(folder / "spec.json")]
-        try:
-            run_workers(world, argv, folder, options.timeout_s,
-                        progress_path=folder / "progress.log", done=result.exists,
-                        label="run worker")
-        except AutoplanError as err:
-            raise RunFailed(str(err)) from None
-        if not result.exists():
-            raise RunFailed("run workers ended without writing their results")
-        return torch.load(result, weights_only=True)["ranks"]
+    request = {"options": asdict(options), "plan": plan.to_json()}
+    try:
+        return call_workers("autoplan.app.run", request, world, options.timeout_s,
+                            _read_ranks, label="run worker")
+    except WorkerFailed as err:
+        raise RunFailed(str(err)) from None
 
 
-def _worker_main(spec_path: str) -> None:
-    """One local rank: train, rank 0 writes every rank's results, exit without teardown."""
-    watch_parent()
-    spec = json.loads(Path(spec_path).read_text())
+def _read_ranks(path: Path) -> list[dict]:
+    return torch.load(path, weights_only=True)["ranks"]
+
+
+def _write_ranks(ranks: list[dict], tmp: Path) -> None:
+    """Every rank's results (tensors among them) as a torch.save file, read back with
+    weights_only=True."""
+    torch.save({"ranks": ranks}, tmp)
+
+
+def _serve_rank(spec: dict[str, Any], progress: Callable[[str], None]) -> list[dict] | None:
+    """One local rank's part (launch.serve_worker): train; rank 0 gets every rank's results."""
     options = RunOptions(**spec["options"])
-    plan = load_plan(spec["plan"])
+    plan = plan_from_json(spec["plan"], "the launcher's plan")
     torch.set_num_threads(1)
-
-    def progress(line: str) -> None:
-        with open(spec["progress"], "a") as f:
-            f.write(line + "\n")
-
-    ranks = _train_world(options, plan, progress if int(os.environ["RANK"]) == 0 else None)
-    if ranks is not None:
-        tmp = Path(spec["result"]).with_suffix(".tmp")
-        torch.save({"ranks": ranks}, tmp)
-        os.replace(tmp, spec["result"])
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # skips interpreter teardown, where gloo rarely aborts (NOTES-torch.md)
+    return _train_world(options, plan, progress)
 
 
 # ------------------------------------------------------------------------------ step 4
@@ -582,4 +551,4 @@ def report_lines(report: RunReport) -> list[str]:
 
 
 if __name__ == "__main__":
-    _worker_main(sys.argv[1])
+    serve_worker(sys.argv[1], _serve_rank, _write_ranks)

@@ -22,15 +22,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from autoplan.app.estimate import load_graph
-from autoplan.cluster import parse_cluster_spec
 from autoplan.cost_model import CostModel
 from autoplan.errors import AutoplanError
+from autoplan.feasibility import plan_refusal
 from autoplan.graph import LayerGraph
 from autoplan.io import atomic_write_text
 from autoplan.plan import uniform_plan
 from autoplan.profile import Profile, load_profile
 from autoplan.search.space import divisors
+from autoplan.workload import load_graph, load_workload
 
 __all__ = ["ValidateOptions", "PlanOutcome", "Validation", "candidate_plans", "validate",
            "spearman", "write_outputs"]
@@ -52,6 +52,8 @@ class ValidateOptions:
     output: str | None = None
     repeats: int = 10
     timeout_s: float = 300.0
+    cache: bool = True
+    """Whether a spec's graph may come from, and go to, the graph cache (--no-cache: no)."""
 
     def __post_init__(self) -> None:
         if self.nproc < 2:
@@ -101,14 +103,12 @@ class Validation:
                 "memory_error": self.memory_error, "notes": self.notes}
 
 
-def candidate_plans(graph: LayerGraph, nproc: int, global_batch: int,
-                    heads: int | None = None) -> list[str]:
-    """Every uniform plan the executor runs on `nproc` processes, as shorthand."""
+def candidate_plans(graph: LayerGraph, nproc: int, global_batch: int) -> list[str]:
+    """Every uniform plan the executor runs on `nproc` processes (autoplan.feasibility), as
+    shorthand."""
     blocks = sum(node.kind == "block" for node in graph.nodes)
     out = []
     for tp in divisors(nproc):
-        if heads and heads % tp:
-            continue
         for pp in divisors(nproc // tp):
             dp = nproc // (tp * pp)
             if pp > max(blocks, 1):
@@ -122,7 +122,8 @@ def candidate_plans(graph: LayerGraph, nproc: int, global_batch: int,
                         schedules = ("1f1b", "gpipe") if pp > 1 else ("1f1b",)
                         out += [f"dp={dp},tp={tp},pp={pp},micro_batch={per_rank},zero={zero},"
                                 f"ckpt={ckpt},schedule={s}" for s in schedules]
-    return out
+    return [text for text in out
+            if plan_refusal(uniform_plan(text, graph, nproc, global_batch), graph) is None]
 
 
 def _profile(options: ValidateOptions, on_progress: Progress | None) -> Profile:
@@ -165,15 +166,12 @@ def validate(options: ValidateOptions, on_progress: Progress | None = None) -> V
     """
     from autoplan.app.run import RunFailed, RunOptions, run_plan
 
-    graph, heads = load_graph(options.model, dtype="fp32")
-    profile = _profile(options, on_progress)
-    if profile.model_hash != graph.structural_hash:
-        raise AutoplanError(f"profile is of model {profile.model}, not {graph.model}")
-    cluster = parse_cluster_spec(f"local-cpu:procs={options.nproc}")
-    model = CostModel(graph, cluster, profile)
+    graph = load_graph(options.model, dtype="fp32", cache=options.cache)
+    work = load_workload(graph, f"local-cpu:procs={options.nproc}",
+                         _profile(options, on_progress), takes_dtype=False)
+    model = CostModel.of(work)
     ranked = []
-    for shorthand in candidate_plans(graph, options.nproc, options.global_batch,
-                                     heads.get("heads")):
+    for shorthand in candidate_plans(graph, options.nproc, options.global_batch):
         estimate = model.estimate(uniform_plan(shorthand, graph, options.nproc,
                                                options.global_batch))
         if estimate.fits:

@@ -115,11 +115,12 @@ def test_bad_shorthand(graph: LayerGraph, text: str, message: str) -> None:
 
 def test_check_plan_against_model_and_world(graph: LayerGraph) -> None:
     plan = uniform_plan("tp=4", graph, 8, 16)
-    check_plan(plan, graph, heads=4, world_size=8)
+    check_plan(plan, graph, world_size=8)
     with pytest.raises(AutoplanError, match="for 8 devices; this world has 4"):
         check_plan(plan, graph, world_size=4)
-    with pytest.raises(AutoplanError, match="tp 4 does not divide the model's 2 kv_heads"):
-        check_plan(plan, graph, heads=4, kv_heads=2)
+    four = layer_graph_of_built(build_model("gpt:layers=2,hidden=64,heads=4,seq=16,vocab=64"))
+    with pytest.raises(AutoplanError, match=r"tp 8 does not divide 4 of the sizes it splits"):
+        check_plan(uniform_plan("tp=8", four, 8, 16), four)  # 4 heads, traced into tp_divides
     other = layer_graph_of_built(build_model("llama-tiny"))
     with pytest.raises(AutoplanError, match="hash"):
         check_plan(plan, other)

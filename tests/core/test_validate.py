@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from autoplan.app.estimate import load_graph
+from autoplan.workload import load_graph
 from autoplan.app.validate import (
     PlanOutcome,
     ValidateOptions,
@@ -15,17 +15,18 @@ from autoplan.app.validate import (
     spearman,
 )
 from autoplan.errors import AutoplanError
+from autoplan.feasibility import plan_refusal
 from autoplan.plan import uniform_plan
 
 
 def test_candidates_are_uniform_plans_of_the_world() -> None:
-    graph, heads = load_graph("gpt-tiny", dtype="fp32")
-    plans = candidate_plans(graph, 4, 16, heads["heads"])
+    graph = load_graph("gpt-tiny", dtype="fp32")
+    plans = candidate_plans(graph, 4, 16)
     assert len(plans) == len(set(plans)) > 20
     for text in plans:
         plan = uniform_plan(text, graph, 4, 16)
         assert plan.world_size == 4 and len({(lp.dp, lp.tp, lp.zero) for lp in plan.layers}) == 1
-        assert heads["heads"] % plan.layers[2].tp == 0
+        assert plan_refusal(plan, graph) is None
 
 
 def test_selection_takes_the_best_and_a_spread() -> None:

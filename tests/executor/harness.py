@@ -125,11 +125,9 @@ def serve_world(spec_path: str, run_case: Callable[[str, dict, Path, int], Any],
                 finish: Callable[[dict, Path, int], None]) -> NoReturn:
     """The body of one worker rank: join the gloo world, run each case of the spec (all
     ranks in step, rank 0 logging progress), let `finish` write the results, and leave."""
-    import os
-
     import torch.distributed as dist
 
-    from autoplan.launch import watch_parent
+    from autoplan.launch import exit_worker, watch_parent
 
     watch_parent()
     spec = json.loads(Path(spec_path).read_text())
@@ -145,7 +143,4 @@ def serve_world(spec_path: str, run_case: Callable[[str, dict, Path, int], Any],
             with open(folder / "progress.log", "a") as f:
                 f.write(f"case {name} done\n")
     finish(results, folder, rank)
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # skips interpreter teardown, where gloo rarely aborts (NOTES-torch.md)
+    exit_worker()

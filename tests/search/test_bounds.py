@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from autoplan.app.estimate import load_graph
+from autoplan.workload import load_graph
 from autoplan.cluster import parse_cluster_spec
 from autoplan.cost_model import CostModel
 from autoplan.graph import LayerGraph, LayerNode
@@ -54,12 +54,11 @@ def _outer(plan: Plan) -> Outer:
 def test_a_measured_profile_on_shared_cores_keeps_the_best_plans() -> None:
     """README's validation: 4 processes on 2 cores, where a waiting pipeline rank frees its
     core. Every plan run there must bound above its setting's bound and the search."""
-    graph, heads = load_graph(VALIDATION_MODEL, dtype="fp32")
+    graph = load_graph(VALIDATION_MODEL, dtype="fp32")
     profile = load_profile(str(VALIDATION / "profile"))
     assert profile.model_hash == graph.structural_hash, "the validation profile is stale"
     cluster = parse_cluster_spec("local-cpu:procs=4")
-    searcher = Searcher(graph, cluster, SearchOptions(global_batch=16), profile,
-                        heads.get("heads"), heads.get("kv_heads"))
+    searcher = Searcher(graph, cluster, SearchOptions(global_batch=16), profile)
     best = searcher.run().best
     model = CostModel(graph, cluster, profile)
     plans = json.loads((VALIDATION / "summary.json").read_text())["plans"]

@@ -160,7 +160,7 @@ def runnable_plan(text: str, graph: LayerGraph, cluster: Cluster, batch: int,
     """The uniform plan of `text`; a plan the executor refuses is no example (assume)."""
     try:
         plan = uniform_plan(text, graph, cluster.gpus, batch, cluster.spec)
-        check_plan(plan, graph, heads=heads, world_size=cluster.gpus)
+        check_plan(plan, graph, world_size=cluster.gpus)
     except AutoplanError:
         assume(False)
     return plan
