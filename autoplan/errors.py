@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["AutoplanError", "WorkerFailed", "choices_hint"]
+__all__ = ["AutoplanError", "WorkerFailed", "choices_hint", "first_line"]
 
 
 class AutoplanError(ValueError):
@@ -15,6 +15,13 @@ class AutoplanError(ValueError):
 class WorkerFailed(AutoplanError):
     """A runtime fault, not bad input: a worker process died, stalled or ended without its
     results (the message names the rank and how). The CLI exits 1 for it, not 2."""
+
+
+def first_line(err: BaseException) -> str:
+    """"Type: the message's first line", at most 200 characters: another library's (or the
+    user's) error quoted inside one of ours, which must stay one line."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else '(no message)'}"[:200]
 
 
 def choices_hint(choices: Iterable[str]) -> str:

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from autoplan.errors import first_line
 from autoplan.meta_state import as_compiling
 
 __all__ = ["COLWISE", "ROWWISE", "TPPlan", "infer_tp_plan", "infer_tp_plans", "HEAD_ATTRIBUTES"]
@@ -520,7 +521,7 @@ def _shard_problem(meta: nn.Module, call: tuple[tuple, dict], styles: dict[str, 
     try:
         ops, output = _record(shard, call, rows)
     except Exception as err:  # noqa: BLE001 - any failure is the reason
-        return f"its forward fails with split Linear layers ({_first_line(err)})"
+        return f"its forward fails with split Linear layers ({first_line(err)})"
     full_ops, full_output = whole
     if output != full_output:
         return f"its output shapes change when split ({full_output} -> {output})"
@@ -535,11 +536,6 @@ def _shard_problem(meta: nn.Module, call: tuple[tuple, dict], styles: dict[str, 
                         f"{full_shapes[index][dim]} -> {shapes[index][dim]}), as a reshape "
                         "by a stored head count does")
     return None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"[:200]
 
 
 def _groups(flow: _Flow, styles: dict[str, str]) -> list[set[str]]:
@@ -620,7 +616,7 @@ def _flow_plan(meta: nn.Module, call: tuple[tuple, dict]) -> TPPlan:
         flow = _trace_flow(meta, call)
     except Exception as err:  # noqa: BLE001 - the guess ran; the given inputs may not
         log.info("tp plan: the unit does not run on meta inputs (%s); pairing by parent",
-                 _first_line(err))
+                 first_line(err))
         return _parent_plan(meta)
     styles, notes = _pairing(flow)
     styles, refusal = _checked(meta, call, flow, styles, notes)
@@ -679,7 +675,7 @@ def infer_tp_plans(model: nn.Module, example_inputs: Any,
     try:
         _run(meta, (tuple(meta_inputs(example_inputs, dtype)(1)), {}))
     except Exception as err:  # noqa: BLE001 - then each unit's input is guessed
-        log.info("tp plans: the model does not run on meta inputs (%s)", _first_line(err))
+        log.info("tp plans: the model does not run on meta inputs (%s)", first_line(err))
     finally:
         for handle in handles:
             handle.remove()

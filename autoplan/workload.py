@@ -101,8 +101,8 @@ def check_profile(profile: Profile, graph: LayerGraph, name: str = "the profile"
     if made != traced:
         other = f"give --dtype {made} (or profile with --dtype {traced})" if takes_dtype \
             else f"profile with --dtype {traced}"
-        raise AutoplanError(f"{name} was made in {made}, and the model is traced in "
-                            f"{traced} here: {other}")
+        raise AutoplanError(f"{name} was made in {made}, and this command traces the model "
+                            f"in {traced}: {other}")
     raise AutoplanError(f"{name} is of model {profile.model} (hash {profile.model_hash}), not "
                         f"{graph.model} ({graph.structural_hash}); profile this model")
 

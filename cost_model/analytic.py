@@ -254,7 +254,7 @@ def layer_pass_work(node: LayerNode, micro_batch: int, tp: int, elt_bytes: int,
 
 def pass_time_s(flops: float, nbytes: float, device: DevicePreset) -> float:
     """Matmul time plus memory-bound time, each at the efficiency its size reaches
-    (profiler/efficiency.py). They add: a layer's kernels run one after another on a stream,
+    (autoplan/efficiency.py). They add: a layer's kernels run one after another on a stream,
     so its matmuls and its elementwise ops do not overlap (the roofline's max holds inside one
     kernel, Williams et al. 2009, not across a layer's many)."""
     return (_compute_time_s(flops, device.peak_flops)

@@ -1,5 +1,5 @@
 """Time of one collective on a placed group: a measured α-β fit where the profile has one,
-else the analytic NCCL model of the cluster's preset (profiler/analytic.py)."""
+else the analytic NCCL model of the cluster's preset (cost_model/analytic.py)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Forward, backward and recompute time of one layer on one rank: from a measured profile's
-linear fits, or from the graph and the cluster's datasheet figures (profiler/analytic.py).
+linear fits, or from the graph and the cluster's datasheet figures (cost_model/analytic.py).
 
 Both sources give time = a + b x samples per TP degree; the analytic one also knows what
 sequence parallelism shards and what selective recomputation repeats.

@@ -1,7 +1,7 @@
 """Per-rank memory of one pipeline stage, by component.
 
 Conventions (../shared/HARDWARE.md; Rajbhandari et al. 2020, ZeRO, sec. 3.1): weights and
-gradients in the training dtype, optimizer state as profiler/analytic.py's
+gradients in the training dtype, optimizer state as cost_model/analytic.py's
 OPTIMIZER_STATE_BYTES_PER_PARAM (12 bytes for mixed-precision AdamW: 16 in all with bf16
 weight and gradient). ZeRO 1 shards optimizer state over dp, 2 also gradients, 3 also weights.
 """

@@ -51,7 +51,7 @@ from torch.distributed.pipelining import (
 from torch.distributed.pipelining.schedules import _PipelineSchedule
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_leaves, tree_map, tree_unflatten
 
-from autoplan.errors import AutoplanError
+from autoplan.errors import AutoplanError, first_line
 from autoplan.units import first_input, first_param
 
 __all__ = ["INPUT_KEY", "build_chunk", "build_schedule", "chunk_ranks", "chunk_units",
@@ -331,7 +331,7 @@ def _chunk_forward(model_forward: Callable[..., Any], state: _ChunkState,
             if checking and received:  # the whole model runs: suspect the cut, say where
                 raise AutoplanError(f"the model's forward fails on the pipeline stage that "
                                     f"starts at layer {first} ({type(err).__name__}: "
-                                    f"{_first_line(err)}): the glue code before it needs "
+                                    f"{first_line(err)}): the glue code before it needs "
                                     "what layers of another stage return; move the stage "
                                     "boundary") from err
             raise
@@ -348,10 +348,6 @@ def _chunk_forward(model_forward: Callable[..., Any], state: _ChunkState,
         return _flat_output(output, state)
 
     return forward
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [""])[0][:200]
 
 
 def _boundary_tensor(value: Any, unit: str | None, trainable: bool) -> torch.Tensor:

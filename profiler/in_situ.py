@@ -214,7 +214,7 @@ def _sharded_unit(unit: nn.Module, call: UnitCall, tp: int, meshes: dict[int, De
 def _time_optimizer(unit: nn.Module, inputs: tuple, settings: MeasureSettings,
                     barrier: _Barrier, world_mesh: DeviceMesh) -> dict[str, float]:
     """Seconds (timed together, see the module's docstring) of one AdamW step over the unit's
-    parameters (foreach off, as executor/run.py steps them), after a forward and backward
+    parameters (foreach off, as autoplan/app/run.py steps them), after a forward and backward
     gave them gradients.
 
     Parameters a TP shard left whole are stepped as DTensors replicated over the world, as

@@ -151,6 +151,8 @@ MODEL_CASES = [
     ({"--model": "module:os.path:join()"}, ["module:package.module:factory"]),
     ({"--model": "module:os..path:join"}, ["not a dotted module name"]),
     ({"--model": "module:autoplan_no_such_package:build"}, ["autoplan_no_such_package"]),
+    ({"--model": "module:tests.core.factories:build_that_raises"},
+     ["model factory tests.core.factories:build_that_raises raised RuntimeError: CUDA out of"]),
     ({"--model": "module:os.path:join,seq=64"}, ["module: spec takes no options", "seq=64"]),
 ]
 

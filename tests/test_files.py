@@ -123,7 +123,7 @@ def test_files_are_written_only_through_atomic_write_text() -> None:
     writes = _lines(r"\.write_text\(|\.write_bytes\(|open\([^)]*['\"][wax]b?['\"]|"
                     r"\.to_csv\([^)=]+[,)]|json\.dump\(|torch\.save\(")
     others = [line for line in writes if not any(ok in line for ok in allowed)]
-    # executor/run.py: the workers' results, torch.save to a .tmp in a private folder, then
+    # autoplan/app/run.py: the workers' results, torch.save to a .tmp in a private folder, then
     # os.replace, read back with weights_only=True.
     assert [line for line in others if "torch.save({\"ranks\": ranks}, tmp)" not in line] == []
 

@@ -48,7 +48,14 @@ from autoplan.executor.verify import (
 from autoplan.graph import LayerGraph
 from autoplan.launch import call_workers, serve_worker, under_torchrun
 from autoplan.models import BuiltModel, build_model, default_loss
-from autoplan.plan import Plan, check_plan, load_plan, parse_plan_shorthand, plan_from_json
+from autoplan.plan import (
+    Plan,
+    check_plan,
+    load_plan,
+    parse_plan_shorthand,
+    plan_from_json,
+    uniform_plan,
+)
 from autoplan.tp_plan import infer_tp_plans
 from autoplan.workload import load_graph, load_workload, memory_limit_bytes
 
@@ -227,7 +234,21 @@ def _optimizer(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optim
 # ------------------------------------------------------------------------------ step 1-2
 
 
-def _world_size(options: RunOptions) -> int:
+@dataclass(frozen=True)
+class _Given:
+    """The plan as given, read once: a plan file's Plan, or a shorthand's typed values."""
+
+    plan: Plan | None
+    values: dict[str, Any]
+
+
+def _given(options: RunOptions) -> _Given:
+    if options.plan.endswith(".json") or Path(options.plan).is_file():
+        return _Given(load_plan(options.plan), {})
+    return _Given(None, parse_plan_shorthand(options.plan))
+
+
+def _world_size(options: RunOptions, given: _Given) -> int:
     if under_torchrun():
         world = int(os.environ["WORLD_SIZE"])
         if options.nproc is not None and options.nproc != world:
@@ -236,32 +257,33 @@ def _world_size(options: RunOptions) -> int:
         return world
     if options.nproc is not None:
         return options.nproc
-    if options.plan.endswith(".json") or Path(options.plan).is_file():
-        return load_plan(options.plan).world_size
-    values = parse_plan_shorthand(options.plan)  # dp x tp x pp, the degrees it names
+    if given.plan is not None:
+        return given.plan.world_size
+    values = given.values  # dp x tp x pp, the degrees it names
     return values.get("dp", 1) * values.get("tp", 1) * values.get("pp", 1)
 
 
-def _default_global_batch(options: RunOptions, world: int) -> int | None:
+def _default_global_batch(options: RunOptions, given: _Given, world: int) -> int | None:
     """Two micro-batches per pipeline chunk for a shorthand plan (None for a plan file)."""
-    if options.global_batch is not None or options.plan.endswith(".json") \
-            or Path(options.plan).is_file():
+    if options.global_batch is not None or given.plan is not None:
         return options.global_batch
-    values = parse_plan_shorthand(options.plan)
+    values = given.values
     tp, pp = values.get("tp", 1), values.get("pp", 1)
     dp = values.get("dp", max(1, world // (tp * pp)))
     return dp * values.get("micro_batch", 1) * 2 * pp * values.get("virtual_stages", 1)
 
 
-def load_run_plan(options: RunOptions, world: int) -> tuple[Plan, LayerGraph]:
+def load_run_plan(options: RunOptions, world: int,
+                  given: _Given | None = None) -> tuple[Plan, LayerGraph]:
     """The plan (from its file or expanded from shorthand), checked against model and world.
 
     Raises:
         AutoplanError: naming the mismatch.
     """
+    given = given or _given(options)
     graph = load_graph(options.model, dtype="fp32", cache=options.cache)
-    global_batch = _default_global_batch(options, world)
-    plan = load_plan(options.plan, graph, world, global_batch)
+    global_batch = _default_global_batch(options, given, world)
+    plan = given.plan or uniform_plan(given.values, graph, world, global_batch)
     if global_batch is not None and plan.global_batch != global_batch:
         raise AutoplanError(f"plan is for global batch {plan.global_batch}, not {global_batch}")
     check_plan(plan, graph, world_size=world)
@@ -498,8 +520,9 @@ def run_plan(options: RunOptions) -> RunReport | None:
         AutoplanError: bad input, or a plan that does not fit memory without force.
         RunFailed: a worker died or stalled.
     """
-    world = _world_size(options)
-    plan, graph = load_run_plan(options, world)
+    given = _given(options)
+    world = _world_size(options, given)
+    plan, graph = load_run_plan(options, world, given)
     estimate, note = predict(options, plan, graph, world)
     if under_torchrun():
         ranks = _train_world(options, plan)

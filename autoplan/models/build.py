@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from autoplan.errors import AutoplanError
+from autoplan.errors import AutoplanError, first_line
 from autoplan.models.gpt import GPT, GPTConfig
 from autoplan.models.llama import Llama
 from autoplan.models.spec import ModelSpec, parse_model_spec
@@ -216,12 +216,8 @@ def _hf_module(spec: ModelSpec, config: Any, kind: str) -> nn.Module:
         return getattr(transformers, _HF_CLASSES[kind]).from_config(config)
     except ValueError as err:
         raise AutoplanError(f"hf config '{spec.source}' ({config.model_type}, {kind}): "
-                            f"{_HF_CLASSES[kind]} has no model for it ({_first_line(err)}); "
+                            f"{_HF_CLASSES[kind]} has no model for it ({first_line(err)}); "
                             "wrap it in a module: factory") from None
-
-
-def _first_line(err: BaseException) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def _build_hf_vision(spec: ModelSpec, config: Any, device: str | torch.device) -> BuiltModel:
@@ -314,10 +310,13 @@ def _build_factory(spec: ModelSpec, device: str | torch.device,
     module_name, _, factory_name = spec.source.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), factory_name)
-    except (ImportError, AttributeError) as err:
-        raise AutoplanError(
-            f"model spec '{spec.text}': cannot import {spec.source}: {err}") from None
-    module = factory()
+    except Exception as err:  # noqa: BLE001 - user code: any failure is bad input, one line
+        raise AutoplanError(f"model spec '{spec.text}': cannot import {spec.source}: "
+                            f"{first_line(err)}") from None
+    try:
+        module = factory()
+    except Exception as err:  # noqa: BLE001 - the user's factory failed, not autoplan
+        raise AutoplanError(f"model factory {spec.source} raised {first_line(err)}") from None
     if not isinstance(module, nn.Module):
         raise AutoplanError(f"{spec.source} returned {type(module).__name__}, not an nn.Module")
     make_inputs = getattr(module, "example_inputs", None)

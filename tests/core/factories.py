@@ -55,3 +55,7 @@ def build_without_inputs() -> nn.Module:
 
 def build_not_a_module() -> int:
     return 3
+
+
+def build_that_raises() -> nn.Module:
+    raise RuntimeError("CUDA out of memory while building\nsecond line of the message")

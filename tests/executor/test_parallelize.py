@@ -60,7 +60,7 @@ FOUR_RANKS = {
     # ... and across a pipeline boundary: stage 1 starts with a tp=2 block, the loss is tp=2.
     "mixed_pp_zero0": ("pp=2,dp=2,schedule=1f1b", {"h.1": _TP2, "loss": _TP2}),
 }
-# Other models, trained as `autoplan run --verify` trains them (executor/run.py): an HF Llama
+# Other models, trained as `autoplan run --verify` trains them (autoplan/app/run.py): an HF Llama
 # built from a config and a custom non-transformer module, under DP, FSDP and TP.
 HF_LLAMA_CONFIG = {
     "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,

@@ -87,7 +87,7 @@ def test_llama_pairs_with_its_real_inputs() -> None:
 
 
 def test_plans_from_one_meta_forward_of_the_model_are_reused() -> None:
-    # A worker that did not trace the model (executor/run.py) learns each unit's inputs from
+    # A worker that did not trace the model (autoplan/app/run.py) learns each unit's inputs from
     # one meta forward; later plans of equal units (the executor's) are those plans.
     built = build_model(zoo_model("qwen2").spec, device="cpu")
     units = [unit for unit, _ in find_units(built.module)]
