@@ -94,11 +94,11 @@ def check_profile(profile: Profile, graph: LayerGraph, name: str = "the profile"
         return
     made = CLI_DTYPES.get(profile.dtype, profile.dtype)
     traced = CLI_DTYPES.get(graph.dtype, graph.dtype)
-    if made != traced and saved_graph:  # a saved graph keeps the dtype it was traced in
-        raise AutoplanError(f"{name} was made in {made}, and the graph was traced in "
-                            f"{traced}: inspect the model again with --dtype {made} -o DIR "
-                            f"(or profile with --dtype {traced})")
-    if made != traced:
+    if made != traced and profile.model == graph.model:  # the same model in another dtype
+        if saved_graph:  # a saved graph keeps the dtype it was traced in
+            raise AutoplanError(f"{name} was made in {made}, and the graph was traced in "
+                                f"{traced}: inspect the model again with --dtype {made} -o "
+                                f"DIR (or profile with --dtype {traced})")
         other = f"give --dtype {made} (or profile with --dtype {traced})" if takes_dtype \
             else f"profile with --dtype {traced}"
         raise AutoplanError(f"{name} was made in {made}, and this command traces the model "

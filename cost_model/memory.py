@@ -91,6 +91,24 @@ class LayerCost:
     def micro_batch_s(self) -> float:
         return sum(self.per_micro_batch_s.values())
 
+    @property
+    def prefetch_bytes(self) -> float:
+        """FSDP's gathered copies of this layer's weights in flight: its own and the next
+        layer's prefetch (PREFETCHED_LAYERS)."""
+        return PREFETCHED_LAYERS * self.gathered_bytes
+
+    @property
+    def bucket_bytes(self) -> float:
+        """The DDP gradient bucket a stage holds when any layer syncs through one."""
+        return DDP_BUCKET_BYTES if self.bucket else 0.0
+
+    @property
+    def peak_extra_bytes(self) -> float:
+        """The most this layer adds to a stage's peak through the terms a stage takes the
+        largest of, not the sum (transient, prefetch, bucket: counted_stage_memory): the
+        search's per-layer budget counts this on top of the sums."""
+        return self.transient_bytes + self.prefetch_bytes + self.bucket_bytes
+
 
 def stage_tail(costs: list[LayerCost]) -> dict[str, float]:
     tail = {"dp_comm": 0.0, "optimizer": 0.0}
@@ -110,8 +128,8 @@ def counted_stage_memory(counted: list[tuple[LayerCost, int]], held: float) -> S
     """stage_memory of a stage holding `count` layers of each (cost, count): the search
     checks many plans whose stages repeat a few kinds of layer."""
     present = [(c, n) for c, n in counted if n > 0]
-    buffers = PREFETCHED_LAYERS * max((c.gathered_bytes for c, _ in present), default=0.0)
-    buffers += DDP_BUCKET_BYTES if any(c.bucket for c, _ in present) else 0
+    buffers = max((c.prefetch_bytes for c, _ in present), default=0.0)
+    buffers += max((c.bucket_bytes for c, _ in present), default=0.0)
     buffers += sum(n * c.kept_bytes for c, n in present)
     return StageMemory(
         params=sum(n * c.state_parts[0] for c, n in present),
