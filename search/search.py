@@ -24,10 +24,11 @@ that hold no tied layer do not depend on that choice and stay cached.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,10 +142,31 @@ class SearchResult:
 
 @dataclass(frozen=True)
 class _Choice:
-    """One strategy of one layer with its cost, ready to become an Option."""
+    """One strategy of one layer with its cost, ready to become an Option. The sums the
+    search reads of a cost are taken once here: bounds read them for every outer setting."""
 
     strategy: LayerStrategy
     cost: LayerCost
+    micro_batch_s: float = field(init=False)
+    """cost.micro_batch_s."""
+    tail_s: float = field(init=False)
+    """The sum of cost.tail_s."""
+    buffer_bytes: float = field(init=False)
+    """_buffer_bytes(cost)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "micro_batch_s", self.cost.micro_batch_s)
+        object.__setattr__(self, "tail_s", sum(self.cost.tail_s.values()))
+        object.__setattr__(self, "buffer_bytes", _buffer_bytes(self.cost))
+
+    @property
+    def layout(self) -> Layout:
+        return self.strategy.dp, self.strategy.tp
+
+    def terms(self) -> tuple[float, ...]:
+        """What the search sees of the choice besides its layout (_undominated)."""
+        return (self.micro_batch_s, self.tail_s, self.cost.state_bytes, self.cost.saved_bytes,
+                self.buffer_bytes)
 
 
 class Searcher:
@@ -176,6 +198,7 @@ class Searcher:
         self._choices: dict[tuple, list[_Choice]] = {}
         self._stages: dict[tuple, StageSolution] = {}
         self._sends: dict[tuple, float] = {}
+        self._least: dict[tuple, tuple[float, float] | None] = {}
         self.candidates: list[Candidate] = []
         self._incumbent: Candidate | None = None
         self._layer_plans: dict[tuple[int, LayerStrategy], LayerPlan] = {}
@@ -187,27 +210,45 @@ class Searcher:
         baselines = self._baselines()
         outers = outer_settings(self.cluster.gpus, self.options.global_batch, self.max_chunks,
                                 self.space)
-        bounds = sorted((self.lower_bound(o), o) for o in outers)
         solved = 0
-        for done, (bound, outer) in enumerate(bounds, 1):
+        for done, (bound, outer) in enumerate(self._by_bound(outers), 1):
             if self._beats_best(bound):
                 solved += 1
                 self._search_outer(outer)
             if on_progress:
                 on_progress(f"pp {outer.pp}, micro-batch {outer.micro_batch_size}, "
-                            f"{outer.schedule}", done, len(bounds))
+                            f"{outer.schedule}", done, len(outers))
         ranked = self._ranked()
         fitting = [c for c in ranked if c.estimate.fits]
         smallest, binding = (None, None) if fitting else self._smallest_fitting(ranked)
         return SearchResult(
             best=fitting[0] if fitting else None,
             runners_up=fitting[1:1 + self.options.top_k], baselines=baselines,
-            search_time_s=time.perf_counter() - started, outer_settings=len(bounds),
+            search_time_s=time.perf_counter() - started, outer_settings=len(outers),
             outer_solved=solved, stage_problems=len(self._stages),
             unproven=sum(s.status == "time_limit" for s in self._stages.values()),
             worst_gap=max((s.gap for s in self._stages.values() if s.status == "time_limit"),
                           default=0.0),
             smallest_fitting_bytes=smallest, binding=binding)
+
+    def _by_bound(self, outers: list[Outer]) -> Iterator[tuple[float, Outer]]:
+        """`outers` with their lower bounds, by (bound, setting), as the caller solves them:
+        each yielded bound is lower_bound's where it beats the best plan found when yielded,
+        else a lower bound of it (then neither does). Where the stage floors make
+        lower_bound slow (_fixed_chunks), a setting waits under _quick_bound, and its bound
+        is taken only if that comes first and beats the best: once one cannot, no setting
+        after it can (the best only gets faster), so most bounds are never taken. A bound
+        taken comes first when it is no larger than the quick bounds left, which are no
+        larger than their bounds: the order is the sorted one."""
+        queue = [(self._quick_bound(o), o, False) if self._floored(o)
+                 else (self.lower_bound(o), o, True) for o in outers]
+        heapq.heapify(queue)
+        while queue:
+            bound, outer, exact = heapq.heappop(queue)
+            if exact or not self._beats_best(bound):
+                yield bound, outer
+            else:
+                heapq.heappush(queue, (self.lower_bound(outer), outer, True))
 
     def _ranked(self) -> list[Candidate]:
         """Distinct plans that keep --fix, fastest first; ties broken by the plan's text
@@ -237,14 +278,14 @@ class Searcher:
         if found is None:
             return  # fixing layouts only removes options: no tie layout fits either
         if self._keeps_ties(found[1]):
-            self._add(outer, *found, "search")
+            self._add(outer, found[0], self._layer_plans_of(found[1]), "search")
             return
         for bound, ties in sorted((self.lower_bound(outer, t), t)
                                   for t in self._tie_layouts(outer)):
             if self._beats_best(bound):
                 found = self._solve_outer(outer, ties)
                 if found is not None:
-                    self._add(outer, *found, "search")
+                    self._add(outer, found[0], self._layer_plans_of(found[1]), "search")
 
     def _keeps_ties(self, strategies: list[LayerStrategy]) -> bool:
         """Whether each tie group's layers share one (dp, tp) in `strategies`."""
@@ -301,16 +342,13 @@ class Searcher:
         stage takes at least the fastest its layers can be within the memory
         (bounds.knapsack_floor). inf when a layer has no choice or a stage cannot fit."""
         m = self.options.global_batch // outer.micro_batch_size
-        per_micro_batch = tail = 0.0
-        for i, count in self.kinds:
-            choices = self._allowed_choices(i, outer, 0, ties)
-            if not choices:
-                return math.inf
-            per_micro_batch += count * min(c.cost.micro_batch_s for c in choices)
-            tail += count * min(sum(c.cost.tail_s.values()) for c in choices)
+        least = self._least_sums(outer, ties)
+        if least is None:
+            return math.inf
+        per_micro_batch, tail = least
         slowest, paced = 0.0, 0.0
         per_micro_batch += self._sends_floor(outer)
-        if outer.pp == 1 or outer.virtual_stages > 1:  # the floors hold the sends too
+        if self._floored(outer):  # the floors hold the sends too
             floors = [self._stage_floors(outer, stage, chunks, ties)
                       for stage, chunks in enumerate(self._fixed_chunks(outer))]
             times = [time for time, _ in floors]
@@ -318,6 +356,45 @@ class Searcher:
             paced = self.model.paced_bound_s(floors, outer.virtual_stages)
         return max(paced, self.model.step_bound_s(slowest, per_micro_batch, m, outer.pp,
                                                   outer.virtual_stages, tail / outer.pp))
+
+    def _floored(self, outer: Outer) -> bool:
+        """Whether lower_bound bounds each stage of `outer` (its layers are known before
+        solving: no pipeline, or interleaved chunks as split_stages cuts them)."""
+        return outer.pp == 1 or outer.virtual_stages > 1
+
+    def _quick_bound(self, outer: Outer) -> float:
+        """A lower bound of lower_bound(outer) without the stage floors: its step bound with
+        no slowest stage, the layers' least sums and each chunk boundary's two sends at the
+        cheapest of any layer (_sends_floor sends each at its own layer), which the floors
+        only raise. Shrunk by 1e-9: lower_bound sums the same terms in other float
+        roundings."""
+        least = self._least_sums(outer, None)
+        if least is None:
+            return math.inf
+        m = self.options.global_batch // outer.micro_batch_size
+        per_micro_batch, tail = least
+        sends = 2 * (outer.pp * outer.virtual_stages - 1) * self._least_send(outer) \
+            if outer.pp > 1 else 0.0
+        bound = self.model.step_bound_s(0.0, per_micro_batch + sends, m, outer.pp,
+                                        outer.virtual_stages, tail / outer.pp)
+        return bound * (1 - 1e-9)
+
+    def _least_sums(self, outer: Outer, ties: Ties | None) -> tuple[float, float] | None:
+        """The sums over the layers of each one's least time per micro-batch and least tail
+        in `outer`, None when a layer has no choice. Cached: they depend on the stage's GPUs
+        and the micro-batch size only, which many outer settings share."""
+        key = (outer.pp, outer.micro_batch_size, ties)
+        if key not in self._least:
+            per_micro_batch = tail = 0.0
+            for i, count in self.kinds:
+                choices = self._allowed_choices(i, outer, 0, ties)
+                if not choices:
+                    self._least[key] = None
+                    return None
+                per_micro_batch += count * min(c.micro_batch_s for c in choices)
+                tail += count * min(c.tail_s for c in choices)
+            self._least[key] = (per_micro_batch, tail)
+        return self._least[key]
 
     def _fixed_chunks(self, outer: Outer) -> list[list[tuple[int, int]]]:
         """The chunks [first, last) of each stage where the plan space fixes them: one
@@ -343,8 +420,8 @@ class Searcher:
             counts[key] = counts.get(key, 0) + 1
             if key not in options:
                 options[key] = [(c.cost.state_bytes + held * c.cost.saved_bytes
-                                 + c.cost.fixed_bytes, c.cost.micro_batch_s,
-                                 m * c.cost.micro_batch_s + sum(c.cost.tail_s.values()))
+                                 + c.cost.fixed_bytes, c.micro_batch_s,
+                                 m * c.micro_batch_s + c.tail_s)
                                 for c in self._allowed_choices(i, outer, stage, ties)]
         # + 1: estimate rounds each stage's peak down to whole bytes
         budget = self.model.memory_limit_bytes - self.model.overhead_bytes + 1
@@ -363,7 +440,11 @@ class Searcher:
         if outer.virtual_stages > 1:
             return sum(self._chunk_sends(outer, chunks)
                        for chunks in self._fixed_chunks(outer))
-        return 2 * (outer.pp - 1) * min(self._cheapest_send(outer, i) for i, _ in self.kinds)
+        return 2 * (outer.pp - 1) * self._least_send(outer)
+
+    def _least_send(self, outer: Outer) -> float:
+        """The cheapest send of any layer's output in `outer` (_cheapest_send)."""
+        return min(self._cheapest_send(outer, i) for i, _ in self.kinds)
 
     def _chunk_sends(self, outer: Outer, chunks: list[tuple[int, int]]) -> float:
         """The least time the sends of one micro-batch take at the ends of chunks
@@ -394,7 +475,7 @@ class Searcher:
         sums = [0.0]
         for i in range(len(self.graph.nodes)):
             choices = self._allowed_choices(i, outer, 0, ties)
-            least = min((c.cost.micro_batch_s for c in choices), default=math.inf)
+            least = min((c.micro_batch_s for c in choices), default=math.inf)
             sums.append(sums[-1] + least)
         return sums
 
@@ -487,10 +568,10 @@ class Searcher:
             for i in chunk:
                 node = self.graph.nodes[i]
                 choices = self._layer_choices(i, outer, stage)
-                worst = max([worst, *(_buffer_bytes(c.cost) for c in choices)])
+                worst = max([worst, *(c.buffer_bytes for c in choices)])
                 options = _pareto_options([
                     Option(k, (c.strategy.dp, c.strategy.tp),
-                           m * c.cost.micro_batch_s + sum(c.cost.tail_s.values()),
+                           m * c.micro_batch_s + c.tail_s,
                            c.cost.state_bytes + held * c.cost.saved_bytes + c.cost.fixed_bytes)
                     for k, c in enumerate(choices)])
                 # one run: layers with the same choices (_layer_choices' key) and tie group
@@ -601,7 +682,7 @@ class Searcher:
 
     # ------------------------------------------------------------------------- plans
 
-    def _add(self, outer: Outer, boundaries: list[int], strategies: list[LayerStrategy],
+    def _add(self, outer: Outer, boundaries: list[int], layers: list[LayerPlan],
              origin: str) -> Candidate | None:
         m = self.options.global_batch // outer.micro_batch_size
         plan = Plan(
@@ -610,7 +691,7 @@ class Searcher:
             global_batch=self.options.global_batch, micro_batch_size=outer.micro_batch_size,
             num_micro_batches=m, pp=outer.pp, virtual_stages=outer.virtual_stages,
             schedule=outer.schedule, stage_boundaries=boundaries,
-            layers=[self._layer_plan(i, s) for i, s in enumerate(strategies)],
+            layers=layers,
             provenance=Provenance(profile_hash=self.profile.content_hash if self.profile
                                   else None))
         estimate = self.model.estimate(plan)
@@ -624,6 +705,9 @@ class Searcher:
                 and plan_respects_fix(self.graph.nodes, plan, self.options.fix):
             self._incumbent = candidate
         return candidate
+
+    def _layer_plans_of(self, strategies: list[LayerStrategy]) -> list[LayerPlan]:
+        return [self._layer_plan(i, s) for i, s in enumerate(strategies)]
 
     def _layer_plan(self, i: int, strategy: LayerStrategy) -> LayerPlan:
         """Layer i's LayerPlan under `strategy`, made once (plans share them; they are
@@ -698,17 +782,18 @@ def _pareto_options(options: list[Option]) -> tuple[Option, ...]:
 
 
 def _undominated(choices: list[_Choice]) -> list[_Choice]:
-    def terms(c: _Choice) -> tuple[float, ...]:
-        cost = c.cost
-        return (cost.micro_batch_s, sum(cost.tail_s.values()), cost.state_bytes,
-                cost.saved_bytes, _buffer_bytes(cost))
-
-    kept = []
-    for c in choices:
-        layout, mine = (c.strategy.dp, c.strategy.tp), terms(c)
-        beaten = any((o.strategy.dp, o.strategy.tp) == layout and o is not c
-                     and all(a <= b for a, b in zip(terms(o), mine, strict=True))
-                     and terms(o) != mine for o in choices)
-        if not beaten:
-            kept.append(c)
-    return kept
+    """The choices no other of their layout beats: no worse in every term (_Choice.terms)
+    and better in one. Order kept. A beater comes first in the terms' sorted order, and
+    whatever beats a dropped choice beats what it beats, so each choice is checked against
+    the kept ones before it only."""
+    terms = [c.terms() for c in choices]
+    kept: dict[Layout, list[tuple[float, ...]]] = {}
+    beaten = set()
+    for k in sorted(range(len(choices)), key=terms.__getitem__):
+        front, mine = kept.setdefault(choices[k].layout, []), terms[k]
+        if any(other != mine and all(a <= b for a, b in zip(other, mine, strict=True))
+               for other in front):
+            beaten.add(k)
+        else:
+            front.append(mine)
+    return [c for k, c in enumerate(choices) if k not in beaten]

@@ -4,6 +4,7 @@ and which outer settings (pp, micro-batch, schedule) a plan may take, with the u
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,7 +114,7 @@ def layer_strategies(node: LayerNode, stage_gpus: int, micro_batch_size: int,
         if not feasible(node, LayerStrategy(dp=dp, tp=tp), micro_batch_size):
             continue
         sp_ok = tp > 1 and (not last or gives_whole_output(node))
-        for strategy in _strategies(dp, tp, sp_ok, checkpoint_modes(node)):
+        for strategy in _strategies(dp, tp, sp_ok, tuple(checkpoint_modes(node))):
             if respects_fix(node, strategy, space.fix):
                 out.append(strategy)
     return out
@@ -125,20 +126,26 @@ def uniform_strategies(stage_gpus: int, micro_batch_size: int,
     stage of `stage_gpus` devices: its layouts, SP with tp > 1, ZeRO with dp > 1 (without
     it ZeRO shards nothing) and every checkpointing mode."""
     return [strategy for dp, tp in layouts(stage_gpus, micro_batch_size, space)
-            for strategy in _strategies(dp, tp, tp > 1, list(CHECKPOINT_MODES))]
+            for strategy in _strategies(dp, tp, tp > 1, tuple(CHECKPOINT_MODES))]
 
 
-def _strategies(dp: int, tp: int, sp_ok: bool, checkpoints: list[str]) -> list[LayerStrategy]:
-    return [LayerStrategy(dp=dp, tp=tp, sequence_parallel=sp, zero=zero, checkpoint=ckpt)
-            for sp in ((False, True) if sp_ok else (False,))
-            for zero in ((0, 1, 2, 3) if dp > 1 else (0,))
-            for ckpt in checkpoints]
+@functools.cache
+def _strategies(dp: int, tp: int, sp_ok: bool,
+                checkpoints: tuple[str, ...]) -> tuple[LayerStrategy, ...]:
+    """Cached: the search asks for each (dp, tp) at every micro-batch size and layer kind,
+    and validating a LayerStrategy is slow (they are frozen: sharing them is safe)."""
+    return tuple(LayerStrategy(dp=dp, tp=tp, sequence_parallel=sp, zero=zero, checkpoint=ckpt)
+                 for sp in ((False, True) if sp_ok else (False,))
+                 for zero in ((0, 1, 2, 3) if dp > 1 else (0,))
+                 for ckpt in checkpoints)
 
 
 def respects_fix(node: LayerNode, strategy: LayerStrategy, fix: dict[str, Any]) -> bool:
     """Whether a layer's strategy keeps the user's fixed fields. A fixed ZeRO stage, SP or
     checkpointing binds only the layers it can apply to (dp > 1, tp > 1, a layer with that
     checkpointing); the others keep the neutral value."""
+    if not fix:
+        return True
     values = {"dp": strategy.dp, "tp": strategy.tp, "sequence_parallel":
               strategy.sequence_parallel, "zero": strategy.zero, "ckpt": strategy.checkpoint}
     applies = {"sequence_parallel": strategy.tp > 1, "zero": strategy.dp > 1,

@@ -86,19 +86,21 @@ def uniform_points(graph: LayerGraph, model: CostModel, space: SearchSpace, gpus
         firsts.setdefault((node.signature, i == last), []).append(i)
     kinds = [(found[0], len(found)) for found in firsts.values()]
     sums: dict[tuple, list[tuple[LayerStrategy, float, float, float]]] = {}
+    adjusted: dict[tuple, LayerStrategy] = {}
     points = []
     for outer in outer_settings(gpus, global_batch, chunks, free):
         stage_gpus = gpus // outer.pp
         m = global_batch // outer.micro_batch_size
         key = (stage_gpus, outer.micro_batch_size, outer.pp > 1)
         if key not in sums:
+            sends: dict[tuple[int, int], float] = {}
             sums[key] = [(strategy, *_kind_sums(graph, model, strategy, outer, stage_gpus,
-                                                kinds, last))
+                                                kinds, last, adjusted, sends))
                          for strategy in uniform_strategies(stage_gpus, outer.micro_batch_size,
                                                             free)]
         for strategy, per_micro_batch, tail, send in sums[key]:
-            sends = 2 * (outer.pp * outer.virtual_stages - 1) * send
-            bound = model.step_bound_s(0.0, per_micro_batch + sends, m, outer.pp,
+            sent = 2 * (outer.pp * outer.virtual_stages - 1) * send
+            bound = model.step_bound_s(0.0, per_micro_batch + sent, m, outer.pp,
                                        outer.virtual_stages, tail / outer.pp)
             points.append(UniformPoint(bound, outer, strategy, _families(outer, strategy, gpus)))
     # ties in bound: the enumeration's order, which is deterministic
@@ -107,20 +109,37 @@ def uniform_points(graph: LayerGraph, model: CostModel, space: SearchSpace, gpus
 
 
 def _kind_sums(graph: LayerGraph, model: CostModel, strategy: LayerStrategy, outer: Outer,
-               stage_gpus: int, kinds: list[tuple[int, int]],
-               last: int) -> tuple[float, float, float]:
+               stage_gpus: int, kinds: list[tuple[int, int]], last: int,
+               adjusted: dict[tuple, LayerStrategy],
+               sends: dict[tuple[int, int], float]) -> tuple[float, float, float]:
     """Over the layers under `strategy` (as _on_layer adjusts it): the sum of times per
-    micro-batch, the sum of tails, and the cheapest pipeline send."""
+    micro-batch, the sum of tails, and the cheapest pipeline send. `adjusted` caches
+    _on_layer by (layer, strategy); `sends` the cheapest send by (dp, tp), all a send's
+    cost depends on (CostModel.hop_s) at one stage size and micro-batch."""
     per_micro_batch = tail = 0.0
-    send = float("inf")
     for i, count in kinds:
-        node, layer = graph.nodes[i], _on_layer(graph, i, strategy, last)
-        cost = model.layer_cost(node, layer, outer.micro_batch_size)
+        cost = model.layer_cost(graph.nodes[i], _adjusted(graph, i, strategy, last, adjusted),
+                                outer.micro_batch_size)
         per_micro_batch += count * cost.micro_batch_s
         tail += count * sum(cost.tail_s.values())
-        if outer.pp > 1:
-            send = min(send, model.hop_s(node, layer, outer.micro_batch_size, stage_gpus))
-    return per_micro_batch, tail, send if outer.pp > 1 else 0.0
+    if outer.pp == 1:
+        return per_micro_batch, tail, 0.0
+    layout = (strategy.dp, strategy.tp)
+    if layout not in sends:
+        sends[layout] = min(model.hop_s(graph.nodes[i], strategy, outer.micro_batch_size,
+                                        stage_gpus) for i, _ in kinds)
+    return per_micro_batch, tail, sends[layout]
+
+
+def _adjusted(graph: LayerGraph, i: int, strategy: LayerStrategy, last: int,
+              cache: dict[tuple, LayerStrategy]) -> LayerStrategy:
+    """_on_layer, made once per (layer, strategy): each strategy recurs at every
+    micro-batch size. Keyed by the fields: hashing the model itself is slower."""
+    key = (i, strategy.dp, strategy.tp, strategy.sequence_parallel, strategy.zero,
+           strategy.checkpoint)
+    if key not in cache:
+        cache[key] = _on_layer(graph, i, strategy, last)
+    return cache[key]
 
 
 @dataclass
@@ -133,28 +152,33 @@ class _Family:
 
 def best_uniform(graph: LayerGraph, model: CostModel, points: list[UniformPoint],
                  global_batch: int, refused: Callable[[Plan], bool],
-                 price: Callable[[UniformPoint, list[int], list[LayerStrategy]], Any],
+                 price: Callable[[UniformPoint, list[int], list[LayerPlan]], Any],
                  layer_plan: Callable[[int, LayerStrategy], LayerPlan]) -> dict[str, Any]:
     """Each family's fastest plan that fits, else the one needing the least memory (None
     when the family has no point). `price(point, boundaries, layers)` makes the candidate;
     `refused(plan)`: whether the executor refuses it; `layer_plan(i, strategy)`: layer i's
     LayerPlan (the caller's, shared by its plans)."""
     families = {name: _Family() for name in FAMILIES}
-    memory = _UniformMemory(graph, model, global_batch)
+    memory = _UniformMemory(graph, model, global_batch, layer_plan)
+
+    def misses(peak: float) -> bool:
+        # the grouped sums may differ from estimate's by rounding: only a clear miss skips
+        return peak + model.overhead_bytes > model.memory_limit_bytes * (1 + 1e-9)
+
     for point in points:
         if all(families[name].best is not None
                and point.bound >= families[name].best.estimate.step_time_s
                for name in point.families):
             continue
-        peak = memory.peak(point)
-        # the grouped sums may differ from estimate's by rounding: only a clear miss skips
-        if peak + model.overhead_bytes > model.memory_limit_bytes * (1 + 1e-9):
-            _note_least(families, point, peak, lambda p=point: refused(memory.plan(p, layer_plan)))
+        peak = memory.peak(point, lambda peak, p=point: misses(peak)
+                           and not _may_be_least(families, p, peak))
+        if misses(peak):
+            _note_least(families, point, peak, lambda p=point: refused(memory.plan(p)))
             continue
-        plan = memory.plan(point, layer_plan)
+        plan = memory.plan(point)
         if refused(plan):
             continue
-        candidate = price(point, plan.stage_boundaries, memory.layers(point.strategy))
+        candidate = price(point, plan.stage_boundaries, plan.layers)
         for name in point.families:
             best = families[name].best
             if candidate.estimate.fits and (best is None or candidate.estimate.step_time_s
@@ -165,9 +189,17 @@ def best_uniform(graph: LayerGraph, model: CostModel, points: list[UniformPoint]
         if family.best is None and family.least is not None:
             point = family.least[1]
             bounds = split_stages(graph, point.outer.pp * point.outer.virtual_stages)
-            family.best = price(point, bounds, memory.layers(point.strategy))
+            family.best = price(point, bounds, memory.layer_plans(point.strategy))
         out[name] = family.best
     return out
+
+
+def _may_be_least(families: dict[str, _Family], point: UniformPoint, peak: float) -> bool:
+    """Whether a plan of `point` needing `peak` bytes or more may become one of its families'
+    least-memory plan (_note_least); when not, a part of its peak decides a miss."""
+    return any(families[name].best is None and (families[name].least is None
+                                                or peak < families[name].least[0])
+               for name in point.families)
 
 
 def _note_least(families: dict[str, _Family], point: UniformPoint, peak: float,
@@ -185,19 +217,29 @@ class _UniformMemory:
     stage (counted_stage_memory: estimate's stage_memory, grouped), and the plans
     themselves with only what the cost model and the executor's check read."""
 
-    def __init__(self, graph: LayerGraph, model: CostModel, global_batch: int) -> None:
+    def __init__(self, graph: LayerGraph, model: CostModel, global_batch: int,
+                 layer_plan: Callable[[int, LayerStrategy], LayerPlan]) -> None:
         self.graph, self.model, self.global_batch = graph, model, global_batch
+        self.layer_plan = layer_plan
         self.last = last_layer(graph.nodes)
         self._kinds: dict[tuple[int, int], list[list[tuple[int, int]]]] = {}
         self._layers: dict[LayerStrategy, list[LayerStrategy]] = {}
+        self._layer_plans: dict[LayerStrategy, list[LayerPlan]] = {}
 
     def layers(self, strategy: LayerStrategy) -> list[LayerStrategy]:
         if strategy not in self._layers:
             self._layers[strategy] = uniform_layers(self.graph, strategy)
         return self._layers[strategy]
 
-    def plan(self, point: UniformPoint,
-             layer_plan: Callable[[int, LayerStrategy], LayerPlan]) -> Plan:
+    def layer_plans(self, strategy: LayerStrategy) -> list[LayerPlan]:
+        """layers(strategy) as the caller's LayerPlans, made once per strategy: every
+        uniform plan of it (at each pipeline degree and micro-batch) shares them."""
+        if strategy not in self._layer_plans:
+            self._layer_plans[strategy] = [self.layer_plan(i, layer)
+                                           for i, layer in enumerate(self.layers(strategy))]
+        return self._layer_plans[strategy]
+
+    def plan(self, point: UniformPoint) -> Plan:
         """`point` as a plan (Plan.model_construct: no validation)."""
         outer = point.outer
         return Plan.model_construct(
@@ -205,11 +247,12 @@ class _UniformMemory:
             micro_batch_size=outer.micro_batch_size, global_batch=self.global_batch,
             num_micro_batches=self.global_batch // outer.micro_batch_size,
             stage_boundaries=split_stages(self.graph, outer.pp * outer.virtual_stages),
-            layers=[layer_plan(i, layer)
-                    for i, layer in enumerate(self.layers(point.strategy))])
+            layers=self.layer_plans(point.strategy))
 
-    def peak(self, point: UniformPoint) -> float:
-        """The largest stage peak of `point`'s plan, in bytes."""
+    def peak(self, point: UniformPoint,
+             enough: Callable[[float], bool] | None = None) -> float:
+        """The largest stage peak of `point`'s plan, in bytes; or, once a stage's peak is
+        `enough` (a miss the stages after it cannot undo), the largest so far."""
         outer, nodes = point.outer, self.graph.nodes
         m = self.global_batch // outer.micro_batch_size
         layers = self.layers(point.strategy)
@@ -220,6 +263,8 @@ class _UniformMemory:
             held = micro_batches_in_flight(outer.schedule, outer.pp, stage, m,
                                            outer.virtual_stages)
             peaks.append(counted_stage_memory(costs, held).peak)
+            if enough is not None and enough(peaks[-1]):
+                break
         return max(peaks)
 
     def _stage_kinds(self, pp: int, virtual: int) -> list[list[tuple[int, int]]]:
