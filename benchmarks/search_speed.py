@@ -40,16 +40,14 @@ def run_case(spec: str, cluster: str, batch: int) -> dict:
     import torch
 
     from autoplan.cluster import parse_cluster_spec
-    from autoplan.models import build_model, parse_model_spec
+    from autoplan.models import build_model
     from autoplan.search.search import Searcher, SearchOptions
     from autoplan.tracing import layer_graph_of_built
 
     started = time.perf_counter()
     graph = layer_graph_of_built(build_model(spec), torch.bfloat16)
     trace_s = time.perf_counter() - started
-    config = parse_model_spec(spec).config
-    searcher = Searcher(graph, parse_cluster_spec(cluster), SearchOptions(global_batch=batch),
-                        heads=config.heads, kv_heads=getattr(config, "kv_heads", None))
+    searcher = Searcher(graph, parse_cluster_spec(cluster), SearchOptions(global_batch=batch))
     result = searcher.run()
     best = result.best
     return {"trace_s": round(trace_s, 2), "search_s": round(result.search_time_s, 2),

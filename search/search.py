@@ -34,7 +34,7 @@ from typing import Any
 
 from autoplan.cluster import Cluster
 from autoplan.cost_model import CostModel, Estimate
-from autoplan.cost_model.memory import DDP_BUCKET_BYTES, PREFETCHED_LAYERS, LayerCost
+from autoplan.cost_model.memory import LayerCost
 from autoplan.cost_model.pipeline import micro_batches_in_flight
 from autoplan.errors import AutoplanError
 from autoplan.feasibility import (
@@ -152,12 +152,12 @@ class _Choice:
     tail_s: float = field(init=False)
     """The sum of cost.tail_s."""
     buffer_bytes: float = field(init=False)
-    """_buffer_bytes(cost)."""
+    """cost.peak_extra_bytes."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "micro_batch_s", self.cost.micro_batch_s)
         object.__setattr__(self, "tail_s", sum(self.cost.tail_s.values()))
-        object.__setattr__(self, "buffer_bytes", _buffer_bytes(self.cost))
+        object.__setattr__(self, "buffer_bytes", self.cost.peak_extra_bytes)
 
     @property
     def layout(self) -> Layout:
@@ -173,14 +173,13 @@ class Searcher:
     """Searches plans of one model on one cluster (build once, run once)."""
 
     def __init__(self, graph: LayerGraph, cluster: Cluster, options: SearchOptions,
-                 profile: Profile | None = None, heads: int | None = None,
-                 kv_heads: int | None = None) -> None:
+                 profile: Profile | None = None) -> None:
         self.graph, self.cluster, self.options, self.profile = graph, cluster, options, profile
         self.model = CostModel(graph, cluster, profile,
                                memory_limit_bytes=options.memory_limit_bytes)
         self.budget = self.model.memory_limit_bytes - self.model.overhead_bytes
         max_tp = options.max_tp or cluster.gpus_per_node
-        self.space = SearchSpace(max_tp, cluster.gpus_per_node, options.fix, heads, kv_heads)
+        self.space = SearchSpace(max_tp, cluster.gpus_per_node, options.fix)
         # a pipeline chunk holds at least one layer besides the loss (plan.pipeline_units)
         self.max_chunks = sum(node.kind != "loss" for node in graph.nodes)
         self.last = last_layer(graph.nodes)
@@ -751,12 +750,6 @@ def _as_layer(node: LayerNode, strategy: LayerStrategy) -> LayerPlan:
 
 def _plan_key(plan: Plan) -> str:
     return plan.model_dump_json(exclude={"prediction", "provenance"})
-
-
-def _buffer_bytes(cost: LayerCost) -> float:
-    """What one layer's choice may add beyond the sums of the stage problem."""
-    return (cost.transient_bytes + PREFETCHED_LAYERS * cost.gathered_bytes
-            + (DDP_BUCKET_BYTES if cost.bucket else 0))
 
 
 def _flatten(solution: StageSolution, searcher: Searcher, outer: Outer, stage: int,

@@ -69,8 +69,6 @@ class SearchSpace:
     max_tp: int
     gpus_per_node: int
     fix: dict[str, Any] = field(default_factory=dict)
-    heads: int | None = None
-    kv_heads: int | None = None
 
 
 @dataclass(frozen=True, order=True)
@@ -87,16 +85,14 @@ def _allowed(space: SearchSpace, key: str, value: Any) -> bool:
     return key not in space.fix or space.fix[key] == value
 
 
-def layouts(stage_gpus: int, micro_batch_size: int, space: SearchSpace,
-            block: bool = True) -> list[tuple[int, int]]:
+def layouts(stage_gpus: int, micro_batch_size: int, space: SearchSpace) -> list[tuple[int, int]]:
     """Every (dp, tp) filling a stage of `stage_gpus` devices where dp divides the
-    micro-batch and tp tiles nodes within max_tp (tp_fits) and, in a block, divides the
-    model's heads and kv heads."""
+    micro-batch and tp tiles nodes within max_tp (tp_fits); which of them a layer can take
+    (tp dividing its head counts and widths) is feasibility's to say."""
     out = []
     for tp in divisors(stage_gpus):
         dp = stage_gpus // tp
-        heads_ok = not block or all(not h or h % tp == 0 for h in (space.heads, space.kv_heads))
-        if tp_fits(tp, space) and micro_batch_size % dp == 0 and heads_ok:
+        if tp_fits(tp, space) and micro_batch_size % dp == 0:
             out.append((dp, tp))
     return out
 
@@ -108,7 +104,7 @@ def layer_strategies(node: LayerNode, stage_gpus: int, micro_batch_size: int,
     the model's `last` layer a whole output); checkpointing applies to layers that save more
     than their input, selective to those with S x S tensors."""
     out = []
-    for dp, tp in layouts(stage_gpus, micro_batch_size, space, node.kind == "block"):
+    for dp, tp in layouts(stage_gpus, micro_batch_size, space):
         if not (_allowed(space, "tp", tp) and _allowed(space, "dp", dp)):
             continue
         if not feasible(node, LayerStrategy(dp=dp, tp=tp), micro_batch_size):

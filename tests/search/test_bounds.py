@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from autoplan.workload import load_graph
 from autoplan.cluster import parse_cluster_spec
 from autoplan.cost_model import CostModel
 from autoplan.graph import LayerGraph, LayerNode
@@ -23,6 +22,7 @@ from autoplan.profile import load_profile
 from autoplan.search.bounds import knapsack_floor
 from autoplan.search.search import Searcher, SearchOptions
 from autoplan.search.space import Outer
+from autoplan.workload import load_graph
 from tests.graphs import synthetic_block
 
 VALIDATION = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "validate"

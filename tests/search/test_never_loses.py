@@ -155,8 +155,7 @@ def shorthand(shape: dict, cluster: Cluster, heads: int) -> tuple[str, int]:
     return text, shape["micro_batch"] * dp * shape["micro_batches"]
 
 
-def runnable_plan(text: str, graph: LayerGraph, cluster: Cluster, batch: int,
-                  heads: int) -> Plan:
+def runnable_plan(text: str, graph: LayerGraph, cluster: Cluster, batch: int) -> Plan:
     """The uniform plan of `text`; a plan the executor refuses is no example (assume)."""
     try:
         plan = uniform_plan(text, graph, cluster.gpus, batch, cluster.spec)
@@ -234,12 +233,12 @@ def test_search_never_loses_to_a_uniform_plan(recipe: dict, preset: str, gpus: i
     graph, cluster = build_graph(recipe), parse_cluster_spec(f"{preset}:gpus={gpus}")
     heads = recipe["hidden"] // HEAD_DIM
     text, batch = shorthand(shape, cluster, heads)
-    plan = runnable_plan(text, graph, cluster, batch, heads)
+    plan = runnable_plan(text, graph, cluster, batch)
     limit = _memory_limit(plan, graph, cluster, tightness)
     estimate = CostModel(graph, cluster, memory_limit_bytes=limit).estimate(plan)
     assume(estimate.fits)
-    best = Searcher(graph, cluster, SearchOptions(global_batch=batch, memory_limit_bytes=limit),
-                    heads=heads).run().best
+    options = SearchOptions(global_batch=batch, memory_limit_bytes=limit)
+    best = Searcher(graph, cluster, options).run().best
     where = f"{_describe(graph, cluster, batch, limit)}: {text} takes {_shown(plan, estimate)}"
     assert best is not None, f"the search found nothing that fits; {where}"
     assert best.estimate.step_time_s <= estimate.step_time_s * (1 + 1e-9), \
@@ -280,8 +279,8 @@ def test_lower_bound_is_a_lower_bound(recipe: dict, preset: str, gpus: int, shap
     graph, cluster = build_graph(recipe), parse_cluster_spec(f"{preset}:gpus={gpus}")
     heads = recipe["hidden"] // HEAD_DIM
     text, batch = shorthand(shape, cluster, heads)
-    plan = runnable_plan(text, graph, cluster, batch, heads)
-    searcher = Searcher(graph, cluster, SearchOptions(global_batch=batch), heads=heads)
+    plan = runnable_plan(text, graph, cluster, batch)
+    searcher = Searcher(graph, cluster, SearchOptions(global_batch=batch))
     if picks is not None:
         plan = _mixed(plan, graph, searcher, picks)
         assume(plan_refusal(plan, graph) is None)
