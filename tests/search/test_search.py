@@ -87,9 +87,7 @@ def test_korthikanti_models_beat_the_published_settings() -> None:
         published = bench.predict(row, graphs)
         graph = graphs[bench.PRESETS[row["model"]]]
         found = _search(graph, f"a100-80g:gpus={row['gpus']}", int(row["global_batch"]))
-        found.space = found.space.__class__(**{**found.space.__dict__,
-                                               "heads": int(row["heads"])})
-        best = found.run().best.estimate.step_time_s
+        best = found.run().best.estimate.step_time_s  # heads: the graph's tp_divides
         assert best <= published.step_time_s, row["model"]
 
 
