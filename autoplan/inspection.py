@@ -9,8 +9,9 @@ from autoplan.graph import LayerGraph
 from autoplan.models import DTYPES, build_model, parse_model_spec
 from autoplan.plan import Plan, check_plan, load_plan
 from autoplan.tracing import layer_graph_of_built
+from autoplan.workload import load_graph
 
-__all__ = ["InspectResult", "inspect_model"]
+__all__ = ["InspectResult", "inspect_model", "trace_spec"]
 
 
 
@@ -20,18 +21,29 @@ class InspectResult:
     plan: Plan | None
 
 
+def trace_spec(spec_text: str, dtype: str = "bf16", attention: str = "flash") -> LayerGraph:
+    """Build a model spec on meta tensors and trace it into its LayerGraph (every time:
+    autoplan.workload.load_graph is the cached way in).
+
+    Raises:
+        AutoplanError: on a bad spec or dtype.
+    """
+    if dtype not in DTYPES:
+        raise AutoplanError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+    built = build_model(parse_model_spec(spec_text), dtype=DTYPES[dtype])
+    return layer_graph_of_built(built, DTYPES[dtype], attention)
+
+
 def inspect_model(spec_text: str, dtype: str = "bf16", attention: str = "flash",
                   plan: str | None = None, world_size: int | None = None,
-                  global_batch: int | None = None) -> InspectResult:
-    """Trace a model spec into its LayerGraph; with `plan`, load and check that plan too.
+                  global_batch: int | None = None, cache: bool = True) -> InspectResult:
+    """A model spec's LayerGraph (from the graph cache when `cache`); with `plan`, load and
+    check that plan too.
 
     Raises:
         AutoplanError: on a bad spec, dtype or plan.
     """
-    if dtype not in DTYPES:
-        raise AutoplanError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
-    spec = parse_model_spec(spec_text)
-    graph = layer_graph_of_built(build_model(spec, dtype=DTYPES[dtype]), DTYPES[dtype], attention)
+    graph = load_graph(spec_text, dtype, attention, cache=cache)
     if plan is None:
         return InspectResult(graph, None)
     loaded = load_plan(plan, graph, world_size, global_batch)

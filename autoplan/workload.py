@@ -72,11 +72,10 @@ def load_graph(model: str, dtype: str = "bf16", attention: str = "flash",
         return LayerGraph.load(model)
 
     def trace() -> LayerGraph:
-        from autoplan.inspection import inspect_model  # torch: only when a model is traced
+        from autoplan.inspection import trace_spec  # torch: only when a model is traced
         from autoplan.models.spec import spec_with_seq
 
-        spec = model if seq is None else spec_with_seq(model, seq)
-        return inspect_model(spec, dtype=dtype, attention=attention).graph
+        return trace_spec(model if seq is None else spec_with_seq(model, seq), dtype, attention)
 
     return cached_graph(model, dtype, attention, seq, trace) if cache else trace()
 

@@ -1,8 +1,17 @@
 """autoplan.cost_model: step time and per-rank memory of a Plan, with a breakdown.
 
 CostModel(graph, cluster, profile).estimate(plan) -> Estimate. Pure arithmetic: no torch.
+Every formula lives here, the analytic layer and collective times included (analytic.py);
+this front is what the floors above import.
 """
 
+from autoplan.cost_model.analytic import TP_SHARDED_KINDS, analytic_profile
 from autoplan.cost_model.estimate import STEP_PARTS, CostModel, Estimate, StageEstimate
+from autoplan.cost_model.memory import LayerCost, counted_stage_memory
+from autoplan.cost_model.pipeline import micro_batches_in_flight
+from autoplan.cost_model.report import estimate_tables
+from autoplan.cost_model.schedule import Timeline, plan_timeline
 
-__all__ = ["CostModel", "Estimate", "StageEstimate", "STEP_PARTS"]
+__all__ = ["CostModel", "Estimate", "StageEstimate", "STEP_PARTS", "LayerCost",
+           "counted_stage_memory", "micro_batches_in_flight", "TP_SHARDED_KINDS",
+           "analytic_profile", "estimate_tables", "Timeline", "plan_timeline"]

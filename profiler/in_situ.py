@@ -57,8 +57,7 @@ from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import parallelize_module
 
 from autoplan.errors import AutoplanError
-from autoplan.executor.data_parallel import apply_fsdp, apply_replicate
-from autoplan.executor.tensor_parallel import tp_styles
+from autoplan.executor import apply_fsdp, apply_replicate, tp_styles
 from autoplan.graph import LayerNode
 from autoplan.launch import call_workers, serve_worker
 from autoplan.meta_state import prepare_for_timing

@@ -9,10 +9,12 @@ import sys
 import types
 
 from autoplan.search.front import no_plan_message, search_plan, search_workload
+from autoplan.search.report import describe, result_json, search_tables
 from autoplan.search.search import Searcher, SearchOptions, SearchResult
+from autoplan.search.space import divisors, parse_fix
 
 __all__ = ["search_plan", "search_workload", "no_plan_message", "Searcher", "SearchOptions",
-           "SearchResult"]
+           "SearchResult", "describe", "result_json", "search_tables", "divisors", "parse_fix"]
 
 
 class _CallableModule(types.ModuleType):

@@ -7,7 +7,9 @@ Every import statement of every module is read (module level, inside functions a
 TYPE_CHECKING alike: an arrow is an arrow), so a lazy import cannot hide a way back up.
 `autoplan/__init__.py` and `__main__.py` are the package's public front (`autoplan.search`,
 `autoplan.auto`, `python -m autoplan`), so they count as the application floor. A name with
-a leading underscore is private to its package: no other package imports it.
+a leading underscore is private to its package: no other package imports it. And a domain
+package is entered through its front (its `__init__`, which lists what it offers), never
+through one of its modules; the ground floor's modules are each a front of their own.
 """
 
 from __future__ import annotations
@@ -93,6 +95,18 @@ def test_no_private_name_crosses_a_package(path: Path) -> None:
         assert not private or floor(target) == here, (
             f"{path.relative_to(ROOT)}:{line}: imports {', '.join(private)} from {target}, "
             f"private to {floor(target)}")
+
+
+@pytest.mark.parametrize("path", sources(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_other_packages_are_entered_through_their_front(path: Path) -> None:
+    here = floor(module_name(path))
+    for target, _, line in imports(path):
+        there = floor(target)
+        if there in (here, "core", "app"):  # app: only the package's own front imports it
+            continue
+        assert target == f"autoplan.{there}", (
+            f"{path.relative_to(ROOT)}:{line}: imports {target}; import from "
+            f"autoplan.{there}, its front (add the name to its __all__)")
 
 
 def test_the_walk_sees_every_floor() -> None:

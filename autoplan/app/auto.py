@@ -40,7 +40,7 @@ from torch import nn
 
 from autoplan import fmt
 from autoplan.cluster import Cluster, parse_cluster_spec
-from autoplan.cost_model.analytic import TP_SHARDED_KINDS
+from autoplan.cost_model import TP_SHARDED_KINDS
 from autoplan.errors import AutoplanError
 from autoplan.executor import LossFn, Runner, parallelize
 from autoplan.graph import LayerGraph
@@ -48,10 +48,16 @@ from autoplan.models.build import BuiltModel, default_loss, sum_loss
 from autoplan.models.spec import ModelSpec
 from autoplan.plan import plan_from_json
 from autoplan.profile import CommPoint, Profile, load_profile
-from autoplan.profiler.compute import MeasureSettings
-from autoplan.search import SearchOptions, SearchResult, no_plan_message, search_workload
-from autoplan.search.report import describe
-from autoplan.search.space import divisors, parse_fix
+from autoplan.profiler import MeasureSettings
+from autoplan.search import (
+    SearchOptions,
+    SearchResult,
+    describe,
+    divisors,
+    no_plan_message,
+    parse_fix,
+    search_workload,
+)
 from autoplan.tracing import layer_graph, meta_copy, meta_inputs
 from autoplan.workload import Workload, check_profile, memory_limit_bytes
 
@@ -267,7 +273,7 @@ def _check_same_model(graph: LayerGraph, world: _World) -> None:
 
 def _measure_comm(world: _World) -> list[CommPoint]:
     """This world's collectives, timed by every rank together (the points are rank 0's)."""
-    from autoplan.profiler.comm import measure_in_world
+    from autoplan.profiler import measure_in_world
 
     if world.rank == 0:
         log.info("auto: timing collectives over %d ranks", world.size)
@@ -357,8 +363,7 @@ def _measured_profile(model: nn.Module, graph: LayerGraph, request: _Request,
                       comm: list[CommPoint], world: _World) -> Profile:
     """Each distinct layer timed here on a copy (the model's weights are not touched), at the
     TP degrees a node of this world allows, with this rank's thread count."""
-    from autoplan.profiler.comm import fit_alpha_beta
-    from autoplan.profiler.measure import measured_profile
+    from autoplan.profiler import fit_alpha_beta, measured_profile
 
     dtype = _param_dtype(model)
     meta = meta_copy(model, dtype)

@@ -55,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--world-size", type=int, help="devices, for a shorthand --plan")
     inspect.add_argument("--global-batch", type=int, help="samples per step, for --plan")
     inspect.add_argument("-o", "--output", help="write graph.json (and plan.json) to this folder")
+    _add_cache_argument(inspect)
     inspect.set_defaults(handler=_cmd_inspect)
 
     profile = sub.add_parser("profile", help="measure per-layer compute, memory and "
@@ -284,7 +285,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     with console.status(f"tracing {args.model} on the meta device"):
         result = inspect_model(args.model, dtype=args.dtype, attention=args.attention,
                                plan=args.plan, world_size=args.world_size,
-                               global_batch=args.global_batch)
+                               global_batch=args.global_batch, cache=args.cache)
     if args.output:
         _write_outputs(Path(args.output), result)
     if args.json:
@@ -310,7 +311,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from autoplan.app.profile import DEFAULT_COMM_SIZES, ProfileOptions, run_profile
-    from autoplan.profiler.output import profile_tables, write_profile
+    from autoplan.profiler import profile_tables, write_profile
 
     sizes = _int_list(args.comm_sizes, "--comm-sizes") if args.comm_sizes else DEFAULT_COMM_SIZES
     options = ProfileOptions(
@@ -353,7 +354,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(estimate.to_dict() | {"plan": json.loads(plan.to_json())}, indent=1))
         return 0
-    from autoplan.cost_model.report import estimate_tables
+    from autoplan.cost_model import estimate_tables
 
     out = _console()
     for table in estimate_tables(plan, estimate):
@@ -387,7 +388,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from autoplan.app.search import SearchCommand, run_search
-    from autoplan.search.report import result_json, search_tables
+    from autoplan.search import result_json, search_tables
 
     command = SearchCommand(
         model=args.model, cluster=args.cluster, global_batch=args.global_batch, seq=args.seq,

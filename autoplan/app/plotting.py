@@ -20,8 +20,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from autoplan.cost_model.estimate import Estimate
-    from autoplan.cost_model.schedule import Timeline
+    from autoplan.cost_model import Estimate, Timeline
     from autoplan.plan import Plan
 
 __all__ = ["PlotOptions", "run_plot", "plan_figure", "save_png"]
@@ -60,8 +59,7 @@ def run_plot(options: PlotOptions) -> tuple[Plan, Estimate, Timeline]:
     Raises:
         AutoplanError: on a plan that is not a file, a missing cluster, or any bad input.
     """
-    from autoplan.cost_model import CostModel
-    from autoplan.cost_model.schedule import plan_timeline
+    from autoplan.cost_model import CostModel, plan_timeline
     from autoplan.plan import check_plan, load_plan
     from autoplan.workload import load_workload
 

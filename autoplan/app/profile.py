@@ -13,7 +13,7 @@ from autoplan.errors import AutoplanError
 from autoplan.launch import under_torchrun
 from autoplan.models import DTYPES, build_model, parse_model_spec
 from autoplan.profile import Profile
-from autoplan.profiler.compute import MeasureSettings
+from autoplan.profiler import MeasureSettings
 from autoplan.tracing import layer_graph_of_built
 
 __all__ = ["DEFAULT_COMM_SIZES", "ProfileOptions", "run_profile"]
@@ -88,7 +88,7 @@ def run_profile(options: ProfileOptions, on_step: Progress | None = None) -> Pro
     built = build_model(spec, dtype=dtype)
     graph = layer_graph_of_built(built, dtype)
     if options.mode == "analytic":
-        from autoplan.cost_model.analytic import analytic_profile
+        from autoplan.cost_model import analytic_profile
 
         return analytic_profile(graph, parse_cluster_spec(options.cluster),
                                 micro_batches=options.micro_batches, tps=options.tps)
@@ -97,14 +97,14 @@ def run_profile(options: ProfileOptions, on_step: Progress | None = None) -> Pro
 
 def _measure(options: ProfileOptions, built, graph, dtype: torch.dtype,  # noqa: ANN001
              on_step: Progress | None) -> Profile:
-    from autoplan.profiler.measure import measured_profile
+    from autoplan.profiler import measured_profile
 
     cluster = _local_cluster(options)
     comm: tuple[list, list] = ([], [])
     comm_step = (lambda text: on_step("comm", text)) if on_step else None
     repeats = max(3, options.repeats // 2)
     if options.comm and under_torchrun():
-        from autoplan.profiler.comm import fit_alpha_beta, measure_in_world
+        from autoplan.profiler import fit_alpha_beta, measure_in_world
 
         points = measure_in_world(list(options.comm_sizes), repeats=repeats,
                                   on_progress=comm_step)
@@ -112,7 +112,7 @@ def _measure(options: ProfileOptions, built, graph, dtype: torch.dtype,  # noqa:
         if os.environ["RANK"] != "0":
             return None
     elif options.comm and options.nproc >= 2:
-        from autoplan.profiler.comm import fit_alpha_beta, measure_collectives
+        from autoplan.profiler import fit_alpha_beta, measure_collectives
 
         points = measure_collectives(options.nproc, list(options.comm_sizes), repeats=repeats,
                                      on_progress=comm_step)
@@ -122,7 +122,7 @@ def _measure(options: ProfileOptions, built, graph, dtype: torch.dtype,  # noqa:
     layer_step = (lambda text: on_step("layers", text)) if on_step else None
     in_situ = None
     if options.in_situ:
-        from autoplan.profiler.in_situ import time_layers_in_situ
+        from autoplan.profiler import time_layers_in_situ
 
         in_situ = (time_layers_in_situ(options.model, options.dtype, settings, options.nproc,
                                        on_progress=layer_step), options.nproc)

@@ -30,11 +30,10 @@ import torch.distributed as dist
 from torch.utils._pytree import tree_leaves
 
 from autoplan import fmt
-from autoplan.cost_model.estimate import CostModel, Estimate
+from autoplan.cost_model import CostModel, Estimate
 from autoplan.errors import AutoplanError, WorkerFailed
-from autoplan.executor.mesh import GROUP_TIMEOUT
-from autoplan.executor.parallelize import parallelize
-from autoplan.executor.verify import (
+from autoplan.executor import (
+    GROUP_TIMEOUT,
     Batch,
     Comparison,
     DropoutOff,
@@ -42,6 +41,7 @@ from autoplan.executor.verify import (
     batch_norm_layers,
     compare,
     criterion,
+    parallelize,
     reference_trace,
     train,
 )

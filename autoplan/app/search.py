@@ -8,8 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autoplan.errors import AutoplanError
-from autoplan.search import SearchOptions, SearchResult, search_workload
-from autoplan.search.space import parse_fix
+from autoplan.search import SearchOptions, SearchResult, parse_fix, search_workload
 from autoplan.workload import Workload, is_saved_graph, load_workload, memory_limit_bytes
 
 __all__ = ["SearchCommand", "run_search"]

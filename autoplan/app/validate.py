@@ -29,7 +29,7 @@ from autoplan.graph import LayerGraph
 from autoplan.io import atomic_write_text
 from autoplan.plan import uniform_plan
 from autoplan.profile import Profile, load_profile
-from autoplan.search.space import divisors
+from autoplan.search import divisors
 from autoplan.workload import load_graph, load_workload
 
 __all__ = ["ValidateOptions", "PlanOutcome", "Validation", "candidate_plans", "validate",
@@ -132,7 +132,7 @@ def _profile(options: ValidateOptions, on_progress: Progress | None) -> Profile:
     if options.profile:
         return load_profile(options.profile)
     from autoplan.app.profile import ProfileOptions, run_profile
-    from autoplan.profiler.output import write_profile
+    from autoplan.profiler import write_profile
 
     tps = tuple(tp for tp in (1, 2, 4, 8) if options.nproc % tp == 0)
     profile = run_profile(ProfileOptions(

@@ -29,15 +29,15 @@ def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 def traces(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The specs traced from here on (load_graph imports inspect_model when it traces)."""
+    """The specs traced from here on (load_graph imports trace_spec when it traces)."""
     traced: list[str] = []
-    inspect_model = autoplan.inspection.inspect_model
+    trace_spec = autoplan.inspection.trace_spec
 
     def counting(spec_text: str, *args, **kwargs):  # noqa: ANN202
         traced.append(spec_text)
-        return inspect_model(spec_text, *args, **kwargs)
+        return trace_spec(spec_text, *args, **kwargs)
 
-    monkeypatch.setattr(autoplan.inspection, "inspect_model", counting)
+    monkeypatch.setattr(autoplan.inspection, "trace_spec", counting)
     return traced
 
 
@@ -53,7 +53,7 @@ def test_a_hit_returns_an_equal_graph_without_tracing(
     def no_tracing(*args, **kwargs):  # noqa: ANN202
         raise AssertionError("traced although the graph was cached")
 
-    monkeypatch.setattr(autoplan.inspection, "inspect_model", no_tracing)
+    monkeypatch.setattr(autoplan.inspection, "trace_spec", no_tracing)
     cached = load_graph(MODEL)
     assert cached == traced and cached.structural_hash == traced.structural_hash
     assert cached.to_dict() == traced.to_dict()
