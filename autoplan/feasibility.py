@@ -20,7 +20,7 @@ from autoplan.graph import LayerGraph, LayerNode
 if TYPE_CHECKING:  # plan.py checks plans with this module
     from autoplan.plan import LayerStrategy, Plan
 
-__all__ = ["layer_refusal", "feasible", "cut_refusal", "layout_change_refusal",
+__all__ = ["layer_refusal", "tp_split_refusal", "feasible", "cut_refusal", "layout_change_refusal",
            "gives_whole_output", "last_layer", "tie_groups", "schedule_refusal", "plan_refusal"]
 
 
@@ -32,15 +32,22 @@ def layer_refusal(node: LayerNode, strategy: LayerStrategy,
         return (f"layer {node.name} needs {node.min_samples} samples per rank in each "
                 f"micro-batch (a BatchNorm in training refuses fewer); dp {strategy.dp} "
                 f"leaves {micro_batch_size // strategy.dp} of {micro_batch_size}")
-    tp = strategy.tp
-    if tp > 1 and node.tp_refusal:
-        return f"layer {node.name}: {node.tp_refusal}"
-    if tp > 1:
-        bad = sorted({size for size in node.tp_divides if size % tp})
-        if bad:
-            return (f"layer {node.name}: tp {tp} does not divide {', '.join(map(str, bad))} "
-                    f"of the sizes it splits ({', '.join(map(str, node.tp_divides))}: "
-                    "widths and head counts)")
+    return tp_split_refusal(node.name, node.tp_divides, node.tp_refusal, strategy.tp)
+
+
+def tp_split_refusal(name: str, sizes: Sequence[int], refusal: str, tp: int) -> str | None:
+    """Why tensor parallelism of degree `tp` cannot split layer `name`, whose TP plan
+    (autoplan.tp_plan) splits `sizes` (widths, head counts: tp must divide each) or refuses
+    any split for `refusal` ("" when it does not). One rule for a traced node's facts and
+    for a live module's plan, which the executor infers again on each rank."""
+    if tp == 1:
+        return None
+    if refusal:
+        return f"layer {name}: {refusal}"
+    bad = sorted({size for size in sizes if size % tp})
+    if bad:
+        return (f"layer {name}: tp {tp} does not divide {', '.join(map(str, bad))} of the "
+                f"sizes it splits ({', '.join(map(str, sizes))}: widths and head counts)")
     return None
 
 

@@ -38,6 +38,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from autoplan.errors import first_line
+from autoplan.feasibility import tp_split_refusal
 from autoplan.meta_state import as_compiling
 
 __all__ = ["COLWISE", "ROWWISE", "TPPlan", "infer_tp_plan", "infer_tp_plans", "HEAD_ATTRIBUTES"]
@@ -79,13 +80,9 @@ class TPPlan:
     def shardable(self) -> bool:
         return bool(self.styles)
 
-    def max_degree_divides(self, unit: nn.Module | None, tp: int) -> bool:
-        """True when tp is 1, or nothing refuses tp and tp divides every size in `sizes`
-        (`unit` is kept for callers that pass it; the sizes were read from it)."""
-        del unit
-        if tp == 1:
-            return True
-        return not self.refusal and all(size % tp == 0 for size in self.sizes)
+    def max_degree_divides(self, tp: int) -> bool:
+        """True when tp splits the unit (autoplan.feasibility.tp_split_refusal finds nothing)."""
+        return tp_split_refusal("", self.sizes, self.refusal, tp) is None
 
 
 def infer_tp_plan(unit: nn.Module, override: dict[str, str] | None = None,

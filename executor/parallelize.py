@@ -65,6 +65,7 @@ from autoplan.executor.pipeline import (
     input_kwargs,
 )
 from autoplan.executor.tensor_parallel import TPLayer, apply_tp, sequence_splits
+from autoplan.feasibility import tp_split_refusal
 from autoplan.graph import LayerGraph
 from autoplan.plan import LayerPlan, Plan, check_plan
 from autoplan.tp_plan import infer_tp_plan
@@ -294,10 +295,9 @@ def precheck(model: nn.Module, plan: Plan, graph: LayerGraph | None = None, *,
         tp = layout[name][1]
         unit = model.get_submodule(name)
         split = infer_tp_plan(unit, (tp_overrides or {}).get(name)) if tp > 1 else None
-        if split is not None and not split.max_degree_divides(unit, tp):
-            raise AutoplanError(f"layer {name}: {split.refusal}" if split.refusal else
-                                f"layer {name}: tp {tp} does not divide its sizes "
-                                f"{', '.join(map(str, split.sizes))}; choose a tp that does")
+        why = split and tp_split_refusal(name, split.sizes, split.refusal, tp)
+        if why:
+            raise AutoplanError(why)
     return units
 
 

@@ -38,6 +38,7 @@ from torch.distributed.tensor.parallel import (
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from autoplan.errors import AutoplanError
+from autoplan.feasibility import tp_split_refusal
 from autoplan.tp_plan import COLWISE, TPPlan, infer_tp_plan
 
 __all__ = ["SEQUENCE_DIM", "TPLayer", "tp_styles", "sequence_splits", "apply_tp",
@@ -179,14 +180,10 @@ def gather_sequence_input(unit: nn.Module, tp_mesh: DeviceMesh) -> None:
 
 
 def _check_degree(name: str, plan: TPPlan, tp: int) -> None:
-    """Raises AutoplanError when the unit's plan refuses tp, or tp does not divide its sizes."""
-    if tp > 1 and plan.refusal:
-        raise AutoplanError(f"layer {name}: {plan.refusal}")
-    bad = sorted({size for size in plan.sizes if size % tp})
-    if bad:
-        raise AutoplanError(f"layer {name}: tp {tp} does not divide its "
-                            f"{', '.join(map(str, bad))} (split widths and heads); choose a "
-                            "tp that does")
+    """Raises AutoplanError when the unit's plan refuses tp (feasibility's rule)."""
+    why = tp_split_refusal(name, plan.sizes, plan.refusal, tp)
+    if why:
+        raise AutoplanError(why)
 
 
 def _not_yet_split(unit: nn.Module, styles: dict[str, ParallelStyle]) -> dict[str, ParallelStyle]:

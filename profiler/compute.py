@@ -129,7 +129,7 @@ def shard_copy(unit: nn.Module, tp: int) -> nn.Module | None:
     if tp == 1:
         return unit
     plan = infer_tp_plan(unit)
-    if not plan.shardable or not plan.max_degree_divides(unit, tp):
+    if not plan.shardable or not plan.max_degree_divides(tp):
         return None
     copied = copy.deepcopy(unit)
     for name, style in plan.styles.items():

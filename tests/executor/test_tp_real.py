@@ -65,7 +65,7 @@ def test_bert_pairs_siblings_by_data_flow() -> None:
     plan = infer_tp_plan(_module("bert").get_submodule("bert.encoder.layer.0"))
     assert plan.styles == BERT_LAYER and plan.refusal == ""
     assert plan.sizes == (4, 32, 64)  # heads, q/k/v and dense widths, intermediate width
-    assert plan.max_degree_divides(None, 4) and not plan.max_degree_divides(None, 8)
+    assert plan.max_degree_divides(4) and not plan.max_degree_divides(8)
 
 
 def test_gpt2_conv1d_blocks_stay_whole() -> None:
@@ -83,7 +83,7 @@ def test_llama_pairs_with_its_real_inputs() -> None:
     plan = infer_tp_plan(unit, inputs=calls["model.layers.0"])
     assert plan.styles == LLAMA_LAYER and plan.refusal == ""
     assert 2 in plan.sizes and 4 in plan.sizes
-    assert plan.max_degree_divides(unit, 2) and not plan.max_degree_divides(unit, 4)
+    assert plan.max_degree_divides(2) and not plan.max_degree_divides(4)
 
 
 def test_plans_from_one_meta_forward_of_the_model_are_reused() -> None:
@@ -139,8 +139,8 @@ def test_override_sizes_and_refusal() -> None:
     unit = _HeadsByCount(width=12, heads=3)
     plan = infer_tp_plan(unit, {"up": _C, "down": _R})
     assert plan.sizes == (3, 24)  # the module's head count counts too
-    assert not plan.max_degree_divides(unit, 2) and plan.max_degree_divides(unit, 3)
-    assert not TPPlan({"up": _C}, refusal="why").max_degree_divides(unit, 2)
+    assert not plan.max_degree_divides(2) and plan.max_degree_divides(3)
+    assert not TPPlan({"up": _C}, refusal="why").max_degree_divides(2)
     with pytest.raises(ValueError, match="colwise or rowwise"):
         infer_tp_plan(unit, {"up": "diagonal"})
 
