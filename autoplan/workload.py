@@ -19,8 +19,8 @@ from autoplan.graph_cache import cached_graph
 from autoplan.hardware import GiB
 from autoplan.profile import Profile, load_profile
 
-__all__ = ["Workload", "load_workload", "load_graph", "check_profile", "memory_limit_bytes",
-           "is_saved_graph", "CLI_DTYPES"]
+__all__ = ["Workload", "WorkloadOptions", "load_workload", "load_graph", "check_profile",
+           "memory_limit_bytes", "is_saved_graph", "CLI_DTYPES"]
 
 CLI_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 """Trace dtype (LayerGraph.dtype, Profile.dtype) -> the name --dtype takes."""
@@ -37,6 +37,35 @@ class Workload:
     memory_limit_bytes: int | None = None
     model: str = ""
     """The model as the user named it: a spec, a graph.json path, or the graph's name."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkloadOptions:
+    """A Workload as a command is told it (load_workload's arguments, as typed): the base of
+    the estimate, search and plot options, checked when made so that bad input fails before
+    any tracing."""
+
+    model: str
+    """A model spec, or a graph.json written by `autoplan inspect -o` (no tracing)."""
+    cluster: str
+    profile: str | None = None
+    dtype: str = "bf16"
+    attention: str = "flash"
+    seq: int | None = None
+    memory_limit_gib: float | None = None
+    cache: bool = True
+    """Whether a spec's graph may come from, and go to, the graph cache (--no-cache: no)."""
+
+    def __post_init__(self) -> None:
+        if self.seq is not None and self.seq < 1:
+            raise AutoplanError(f"--seq must be at least 1, got {self.seq}")
+        memory_limit_bytes(self.memory_limit_gib)
+
+    def load(self) -> Workload:
+        """The Workload these options name (see load_workload)."""
+        return load_workload(self.model, self.cluster, self.profile, self.dtype,
+                             self.attention, self.seq, self.memory_limit_gib,
+                             cache=self.cache)
 
 
 def memory_limit_bytes(gib: float | None) -> int | None:

@@ -7,32 +7,20 @@ from dataclasses import dataclass
 from autoplan.cost_model import CostModel, Estimate
 from autoplan.errors import AutoplanError
 from autoplan.plan import Plan, check_plan, load_plan
-from autoplan.workload import load_workload, memory_limit_bytes
+from autoplan.workload import WorkloadOptions
 
 __all__ = ["EstimateOptions", "run_estimate"]
 
-@dataclass(frozen=True)
-class EstimateOptions:
-    model: str
-    """A model spec, or a graph.json written by `autoplan inspect -o` (no tracing)."""
-    cluster: str
+@dataclass(frozen=True, kw_only=True)
+class EstimateOptions(WorkloadOptions):
     global_batch: int
     plan: str
-    seq: int | None = None
-    profile: str | None = None
-    dtype: str = "bf16"
-    attention: str = "flash"
-    memory_limit_gib: float | None = None
     optimizer: str = "adamw"
-    cache: bool = True
-    """Whether a spec's graph may come from, and go to, the graph cache (--no-cache: no)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.global_batch < 1:
             raise AutoplanError(f"--global-batch must be at least 1, got {self.global_batch}")
-        if self.seq is not None and self.seq < 1:
-            raise AutoplanError(f"--seq must be at least 1, got {self.seq}")
-        memory_limit_bytes(self.memory_limit_gib)
 
 
 def run_estimate(options: EstimateOptions) -> tuple[Plan, Estimate]:
@@ -42,9 +30,7 @@ def run_estimate(options: EstimateOptions) -> tuple[Plan, Estimate]:
     Raises:
         AutoplanError: on any bad input, naming it.
     """
-    work = load_workload(options.model, options.cluster, options.profile, options.dtype,
-                         options.attention, options.seq, options.memory_limit_gib,
-                         cache=options.cache)
+    work = options.load()
     cluster = work.cluster
     plan = load_plan(options.plan, work.graph, cluster.gpus, options.global_batch, cluster.spec)
     if plan.global_batch != options.global_batch:

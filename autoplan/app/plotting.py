@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from autoplan import fmt
 from autoplan.errors import AutoplanError
+from autoplan.workload import WorkloadOptions
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -36,20 +37,14 @@ _FEW_MICRO_BATCHES = 32
 """Up to this many micro-batches the whole step is drawn; beyond, its start and its end."""
 
 
-@dataclass(frozen=True)
-class PlotOptions:
+@dataclass(frozen=True, kw_only=True)
+class PlotOptions(WorkloadOptions):
     plan: str
     """A plan.json; its model and cluster specs are used unless model/cluster are given."""
     output: str
     model: str | None = None
     cluster: str | None = None
-    profile: str | None = None
-    dtype: str = "bf16"
-    attention: str = "flash"
-    memory_limit_gib: float | None = None
     optimizer: str = "adamw"
-    cache: bool = True
-    """Whether a spec's graph may come from, and go to, the graph cache (--no-cache: no)."""
 
 
 def run_plot(options: PlotOptions) -> tuple[Plan, Estimate, Timeline]:
@@ -61,7 +56,6 @@ def run_plot(options: PlotOptions) -> tuple[Plan, Estimate, Timeline]:
     """
     from autoplan.cost_model import CostModel, plan_timeline
     from autoplan.plan import check_plan, load_plan
-    from autoplan.workload import load_workload
 
     if not Path(options.plan).is_file():
         raise AutoplanError(f"plan file '{options.plan}' does not exist (plot reads a "
@@ -70,9 +64,7 @@ def run_plot(options: PlotOptions) -> tuple[Plan, Estimate, Timeline]:
     cluster_spec = options.cluster or plan.cluster
     if not cluster_spec:
         raise AutoplanError(f"plan '{options.plan}' records no cluster; give --cluster")
-    work = load_workload(options.model or plan.model, cluster_spec, options.profile,
-                         options.dtype, options.attention,
-                         memory_limit_gib=options.memory_limit_gib, cache=options.cache)
+    work = replace(options, model=options.model or plan.model, cluster=cluster_spec).load()
     check_plan(plan, work.graph, world_size=work.cluster.gpus)
     model = CostModel.of(work, options.optimizer)
     estimate = model.estimate(plan)

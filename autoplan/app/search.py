@@ -9,34 +9,25 @@ from pathlib import Path
 
 from autoplan.errors import AutoplanError
 from autoplan.search import SearchOptions, SearchResult, parse_fix, search_workload
-from autoplan.workload import Workload, is_saved_graph, load_workload, memory_limit_bytes
+from autoplan.workload import Workload, WorkloadOptions, is_saved_graph
 
 __all__ = ["SearchCommand", "run_search"]
 
 
-@dataclass(frozen=True)
-class SearchCommand:
-    model: str
-    cluster: str
+@dataclass(frozen=True, kw_only=True)
+class SearchCommand(WorkloadOptions):
     global_batch: int
-    seq: int | None = None
-    profile: str | None = None
     solver: str = "auto"
     top_k: int = 3
-    memory_limit_gib: float | None = None
     max_tp: int | None = None
     fix: str | None = None
-    dtype: str = "bf16"
-    attention: str = "flash"
     time_limit_s: float = 30.0
     output: str | None = None
-    cache: bool = True
-    """Whether a spec's graph may come from, and go to, the graph cache (--no-cache: no)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.global_batch < 1:
             raise AutoplanError(f"--global-batch must be at least 1, got {self.global_batch}")
-        memory_limit_bytes(self.memory_limit_gib)
         if self.max_tp is not None and self.max_tp < 1:
             raise AutoplanError(f"--max-tp must be at least 1, got {self.max_tp}")
         if self.top_k < 0 or not self.time_limit_s > 0:
@@ -51,9 +42,7 @@ def run_search(command: SearchCommand,
     Raises:
         AutoplanError: on bad input, or when no plan fits (naming the memory that would do).
     """
-    work = load_workload(command.model, command.cluster, command.profile, command.dtype,
-                         command.attention, command.seq, command.memory_limit_gib,
-                         cache=command.cache)
+    work = command.load()
     if work.profile is None and not work.cluster.device.has_datasheet:
         raise AutoplanError(_profile_first(command, work))
     result = search_workload(work, _options(command), on_progress)
