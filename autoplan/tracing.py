@@ -34,7 +34,8 @@ from torch.utils.flop_counter import flop_registry
 from autoplan.errors import AutoplanError
 from autoplan.graph import LayerEdge, LayerGraph, LayerNode
 from autoplan.meta_state import as_compiling, keep_buffer_values
-from autoplan.models.build import BuiltModel, sum_loss
+from autoplan.models.build import DTYPES, BuiltModel, build_model, sum_loss
+from autoplan.models.spec import parse_model_spec
 from autoplan.replay import ReplayMismatch, replay_plan, swap_in_replays
 from autoplan.tp_plan import infer_tp_plan
 from autoplan.units import (
@@ -45,7 +46,8 @@ from autoplan.units import (
     structure_hash,
 )
 
-__all__ = ["layer_graph", "layer_graph_of_built", "meta_copy", "meta_inputs", "trace_batch"]
+__all__ = ["layer_graph", "layer_graph_of_built", "trace_spec", "meta_copy", "meta_inputs",
+           "trace_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,19 @@ def layer_graph_of_built(built: BuiltModel, dtype: torch.dtype = torch.bfloat16,
     return layer_graph(built.module, built.example_inputs, built.loss_fn, name=built.spec.text,
                        dtype=dtype, attention=attention,
                        tokens_per_sample=built.tokens_per_sample)
+
+
+def trace_spec(spec_text: str, dtype: str = "bf16", attention: str = "flash") -> LayerGraph:
+    """Build a model spec on meta tensors and trace it into its LayerGraph (every time:
+    autoplan.workload.load_graph is the cached way in).
+
+    Raises:
+        AutoplanError: on a bad spec or dtype.
+    """
+    if dtype not in DTYPES:
+        raise AutoplanError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+    built = build_model(parse_model_spec(spec_text), dtype=DTYPES[dtype])
+    return layer_graph_of_built(built, DTYPES[dtype], attention)
 
 
 # ---------------------------------------------------------------------------- tracing

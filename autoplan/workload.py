@@ -101,8 +101,8 @@ def load_graph(model: str, dtype: str = "bf16", attention: str = "flash",
         return LayerGraph.load(model)
 
     def trace() -> LayerGraph:
-        from autoplan.inspection import trace_spec  # torch: only when a model is traced
         from autoplan.models.spec import spec_with_seq
+        from autoplan.tracing import trace_spec  # torch: only when a model is traced
 
         return trace_spec(model if seq is None else spec_with_seq(model, seq), dtype, attention)
 

@@ -237,7 +237,7 @@ def test_structural_hash_does_not_depend_on_string_hashing() -> None:
     import subprocess
     import sys
 
-    code = ("from autoplan.inspection import trace_spec; "
+    code = ("from autoplan.tracing import trace_spec; "
             "print(trace_spec('gpt-tiny', dtype='fp32').structural_hash)")
     hashes = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              check=True, timeout=120,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import autoplan.inspection
+import autoplan.tracing
 from autoplan import graph_cache
 from autoplan.app.cli import main
 from autoplan.graph_cache import CACHE_DIR_ENV, get_cache_dir, graph_cache_key
@@ -31,13 +31,13 @@ def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def traces(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The specs traced from here on (load_graph imports trace_spec when it traces)."""
     traced: list[str] = []
-    trace_spec = autoplan.inspection.trace_spec
+    trace_spec = autoplan.tracing.trace_spec
 
     def counting(spec_text: str, *args, **kwargs):  # noqa: ANN202
         traced.append(spec_text)
         return trace_spec(spec_text, *args, **kwargs)
 
-    monkeypatch.setattr(autoplan.inspection, "trace_spec", counting)
+    monkeypatch.setattr(autoplan.tracing, "trace_spec", counting)
     return traced
 
 
@@ -53,7 +53,7 @@ def test_a_hit_returns_an_equal_graph_without_tracing(
     def no_tracing(*args, **kwargs):  # noqa: ANN202
         raise AssertionError("traced although the graph was cached")
 
-    monkeypatch.setattr(autoplan.inspection, "trace_spec", no_tracing)
+    monkeypatch.setattr(autoplan.tracing, "trace_spec", no_tracing)
     cached = load_graph(MODEL)
     assert cached == traced and cached.structural_hash == traced.structural_hash
     assert cached.to_dict() == traced.to_dict()

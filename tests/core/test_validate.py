@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from autoplan.workload import load_graph
 from autoplan.app.validate import (
     PlanOutcome,
     ValidateOptions,
@@ -17,6 +16,7 @@ from autoplan.app.validate import (
 from autoplan.errors import AutoplanError
 from autoplan.feasibility import plan_refusal
 from autoplan.plan import uniform_plan
+from autoplan.workload import load_graph
 
 
 def test_candidates_are_uniform_plans_of_the_world() -> None:
