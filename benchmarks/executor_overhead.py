@@ -53,9 +53,9 @@ from torch.distributed.tensor.parallel import (
 )
 
 import autoplan
-from autoplan.workload import load_graph
 from autoplan.models import build_model
 from autoplan.plan import uniform_plan
+from autoplan.workload import load_graph
 
 MODEL = "gpt:layers=4,hidden=128,heads=4,seq=64,vocab=512"
 """A small GPT: a step takes tens of milliseconds on one CPU thread, so that fixed per-step

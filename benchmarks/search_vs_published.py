@@ -21,14 +21,13 @@ import io
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from korthikanti import PRESETS, predict, published_rows  # noqa: E402
 
-from autoplan.workload import load_graph  # noqa: E402
 from autoplan.cluster import parse_cluster_spec  # noqa: E402
 from autoplan.cost_model import CostModel, Estimate  # noqa: E402
 from autoplan.errors import AutoplanError  # noqa: E402
@@ -38,6 +37,7 @@ from autoplan.plan import Plan, check_plan, uniform_plan  # noqa: E402
 from autoplan.profile import Profile, load_profile  # noqa: E402
 from autoplan.search.report import describe  # noqa: E402
 from autoplan.search.search import Searcher, SearchOptions, SearchResult  # noqa: E402
+from autoplan.workload import load_graph  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TOLERANCE = 1e-9
