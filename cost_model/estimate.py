@@ -9,7 +9,9 @@ compute.py (layer times), communication.py (what each parallelism moves), pipeli
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from autoplan.cluster import Cluster
 from autoplan.cost_model.analytic import (
@@ -32,6 +34,7 @@ from autoplan.cost_model.memory import (
     LayerCost,
     StageMemory,
     layer_state_bytes,
+    saved_bytes_at,
     saved_bytes_per_sample,
     stage_memory,
     stage_tail,
@@ -141,6 +144,7 @@ class CostModel:
         self.memory_limit_bytes = memory_limit_bytes or cluster.device.memory_bytes
         self.notes = [] if profile is None else [f"profile {profile.mode} {profile.content_hash}"]
         self._layer_costs: dict[tuple, LayerCost] = {}
+        self._parts: dict[tuple, Any] = {}
 
     @classmethod
     def of(cls, work: Workload, optimizer: str = "adamw") -> CostModel:
@@ -158,7 +162,9 @@ class CostModel:
         """
         self._check(plan)
         layers = list(zip(self.graph.nodes, plan.layers, strict=True))
-        stages = [self._stage(plan, s, layers) for s in range(plan.pp)]
+        chunks = stage_chunks(plan.stage_boundaries, len(plan.layers), plan.pp)
+        stages = [self._stage(plan, s, layers, [list(range(first, last)) for first, last in c])
+                  for s, c in enumerate(chunks)]
         m = plan.num_micro_batches
         pipe = pipeline_time_s([s.micro_batch_s for s in stages], m, plan.virtual_stages)
         busy = sum(m * s.micro_batch_s for s in stages) / (plan.pp * pipe) if pipe else 1.0
@@ -203,11 +209,6 @@ class CostModel:
             raise AutoplanError(f"plan layers do not match model {self.graph.model}'s; make the "
                                 "plan for this model")
 
-    def _stage_layers(self, plan: Plan, stage: int) -> list[list[int]]:
-        """Layer indices of each chunk that stage `stage` runs (plan.stage_chunks)."""
-        chunks = stage_chunks(plan.stage_boundaries, len(plan.layers), plan.pp)[stage]
-        return [list(range(first, last)) for first, last in chunks]
-
     def fits(self, peaks: list[int]) -> bool:
         """Whether stages of these peaks fit the device with the framework's overhead."""
         return max(peaks) + self.overhead_bytes <= self.memory_limit_bytes
@@ -216,9 +217,9 @@ class CostModel:
         return micro_batches_in_flight(plan.schedule, plan.pp, stage, plan.num_micro_batches,
                                        plan.virtual_stages)
 
-    def _stage(self, plan: Plan, stage: int,
-               layers: list[tuple[LayerNode, LayerPlan]]) -> StageEstimate:
-        chunks = self._stage_layers(plan, stage)
+    def _stage(self, plan: Plan, stage: int, layers: list[tuple[LayerNode, LayerPlan]],
+               chunks: list[list[int]]) -> StageEstimate:
+        """Stage `stage`, running the layer indices of each of `chunks` (plan.stage_chunks)."""
         costs = []
         parts = dict.fromkeys(_MICRO_BATCH_PARTS, 0.0)
         for chunk in chunks:
@@ -227,7 +228,7 @@ class CostModel:
                 costs.append(cost)
                 for part, seconds in cost.per_micro_batch_s.items():
                     parts[part] += seconds
-                if i > chunk[0]:
+                if i > chunk[0] and layers[i - 1][1].dp != layers[i][1].dp:  # else free
                     parts["reshard"] += self.reshard_s(layers[i][0], layers[i - 1][1],
                                                        layers[i][1], plan.micro_batch_size)
             parts["pp_comm"] += self._hops(plan, layers, chunk)
@@ -251,10 +252,13 @@ class CostModel:
     def _layer_cost(self, node: LayerNode, layer: LayerStrategy, micro_batch_size: int,
                     shared: bool) -> LayerCost:
         samples = micro_batch_size // layer.dp
-        times = self.compute.times(node, samples, layer.tp, layer.sequence_parallel,
-                                   layer.checkpoint)
+        sig, dp, tp, sp, zero = node.signature, layer.dp, layer.tp, layer.sequence_parallel, \
+            layer.zero
+        times = self._part(("times", sig, samples, tp, sp, layer.checkpoint),
+                           lambda: self.compute.times(node, samples, tp, sp, layer.checkpoint))
         tp_fwd, tp_bwd = (0.0, 0.0) if self.compute.tp_comm_in_layers else \
-            tp_time_s(self.comm, node, layer, samples)
+            self._part(("tp", sig, samples, tp, sp),
+                       lambda: tp_time_s(self.comm, node, layer, samples))
         tp_recompute = tp_fwd if layer.checkpoint == "full" else 0.0
         # FSDP prefetch hides a gather behind the previous layer's compute (Zhao et al. 2023,
         # sec. 3.3): only what compute cannot cover is exposed; on oversubscribed CPU cores
@@ -266,32 +270,44 @@ class CostModel:
             times, sync = in_situ
             fsdp, gather, exposed = 0.0, 0.0, True
         else:
-            fsdp = fsdp_time_s(self.comm, node, layer, self.elt_bytes)
+            fsdp = self._part(("fsdp", sig, dp, tp, zero >= 3),
+                              lambda: fsdp_time_s(self.comm, node, layer, self.elt_bytes))
             # A layer's gradient sync starts when its backward ends and runs beside the
             # backward of the layers before it, taken as long as its own (PyTorch DDP/FSDP2
             # overlap, Li et al. 2020); what that does not cover is exposed once per step.
-            sync, gather = grad_sync_time_s(self.comm, node, layer, self.elt_bytes)
+            sync, gather = self._part(("sync", sig, dp, tp, zero), lambda: grad_sync_time_s(
+                self.comm, node, layer, self.elt_bytes))
         compute = times.fwd_s + times.bwd_s + times.recompute_s
         weights, grads, optimizer = layer_state_bytes(node, layer, self.elt_bytes,
                                                       self.optimizer_bytes, shared)
         # ZeRO 1/2 on FSDP2 keep each layer's whole weights from its forward to its backward.
         kept = weights * layer.dp if layer.zero in (1, 2) and layer.dp > 1 else 0.0
         saved = samples * saved_bytes_per_sample(node, layer)
-        whole = samples * saved_bytes_per_sample(
-            node, layer.model_copy(update={"checkpoint": "none"}))
+        # what the layer saves without checkpointing: recomputed in its backward
+        whole = samples * saved_bytes_at(node, tp, sp, "none") \
+            if layer.checkpoint != "none" else 0.0
         return LayerCost(
             per_micro_batch_s={"forward": times.fwd_s, "backward": times.bwd_s,
                                "recompute": times.recompute_s,
                                "tp_comm": tp_fwd + tp_bwd + tp_recompute,
                                "fsdp_comm": fsdp if exposed else max(0.0, fsdp - compute)},
             tail_s={"dp_comm": (sync if exposed else max(0.0, sync - times.bwd_s)) + gather,
-                    "optimizer": self._optimizer_s(node, layer)},
+                    "optimizer": self._part(("optimizer", sig, tp, dp if zero else 1),
+                                            lambda: self._optimizer_s(node, layer))},
             state_bytes=weights + grads + optimizer + kept,
             state_parts=(weights, grads, optimizer),
             saved_bytes=saved, fixed_bytes=node.act_bytes_fixed,
-            transient_bytes=whole if layer.checkpoint != "none" else 0.0,
+            transient_bytes=whole,
             gathered_bytes=weights * layer.dp if layer.zero >= 3 and layer.dp > 1 else 0.0,
             bucket=layer.dp > 1 and layer.zero < 3, kept_bytes=kept)
+
+    def _part(self, key: tuple, make: Callable[[], Any]) -> Any:
+        """make(), taken once per key: a piece of a layer's cost that many strategies share
+        (compute by samples per rank, collectives by layout), keyed by what it reads of the
+        strategy and by the layer's signature (equal signatures cost alike: layer_cost)."""
+        if key not in self._parts:
+            self._parts[key] = make()
+        return self._parts[key]
 
     def reshard_s(self, node: LayerNode, before: LayerStrategy, after: LayerStrategy,
                   micro_batch_size: int) -> float:
@@ -314,7 +330,9 @@ class CostModel:
     def hop_s(self, node: LayerNode, layer: LayerStrategy, micro_batch_size: int,
               stage_gpus: int) -> float:
         """One pipeline send of `node`'s output (or its gradient) per micro-batch."""
-        return p2p_time_s(self.comm, node, layer, micro_batch_size // layer.dp, stage_gpus)
+        samples = micro_batch_size // layer.dp
+        return self._part(("hop", node.signature, layer.tp, samples, stage_gpus),
+                          lambda: p2p_time_s(self.comm, node, layer, samples, stage_gpus))
 
     def _optimizer_s(self, node: LayerNode, layer: LayerStrategy) -> float:
         """The optimizer step over this rank's share of `node`: measured in situ (ZeRO

@@ -8,15 +8,15 @@ weight and gradient). ZeRO 1 shards optimizer state over dp, 2 also gradients, 3
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from autoplan.cost_model.analytic import TP_SHARDED_KINDS
 from autoplan.graph import LayerNode
 from autoplan.plan import LayerStrategy
 
 __all__ = ["StageMemory", "LayerCost", "KORTHIKANTI_REPLICATED_TENSORS", "DDP_BUCKET_BYTES",
-           "TORCH_SP_GATHERED_TENSORS", "saved_bytes_per_sample", "layer_state_bytes",
-           "stage_memory", "counted_stage_memory", "stage_tail"]
+           "TORCH_SP_GATHERED_TENSORS", "saved_bytes_per_sample", "saved_bytes_at",
+           "layer_state_bytes", "stage_memory", "counted_stage_memory", "stage_tail"]
 
 KORTHIKANTI_REPLICATED_TENSORS = 5
 """Hidden-state tensors of a transformer block's saved activations that stay whole on every
@@ -87,9 +87,14 @@ class LayerCost:
     """Whole weights FSDP keeps gathered from this layer's forward to its backward (ZeRO 1
     and 2, dp > 1): held at the stage's peak, so also counted in state_bytes."""
 
-    @property
-    def micro_batch_s(self) -> float:
-        return sum(self.per_micro_batch_s.values())
+    micro_batch_s: float = field(init=False, repr=False, compare=False)
+    """The sum of per_micro_batch_s (taken once: the search reads it for every plan)."""
+    step_tail_s: float = field(init=False, repr=False, compare=False)
+    """The sum of tail_s."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "micro_batch_s", sum(self.per_micro_batch_s.values()))
+        object.__setattr__(self, "step_tail_s", sum(self.tail_s.values()))
 
     @property
     def prefetch_bytes(self) -> float:
@@ -127,17 +132,25 @@ def stage_memory(costs: list[LayerCost], held: float) -> StageMemory:
 def counted_stage_memory(counted: list[tuple[LayerCost, int]], held: float) -> StageMemory:
     """stage_memory of a stage holding `count` layers of each (cost, count): the search
     checks many plans whose stages repeat a few kinds of layer."""
-    present = [(c, n) for c, n in counted if n > 0]
-    buffers = max((c.prefetch_bytes for c, _ in present), default=0.0)
-    buffers += max((c.bucket_bytes for c, _ in present), default=0.0)
-    buffers += sum(n * c.kept_bytes for c, n in present)
-    return StageMemory(
-        params=sum(n * c.state_parts[0] for c, n in present),
-        grads=sum(n * c.state_parts[1] for c, n in present),
-        optimizer=sum(n * c.state_parts[2] for c, n in present),
-        activations=held * sum(n * c.saved_bytes for c, n in present)
-        + sum(n * c.fixed_bytes for c, n in present),
-        transient=max((c.transient_bytes for c, _ in present), default=0.0), buffers=buffers)
+    # one pass, each sum in layer order (as sum() adds them)
+    params = grads = optimizer = saved = fixed = kept = 0
+    prefetch = bucket = transient = 0.0
+    for c, n in counted:
+        if n <= 0:
+            continue
+        weights, gradients, states = c.state_parts
+        params += n * weights
+        grads += n * gradients
+        optimizer += n * states
+        saved += n * c.saved_bytes
+        fixed += n * c.fixed_bytes
+        kept += n * c.kept_bytes
+        prefetch = max(prefetch, c.prefetch_bytes)
+        bucket = max(bucket, c.bucket_bytes)
+        transient = max(transient, c.transient_bytes)
+    return StageMemory(params=params, grads=grads, optimizer=optimizer,
+                       activations=held * saved + fixed, transient=transient,
+                       buffers=prefetch + bucket + kept)
 
 
 def _sharded(node: LayerNode) -> bool:
@@ -153,10 +166,15 @@ def saved_bytes_per_sample(node: LayerNode, layer: LayerStrategy) -> float:
     with it; an embedding or head splits its weight only: it saves its whole input (token
     ids; the gathered hidden state that a column-parallel head multiplies).
     """
-    tp, sp = layer.tp, layer.sequence_parallel
-    if layer.checkpoint == "full":
+    return saved_bytes_at(node, layer.tp, layer.sequence_parallel, layer.checkpoint)
+
+
+def saved_bytes_at(node: LayerNode, tp: int, sp: bool, checkpoint: str) -> float:
+    """saved_bytes_per_sample of `node` at these fields of a strategy: the cost model asks
+    it under another checkpointing than the strategy's, without copying the strategy."""
+    if checkpoint == "full":
         return node.input_bytes / (tp if sp and _sharded(node) else 1)
-    act = node.act_bytes - (node.attn_act_bytes if layer.checkpoint == "selective" else 0)
+    act = node.act_bytes - (node.attn_act_bytes if checkpoint == "selective" else 0)
     if node.kind == "block":
         tensors = TORCH_SP_GATHERED_TENSORS if sp else KORTHIKANTI_REPLICATED_TENSORS
         whole = min(act, tensors * node.output_bytes)

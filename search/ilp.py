@@ -1,5 +1,6 @@
-"""The stage problem as an integer linear program (pulp; HiGHS through highspy, CBC when
-HiGHS is missing).
+"""The stage problem as an integer linear program: HiGHS through highspy, given the program
+exactly as pulp.HiGHS would build it (without pulp's objects, which cost more than most
+solves); CBC through pulp when HiGHS is missing.
 
 Per run r: a one-hot layout z[r, L]; integer counts n[r, o] of its layers on each option o,
 allowed only on the chosen layout. Per pair of adjacent runs: y[r, L, L'] >= z[r, L] +
@@ -14,6 +15,7 @@ import math
 import os
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import pulp
 
@@ -36,75 +38,142 @@ def solve_ilp(problem: StageProblem, time_limit_s: float = 30.0,
     Raises:
         AutoplanError: on an unknown solver, or when the solver fails without an answer.
     """
-    lp, z, n = _program(problem)
-    status, gap = _solve(lp, time_limit_s, solver)
+    if solver not in ILP_SOLVERS:
+        raise AutoplanError(f"unknown ILP solver '{solver}'; choose from {', '.join(ILP_SOLVERS)}")
+    program = _program(problem)
+    if solver == "highs" and pulp.HiGHS().available():
+        status, gap, values = _solve_highs(program, time_limit_s)
+    else:
+        status, gap, values = _solve_cbc(program, time_limit_s)
     if status == INFEASIBLE:
         return StageSolution(float("inf"), status=INFEASIBLE)
     picks = []
     for r, run in enumerate(problem.runs):
-        counts = [(o.index, round(n[r, k].value() or 0)) for k, o in enumerate(run.options)]
+        counts = [(o.index, round(values[f"n_{r}_{k}"] or 0)) for k, o in enumerate(run.options)]
         picks.append(tuple(index for index, count in counts for _ in range(count)))
-    memory = sum(o.memory * round(n[r, k].value() or 0)
+    memory = sum(o.memory * round(values[f"n_{r}_{k}"] or 0)
                  for r, run in enumerate(problem.runs) for k, o in enumerate(run.options))
-    return StageSolution(pulp.value(lp.objective) or 0.0, tuple(picks), status, gap, memory)
+    objective = 0.0  # as pulp.value(objective) adds it up, term by term
+    for name, coefficient in program.objective.items():
+        objective += values[name] * coefficient
+    return StageSolution(objective or 0.0, tuple(picks), status, gap, memory)
 
 
-def _program(problem: StageProblem) -> tuple[pulp.LpProblem, dict, dict]:
-    lp = pulp.LpProblem("stage", pulp.LpMinimize)
-    z = {(r, layout): lp.add_variable(f"z_{r}_{layout[0]}_{layout[1]}", cat="Binary")
+@dataclass
+class _Program:
+    """The program as pulp hands it to a solver, without pulp's expression objects (the
+    search builds tens of them): columns by name, objective terms and rows in the order
+    the expressions below would have made them, with their arithmetic."""
+
+    columns: dict[str, tuple[float, float | None, bool]] = field(default_factory=dict)
+    """name -> (lower bound, upper bound or None, integer)."""
+    objective: dict[str, float] = field(default_factory=dict)
+    rows: list[tuple[list[tuple[str, float]], float | None, float | None]] = field(
+        default_factory=list)
+    """(terms, lower bound or None, upper bound or None)."""
+
+    def column(self, name: str, upper: float | None, integer: bool) -> str:
+        self.columns[name] = (0, upper, integer)
+        return name
+
+
+def _program(problem: StageProblem) -> _Program:
+    """Per run: sum z[r, L] == 1, sum n[r, o] == count, n[r, o] <= count z[r, L(o)]; per
+    edge cost: z[r, L] + z[r + 1, L'] <= 1 (a change the executor refuses) or y >= z[r, L]
+    + z[r + 1, L'] - 1 in the objective; the memory budget in GiB."""
+    lp = _Program()
+    z = {(r, layout): lp.column(f"z_{r}_{layout[0]}_{layout[1]}", 1, True)
          for r, run in enumerate(problem.runs) for layout in run.layouts()}
-    n = {(r, k): lp.add_variable(f"n_{r}_{k}", 0, run.count, cat="Integer")
+    n = {(r, k): lp.column(f"n_{r}_{k}", run.count, True)
          for r, run in enumerate(problem.runs) for k in range(len(run.options))}
-    objective = [o.time * n[r, k] for r, run in enumerate(problem.runs)
-                 for k, o in enumerate(run.options)]
+    for r, run in enumerate(problem.runs):  # pulp leaves zero terms out of a product
+        lp.objective.update((n[r, k], o.time) for k, o in enumerate(run.options) if o.time)
     for r, run in enumerate(problem.runs):
-        lp += pulp.lpSum(z[r, layout] for layout in run.layouts()) == 1
-        lp += pulp.lpSum(n[r, k] for k in range(len(run.options))) == run.count
+        lp.rows.append(([(z[r, layout], 1) for layout in run.layouts()], 1, 1))
+        lp.rows.append(([(n[r, k], 1) for k in range(len(run.options))], run.count, run.count))
         for k, o in enumerate(run.options):
-            lp += n[r, k] <= run.count * z[r, o.layout]
+            lp.rows.append(([(n[r, k], 1), (z[r, o.layout], -run.count)], None, 0))
         if r + 1 < len(problem.runs):
             for (before, after), cost in sorted(problem.edges[r].items()):
                 if cost == math.inf and (r, before) in z and (r + 1, after) in z:
-                    lp += z[r, before] + z[r + 1, after] <= 1  # a change the executor refuses
+                    lp.rows.append(([(z[r, before], 1), (z[r + 1, after], 1)], None, 1))
                 elif cost > 0 and (r, before) in z and (r + 1, after) in z:
-                    y = lp.add_variable(f"y_{r}_{before[0]}_{before[1]}_{after[0]}_{after[1]}", 0)
-                    lp += y >= z[r, before] + z[r + 1, after] - 1
-                    objective.append(cost * y)
-    lp += pulp.lpSum(objective)
-    lp += pulp.lpSum(o.memory / _GIB * n[r, k] for r, run in enumerate(problem.runs)
-                     for k, o in enumerate(run.options)) <= problem.budget / _GIB
-    return lp, z, n
+                    y = lp.column(f"y_{r}_{before[0]}_{before[1]}_{after[0]}_{after[1]}", None,
+                                  False)
+                    lp.rows.append(([(y, 1), (z[r, before], -1), (z[r + 1, after], -1)], -1,
+                                    None))
+                    lp.objective[y] = cost
+    memory = [(n[r, k], o.memory / _GIB) for r, run in enumerate(problem.runs)
+              for k, o in enumerate(run.options) if o.memory / _GIB]
+    lp.rows.append((memory, None, problem.budget / _GIB))
+    if not lp.objective:  # pulp's stand-in for an objective without variables
+        lp.objective[lp.column("__dummy", 0, False)] = 1
+    return lp
 
 
-def _solve(lp: pulp.LpProblem, time_limit_s: float, solver: str) -> tuple[str, float]:
-    """Run the solver and read its own status: pulp's LpStatus can say Optimal after a
-    timeout, so HiGHS's model status and MIP gap (or CBC's solution status) decide."""
-    if solver not in ILP_SOLVERS:
-        raise AutoplanError(f"unknown ILP solver '{solver}'; choose from {', '.join(ILP_SOLVERS)}")
-    if solver == "highs" and pulp.HiGHS().available():
-        with _quiet_stdout():  # highspy prints its banner on stdout, into --json output
-            lp.solve(pulp.HiGHS(msg=False, timeLimit=time_limit_s, threads=1, gapRel=0.0,
-                                gapAbs=1e-9, **_HIGHS_TOLERANCES))
-        import highspy
+def _solve_highs(lp: _Program, time_limit_s: float) -> tuple[str, float, dict[str, float]]:
+    """HiGHS given the program as pulp.HiGHS builds it (columns sorted by name, rows in
+    order, zero coefficients left out), read by its own status: its model status and MIP
+    gap decide (pulp's LpStatus can say Optimal after a timeout)."""
+    import highspy
 
-        status = lp.solverModel.getModelStatus()
-        if status == highspy.HighsModelStatus.kOptimal:
-            return "optimal", 0.0
-        if status == highspy.HighsModelStatus.kInfeasible:
-            return INFEASIBLE, 0.0
-        if status == highspy.HighsModelStatus.kTimeLimit and lp.solverModel.getInfo(
-                ).primal_solution_status == 2:  # a feasible point: report how far from proven
-            return "time_limit", float(lp.solverModel.getInfo().mip_gap)
-        why = lp.solverModel.modelStatusToString(status)
-        raise AutoplanError(f"HiGHS ended without a plan: {why}")
-    lp.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s))
-    if lp.sol_status == pulp.LpSolutionOptimal:
-        return "optimal", 0.0
-    if lp.sol_status == pulp.LpSolutionIntegerFeasible:
-        return "time_limit", float("nan")  # CBC through pulp does not report its gap
-    if lp.sol_status in (pulp.LpSolutionInfeasible, pulp.LpSolutionNoSolutionFound):
-        return INFEASIBLE, 0.0
-    raise AutoplanError(f"CBC ended without a plan: {pulp.LpStatus[lp.status]}")
+    inf = highspy.kHighsInf
+    names = sorted(lp.columns)
+    index = {name: i for i, name in enumerate(names)}
+    with _quiet_stdout():  # highspy prints its banner on stdout, into --json output
+        model = highspy.Highs()
+        for option, value in {"output_flag": False, "mip_rel_gap": 0.0, "mip_abs_gap": 1e-9,
+                              "threads": 1, "time_limit": float(time_limit_s),
+                              **_HIGHS_TOLERANCES}.items():
+            model.setOptionValue(option, value)
+        for i, name in enumerate(names):
+            lower, upper, integer = lp.columns[name]
+            model.addCol(lp.objective.get(name, 0.0), lower, inf if upper is None else upper,
+                         0, [], [])
+            if integer:
+                model.changeColIntegrality(i, highspy.HighsVarType.kInteger)
+        for terms, lower, upper in lp.rows:
+            nonzero = [(index[name], c) for name, c in terms if c != 0]
+            indices, coefficients = zip(*nonzero, strict=True) if nonzero else ([], [])
+            model.addRow(-inf if lower is None else lower, inf if upper is None else upper,
+                         len(indices), indices, coefficients)
+        model.run()
+    values = dict(zip(names, list(model.getSolution().col_value), strict=True))
+    status = model.getModelStatus()
+    if status == highspy.HighsModelStatus.kOptimal:
+        return "optimal", 0.0, values
+    if status == highspy.HighsModelStatus.kInfeasible:
+        return INFEASIBLE, 0.0, values
+    if status == highspy.HighsModelStatus.kTimeLimit and model.getInfo(
+            ).primal_solution_status == 2:  # a feasible point: report how far from proven
+        return "time_limit", float(model.getInfo().mip_gap), values
+    why = model.modelStatusToString(status)
+    raise AutoplanError(f"HiGHS ended without a plan: {why}")
+
+
+def _solve_cbc(lp: _Program, time_limit_s: float) -> tuple[str, float, dict[str, float]]:
+    """CBC through pulp, read by its solution status."""
+    problem = pulp.LpProblem("stage", pulp.LpMinimize)
+    columns = {name: problem.add_variable(name, lower, upper,
+                                          cat="Integer" if integer else "Continuous")
+               for name, (lower, upper, integer) in lp.columns.items()}
+    problem += pulp.LpAffineExpression([(columns[name], c) for name, c in lp.objective.items()])
+    for terms, lower, upper in lp.rows:
+        expression = pulp.LpAffineExpression([(columns[name], c) for name, c in terms])
+        if lower is not None:
+            problem += pulp.LpConstraint(expression, pulp.LpConstraintEQ if upper is not None
+                                         else pulp.LpConstraintGE, rhs=lower)
+        else:
+            problem += pulp.LpConstraint(expression, pulp.LpConstraintLE, rhs=upper)
+    problem.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s))
+    values = {name: column.value() for name, column in columns.items()}
+    if problem.sol_status == pulp.LpSolutionOptimal:
+        return "optimal", 0.0, values
+    if problem.sol_status == pulp.LpSolutionIntegerFeasible:
+        return "time_limit", float("nan"), values  # CBC through pulp does not report its gap
+    if problem.sol_status in (pulp.LpSolutionInfeasible, pulp.LpSolutionNoSolutionFound):
+        return INFEASIBLE, 0.0, values
+    raise AutoplanError(f"CBC ended without a plan: {pulp.LpStatus[problem.status]}")
 
 
 @contextlib.contextmanager

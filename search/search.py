@@ -27,15 +27,14 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import operator
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from autoplan.cluster import Cluster
-from autoplan.cost_model import CostModel, Estimate
-from autoplan.cost_model.memory import LayerCost
-from autoplan.cost_model.pipeline import micro_batches_in_flight
+from autoplan.cost_model import CostModel, Estimate, LayerCost, micro_batches_in_flight
 from autoplan.errors import AutoplanError
 from autoplan.feasibility import (
     cut_refusal,
@@ -150,13 +149,13 @@ class _Choice:
     micro_batch_s: float = field(init=False)
     """cost.micro_batch_s."""
     tail_s: float = field(init=False)
-    """The sum of cost.tail_s."""
+    """cost.step_tail_s."""
     buffer_bytes: float = field(init=False)
     """cost.peak_extra_bytes."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "micro_batch_s", self.cost.micro_batch_s)
-        object.__setattr__(self, "tail_s", sum(self.cost.tail_s.values()))
+        object.__setattr__(self, "tail_s", self.cost.step_tail_s)
         object.__setattr__(self, "buffer_bytes", self.cost.peak_extra_bytes)
 
     @property
@@ -197,6 +196,7 @@ class Searcher:
         self._choices: dict[tuple, list[_Choice]] = {}
         self._stages: dict[tuple, StageSolution] = {}
         self._sends: dict[tuple, float] = {}
+        self._stage_sends: dict[tuple, float] = {}
         self._least: dict[tuple, tuple[float, float] | None] = {}
         self.candidates: list[Candidate] = []
         self._incumbent: Candidate | None = None
@@ -448,13 +448,18 @@ class Searcher:
     def _chunk_sends(self, outer: Outer, chunks: list[tuple[int, int]]) -> float:
         """The least time the sends of one micro-batch take at the ends of chunks
         [first, last) of one stage: its output forward unless it ends the model, its
-        input's gradient back unless it starts it (CostModel._hops)."""
+        input's gradient back unless it starts it (CostModel._hops). Cached by pipeline
+        degree, micro-batch and chunks: bounds ask it for every stage of many settings."""
         if outer.pp == 1:
             return 0.0
-        layers = len(self.graph.nodes)
-        return sum((self._cheapest_send(outer, last - 1) if last < layers else 0.0)
-                   + (self._cheapest_send(outer, first - 1) if first > 0 else 0.0)
-                   for first, last in chunks)
+        key = (outer.pp, outer.micro_batch_size, *chunks)
+        if key not in self._stage_sends:
+            layers = len(self.graph.nodes)
+            self._stage_sends[key] = sum(
+                (self._cheapest_send(outer, last - 1) if last < layers else 0.0)
+                + (self._cheapest_send(outer, first - 1) if first > 0 else 0.0)
+                for first, last in chunks)
+        return self._stage_sends[key]
 
     def _cheapest_send(self, outer: Outer, i: int) -> float:
         """Layer i's output sent once, at the cheapest of its choices (a send's cost depends
@@ -568,11 +573,6 @@ class Searcher:
                 node = self.graph.nodes[i]
                 choices = self._layer_choices(i, outer, stage)
                 worst = max([worst, *(c.buffer_bytes for c in choices)])
-                options = _pareto_options([
-                    Option(k, (c.strategy.dp, c.strategy.tp),
-                           m * c.micro_batch_s + c.tail_s,
-                           c.cost.state_bytes + held * c.cost.saved_bytes + c.cost.fixed_bytes)
-                    for k, c in enumerate(choices)])
                 # one run: layers with the same choices (_layer_choices' key) and tie group
                 before = self.graph.nodes[i - 1]
                 same = (len(runs) > start and before.signature == node.signature
@@ -582,6 +582,11 @@ class Searcher:
                 if same:
                     runs[-1] = Run(runs[-1].count + 1, runs[-1].options)
                     continue
+                options = _pareto_options([
+                    Option(k, (c.strategy.dp, c.strategy.tp),
+                           m * c.micro_batch_s + c.tail_s,
+                           c.cost.state_bytes + held * c.cost.saved_bytes + c.cost.fixed_bytes)
+                    for k, c in enumerate(choices)])
                 if len(runs) > start:
                     edges.append(self._edge(node, runs[-1], options, outer, m))
                 elif runs:
@@ -784,8 +789,7 @@ def _undominated(choices: list[_Choice]) -> list[_Choice]:
     beaten = set()
     for k in sorted(range(len(choices)), key=terms.__getitem__):
         front, mine = kept.setdefault(choices[k].layout, []), terms[k]
-        if any(other != mine and all(a <= b for a, b in zip(other, mine, strict=True))
-               for other in front):
+        if any(other != mine and all(map(operator.le, other, mine)) for other in front):
             beaten.add(k)
         else:
             front.append(mine)

@@ -16,9 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from autoplan.cost_model import CostModel
-from autoplan.cost_model.memory import counted_stage_memory
-from autoplan.cost_model.pipeline import micro_batches_in_flight
+from autoplan.cost_model import CostModel, counted_stage_memory, micro_batches_in_flight
 from autoplan.feasibility import gives_whole_output, last_layer
 from autoplan.graph import LayerGraph
 from autoplan.plan import LayerPlan, LayerStrategy, Plan, split_stages, stage_chunks
@@ -45,9 +43,18 @@ class UniformPoint:
 
 
 def uniform_layers(graph: LayerGraph, strategy: LayerStrategy) -> list[LayerStrategy]:
-    """`strategy` on every layer, as _on_layer adjusts it."""
+    """`strategy` on every layer, as _on_layer adjusts it: once per kind of layer, by what
+    _on_layer reads of it (many layers are alike)."""
     last = last_layer(graph.nodes)
-    return [_on_layer(graph, i, strategy, last) for i in range(len(graph.nodes))]
+    made: dict[tuple, LayerStrategy] = {}
+    out = []
+    for i, node in enumerate(graph.nodes):
+        key = (node.kind, node.act_bytes, node.input_bytes, node.attn_act_bytes,
+               node.module_type, i == last)
+        if key not in made:
+            made[key] = _on_layer(graph, i, strategy, last)
+        out.append(made[key])
+    return out
 
 
 def _on_layer(graph: LayerGraph, i: int, strategy: LayerStrategy, last: int) -> LayerStrategy:
@@ -85,9 +92,12 @@ def uniform_points(graph: LayerGraph, model: CostModel, space: SearchSpace, gpus
     for i, node in enumerate(graph.nodes):
         firsts.setdefault((node.signature, i == last), []).append(i)
     kinds = [(found[0], len(found)) for found in firsts.values()]
-    sums: dict[tuple, list[tuple[LayerStrategy, float, float, float]]] = {}
+    # per stage size, micro-batch and pipelining (which fixes pp): each strategy's sums
+    # (_kind_sums) and families
+    sums: dict[tuple, list[tuple[LayerStrategy, float, float, float, tuple[str, ...]]]] = {}
     adjusted: dict[tuple, LayerStrategy] = {}
     points = []
+    bound_of = model.step_bound_s
     for outer in outer_settings(gpus, global_batch, chunks, free):
         stage_gpus = gpus // outer.pp
         m = global_batch // outer.micro_batch_size
@@ -95,14 +105,15 @@ def uniform_points(graph: LayerGraph, model: CostModel, space: SearchSpace, gpus
         if key not in sums:
             sends: dict[tuple[int, int], float] = {}
             sums[key] = [(strategy, *_kind_sums(graph, model, strategy, outer, stage_gpus,
-                                                kinds, last, adjusted, sends))
+                                                kinds, last, adjusted, sends),
+                          _families(outer, strategy, gpus))
                          for strategy in uniform_strategies(stage_gpus, outer.micro_batch_size,
                                                             free)]
-        for strategy, per_micro_batch, tail, send in sums[key]:
-            sent = 2 * (outer.pp * outer.virtual_stages - 1) * send
-            bound = model.step_bound_s(0.0, per_micro_batch + sent, m, outer.pp,
-                                       outer.virtual_stages, tail / outer.pp)
-            points.append(UniformPoint(bound, outer, strategy, _families(outer, strategy, gpus)))
+        pp, virtual = outer.pp, outer.virtual_stages
+        hops = 2 * (pp * virtual - 1)
+        for strategy, per_micro_batch, tail, send, families in sums[key]:
+            bound = bound_of(0.0, per_micro_batch + hops * send, m, pp, virtual, tail / pp)
+            points.append(UniformPoint(bound, outer, strategy, families))
     # ties in bound: the enumeration's order, which is deterministic
     order = sorted(range(len(points)), key=lambda k: (points[k].bound, k))
     return [points[k] for k in order]
@@ -121,7 +132,7 @@ def _kind_sums(graph: LayerGraph, model: CostModel, strategy: LayerStrategy, out
         cost = model.layer_cost(graph.nodes[i], _adjusted(graph, i, strategy, last, adjusted),
                                 outer.micro_batch_size)
         per_micro_batch += count * cost.micro_batch_s
-        tail += count * sum(cost.tail_s.values())
+        tail += count * cost.step_tail_s
     if outer.pp == 1:
         return per_micro_batch, tail, 0.0
     layout = (strategy.dp, strategy.tp)
