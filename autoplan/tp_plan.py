@@ -173,9 +173,13 @@ def _looks_up_its_input(meta: nn.Module, call: tuple[tuple, dict]) -> bool:
 
 
 def _structure(unit: nn.Module) -> str:
-    """Equal for units of the same classes and parameter shapes (dtype and device aside)."""
+    """Equal for units of the same classes, parameter shapes and head counts (dtype and
+    device aside): a 2-head and a 4-head attention of width 64 hold the same Linears but
+    split differently. Not every setting: hf layers store their index, which would make
+    each block of a model a structure of its own."""
     text = repr([(name, type(m).__qualname__,
-                  [(n, tuple(p.shape)) for n, p in m.named_parameters(recurse=False)])
+                  [(n, tuple(p.shape)) for n, p in m.named_parameters(recurse=False)],
+                  _heads(m))
                  for name, m in unit.named_modules()])
     return hashlib.sha1(text.encode()).hexdigest()
 
@@ -455,9 +459,16 @@ _CONTRACTS: dict[Any, Callable[[tuple], list[tuple[int, int]]]] = {
 """op -> (argument index, dimension) pairs it contracts or normalises over."""
 
 
+_LAYOUT_OPS = frozenset({torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default,
+                         torch.ops.aten._reshape_alias.default, torch.ops.aten.clone.default})
+"""Ops that move or relabel values without computing: `reshape` runs `view` where the
+strides allow it and `clone` + `_unsafe_view` where they do not, so one head per rank (a
+transpose that stays viewable) changes them and nothing else."""
+
+
 class _ShapeMode(TorchDispatchMode):
-    """Records every op with its tensor arguments' shapes, and whether a row-wise Linear
-    (which contracts its split input on purpose) is running."""
+    """Records every op but layout ones (_LAYOUT_OPS) with its tensor arguments' shapes, and
+    whether a row-wise Linear (which contracts its split input on purpose) is running."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -465,8 +476,9 @@ class _ShapeMode(TorchDispatchMode):
         self.in_row = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        shapes = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
-        self.ops.append((func, shapes, self.in_row > 0))
+        if func not in _LAYOUT_OPS:
+            shapes = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
+            self.ops.append((func, shapes, self.in_row > 0))
         return func(*args, **(kwargs or {}))
 
 

@@ -135,6 +135,23 @@ def test_a_reshape_by_stored_head_count_is_left_whole() -> None:
     assert "split dimension" in plan.notes["q"] and "o" in plan.notes
 
 
+def test_one_head_per_rank_still_splits() -> None:
+    # 2 heads at tp 2: `reshape` after the transpose becomes a plain view (the strides
+    # allow it), where the whole unit ran clone + view; layout alone is no reason to refuse.
+    x = torch.randn(1, 32, 64)
+    gpt = build_model("gpt:layers=1,hidden=64,heads=2,seq=32,vocab=64").module
+    plan = infer_tp_plan(gpt.get_submodule("h.0"), inputs=((x,), {}))
+    assert set(plan.styles) == {"attn.q", "attn.k", "attn.v", "attn.proj", "mlp.fc", "mlp.proj"}
+    assert plan.sizes == (2, 64, 256) and not plan.notes
+
+
+def test_equal_shapes_with_other_head_counts_get_their_own_plans() -> None:
+    # Plans are reused between units of one structure: the head count is part of it.
+    four, two = _HeadsByCount(width=16, heads=4), _HeadsByCount(width=16, heads=2)
+    assert 4 in infer_tp_plan(four).sizes
+    assert 2 in infer_tp_plan(two).sizes and 4 not in infer_tp_plan(two).sizes
+
+
 def test_override_sizes_and_refusal() -> None:
     unit = _HeadsByCount(width=12, heads=3)
     plan = infer_tp_plan(unit, {"up": _C, "down": _R})
