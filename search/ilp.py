@@ -16,6 +16,7 @@ import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pulp
 
@@ -117,26 +118,14 @@ def _solve_highs(lp: _Program, time_limit_s: float) -> tuple[str, float, dict[st
     gap decide (pulp's LpStatus can say Optimal after a timeout)."""
     import highspy
 
-    inf = highspy.kHighsInf
     names = sorted(lp.columns)
-    index = {name: i for i, name in enumerate(names)}
     with _quiet_stdout():  # highspy prints its banner on stdout, into --json output
         model = highspy.Highs()
         for option, value in {"output_flag": False, "mip_rel_gap": 0.0, "mip_abs_gap": 1e-9,
                               "threads": 1, "time_limit": float(time_limit_s),
                               **_HIGHS_TOLERANCES}.items():
             model.setOptionValue(option, value)
-        for i, name in enumerate(names):
-            lower, upper, integer = lp.columns[name]
-            model.addCol(lp.objective.get(name, 0.0), lower, inf if upper is None else upper,
-                         0, [], [])
-            if integer:
-                model.changeColIntegrality(i, highspy.HighsVarType.kInteger)
-        for terms, lower, upper in lp.rows:
-            nonzero = [(index[name], c) for name, c in terms if c != 0]
-            indices, coefficients = zip(*nonzero, strict=True) if nonzero else ([], [])
-            model.addRow(-inf if lower is None else lower, inf if upper is None else upper,
-                         len(indices), indices, coefficients)
+        model.passModel(_highs_lp(lp, names))
         model.run()
     values = dict(zip(names, list(model.getSolution().col_value), strict=True))
     status = model.getModelStatus()
@@ -149,6 +138,38 @@ def _solve_highs(lp: _Program, time_limit_s: float) -> tuple[str, float, dict[st
         return "time_limit", float(model.getInfo().mip_gap), values
     why = model.modelStatusToString(status)
     raise AutoplanError(f"HiGHS ended without a plan: {why}")
+
+
+def _highs_lp(lp: _Program, names: list[str]) -> Any:
+    """The program as one highspy.HighsLp, columns in `names`' order: the very model that
+    adding its columns and then its rows one by one builds (rows kept row-wise, each row's
+    terms in order, zero coefficients left out), so HiGHS solves it alike; passed at once,
+    it skips thousands of calls into highspy."""
+    import highspy
+
+    inf = highspy.kHighsInf
+    index = {name: i for i, name in enumerate(names)}
+    out = highspy.HighsLp()
+    out.num_col_, out.num_row_ = len(names), len(lp.rows)
+    columns = [lp.columns[name] for name in names]
+    out.col_cost_ = [lp.objective.get(name, 0.0) for name in names]
+    out.col_lower_ = [lower for lower, _, _ in columns]
+    out.col_upper_ = [inf if upper is None else upper for _, upper, _ in columns]
+    out.integrality_ = [highspy.HighsVarType.kInteger if integer
+                        else highspy.HighsVarType.kContinuous for _, _, integer in columns]
+    out.row_lower_ = [-inf if lower is None else lower for _, lower, _ in lp.rows]
+    out.row_upper_ = [inf if upper is None else upper for _, _, upper in lp.rows]
+    starts, indices, values = [0], [], []
+    for terms, _, _ in lp.rows:
+        for name, c in terms:
+            if c != 0:
+                indices.append(index[name])
+                values.append(c)
+        starts.append(len(indices))
+    out.a_matrix_.format_ = highspy.MatrixFormat.kRowwise
+    out.a_matrix_.num_col_, out.a_matrix_.num_row_ = len(names), len(lp.rows)
+    out.a_matrix_.start_, out.a_matrix_.index_, out.a_matrix_.value_ = starts, indices, values
+    return out
 
 
 def _solve_cbc(lp: _Program, time_limit_s: float) -> tuple[str, float, dict[str, float]]:

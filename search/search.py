@@ -198,6 +198,9 @@ class Searcher:
         self._sends: dict[tuple, float] = {}
         self._stage_sends: dict[tuple, float] = {}
         self._least: dict[tuple, tuple[float, float] | None] = {}
+        self._kinds_in: dict[tuple, list[tuple[int, int]]] = {}
+        self._chunks: dict[tuple[int, int], list[list[tuple[int, int]]]] = {}
+        self._floor_options: dict[tuple, list[_Choice]] = {}
         self.candidates: list[Candidate] = []
         self._incumbent: Candidate | None = None
         self._layer_plans: dict[tuple[int, LayerStrategy], LayerPlan] = {}
@@ -238,7 +241,8 @@ class Searcher:
         is taken only if that comes first and beats the best: once one cannot, no setting
         after it can (the best only gets faster), so most bounds are never taken. A bound
         taken comes first when it is no larger than the quick bounds left, which are no
-        larger than their bounds: the order is the sorted one."""
+        larger than their bounds: the order is the sorted one, but for bounds cut short
+        at the best plan found (lower_bound's `enough`), which are never solved."""
         queue = [(self._quick_bound(o), o, False) if self._floored(o)
                  else (self.lower_bound(o), o, True) for o in outers]
         heapq.heapify(queue)
@@ -247,7 +251,8 @@ class Searcher:
             if exact or not self._beats_best(bound):
                 yield bound, outer
             else:
-                heapq.heappush(queue, (self.lower_bound(outer), outer, True))
+                heapq.heappush(queue, (self.lower_bound(outer, enough=self._best_time()),
+                                       outer, True))
 
     def _ranked(self) -> list[Candidate]:
         """Distinct plans that keep --fix, fastest first; ties broken by the plan's text
@@ -270,6 +275,11 @@ class Searcher:
         best = self._best()
         return best is None or bound < best.estimate.step_time_s
 
+    def _best_time(self) -> float:
+        """The step time of the best plan found (inf before one)."""
+        best = self._best()
+        return math.inf if best is None else best.estimate.step_time_s
+
     def _search_outer(self, outer: Outer) -> None:
         """Add the best plan of `outer` that keeps the ties: the untied optimum when it
         keeps them, else the optimum of each tie layout whose bound can beat the best."""
@@ -279,7 +289,8 @@ class Searcher:
         if self._keeps_ties(found[1]):
             self._add(outer, found[0], self._layer_plans_of(found[1]), "search")
             return
-        for bound, ties in sorted((self.lower_bound(outer, t), t)
+        enough = self._best_time()  # a bound cut short there is never solved: order kept
+        for bound, ties in sorted((self.lower_bound(outer, t, enough), t)
                                   for t in self._tie_layouts(outer)):
             if self._beats_best(bound):
                 found = self._solve_outer(outer, ties)
@@ -296,18 +307,23 @@ class Searcher:
     def _layer_choices(self, i: int, outer: Outer, stage: int) -> list[_Choice]:
         """The strategies of layer i in `outer`, with dominated ones dropped: same layout,
         no faster, and no smaller in any memory term."""
-        node = self.graph.nodes[i]
-        shared = stage > 0 and node.shared_params > 0
-        last = i == self.last
-        key = (node.signature, shared, self.cluster.gpus // outer.pp, outer.micro_batch_size,
-               last)
+        key = self._choice_key(i, outer, stage)
         if key not in self._choices:
+            node = self.graph.nodes[i]
             strategies = layer_strategies(node, key[2], outer.micro_batch_size, self.space,
-                                          last)
+                                          key[4])
             choices = [_Choice(s, self.model.layer_cost(node, s, outer.micro_batch_size, stage))
                        for s in strategies]
             self._choices[key] = _undominated(choices)
         return self._choices[key]
+
+    def _choice_key(self, i: int, outer: Outer, stage: int) -> tuple:
+        """What layer i's choices depend on: its signature, whether it holds tied weights
+        (past the first stage: CostModel.layer_cost), the stage's GPUs, the micro-batch
+        size, and whether it is the last layer."""
+        node = self.graph.nodes[i]
+        return (node.signature, stage > 0 and node.shared_params > 0,
+                self.cluster.gpus // outer.pp, outer.micro_batch_size, i == self.last)
 
     def _fixed_layout(self, i: int, ties: Ties | None) -> Layout | None:
         """The layout `ties` gives layer i, or None when it is in no tie group (or free)."""
@@ -332,24 +348,41 @@ class Searcher:
             per_group.append(sorted(common))
         return list(itertools.product(*per_group))
 
-    def lower_bound(self, outer: Outer, ties: Ties | None = None) -> float:
+    def lower_bound(self, outer: Outer, ties: Ties | None = None,
+                    enough: float = math.inf) -> float:
         """No plan of `outer` with tied layers on `ties` is faster (CostModel.step_bound_s):
         its stages take together at least each layer's fastest time per micro-batch plus
         the pipeline's sends at their cheapest (_sends_floor), and the slowest stage's tail is
         at least the mean of the layers' least tails. Where the stages' layers are known
         before solving (no pipeline, or interleaved chunks as split_stages cuts them), each
         stage takes at least the fastest its layers can be within the memory
-        (bounds.knapsack_floor). inf when a layer has no choice or a stage cannot fit."""
-        m = self.options.global_batch // outer.micro_batch_size
+        (bounds.knapsack_floor). inf when a layer has no choice or a stage cannot fit.
+        `enough`: once the floors of the stages so far bound the step at `enough` or more,
+        that bound (shrunk by 1e-9, as _quick_bound's) is returned: a caller asking whether
+        a plan of `outer` can beat one that fast needs no more, and floors are slow."""
         least = self._least_sums(outer, ties)
         if least is None:
             return math.inf
         per_micro_batch, tail = least
-        slowest, paced = 0.0, 0.0
         per_micro_batch += self._sends_floor(outer)
+        floors: list[tuple[float, float]] = []
         if self._floored(outer):  # the floors hold the sends too
-            floors = [self._stage_floors(outer, stage, chunks, ties)
-                      for stage, chunks in enumerate(self._fixed_chunks(outer))]
+            stages = self._fixed_chunks(outer)
+            for stage, chunks in enumerate(stages):
+                floors.append(self._stage_floors(outer, stage, chunks, ties))
+                if stage + 1 < len(stages) and enough < math.inf:
+                    partial = self._floored_bound(outer, floors, per_micro_batch, tail)
+                    if partial * (1 - 1e-9) >= enough:
+                        return partial * (1 - 1e-9)
+        return self._floored_bound(outer, floors, per_micro_batch, tail)
+
+    def _floored_bound(self, outer: Outer, floors: list[tuple[float, float]],
+                       per_micro_batch: float, tail: float) -> float:
+        """lower_bound's step bound from the floors (time, objective) of the first stages
+        (none: no stage is known) and the layers' sums: the other stages add at least 0."""
+        m = self.options.global_batch // outer.micro_batch_size
+        slowest, paced = 0.0, 0.0
+        if floors:
             times = [time for time, _ in floors]
             slowest, per_micro_batch = max(times), max(per_micro_batch, sum(times))
             paced = self.model.paced_bound_s(floors, outer.virtual_stages)
@@ -397,9 +430,14 @@ class Searcher:
 
     def _fixed_chunks(self, outer: Outer) -> list[list[tuple[int, int]]]:
         """The chunks [first, last) of each stage where the plan space fixes them: one
-        holding every layer without a pipeline; as split_stages cuts them when interleaved."""
-        return stage_chunks(split_stages(self.graph, outer.pp * outer.virtual_stages),
-                            len(self.graph.nodes), outer.pp)
+        holding every layer without a pipeline; as split_stages cuts them when interleaved.
+        Cached by pipeline degree and virtual stages, all they depend on: bounds ask for
+        them at every micro-batch size."""
+        key = (outer.pp, outer.virtual_stages)
+        if key not in self._chunks:
+            self._chunks[key] = stage_chunks(split_stages(self.graph, key[0] * key[1]),
+                                             len(self.graph.nodes), key[0])
+        return self._chunks[key]
 
     def _stage_floors(self, outer: Outer, stage: int, chunks: list[tuple[int, int]],
                       ties: Ties | None, sends: bool = True) -> tuple[float, float]:
@@ -410,24 +448,48 @@ class Searcher:
         bytes: cost_model.memory.stage_memory)."""
         m = self.options.global_batch // outer.micro_batch_size
         held = micro_batches_in_flight(outer.schedule, outer.pp, stage, m, outer.virtual_stages)
-        counts: dict[tuple, int] = {}
-        options: dict[tuple, list[tuple[float, float, float]]] = {}
-        for i in (i for first, last in chunks for i in range(first, last)):
-            node = self.graph.nodes[i]
-            key = (node.signature, node.shared_params > 0, self._fixed_layout(i, ties),
-                   i == self.last)
-            counts[key] = counts.get(key, 0) + 1
-            if key not in options:
-                options[key] = [(c.cost.state_bytes + held * c.cost.saved_bytes
-                                 + c.cost.fixed_bytes, c.micro_batch_s,
-                                 m * c.micro_batch_s + c.tail_s)
-                                for c in self._allowed_choices(i, outer, stage, ties)]
+        items = [(count, [(c.cost.state_bytes + held * c.cost.saved_bytes + c.cost.fixed_bytes,
+                           c.micro_batch_s, m * c.micro_batch_s + c.tail_s)
+                          for c in self._floor_choices(i, outer, stage, ties)])
+                 for i, count in self._floor_kinds(chunks, ties)]
         # + 1: estimate rounds each stage's peak down to whole bytes
         budget = self.model.memory_limit_bytes - self.model.overhead_bytes + 1
-        time, objective = (knapsack_floor([(counts[k], [(o[0], o[term]) for o in options[k]])
-                                           for k in counts], budget) for term in (1, 2))
+        time, objective = (knapsack_floor([(count, [(o[0], o[term]) for o in options])
+                                           for count, options in items], budget)
+                           for term in (1, 2))
         sent = self._chunk_sends(outer, chunks) if sends else 0.0
         return time + sent, objective + m * sent
+
+    def _floor_kinds(self, chunks: list[tuple[int, int]],
+                     ties: Ties | None) -> list[tuple[int, int]]:
+        """(first layer, how many) of each kind of layer in chunks [first, last), in layer
+        order: layers of one kind have the same choices on any stage (_layer_choices' key)
+        and tie layout. Cached: they depend on the chunks and ties only, which many outer
+        settings and stages share (_stage_floors)."""
+        key = (tuple(chunks), ties)
+        if key not in self._kinds_in:
+            firsts: dict[tuple, list[int]] = {}
+            for i in (i for first, last in chunks for i in range(first, last)):
+                node = self.graph.nodes[i]
+                firsts.setdefault((node.signature, node.shared_params > 0,
+                                   self._fixed_layout(i, ties), i == self.last), []).append(i)
+            self._kinds_in[key] = [(found[0], len(found)) for found in firsts.values()]
+        return self._kinds_in[key]
+
+    def _floor_choices(self, i: int, outer: Outer, stage: int,
+                       ties: Ties | None) -> list[_Choice]:
+        """Layer i's allowed choices (_allowed_choices) but those another of any layout beats
+        on time, tail, state and saved bytes: the knapsack floors see no layout, and a
+        beaten option is never on the lower hull of (memory, time) at any micro-batches
+        held (both only grow with those terms), so it changes no floor."""
+        key = (self._choice_key(i, outer, stage), self._fixed_layout(i, ties))
+        if key not in self._floor_options:
+            self._floor_options[key] = _undominated(
+                self._allowed_choices(i, outer, stage, ties),
+                terms=lambda c: (c.micro_batch_s, c.tail_s, c.cost.state_bytes,
+                                 c.cost.saved_bytes),
+                group=lambda c: None)
+        return self._floor_options[key]
 
     def _sends_floor(self, outer: Outer) -> float:
         """The least time the pipeline's sends of one micro-batch take in `outer`: each
@@ -779,16 +841,19 @@ def _pareto_options(options: list[Option]) -> tuple[Option, ...]:
     return tuple(sorted(kept, key=lambda o: o.index))
 
 
-def _undominated(choices: list[_Choice]) -> list[_Choice]:
-    """The choices no other of their layout beats: no worse in every term (_Choice.terms)
-    and better in one. Order kept. A beater comes first in the terms' sorted order, and
-    whatever beats a dropped choice beats what it beats, so each choice is checked against
-    the kept ones before it only."""
-    terms = [c.terms() for c in choices]
-    kept: dict[Layout, list[tuple[float, ...]]] = {}
+def _undominated(choices: list[_Choice],
+                 terms: Callable[[_Choice], tuple[float, ...]] = _Choice.terms,
+                 group: Callable[[_Choice], Any] = operator.attrgetter("layout")
+                 ) -> list[_Choice]:
+    """The choices no other of their group (default: their layout) beats: no worse in every
+    term (default: _Choice.terms) and better in one. Order kept. A beater comes first in the
+    terms' sorted order, and whatever beats a dropped choice beats what it beats, so each
+    choice is checked against the kept ones before it only."""
+    values = [terms(c) for c in choices]
+    kept: dict[Any, list[tuple[float, ...]]] = {}
     beaten = set()
-    for k in sorted(range(len(choices)), key=terms.__getitem__):
-        front, mine = kept.setdefault(choices[k].layout, []), terms[k]
+    for k in sorted(range(len(choices)), key=values.__getitem__):
+        front, mine = kept.setdefault(group(choices[k]), []), values[k]
         if any(other != mine and all(map(operator.le, other, mine)) for other in front):
             beaten.add(k)
         else:

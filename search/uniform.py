@@ -176,10 +176,12 @@ def best_uniform(graph: LayerGraph, model: CostModel, points: list[UniformPoint]
         # the grouped sums may differ from estimate's by rounding: only a clear miss skips
         return peak + model.overhead_bytes > model.memory_limit_bytes * (1 + 1e-9)
 
+    skip_at: dict[tuple[str, ...], float | None] = {}  # _skip_at, until a best changes
     for point in points:
-        if all(families[name].best is not None
-               and point.bound >= families[name].best.estimate.step_time_s
-               for name in point.families):
+        if point.families not in skip_at:
+            skip_at[point.families] = _skip_at(families, point.families)
+        at = skip_at[point.families]
+        if at is not None and point.bound >= at:
             continue
         peak = memory.peak(point, lambda peak, p=point: misses(peak)
                            and not _may_be_least(families, p, peak))
@@ -195,6 +197,7 @@ def best_uniform(graph: LayerGraph, model: CostModel, points: list[UniformPoint]
             if candidate.estimate.fits and (best is None or candidate.estimate.step_time_s
                                             < best.estimate.step_time_s):
                 families[name].best = candidate
+                skip_at.clear()
     out = {}
     for name, family in families.items():
         if family.best is None and family.least is not None:
@@ -203,6 +206,15 @@ def best_uniform(graph: LayerGraph, model: CostModel, points: list[UniformPoint]
             family.best = price(point, bounds, memory.layer_plans(point.strategy))
         out[name] = family.best
     return out
+
+
+def _skip_at(families: dict[str, _Family], names: tuple[str, ...]) -> float | None:
+    """The bound from which a point of families `names` cannot beat any of their fastest
+    plans (the slowest of them), so best_uniform skips it; None while one has none. Taken
+    once per families until a best changes: tens of thousands of points read it."""
+    if any(families[name].best is None for name in names):
+        return None
+    return max(families[name].best.estimate.step_time_s for name in names)
 
 
 def _may_be_least(families: dict[str, _Family], point: UniformPoint, peak: float) -> bool:
