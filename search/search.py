@@ -62,6 +62,7 @@ from autoplan.search.problem import Layout, Option, Run, StageProblem, StageSolu
 from autoplan.search.space import (
     Outer,
     SearchSpace,
+    count_kinds,
     layer_strategies,
     outer_settings,
     plan_respects_fix,
@@ -189,10 +190,8 @@ class Searcher:
         self._group_of = {i: g for g, group in enumerate(self.ties) for i in group}
         # (first layer, how many) of each signature and tie group: equal layers cost alike,
         # so bounds sum each kind once
-        firsts: dict[tuple[str, int | None], list[int]] = {}
-        for i, node in enumerate(graph.nodes):
-            firsts.setdefault((node.signature, self._group_of.get(i)), []).append(i)
-        self.kinds = [(found[0], len(found)) for found in firsts.values()]
+        self.kinds = count_kinds(range(len(graph.nodes)), lambda i: (
+            graph.nodes[i].signature, self._group_of.get(i)))
         self._choices: dict[tuple, list[_Choice]] = {}
         self._stages: dict[tuple, StageSolution] = {}
         self._sends: dict[tuple, float] = {}
@@ -309,9 +308,9 @@ class Searcher:
         no faster, and no smaller in any memory term."""
         key = self._choice_key(i, outer, stage)
         if key not in self._choices:
-            node = self.graph.nodes[i]
-            strategies = layer_strategies(node, key[2], outer.micro_batch_size, self.space,
-                                          key[4])
+            node, (_, _, stage_gpus, _, last) = self.graph.nodes[i], key
+            strategies = layer_strategies(node, stage_gpus, outer.micro_batch_size, self.space,
+                                          last)
             choices = [_Choice(s, self.model.layer_cost(node, s, outer.micro_batch_size, stage))
                        for s in strategies]
             self._choices[key] = _undominated(choices)
@@ -468,12 +467,11 @@ class Searcher:
         settings and stages share (_stage_floors)."""
         key = (tuple(chunks), ties)
         if key not in self._kinds_in:
-            firsts: dict[tuple, list[int]] = {}
-            for i in (i for first, last in chunks for i in range(first, last)):
-                node = self.graph.nodes[i]
-                firsts.setdefault((node.signature, node.shared_params > 0,
-                                   self._fixed_layout(i, ties), i == self.last), []).append(i)
-            self._kinds_in[key] = [(found[0], len(found)) for found in firsts.values()]
+            nodes = self.graph.nodes
+            self._kinds_in[key] = count_kinds(
+                (i for first, last in chunks for i in range(first, last)),
+                lambda i: (nodes[i].signature, nodes[i].shared_params > 0,
+                           self._fixed_layout(i, ties), i == self.last))
         return self._kinds_in[key]
 
     def _floor_choices(self, i: int, outer: Outer, stage: int,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,7 @@ from autoplan.specs import parse_bool, parse_int, parse_kv
 __all__ = ["SPACE_LIMITS", "FIXABLE", "SearchSpace", "Outer", "divisors", "parse_fix",
            "layer_strategies",
            "checkpoint_modes", "outer_settings", "tp_fits", "layouts", "uniform_strategies",
-           "respects_fix", "plan_respects_fix", "plan_keeps_ties"]
+           "respects_fix", "plan_respects_fix", "plan_keeps_ties", "count_kinds"]
 
 SPACE_LIMITS = ("every pp, micro-batch size, schedule and virtual stages torch runs; "
                 "interleaved chunks cut evenly (split_stages), 1F1B stages anywhere at blocks; "
@@ -177,6 +178,16 @@ def tp_fits(tp: int, space: SearchSpace) -> bool:
     within max_tp."""
     node = space.gpus_per_node
     return tp <= space.max_tp and (node % tp == 0 or tp % node == 0)
+
+
+def count_kinds(layers: Iterable[int], kind: Callable[[int], Hashable]) -> list[tuple[int, int]]:
+    """(first layer, how many) of each kind among `layers`, kinds in order of first
+    appearance: layers of one kind cost alike, so sums over them take each kind once."""
+    found: dict[Hashable, list[int]] = {}
+    for i in layers:
+        entry = found.setdefault(kind(i), [i, 0])
+        entry[1] += 1
+    return [(first, count) for first, count in found.values()]
 
 
 def checkpoint_modes(node: LayerNode) -> list[str]:

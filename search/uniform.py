@@ -24,6 +24,7 @@ from autoplan.search.space import (
     Outer,
     SearchSpace,
     checkpoint_modes,
+    count_kinds,
     outer_settings,
     uniform_strategies,
 )
@@ -43,14 +44,13 @@ class UniformPoint:
 
 
 def uniform_layers(graph: LayerGraph, strategy: LayerStrategy) -> list[LayerStrategy]:
-    """`strategy` on every layer, as _on_layer adjusts it: once per kind of layer, by what
-    _on_layer reads of it (many layers are alike)."""
+    """`strategy` on every layer, as _on_layer adjusts it: once per distinct answer of the
+    two questions _on_layer asks of a layer (many layers are alike)."""
     last = last_layer(graph.nodes)
     made: dict[tuple, LayerStrategy] = {}
     out = []
     for i, node in enumerate(graph.nodes):
-        key = (node.kind, node.act_bytes, node.input_bytes, node.attn_act_bytes,
-               node.module_type, i == last)
+        key = (tuple(checkpoint_modes(node)), i == last and not gives_whole_output(node))
         if key not in made:
             made[key] = _on_layer(graph, i, strategy, last)
         out.append(made[key])
@@ -88,10 +88,8 @@ def uniform_points(graph: LayerGraph, model: CostModel, space: SearchSpace, gpus
     chunks = sum(node.kind != "loss" for node in graph.nodes)
     last = last_layer(graph.nodes)
     # equal layers cost alike under one strategy, but for the last layer's own adjustment
-    firsts: dict[tuple[str, bool], list[int]] = {}
-    for i, node in enumerate(graph.nodes):
-        firsts.setdefault((node.signature, i == last), []).append(i)
-    kinds = [(found[0], len(found)) for found in firsts.values()]
+    kinds = count_kinds(range(len(graph.nodes)),
+                        lambda i: (graph.nodes[i].signature, i == last))
     # per stage size, micro-batch and pipelining (which fixes pp): each strategy's sums
     # (_kind_sums) and families
     sums: dict[tuple, list[tuple[LayerStrategy, float, float, float, tuple[str, ...]]]] = {}
@@ -295,14 +293,12 @@ class _UniformMemory:
         stage c mod pp): layers of one signature cost alike under one strategy, but for
         tied weights held past the first stage and the last layer's own adjustments."""
         if (pp, virtual) not in self._kinds:
-            stages = []
+            stages, nodes = [], self.graph.nodes
             for chunks in stage_chunks(split_stages(self.graph, pp * virtual),
                                        len(self.graph.nodes), pp):
-                kinds: dict[tuple, list[int]] = {}
-                for i in (i for first, last in chunks for i in range(first, last)):
-                    node = self.graph.nodes[i]
-                    key = (node.signature, node.shared_params > 0, i == self.last)
-                    kinds.setdefault(key, []).append(i)
-                stages.append([(found[0], len(found)) for found in kinds.values()])
+                stages.append(count_kinds(
+                    (i for first, last in chunks for i in range(first, last)),
+                    lambda i: (nodes[i].signature, nodes[i].shared_params > 0,
+                               i == self.last)))
             self._kinds[pp, virtual] = stages
         return self._kinds[pp, virtual]
