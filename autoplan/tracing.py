@@ -18,7 +18,7 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -626,7 +626,21 @@ def _assemble(root: nn.Module, units: list[tuple[str, bool]],
              for src, nbytes in sorted(records[dst].inputs_from.items(),
                                        key=lambda item: records[item[0]].order)
              if src in params]
-    return nodes, edges
+    return _signed_apart(nodes), edges
+
+
+def _signed_apart(nodes: list[LayerNode]) -> list[LayerNode]:
+    """Equal units that own different parameters signed apart by what they own: a signature
+    promises equal cost (the cost model and the search take one unit's cost for all of its
+    signature), and weights, gradients and optimizer state follow ownership. Blocks calling
+    one shared Linear are such units: the first owns it, the others share it. Signatures
+    that need no telling apart stay as they were, so saved profiles keep matching."""
+    owned: dict[str, set[tuple[int, int]]] = {}
+    for node in nodes:
+        owned.setdefault(node.signature, set()).add((node.params, node.shared_params))
+    return [replace(node, signature=hashlib.sha1(repr(
+                (node.signature, node.params, node.shared_params)).encode()).hexdigest()[:12])
+            if len(owned[node.signature]) > 1 else node for node in nodes]
 
 
 def _merge_pre(records: dict[str, _Record]) -> None:

@@ -179,3 +179,13 @@ def test_a_value_routed_mixture_of_experts_is_refused_naming_the_layer() -> None
     message = str(refused.value)
     assert "reads tensor values in 1 " in message and "nonzero" in message
     assert "\n" not in message
+
+
+def test_units_owning_other_parameters_are_signed_apart() -> None:
+    # All blocks call one shared Linear: the first owns it, the others share it. Equal
+    # structure, unequal cost: a signature promises equal cost, so the owner stands apart.
+    graph = layer_graph_of_built(build_model(zoo_model("shared_mlp").spec))
+    blocks = [n for n in graph.nodes if n.name.startswith("blocks.")]
+    assert [n.shared_params > 0 for n in blocks] == [False, True, True]
+    assert blocks[0].signature != blocks[1].signature == blocks[2].signature
+    assert len({n.signature for n in graph.nodes}) == len(graph.nodes) - 1

@@ -22,6 +22,7 @@ from autoplan.cost_model.pipeline import (
 from autoplan.errors import AutoplanError
 from autoplan.graph import LayerGraph, LayerNode
 from autoplan.plan import uniform_plan
+from autoplan.workload import load_graph
 
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "korthikanti.py"
 
@@ -176,3 +177,12 @@ def test_a_layout_change_at_an_embedding_moves_the_layer_before_it() -> None:
                                wide, narrow, 8)
     assert moved > 0 and moved == pytest.approx(as_input)
     assert model.reshard_s(graph.nodes[2], wide, narrow, 8) < moved  # a block moves its input
+
+
+def test_a_linear_shared_by_blocks_is_held_once() -> None:
+    # blocks.0 owns the Linear every block calls; on one stage its weights count once, as
+    # in the model (the cost of the owner is not the cost of its equals).
+    graph = load_graph("module:tests.zoo.shared_mlp:build_shared_mlp", cache=False)
+    plan = uniform_plan("dp=1", graph, 1, 8)
+    estimate = CostModel(graph, parse_cluster_spec("a100-80g:gpus=1")).estimate(plan)
+    assert estimate.stages[0].memory.params == sum(n.param_bytes for n in graph.nodes)
