@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint clean
+.PHONY: demo test suite trainer-tests lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -38,12 +38,37 @@ demo: $(STAMP)
 	$(PY) -m autoplan run --model "$(DEMO_MODEL)" --plan "dp=2,micro_batch=2" --nproc 2 \
 		--steps 6 --profile out/demo/profile-local --verify
 
+# The trainers that read `autoplan export` back in tests/trainers live in a test-only venv
+# layered on .venv (a .pth file puts .venv's packages, torch among them, after its own):
+# torchtitan 0.3.0 pins datasets<4.8, whose huggingface-hub transformers 5 refuses, so they
+# cannot share one environment. DeepSpeed is a source package that builds against the torch
+# installed (no build isolation, no compiled ops).
+TRAINERS       := .venv-trainers
+TRAINERS_STAMP := $(TRAINERS)/.installed-stamp
+TRAINERS_REQS  := tests/trainers/requirements.txt
+
+$(TRAINERS_STAMP): $(STAMP) $(TRAINERS_REQS)
+	test -x $(TRAINERS)/bin/python || python3 -m venv $(TRAINERS)
+	$(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
+		"$$($(TRAINERS)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/autoplan-venv.pth"
+	$(TRAINERS)/bin/pip install -q --disable-pip-version-check wheel
+	DS_BUILD_OPS=0 $(TRAINERS)/bin/pip install -q --disable-pip-version-check \
+		--no-build-isolation -r $(TRAINERS_REQS)
+	touch $@
+
+# The suite, and beside it (make -j2) the trainer venv's install and the tests that use it.
 test: $(STAMP)
+	$(MAKE) --no-print-directory -j2 --output-sync=target suite trainer-tests
+
+suite: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not trainers"
+
+trainer-tests: $(TRAINERS_STAMP)
+	AUTOPLAN_TRAINERS_PYTHON=$(TRAINERS)/bin/python $(PY) -m pytest -q -m trainers -p no:cacheprovider
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(TRAINERS) build *.egg-info

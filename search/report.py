@@ -1,5 +1,6 @@
 """Tables of a search for people: the plan by stage and layer range, the runners-up, and
-the baselines with the found plan's speed-up over each."""
+the baselines with the found plan's speed-up over each; with --for, the trainer's plan and
+what keeping to the trainer costs."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from rich.table import Table
 from autoplan import fmt
 from autoplan.search.search import Candidate, SearchResult
 from autoplan.search.space import SPACE_LIMITS
+from autoplan.trainers import TRAINERS
 
 __all__ = ["search_tables", "describe", "result_json"]
 
@@ -28,12 +30,26 @@ def describe(candidate: Candidate) -> str:
 def search_tables(result: SearchResult) -> list[Table]:
     best = result.best
     assert best is not None
-    return [_plan_table(best), _summary(result), _ranking(result)]
+    tables = [_plan_table(best), _summary(result), _ranking(result)]
+    if result.trainer is not None:
+        tables += [_plan_table(result.trainer, f"{_title(result.trainer)} plan"),
+                   _trainer_table(result)]
+    return tables
 
 
-def _plan_table(best: Candidate) -> Table:
+def _title(candidate: Candidate) -> str:
+    """The trainer a --for candidate is for (its origin), as users name the release."""
+    return TRAINERS[candidate.origin].title
+
+
+def restriction_cost(result: SearchResult) -> float:
+    """How much slower the trainer's plan is than the found plan (1.0: as fast)."""
+    return result.trainer.estimate.step_time_s / result.best.estimate.step_time_s
+
+
+def _plan_table(best: Candidate, what: str = "plan") -> Table:
     plan, estimate = best.plan, best.estimate
-    table = Table(title=f"plan for {plan.model} on {plan.cluster}: "
+    table = Table(title=f"{what} for {plan.model} on {plan.cluster}: "
                   f"{fmt.seconds(estimate.step_time_s)} per step")
     for name in ("stage", "layers", "dp", "tp", "sp", "zero", "checkpoint", "peak memory"):
         table.add_column(name)
@@ -98,6 +114,26 @@ def _ranking(result: SearchResult) -> Table:
     return table
 
 
+def _trainer_table(result: SearchResult) -> Table:
+    c, title = result.trainer, _title(result.trainer)
+    table = Table(title=f"what keeping to {title} costs", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    e = c.estimate
+    for key, value in (
+        ("plan", describe(c)),
+        ("step time", f"{fmt.seconds(e.step_time_s)}: {restriction_cost(result):.2f}x the "
+                      f"found plan's {fmt.seconds(result.best.estimate.step_time_s)}"),
+        ("fits", "yes" if e.fits else f"no ({fmt.nbytes(max(e.peak_memory_bytes))})"),
+        ("space", f"uniform plans of what {title} runs (autoplan.trainers), checkpointing "
+                  "the blocks only, stages cut as plan.split_stages cuts them"),
+        ("export", f"autoplan export PLAN --to {c.origin} (with search -o PLAN --for "
+                   f"{c.origin})"),
+    ):
+        table.add_row(key, value)
+    return table
+
+
 def _brief(c: Candidate | None, best: float) -> dict | None:
     if c is None:
         return None
@@ -117,4 +153,8 @@ def result_json(result: SearchResult) -> dict:
         "estimate": best.estimate.to_dict(),
         "baselines": {name: _brief(c, best.estimate.step_time_s)
                       for name, c in result.baselines.items()},
-        "runners_up": [_brief(c, best.estimate.step_time_s) for c in result.runners_up]}
+        "runners_up": [_brief(c, best.estimate.step_time_s) for c in result.runners_up]} | (
+        {"for": {"trainer": result.trainer.origin, "release": _title(result.trainer),
+                 "plan": json.loads(result.trainer.plan.to_json()),
+                 "estimate": result.trainer.estimate.to_dict(),
+                 "slowdown": restriction_cost(result)}} if result.trainer else {})

@@ -68,6 +68,8 @@ from autoplan.search.space import (
     plan_respects_fix,
 )
 from autoplan.search.uniform import best_uniform, uniform_points
+from autoplan.trainers import block_indices, refusal, searchable, trainer
+from autoplan.workload import CLI_DTYPES
 
 __all__ = ["SearchOptions", "Candidate", "SearchResult", "Searcher", "SOLVERS",
            "MAX_GLOBAL_BATCH"]
@@ -99,6 +101,8 @@ class SearchOptions:
     ilp_solver: str = "highs"
     time_limit_s: float = 30.0
     top_k: int = 3
+    trainer: str | None = None
+    """Also the fastest plan this trainer can express (autoplan.trainers)."""
 
     def __post_init__(self) -> None:
         if self.solver not in SOLVERS:
@@ -138,6 +142,9 @@ class SearchResult:
     """When nothing fits: the least device memory at which a plan tried would."""
     binding: str | None = None
     """When nothing fits: what that plan's memory is mostly made of."""
+    trainer: Candidate | None = None
+    """With SearchOptions.trainer: the fastest plan it can express that fits, else the one
+    needing the least memory (None: it can express none here)."""
 
 
 @dataclass(frozen=True)
@@ -219,6 +226,7 @@ class Searcher:
             if on_progress:
                 on_progress(f"pp {outer.pp}, micro-batch {outer.micro_batch_size}, "
                             f"{outer.schedule}", done, len(outers))
+        for_trainer = self._for_trainer() if self.options.trainer else None
         ranked = self._ranked()
         fitting = [c for c in ranked if c.estimate.fits]
         smallest, binding = (None, None) if fitting else self._smallest_fitting(ranked)
@@ -230,7 +238,7 @@ class Searcher:
             unproven=sum(s.status == "time_limit" for s in self._stages.values()),
             worst_gap=max((s.gap for s in self._stages.values() if s.status == "time_limit"),
                           default=0.0),
-            smallest_fitting_bytes=smallest, binding=binding)
+            smallest_fitting_bytes=smallest, binding=binding, trainer=for_trainer)
 
     def _by_bound(self, outers: list[Outer]) -> Iterator[tuple[float, Outer]]:
         """`outers` with their lower bounds, by (bound, setting), as the caller solves them:
@@ -748,6 +756,17 @@ class Searcher:
 
     def _add(self, outer: Outer, boundaries: list[int], layers: list[LayerPlan],
              origin: str) -> Candidate | None:
+        candidate = self._priced(outer, boundaries, layers, origin)
+        self.candidates.append(candidate)
+        best, estimate, plan = self._incumbent, candidate.estimate, candidate.plan
+        if estimate.fits and (best is None or estimate.step_time_s < best.estimate.step_time_s) \
+                and plan_respects_fix(self.graph.nodes, plan, self.options.fix):
+            self._incumbent = candidate
+        return candidate
+
+    def _priced(self, outer: Outer, boundaries: list[int], layers: list[LayerPlan],
+                origin: str) -> Candidate:
+        """The plan, with the cost model's estimate."""
         m = self.options.global_batch // outer.micro_batch_size
         plan = Plan(
             model=self.graph.model, model_hash=self.graph.structural_hash,
@@ -762,13 +781,7 @@ class Searcher:
         plan = plan.model_copy(update={"prediction": Prediction(
             step_time_s=estimate.step_time_s, tokens_per_s=estimate.tokens_per_s,
             mfu=estimate.mfu, peak_memory_bytes=estimate.peak_memory_bytes)})
-        candidate = Candidate(plan, estimate, origin)
-        self.candidates.append(candidate)
-        best = self._incumbent
-        if estimate.fits and (best is None or estimate.step_time_s < best.estimate.step_time_s) \
-                and plan_respects_fix(self.graph.nodes, plan, self.options.fix):
-            self._incumbent = candidate
-        return candidate
+        return Candidate(plan, estimate, origin)
 
     def _layer_plans_of(self, strategies: list[LayerStrategy]) -> list[LayerPlan]:
         return [self._layer_plan(i, s) for i, s in enumerate(strategies)]
@@ -793,6 +806,34 @@ class Searcher:
             price=lambda point, bounds, layers: self._add(point.outer, bounds, layers,
                                                           point.families[0]),
             layer_plan=self._layer_plan)
+
+    def _for_trainer(self) -> Candidate | None:
+        """The fastest plan the trainer of SearchOptions can express, among the uniform
+        plans (search/uniform.py) of the strategies and schedules it runs, checkpointing only
+        the blocks; stage cuts as plan.split_stages makes them, which it must accept
+        (trainers.refusal). Kept apart from the search's own candidates.
+
+        Raises:
+            AutoplanError: when the trainer does not train in the graph's dtype.
+        """
+        t = trainer(self.options.trainer)
+        dtype = CLI_DTYPES.get(self.graph.dtype, self.graph.dtype)
+        if dtype not in t.dtypes:
+            raise AutoplanError(f"--for {t.name}: {t.title} trains in "
+                                f"{' or '.join(t.dtypes)}, not {dtype}")
+        blocks = frozenset(block_indices([node.name for node in self.graph.nodes]))
+        points = uniform_points(
+            self.graph, self.model, self.space, self.cluster.gpus, self.options.global_batch,
+            trainer=lambda outer, s: searchable(t, outer.pp, outer.schedule, s),
+            family=t.name, blocks=blocks)
+        found = best_uniform(
+            self.graph, self.model, points, self.options.global_batch,
+            refused=lambda plan: (plan_refusal(plan, self.graph) is not None
+                                  or refusal(plan, t, dtype) is not None),
+            price=lambda point, bounds, layers: self._priced(point.outer, bounds, layers,
+                                                             t.name),
+            layer_plan=self._layer_plan, blocks=blocks)
+        return found[t.name]
 
     def _smallest_fitting(self, ranked: list[Candidate]) -> tuple[int | None, str | None]:
         if not ranked:

@@ -8,11 +8,15 @@ There are many (for Llama 3 405B on 16,384 GPUs about 10^5): each is bounded fro
 layer kinds' costs (CostModel.step_bound_s), visited cheapest bound first, skipped once its
 bound cannot beat its families' best, and priced only when its memory, checked first
 (CostModel.peak_memory_bytes), fits.
+
+A trainer's plans (search --for, autoplan.trainers) are uniform plans too, with two
+differences: only the strategies and schedules it runs, and checkpointing on the repeated
+blocks alone (`blocks`), as the trainers wrap blocks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -43,28 +47,38 @@ class UniformPoint:
     families: tuple[str, ...]
 
 
-def uniform_layers(graph: LayerGraph, strategy: LayerStrategy) -> list[LayerStrategy]:
+def uniform_layers(graph: LayerGraph, strategy: LayerStrategy,
+                   blocks: Collection[int] | None = None) -> list[LayerStrategy]:
     """`strategy` on every layer, as _on_layer adjusts it: once per distinct answer of the
-    two questions _on_layer asks of a layer (many layers are alike)."""
+    questions _on_layer asks of a layer (many layers are alike)."""
     last = last_layer(graph.nodes)
     made: dict[tuple, LayerStrategy] = {}
     out = []
     for i, node in enumerate(graph.nodes):
-        key = (tuple(checkpoint_modes(node)), i == last and not gives_whole_output(node))
+        key = (tuple(checkpoint_modes(node)), i == last and not gives_whole_output(node),
+               _off_blocks(i, blocks))
         if key not in made:
-            made[key] = _on_layer(graph, i, strategy, last)
+            made[key] = _on_layer(graph, i, strategy, last, blocks)
         out.append(made[key])
     return out
 
 
-def _on_layer(graph: LayerGraph, i: int, strategy: LayerStrategy, last: int) -> LayerStrategy:
+def _off_blocks(i: int, blocks: Collection[int] | None) -> bool:
+    """Whether layer i is outside the checkpointed blocks (never, when all may be)."""
+    return blocks is not None and i not in blocks
+
+
+def _on_layer(graph: LayerGraph, i: int, strategy: LayerStrategy, last: int,
+              blocks: Collection[int] | None = None) -> LayerStrategy:
     """A uniform strategy on layer i: without checkpointing where the layer has none to do
-    (it saves no more than its input: checkpointing would only add recomputation) and
-    without sequence parallelism on the `last` layer where it would leave the output in
-    slices (as the shorthand's expansion, plan.uniform_plan, drops it there)."""
+    (it saves no more than its input: checkpointing would only add recomputation) or lies
+    outside `blocks`, and without sequence parallelism on the `last` layer where it would
+    leave the output in slices (as the shorthand's expansion, plan.uniform_plan, drops it
+    there)."""
     node = graph.nodes[i]
     update: dict[str, Any] = {}
-    if strategy.checkpoint not in ("none", *checkpoint_modes(node)):
+    if strategy.checkpoint not in ("none", *checkpoint_modes(node)) or (
+            strategy.checkpoint != "none" and _off_blocks(i, blocks)):
         update["checkpoint"] = "none"
     if i == last and strategy.sequence_parallel and not gives_whole_output(node):
         update["sequence_parallel"] = False
@@ -81,15 +95,19 @@ def _families(outer: Outer, strategy: LayerStrategy, gpus: int) -> tuple[str, ..
 
 
 def uniform_points(graph: LayerGraph, model: CostModel, space: SearchSpace, gpus: int,
-                   global_batch: int) -> list[UniformPoint]:
+                   global_batch: int, trainer: Callable[[Outer, LayerStrategy], bool]
+                   | None = None, family: str = "", blocks: Collection[int] | None = None
+                   ) -> list[UniformPoint]:
     """Every uniform plan of the space (the user's --fix aside: baselines are what users
-    compare with), with its bound, cheapest first."""
+    compare with), with its bound, cheapest first. With `trainer`: only those it runs
+    (`trainer(outer, strategy)`), checkpointing only `blocks`, all of `family`."""
     free = replace(space, fix={})
     chunks = sum(node.kind != "loss" for node in graph.nodes)
     last = last_layer(graph.nodes)
     # equal layers cost alike under one strategy, but for the last layer's own adjustment
-    kinds = count_kinds(range(len(graph.nodes)),
-                        lambda i: (graph.nodes[i].signature, i == last))
+    # and checkpointing outside the blocks
+    kinds = count_kinds(range(len(graph.nodes)), lambda i: (
+        graph.nodes[i].signature, i == last, _off_blocks(i, blocks)))
     # per stage size, micro-batch and pipelining (which fixes pp): each strategy's sums
     # (_kind_sums) and families
     sums: dict[tuple, list[tuple[LayerStrategy, float, float, float, tuple[str, ...]]]] = {}
@@ -103,13 +121,15 @@ def uniform_points(graph: LayerGraph, model: CostModel, space: SearchSpace, gpus
         if key not in sums:
             sends: dict[tuple[int, int], float] = {}
             sums[key] = [(strategy, *_kind_sums(graph, model, strategy, outer, stage_gpus,
-                                                kinds, last, adjusted, sends),
-                          _families(outer, strategy, gpus))
+                                                kinds, last, adjusted, sends, blocks),
+                          (family,) if trainer else _families(outer, strategy, gpus))
                          for strategy in uniform_strategies(stage_gpus, outer.micro_batch_size,
                                                             free)]
         pp, virtual = outer.pp, outer.virtual_stages
         hops = 2 * (pp * virtual - 1)
         for strategy, per_micro_batch, tail, send, families in sums[key]:
+            if trainer and not trainer(outer, strategy):
+                continue
             bound = bound_of(0.0, per_micro_batch + hops * send, m, pp, virtual, tail / pp)
             points.append(UniformPoint(bound, outer, strategy, families))
     # ties in bound: the enumeration's order, which is deterministic
@@ -119,15 +139,16 @@ def uniform_points(graph: LayerGraph, model: CostModel, space: SearchSpace, gpus
 
 def _kind_sums(graph: LayerGraph, model: CostModel, strategy: LayerStrategy, outer: Outer,
                stage_gpus: int, kinds: list[tuple[int, int]], last: int,
-               adjusted: dict[tuple, LayerStrategy],
-               sends: dict[tuple[int, int], float]) -> tuple[float, float, float]:
+               adjusted: dict[tuple, LayerStrategy], sends: dict[tuple[int, int], float],
+               blocks: Collection[int] | None) -> tuple[float, float, float]:
     """Over the layers under `strategy` (as _on_layer adjusts it): the sum of times per
     micro-batch, the sum of tails, and the cheapest pipeline send. `adjusted` caches
     _on_layer by (layer, strategy); `sends` the cheapest send by (dp, tp), all a send's
     cost depends on (CostModel.hop_s) at one stage size and micro-batch."""
     per_micro_batch = tail = 0.0
     for i, count in kinds:
-        cost = model.layer_cost(graph.nodes[i], _adjusted(graph, i, strategy, last, adjusted),
+        cost = model.layer_cost(graph.nodes[i],
+                                _adjusted(graph, i, strategy, last, adjusted, blocks),
                                 outer.micro_batch_size)
         per_micro_batch += count * cost.micro_batch_s
         tail += count * cost.step_tail_s
@@ -141,13 +162,15 @@ def _kind_sums(graph: LayerGraph, model: CostModel, strategy: LayerStrategy, out
 
 
 def _adjusted(graph: LayerGraph, i: int, strategy: LayerStrategy, last: int,
-              cache: dict[tuple, LayerStrategy]) -> LayerStrategy:
+              cache: dict[tuple, LayerStrategy],
+              blocks: Collection[int] | None) -> LayerStrategy:
     """_on_layer, made once per (layer, strategy): each strategy recurs at every
-    micro-batch size. Keyed by the fields: hashing the model itself is slower."""
+    micro-batch size. Keyed by the fields: hashing the model itself is slower (`blocks` is
+    one per cache)."""
     key = (i, strategy.dp, strategy.tp, strategy.sequence_parallel, strategy.zero,
            strategy.checkpoint)
     if key not in cache:
-        cache[key] = _on_layer(graph, i, strategy, last)
+        cache[key] = _on_layer(graph, i, strategy, last, blocks)
     return cache[key]
 
 
@@ -162,13 +185,16 @@ class _Family:
 def best_uniform(graph: LayerGraph, model: CostModel, points: list[UniformPoint],
                  global_batch: int, refused: Callable[[Plan], bool],
                  price: Callable[[UniformPoint, list[int], list[LayerPlan]], Any],
-                 layer_plan: Callable[[int, LayerStrategy], LayerPlan]) -> dict[str, Any]:
+                 layer_plan: Callable[[int, LayerStrategy], LayerPlan],
+                 blocks: Collection[int] | None = None) -> dict[str, Any]:
     """Each family's fastest plan that fits, else the one needing the least memory (None
     when the family has no point). `price(point, boundaries, layers)` makes the candidate;
-    `refused(plan)`: whether the executor refuses it; `layer_plan(i, strategy)`: layer i's
-    LayerPlan (the caller's, shared by its plans)."""
-    families = {name: _Family() for name in FAMILIES}
-    memory = _UniformMemory(graph, model, global_batch, layer_plan)
+    `refused(plan)`: whether the executor (or the trainer) refuses it; `layer_plan(i,
+    strategy)`: layer i's LayerPlan (the caller's, shared by its plans); `blocks`: the
+    layers checkpointed, as uniform_points was given them."""
+    names = dict.fromkeys([*FAMILIES, *(name for p in points for name in p.families)])
+    families = {name: _Family() for name in names}
+    memory = _UniformMemory(graph, model, global_batch, layer_plan, blocks)
 
     def misses(peak: float) -> bool:
         # the grouped sums may differ from estimate's by rounding: only a clear miss skips
@@ -239,9 +265,10 @@ class _UniformMemory:
     themselves with only what the cost model and the executor's check read."""
 
     def __init__(self, graph: LayerGraph, model: CostModel, global_batch: int,
-                 layer_plan: Callable[[int, LayerStrategy], LayerPlan]) -> None:
+                 layer_plan: Callable[[int, LayerStrategy], LayerPlan],
+                 blocks: Collection[int] | None = None) -> None:
         self.graph, self.model, self.global_batch = graph, model, global_batch
-        self.layer_plan = layer_plan
+        self.layer_plan, self.blocks = layer_plan, blocks
         self.last = last_layer(graph.nodes)
         self._kinds: dict[tuple[int, int], list[list[tuple[int, int]]]] = {}
         self._layers: dict[LayerStrategy, list[LayerStrategy]] = {}
@@ -249,7 +276,7 @@ class _UniformMemory:
 
     def layers(self, strategy: LayerStrategy) -> list[LayerStrategy]:
         if strategy not in self._layers:
-            self._layers[strategy] = uniform_layers(self.graph, strategy)
+            self._layers[strategy] = uniform_layers(self.graph, strategy, self.blocks)
         return self._layers[strategy]
 
     def layer_plans(self, strategy: LayerStrategy) -> list[LayerPlan]:
@@ -299,6 +326,6 @@ class _UniformMemory:
                 stages.append(count_kinds(
                     (i for first, last in chunks for i in range(first, last)),
                     lambda i: (nodes[i].signature, nodes[i].shared_params > 0,
-                               i == self.last)))
+                               i == self.last, _off_blocks(i, self.blocks))))
             self._kinds[pp, virtual] = stages
         return self._kinds[pp, virtual]

@@ -32,6 +32,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from autoplan.trainers import TRAINERS as EXPORT_TARGETS
+
     parser = _Parser(prog="autoplan", description="Plan and apply hybrid parallel training "
                      "for any PyTorch model.")
     parser.add_argument("--version", action="version", version=f"autoplan {__version__}")
@@ -121,6 +123,10 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--attention", choices=("flash", "math"), default="flash")
     search.add_argument("--time-limit", type=float, default=30.0,
                         help="seconds per ILP before it reports its gap")
+    search.add_argument("--for", dest="for_trainer", choices=EXPORT_TARGETS,
+                        help="also find the fastest plan this trainer can express (one dp/tp "
+                        "for the whole model, its schedules, checkpointing and ZeRO stages), "
+                        "priced beside the found plan; -o then writes it, for export")
     search.add_argument("--json", action="store_true", help="print JSON")
     search.add_argument("-o", "--output", help="write the plan here (plan.json)")
     _add_cache_argument(search)
@@ -181,10 +187,10 @@ def _parser() -> argparse.ArgumentParser:
     _add_cache_argument(plot)
     plot.set_defaults(handler=_cmd_plot)
 
-    export = sub.add_parser("export", help="write a plan as torchtitan TOML, Megatron-LM "
+    export = sub.add_parser("export", help="write a plan as torchtitan overrides, Megatron-LM "
                             "arguments or DeepSpeed JSON")
     export.add_argument("plan", help="plan.json")
-    export.add_argument("--to", required=True, choices=("torchtitan", "megatron", "deepspeed"),
+    export.add_argument("--to", required=True, choices=EXPORT_TARGETS,
                         help="target trainer")
     export.add_argument("--dtype", choices=_DTYPES, default="bf16",
                         help="training dtype (a plan does not record it; default bf16)")
@@ -397,7 +403,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         fix=",".join(filter(None, [args.fix, args.schedule and f"schedule={args.schedule}"]))
         or None, dtype=args.dtype,
         attention=args.attention, time_limit_s=args.time_limit, output=args.output,
-        cache=args.cache)
+        cache=args.cache, for_trainer=args.for_trainer)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   console=_console(stderr=True), transient=True) as bar:
         task = bar.add_task(f"tracing {args.model}", total=None)

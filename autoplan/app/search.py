@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autoplan.errors import AutoplanError
-from autoplan.search import SearchOptions, SearchResult, parse_fix, search_workload
+from autoplan.hardware import GiB
+from autoplan.search import SearchOptions, SearchResult, describe, parse_fix, search_workload
+from autoplan.trainers import trainer
 from autoplan.workload import Workload, WorkloadOptions, is_saved_graph
 
 __all__ = ["SearchCommand", "run_search"]
@@ -23,6 +25,8 @@ class SearchCommand(WorkloadOptions):
     fix: str | None = None
     time_limit_s: float = 30.0
     output: str | None = None
+    for_trainer: str | None = None
+    """Also the fastest plan this trainer can express; the output is then that plan."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -37,25 +41,45 @@ class SearchCommand(WorkloadOptions):
 
 def run_search(command: SearchCommand,
                on_progress: Callable[[str, int, int], None] | None = None) -> SearchResult:
-    """Search as `command` says and write the best plan to its output, if it names one.
+    """Search as `command` says and write the best plan (with for_trainer: the trainer's)
+    to its output, if it names one.
 
     Raises:
-        AutoplanError: on bad input, or when no plan fits (naming the memory that would do).
+        AutoplanError: on bad input, or when no plan fits (naming the memory that would do);
+            with for_trainer, when no plan the trainer can express fits.
     """
     work = command.load()
     if work.profile is None and not work.cluster.device.has_datasheet:
         raise AutoplanError(_profile_first(command, work))
     result = search_workload(work, _options(command), on_progress)
+    if command.for_trainer:
+        _check_trainer_plan(result, command.for_trainer)
     if command.output:
-        result.best.plan.save(Path(command.output))
+        (result.trainer if command.for_trainer else result.best).plan.save(Path(command.output))
     return result
+
+
+def _check_trainer_plan(result: SearchResult, name: str) -> None:
+    """Raises AutoplanError unless the trainer's plan fits, saying what it would need."""
+    title = trainer(name).title
+    found = result.trainer
+    if found is None:
+        raise AutoplanError(f"{title} can express no plan of this model on this cluster and "
+                            f"batch (its rules: autoplan.trainers)")
+    if not found.estimate.fits:
+        need = max(found.estimate.peak_memory_bytes) + found.estimate.overhead_bytes
+        raise AutoplanError(f"no plan {title} can express fits in "
+                            f"{found.estimate.memory_limit_bytes / GiB:.1f} GiB per device; "
+                            f"the least memory one needs is {need / GiB:.1f} GiB "
+                            f"(pp {found.plan.pp}, {describe(found)}); the unrestricted plan "
+                            f"takes {result.best.estimate.step_time_s:.3g} s per step")
 
 
 def _options(command: SearchCommand) -> SearchOptions:
     return SearchOptions(global_batch=command.global_batch,
                          max_tp=command.max_tp, fix=parse_fix(command.fix),
                          solver=command.solver, time_limit_s=command.time_limit_s,
-                         top_k=command.top_k)
+                         top_k=command.top_k, trainer=command.for_trainer)
 
 
 def _profile_first(command: SearchCommand, work: Workload) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 
@@ -11,8 +12,6 @@ from autoplan.app.export import export_plan
 from autoplan.errors import AutoplanError
 from autoplan.graph import LayerGraph, LayerNode
 from autoplan.plan import Plan, uniform_plan
-
-tomllib = pytest.importorskip("tomllib")
 
 
 def _node(name: str, kind: str) -> LayerNode:
@@ -41,41 +40,62 @@ def _with_layers(plan: Plan, names: tuple[str, ...], **change) -> Plan:
 # --------------------------------------------------------------------------- torchtitan
 
 
+def _overrides(text: str) -> dict[str, str | None]:
+    """The exported bash array as {flag: value}, the checkpointing subcommand as a key."""
+    words = shlex.split(text.split("=(\n", 1)[1].rsplit("\n)", 1)[0])
+    out: dict[str, str | None] = {}
+    for word in words:
+        if word.startswith("--") or ":" in word:
+            out[word], last = None, word
+        else:
+            out[last] = word if out[last] is None else f"{out[last]} {word}"
+    return out
+
+
 def test_torchtitan_pipeline_with_fsdp_and_full_checkpointing() -> None:
-    plan = _plan("tp=2,pp=2,zero=1,ckpt=full,micro_batch=2")  # dp 4: micro-batch 8
-    config = tomllib.loads(export_plan(plan, "torchtitan").text)
-    assert config["parallelism"] == {
-        "data_parallel_replicate_degree": 1, "data_parallel_shard_degree": 4,
-        "tensor_parallel_degree": 2, "pipeline_parallel_degree": 2,
-        "enable_async_tensor_parallel": False, "fsdp_reshard_after_forward": "never",
-        "pipeline_parallel_schedule": "1F1B", "pipeline_parallel_microbatch_size": 2,
-        "pipeline_parallel_split_points": ["layers.4"]}
-    # all 8 micro-batches in one local batch of 64 / 4 samples per dp rank
-    assert config["training"] == {"local_batch_size": 16, "global_batch_size": 64,
-                                  "mixed_precision_param": "bfloat16"}
-    assert config["activation_checkpoint"] == {"mode": "full"}
+    plan = _plan("tp=2,pp=2,zero=3,ckpt=full,micro_batch=2")  # dp 4: micro-batch 8
+    args = _overrides(export_plan(plan, "torchtitan").text)
+    assert args == {
+        "--parallelism.data_parallel_replicate_degree": "1",
+        "--parallelism.data_parallel_shard_degree": "4",
+        "--parallelism.tensor_parallel_degree": "2",
+        "--parallelism.no-enable-sequence-parallel": None,
+        "--parallelism.pipeline_parallel_degree": "2",
+        "--parallelism.fsdp_reshard_after_forward": "always",
+        "--parallelism.pipeline_parallel_schedule": "1F1B",
+        "--parallelism.pipeline_parallel_microbatch_size": "2",
+        "--parallelism.module_fqns_per_model_part":
+            "tok_embeddings,layers.0,layers.1,layers.2,layers.3 "
+            "layers.4,layers.5,layers.6,layers.7,norm,output",
+        "--training.disable_cuda_graphs": None,
+        # all 8 micro-batches in one local batch of 64 / 4 samples per dp rank
+        "--training.local_batch_size": "16", "--training.global_batch_size": "64",
+        "--training.mixed_precision_param": "bfloat16", "activation_checkpoint:full": None}
 
 
 def test_torchtitan_ddp_interleaved_and_selective() -> None:
     plan = _plan("pp=2,virtual_stages=2,ckpt=selective", world=8)
     result = export_plan(plan, "torchtitan", dtype="fp32")
-    config = tomllib.loads(result.text)
-    assert config["parallelism"]["data_parallel_replicate_degree"] == 4
-    assert config["parallelism"]["data_parallel_shard_degree"] == 1
-    assert config["parallelism"]["pipeline_parallel_schedule"] == "Interleaved1F1B"
-    assert config["parallelism"]["pipeline_parallel_split_points"] == [
-        "layers.2", "layers.4", "layers.6"]
-    assert config["activation_checkpoint"] == {"mode": "selective", "selective_ac_option": "op"}
-    assert config["training"]["mixed_precision_param"] == "float32"
+    args = _overrides(result.text)
+    assert args["--parallelism.data_parallel_replicate_degree"] == "4"
+    assert args["--parallelism.data_parallel_shard_degree"] == "1"
+    assert args["--parallelism.pipeline_parallel_schedule"] == "Interleaved1F1B"
+    assert [chunk.split(",")[0] for chunk in
+            args["--parallelism.module_fqns_per_model_part"].split()] == [
+        "tok_embeddings", "layers.2", "layers.4", "layers.6"]
+    assert "activation_checkpoint:selective" in args
+    assert args["--training.mixed_precision_param"] == "float32"
     assert any("selective" in note for note in result.notes)
 
 
 def test_torchtitan_without_pipeline_accumulates_over_micro_batches() -> None:
-    config = tomllib.loads(export_plan(_plan("dp=8,tp=2,zero=3"), "torchtitan").text)
-    assert "pipeline_parallel_schedule" not in config["parallelism"]
-    assert config["parallelism"]["fsdp_reshard_after_forward"] == "always"
-    assert config["training"]["local_batch_size"] == 1  # x dp 8 x 8 steps = 64
-    assert config["activation_checkpoint"] == {"mode": "none"}
+    args = _overrides(export_plan(_plan("dp=8,tp=2,zero=3,sequence_parallel=true"),
+                                  "torchtitan").text)
+    assert "--parallelism.pipeline_parallel_schedule" not in args
+    assert "--parallelism.enable_sequence_parallel" in args
+    assert args["--parallelism.fsdp_reshard_after_forward"] == "always"
+    assert args["--training.local_batch_size"] == "1"  # x dp 8 x 8 steps = 64
+    assert "activation_checkpoint:none" in args
 
 
 # --------------------------------------------------------------------------- Megatron-LM
@@ -144,7 +164,7 @@ def test_layers_with_another_tp_are_refused_by_name(target: str) -> None:
 def test_checkpointing_is_compared_over_the_blocks_only() -> None:
     plan = _with_layers(_plan("ckpt=full,zero=1", world=8), ("tok_embeddings", "norm"),
                         checkpoint="none")
-    assert 'mode = "full"' in export_plan(plan, "torchtitan").text
+    assert "activation_checkpoint:full" in export_plan(plan, "torchtitan").text
     plan = _with_layers(plan, ("layers.3",), checkpoint="selective")
     with pytest.raises(AutoplanError, match="layers layers.3 have checkpoint selective"):
         export_plan(plan, "megatron")
@@ -155,8 +175,8 @@ def test_uneven_stages_are_refused_by_megatron_but_not_torchtitan() -> None:
     uneven = Plan.model_validate(plan.model_dump() | {"stage_boundaries": [0, 4]})
     with pytest.raises(AutoplanError, match="hold 3, 5 blocks.*splits the blocks evenly"):
         export_plan(uneven, "megatron")
-    config = tomllib.loads(export_plan(uneven, "torchtitan").text)
-    assert config["parallelism"]["pipeline_parallel_split_points"] == ["layers.3"]
+    args = _overrides(export_plan(uneven, "torchtitan").text)
+    assert args["--parallelism.module_fqns_per_model_part"].split()[1].startswith("layers.3,")
 
 
 @pytest.mark.parametrize("target,shorthand,dtype,reason", [
@@ -165,7 +185,7 @@ def test_uneven_stages_are_refused_by_megatron_but_not_torchtitan() -> None:
     ("deepspeed", "tp=2,zero=3", "bf16", "tp 2 with zero 3"),
     ("megatron", "zero=2", "bf16", "zero 2"),
     ("megatron", "pp=2,zero=3", "bf16", "zero 3 with pp 2"),
-    ("torchtitan", "zero=1", "fp16", "not fp16"),
+    ("torchtitan", "zero=1", "fp16", "bf16 or fp32, not fp16"),
 ])
 def test_what_a_target_cannot_run_is_refused(target: str, shorthand: str, dtype: str,
                                              reason: str) -> None:
@@ -181,7 +201,7 @@ def test_export_cli_prints_or_writes(tmp_path, capsys) -> None:
     _plan("tp=2,pp=2,zero=1").save(path)
     assert main(["export", str(path), "--to", "torchtitan"]) == 0
     out = capsys.readouterr()
-    assert "[parallelism]" in out.out and "sequence parallel" in out.err
+    assert "--parallelism.tensor_parallel_degree 2" in out.out and "zero 1" in out.err
     target = tmp_path / "ds" / "megatron.sh"
     assert main(["export", str(path), "--to", "megatron", "-o", str(target)]) == 0
     assert "--pipeline-model-parallel-size 2" in target.read_text()
@@ -193,7 +213,10 @@ def test_export_cli_refusal_is_one_line_status_2(tmp_path, capsys) -> None:
     _plan("pp=2").save(path)
     assert main(["export", str(path), "--to", "deepspeed"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("autoplan export: error: DeepSpeed cannot express this plan: pp 2")
+    assert err.startswith("autoplan export: error: DeepSpeed 0.19.8 cannot express this plan: "
+                          "pp 2")
+    assert err.endswith("`autoplan search --for deepspeed` finds the fastest plan DeepSpeed "
+                        "0.19.8 can run")
     assert len(err.splitlines()) == 1
     assert main(["export", str(tmp_path / "none.json"), "--to", "megatron"]) == 2
     assert "does not exist" in capsys.readouterr().err
