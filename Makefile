@@ -65,7 +65,7 @@ suite: $(STAMP)
 	$(PY) -m pytest -q -m "not trainers"
 
 trainer-tests: $(TRAINERS_STAMP)
-	AUTOPLAN_TRAINERS_PYTHON=$(TRAINERS)/bin/python $(PY) -m pytest -q -m trainers -p no:cacheprovider
+	AUTOPLAN_TRAINERS_PYTHON=$(CURDIR)/$(TRAINERS)/bin/python $(PY) -m pytest -q -m trainers -p no:cacheprovider
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -30,7 +30,7 @@ import math
 import operator
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from autoplan.cluster import Cluster
@@ -60,6 +60,7 @@ from autoplan.search.dp import solve_dp
 from autoplan.search.ilp import solve_ilp
 from autoplan.search.problem import Layout, Option, Run, StageProblem, StageSolution
 from autoplan.search.space import (
+    BLOCKS,
     Outer,
     SearchSpace,
     count_kinds,
@@ -67,8 +68,8 @@ from autoplan.search.space import (
     outer_settings,
     plan_respects_fix,
 )
-from autoplan.search.uniform import best_uniform, uniform_points
-from autoplan.trainers import block_indices, refusal, searchable, trainer
+from autoplan.search.uniform import UniformPoint, best_uniform, uniform_points
+from autoplan.trainers import Trainer, block_indices, refusal, searchable, trainer
 from autoplan.workload import CLI_DTYPES
 
 __all__ = ["SearchOptions", "Candidate", "SearchResult", "Searcher", "SOLVERS",
@@ -180,10 +181,12 @@ class Searcher:
     """Searches plans of one model on one cluster (build once, run once)."""
 
     def __init__(self, graph: LayerGraph, cluster: Cluster, options: SearchOptions,
-                 profile: Profile | None = None) -> None:
+                 profile: Profile | None = None, model: CostModel | None = None) -> None:
+        """`model`: the cost model to price with, when another Searcher of the same graph,
+        cluster, profile and memory limit has one (its caches are shared)."""
         self.graph, self.cluster, self.options, self.profile = graph, cluster, options, profile
-        self.model = CostModel(graph, cluster, profile,
-                               memory_limit_bytes=options.memory_limit_bytes)
+        self.model = model or CostModel(graph, cluster, profile,
+                                        memory_limit_bytes=options.memory_limit_bytes)
         self.budget = self.model.memory_limit_bytes - self.model.overhead_bytes
         max_tp = options.max_tp or cluster.gpus_per_node
         self.space = SearchSpace(max_tp, cluster.gpus_per_node, options.fix)
@@ -810,8 +813,9 @@ class Searcher:
     def _for_trainer(self) -> Candidate | None:
         """The fastest plan the trainer of SearchOptions can express, among the uniform
         plans (search/uniform.py) of the strategies and schedules it runs, checkpointing only
-        the blocks; stage cuts as plan.split_stages makes them, which it must accept
-        (trainers.refusal). Kept apart from the search's own candidates.
+        the blocks: stages cut as plan.split_stages cuts them, which it must accept
+        (trainers.refusal), and where it takes any cut, each cut of the search's space
+        (_free_cuts). Kept apart from the search's own candidates.
 
         Raises:
             AutoplanError: when the trainer does not train in the graph's dtype.
@@ -833,7 +837,41 @@ class Searcher:
             price=lambda point, bounds, layers: self._priced(point.outer, bounds, layers,
                                                              t.name),
             layer_plan=self._layer_plan, blocks=blocks)
-        return found[t.name]
+        if t.even_split or not t.schedules:
+            return found[t.name]
+        return self._free_cuts(t, points, frozenset(self.graph.nodes[i].name for i in blocks),
+                               found[t.name], dtype)
+
+    def _free_cuts(self, t: Trainer, points: list[UniformPoint], blocks: frozenset[str],
+                   best: Candidate | None, dtype: str) -> Candidate | None:
+        """`best`, or a faster plan cutting stages elsewhere than split_stages: for each
+        pipelined point whose bound can still beat the best, cheapest bound first, the best
+        cut this search finds with every knob of the point fixed (the bound holds for every
+        cut of its point). Interleaved chunks the search itself cuts evenly (_fixed_chunks).
+        One Searcher per fixed strategy, sharing this one's cost model."""
+        searchers: dict[tuple, Searcher] = {}
+        for point in points:
+            if best is not None and best.estimate.fits \
+                    and point.bound >= best.estimate.step_time_s:
+                break
+            outer, s = point.outer, point.strategy
+            if outer.pp == 1 or outer.schedule == "interleaved_1f1b":
+                continue
+            key = (s.tp, s.sequence_parallel, s.zero, s.checkpoint)
+            if key not in searchers:
+                fix = {"tp": s.tp, "sequence_parallel": s.sequence_parallel, "zero": s.zero,
+                       "ckpt": s.checkpoint, BLOCKS: blocks}
+                searchers[key] = Searcher(self.graph, self.cluster, replace(
+                    self.options, fix=fix, trainer=None), self.profile, self.model)
+            sub = searchers[key]
+            tried = len(sub.candidates)
+            sub._search_outer(outer)
+            for c in sub.candidates[tried:]:
+                if c.estimate.fits and (best is None or not best.estimate.fits
+                                        or c.estimate.step_time_s < best.estimate.step_time_s) \
+                        and refusal(c.plan, t, dtype) is None:
+                    best = Candidate(c.plan, c.estimate, t.name)
+        return best
 
     def _smallest_fitting(self, ranked: list[Candidate]) -> tuple[int | None, str | None]:
         if not ranked:

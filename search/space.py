@@ -11,12 +11,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autoplan.errors import AutoplanError
-from autoplan.feasibility import feasible, gives_whole_output, schedule_refusal, tie_groups
+from autoplan.feasibility import (
+    feasible,
+    gives_whole_output,
+    last_layer,
+    schedule_refusal,
+    tie_groups,
+)
 from autoplan.graph import LayerNode
 from autoplan.plan import CHECKPOINT_MODES, SCHEDULES, LayerStrategy, Plan
 from autoplan.specs import parse_bool, parse_int, parse_kv
 
-__all__ = ["SPACE_LIMITS", "FIXABLE", "SearchSpace", "Outer", "divisors", "parse_fix",
+__all__ = ["SPACE_LIMITS", "FIXABLE", "BLOCKS", "SearchSpace", "Outer", "divisors", "parse_fix",
            "layer_strategies",
            "checkpoint_modes", "outer_settings", "tp_fits", "layouts", "uniform_strategies",
            "respects_fix", "plan_respects_fix", "plan_keeps_ties", "count_kinds"]
@@ -30,6 +36,9 @@ elsewhere than at a block, and tp groups that straddle nodes or exceed --max-tp.
 
 FIXABLE = ("pp", "dp", "tp", "sequence_parallel", "zero", "ckpt", "schedule", "virtual_stages",
            "micro_batch_size")
+BLOCKS = "blocks"
+"""A fix's key, set by search --for, not --fix: the names of the layers a fixed
+checkpointing binds (the trainers checkpoint their blocks only)."""
 
 
 def divisors(n: int) -> list[int]:
@@ -111,8 +120,9 @@ def layer_strategies(node: LayerNode, stage_gpus: int, micro_batch_size: int,
         if not feasible(node, LayerStrategy(dp=dp, tp=tp), micro_batch_size):
             continue
         sp_ok = tp > 1 and (not last or gives_whole_output(node))
+        fix = _layer_fix(space.fix, not last or gives_whole_output(node))
         for strategy in _strategies(dp, tp, sp_ok, tuple(checkpoint_modes(node))):
-            if respects_fix(node, strategy, space.fix):
+            if respects_fix(node, strategy, fix):
                 out.append(strategy)
     return out
 
@@ -140,13 +150,15 @@ def _strategies(dp: int, tp: int, sp_ok: bool,
 def respects_fix(node: LayerNode, strategy: LayerStrategy, fix: dict[str, Any]) -> bool:
     """Whether a layer's strategy keeps the user's fixed fields. A fixed ZeRO stage, SP or
     checkpointing binds only the layers it can apply to (dp > 1, tp > 1, a layer with that
-    checkpointing); the others keep the neutral value."""
+    checkpointing and, where the fix names BLOCKS, one of them); the others keep the
+    neutral value."""
     if not fix:
         return True
     values = {"dp": strategy.dp, "tp": strategy.tp, "sequence_parallel":
               strategy.sequence_parallel, "zero": strategy.zero, "ckpt": strategy.checkpoint}
     applies = {"sequence_parallel": strategy.tp > 1, "zero": strategy.dp > 1,
-               "ckpt": fix.get("ckpt") in checkpoint_modes(node)}
+               "ckpt": fix.get("ckpt") in checkpoint_modes(node)
+               and node.name in fix.get(BLOCKS, (node.name,))}
     neutral = {"sequence_parallel": False, "zero": 0, "ckpt": "none"}
     for key, value in values.items():
         if key not in fix:
@@ -163,8 +175,18 @@ def plan_respects_fix(nodes: list[LayerNode], plan: Plan, fix: dict[str, Any]) -
              "micro_batch_size": plan.micro_batch_size}
     if any(key in fix and fix[key] != value for key, value in outer.items()):
         return False
-    return all(respects_fix(node, layer, fix) for node, layer in zip(nodes, plan.layers,
-                                                                       strict=True))
+    last = last_layer(nodes)
+    return all(respects_fix(node, layer, _layer_fix(fix, i != last or gives_whole_output(node)))
+               for i, (node, layer) in enumerate(zip(nodes, plan.layers, strict=True)))
+
+
+def _layer_fix(fix: dict[str, Any], sp_possible: bool) -> dict[str, Any]:
+    """The fix as it binds a layer: a fixed SP only where the layer can take it (not the
+    model's last layer when SP would leave its output in slices), as the shorthand's
+    expansion applies it."""
+    if sp_possible or "sequence_parallel" not in fix:
+        return fix
+    return {k: v for k, v in fix.items() if k != "sequence_parallel"}
 
 
 def plan_keeps_ties(nodes: list[LayerNode] | tuple[LayerNode, ...], plan: Plan) -> bool:

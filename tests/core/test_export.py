@@ -220,3 +220,19 @@ def test_export_cli_refusal_is_one_line_status_2(tmp_path, capsys) -> None:
     assert len(err.splitlines()) == 1
     assert main(["export", str(tmp_path / "none.json"), "--to", "megatron"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_checkpointing_outside_the_blocks_is_noted_not_refused() -> None:
+    plan = _with_layers(_plan("ckpt=full,zero=1", world=8), ("norm", "output"),
+                        checkpoint="none")  # the embedding keeps the shorthand's "full"
+    for target in ("torchtitan", "megatron", "deepspeed"):
+        notes = export_plan(plan, target).notes
+        assert any("checkpoints tok_embeddings besides the blocks" in n for n in notes)
+
+
+@pytest.mark.parametrize("target", ["torchtitan", "megatron", "deepspeed"])
+def test_a_refusal_points_at_search_for(target: str) -> None:
+    plan = _with_layers(_plan("tp=2,zero=1,micro_batch=2", world=8), ("output",), dp=8, tp=1)
+    with pytest.raises(AutoplanError, match=f"`autoplan search --for {target}` finds the "
+                                            "fastest plan"):
+        export_plan(plan, target)

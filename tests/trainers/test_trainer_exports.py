@@ -40,7 +40,7 @@ norm, output): its stage FQNs are torchtitan's own."""
 @pytest.fixture(scope="module")
 def trainers_python() -> str:
     given = os.environ.get(ENV)
-    path = Path(given) if given else ROOT / ".venv-trainers" / "bin" / "python"
+    path = Path(given).absolute() if given else ROOT / ".venv-trainers" / "bin" / "python"
     if not path.exists():
         if given:
             pytest.fail(f"{ENV}={given} does not exist: `make test` builds it")
