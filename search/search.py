@@ -229,7 +229,11 @@ class Searcher:
             if on_progress:
                 on_progress(f"pp {outer.pp}, micro-batch {outer.micro_batch_size}, "
                             f"{outer.schedule}", done, len(outers))
-        for_trainer = self._for_trainer() if self.options.trainer else None
+        for_trainer = None
+        if self.options.trainer:
+            if on_progress:
+                on_progress(f"the plans {trainer(self.options.trainer).title} can express", 0, 1)
+            for_trainer = self._for_trainer()
         ranked = self._ranked()
         fitting = [c for c in ranked if c.estimate.fits]
         smallest, binding = (None, None) if fitting else self._smallest_fitting(ranked)
