@@ -20,7 +20,7 @@ from autoplan.trainers import TRAINERS, block_indices, refusal
 from autoplan.workload import load_graph
 from tests.zoo import ZOO
 
-GPUS, BATCH = 4, 8
+GPUS, BATCH = 4, 4
 MODELS = {"llama": "llama:layers=4,hidden=64,heads=4,kv_heads=2,ffn=128,seq=64,vocab=256",
           "mistral": ZOO["mistral"].spec, "nanogpt": ZOO["nanogpt"].spec}
 
