@@ -10,9 +10,10 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	# torch first and pinned, by pip, which finds the CPU build on this disk: an unpinned
 	# torch pulls a multi-GB CUDA build here. The rest by uv, which keeps that torch and
-	# installs the others in seconds where pip takes a minute.
+	# installs the others in seconds where pip takes a minute; compiled to bytecode as pip
+	# does (where PYTHONDONTWRITEBYTECODE is set, every process would compile them again).
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0 uv==0.13.10
-	$(PY) -m uv pip install -q --python $(PY) -e '.[dev,hf]'
+	$(PY) -m uv pip install -q --compile-bytecode --python $(PY) -e '.[dev,hf]'
 	touch $(STAMP)
 
 # A small GPT whose layers take milliseconds on a CPU, for the measured steps of the demo.

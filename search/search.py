@@ -116,6 +116,8 @@ class SearchOptions:
                                 f"takes at most {MAX_GLOBAL_BATCH} samples per step")
         if not self.time_limit_s > 0:
             raise AutoplanError(f"time limit must be positive seconds, got {self.time_limit_s}")
+        if self.trainer is not None:
+            trainer(self.trainer)  # an unknown one is refused before the search runs
 
 
 @dataclass(frozen=True)
