@@ -90,6 +90,9 @@ SHORTHANDS = {
 
 def _cases(trainer: str) -> list[Plan]:
     plans = [_plan(s, world, batch) for s, world, batch in SHORTHANDS[trainer]]
+    if trainer == "torchtitan":  # it takes any cut: stages of 3 and 5 blocks
+        even = _plan("tp=2,pp=2,micro_batch=2", 8, 16)
+        plans.append(Plan.model_validate(even.model_dump() | {"stage_boundaries": [0, 4]}))
     plans += [_found(ZOO[name].spec, 8, 16, trainer) for name in ("mistral", "qwen2")]
     plans.append(_found("llama3-8b", 64, 512, trainer))
     return plans
