@@ -17,6 +17,7 @@ from autoplan.plan import Plan
 from autoplan.profile import Profile
 from autoplan.search.search import Searcher, SearchOptions, SearchResult
 from autoplan.search.space import parse_fix
+from autoplan.trainers import TRAINERS
 from autoplan.workload import Workload, load_workload
 
 __all__ = ["search_workload", "search_plan", "no_plan_message"]
@@ -53,20 +54,30 @@ def search_plan(model: str | LayerGraph, *, cluster: str, global_batch: int,
                 solver: str = "auto", top_k: int = 3, memory_limit_gib: float | None = None,
                 max_tp: int | None = None, fix: str | None = None, dtype: str = "bf16",
                 attention: str = "flash", time_limit_s: float = 30.0,
-                output: str | None = None) -> Plan:
+                output: str | None = None, for_trainer: str | None = None) -> Plan:
     """The fastest plan for `model` (a spec such as "llama3-8b", a graph.json path, or a
     LayerGraph from autoplan.tracing.layer_graph for your own nn.Module) on `cluster`;
-    `fix` pins settings ("pp=8,zero=1"), `output` saves the plan.
+    `fix` pins settings ("pp=8,zero=1"), `output` saves the plan; with `for_trainer`
+    ("torchtitan", "megatron", "deepspeed"), the fastest plan that trainer can express
+    (autoplan.trainers), for `autoplan export`.
 
     Raises:
-        AutoplanError: on bad input or when no plan fits.
+        AutoplanError: on bad input or when no plan (no plan the trainer can express) fits.
     """
     if max_tp is not None and max_tp < 1:
         raise AutoplanError(f"--max-tp must be at least 1, got {max_tp}")
     work = load_workload(model, cluster, profile, dtype, attention, seq, memory_limit_gib)
     options = SearchOptions(global_batch=global_batch, max_tp=max_tp, fix=parse_fix(fix),
-                            solver=solver, time_limit_s=time_limit_s, top_k=top_k)
-    plan = search_workload(work, options).best.plan
+                            solver=solver, time_limit_s=time_limit_s, top_k=top_k,
+                            trainer=for_trainer)
+    result = search_workload(work, options)
+    plan = result.best.plan
+    if for_trainer:
+        found = result.trainer
+        if found is None or not found.estimate.fits:
+            raise AutoplanError(f"no plan {TRAINERS[for_trainer].title} can express fits "
+                                f"(`autoplan search --for {for_trainer}` says what it needs)")
+        plan = found.plan
     if output:
         plan.save(Path(output))
     return plan

@@ -119,3 +119,16 @@ def test_for_with_no_fitting_plan_says_what_it_would_need(capsys) -> None:
                  "--global-batch", "8", "--for", "deepspeed", "--memory-limit", "0.01"]) == 2
     err = capsys.readouterr().err
     assert "no plan" in err and "GiB" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_python_front_returns_the_trainers_plan() -> None:
+    import autoplan
+
+    plan = autoplan.search(MODELS["llama"], cluster="h100-sxm:gpus=4", global_batch=8,
+                           for_trainer="deepspeed")
+    graph = load_graph(MODELS["llama"])
+    options = SearchOptions(global_batch=8, trainer="deepspeed")
+    found = Searcher(graph, parse_cluster_spec("h100-sxm:gpus=4"), options).run().trainer
+    assert plan.model_dump(exclude={"provenance"}) == found.plan.model_dump(
+        exclude={"provenance"})
+    assert plan.pp == 1 and refusal(plan, TRAINERS["deepspeed"]) is None
