@@ -114,13 +114,14 @@ def layer_strategies(node: LayerNode, stage_gpus: int, micro_batch_size: int,
     the model's `last` layer a whole output); checkpointing applies to layers that save more
     than their input, selective to those with S x S tensors."""
     out = []
+    sp_possible = not last or gives_whole_output(node)
+    fix = _layer_fix(space.fix, sp_possible)
     for dp, tp in layouts(stage_gpus, micro_batch_size, space):
         if not (_allowed(space, "tp", tp) and _allowed(space, "dp", dp)):
             continue
         if not feasible(node, LayerStrategy(dp=dp, tp=tp), micro_batch_size):
             continue
-        sp_ok = tp > 1 and (not last or gives_whole_output(node))
-        fix = _layer_fix(space.fix, not last or gives_whole_output(node))
+        sp_ok = tp > 1 and sp_possible
         for strategy in _strategies(dp, tp, sp_ok, tuple(checkpoint_modes(node))):
             if respects_fix(node, strategy, fix):
                 out.append(strategy)
