@@ -28,6 +28,18 @@ def test_help_lists_every_command() -> None:
         assert command in out.stdout
 
 
+def test_the_cli_offers_every_trainer_and_starts_without_the_plan_model() -> None:
+    from autoplan.app import cli
+    from autoplan.trainers import TRAINERS
+
+    assert cli._TRAINERS == tuple(TRAINERS)
+    code = ("import sys; from autoplan.app.cli import _parser; _parser(); "
+            "print('autoplan.plan' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=True)
+    assert done.stdout.strip() == "False"
+
+
 def test_bad_model_is_one_line_exit_2_without_traceback() -> None:
     out = _autoplan("inspect", "--model", "gpt:layers=2,hidden=10,heads=3,seq=4,vocab=8")
     assert out.returncode == 2
