@@ -8,13 +8,14 @@ returns a Plan while `autoplan.search.ilp` stays importable.
 import sys
 import types
 
-from autoplan.search.front import no_plan_message, search_plan, search_workload
+from autoplan.search.front import no_plan_message, search_plan, search_workload, trainer_plan
 from autoplan.search.report import describe, result_json, search_tables
 from autoplan.search.search import Searcher, SearchOptions, SearchResult
 from autoplan.search.space import divisors, parse_fix
 
 __all__ = ["search_plan", "search_workload", "no_plan_message", "Searcher", "SearchOptions",
-           "SearchResult", "describe", "result_json", "search_tables", "divisors", "parse_fix"]
+           "SearchResult", "describe", "result_json", "search_tables", "divisors", "parse_fix",
+           "trainer_plan"]
 
 
 class _CallableModule(types.ModuleType):

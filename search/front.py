@@ -15,12 +15,13 @@ from autoplan.graph import LayerGraph
 from autoplan.hardware import GiB
 from autoplan.plan import Plan
 from autoplan.profile import Profile
-from autoplan.search.search import Searcher, SearchOptions, SearchResult
+from autoplan.search.report import describe
+from autoplan.search.search import Candidate, Searcher, SearchOptions, SearchResult
 from autoplan.search.space import parse_fix
-from autoplan.trainers import TRAINERS
+from autoplan.trainers import trainer
 from autoplan.workload import Workload, load_workload
 
-__all__ = ["search_workload", "search_plan", "no_plan_message"]
+__all__ = ["search_workload", "search_plan", "no_plan_message", "trainer_plan"]
 
 
 def search_workload(work: Workload, options: SearchOptions,
@@ -49,6 +50,28 @@ def no_plan_message(result: SearchResult, limit: int) -> str:
             f"needs is {result.smallest_fitting_bytes / GiB:.1f} GiB, most of it {result.binding}")
 
 
+def trainer_plan(result: SearchResult, name: str) -> Candidate:
+    """The plan of trainer `name` that a search with SearchOptions.trainer found.
+
+    Raises:
+        AutoplanError: when the trainer can express no plan, or none that fits (saying
+            what the least memory one needs).
+    """
+    title = trainer(name).title
+    found = result.trainer
+    if found is None:
+        raise AutoplanError(f"{title} can express no plan of this model on this cluster and "
+                            f"batch (its rules: autoplan.trainers)")
+    if not found.estimate.fits:
+        need = max(found.estimate.peak_memory_bytes) + found.estimate.overhead_bytes
+        raise AutoplanError(f"no plan {title} can express fits in "
+                            f"{found.estimate.memory_limit_bytes / GiB:.1f} GiB per device; "
+                            f"the least memory one needs is {need / GiB:.1f} GiB "
+                            f"(pp {found.plan.pp}, {describe(found)}); the unrestricted plan "
+                            f"takes {result.best.estimate.step_time_s:.3g} s per step")
+    return found
+
+
 def search_plan(model: str | LayerGraph, *, cluster: str, global_batch: int,
                 seq: int | None = None, profile: str | Profile | None = None,
                 solver: str = "auto", top_k: int = 3, memory_limit_gib: float | None = None,
@@ -71,13 +94,7 @@ def search_plan(model: str | LayerGraph, *, cluster: str, global_batch: int,
                             solver=solver, time_limit_s=time_limit_s, top_k=top_k,
                             trainer=for_trainer)
     result = search_workload(work, options)
-    plan = result.best.plan
-    if for_trainer:
-        found = result.trainer
-        if found is None or not found.estimate.fits:
-            raise AutoplanError(f"no plan {TRAINERS[for_trainer].title} can express fits "
-                                f"(`autoplan search --for {for_trainer}` says what it needs)")
-        plan = found.plan
+    plan = trainer_plan(result, for_trainer).plan if for_trainer else result.best.plan
     if output:
         plan.save(Path(output))
     return plan

@@ -8,9 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autoplan.errors import AutoplanError
-from autoplan.hardware import GiB
-from autoplan.search import SearchOptions, SearchResult, describe, parse_fix, search_workload
-from autoplan.trainers import trainer
+from autoplan.search import SearchOptions, SearchResult, parse_fix, search_workload, trainer_plan
 from autoplan.workload import Workload, WorkloadOptions, is_saved_graph
 
 __all__ = ["SearchCommand", "run_search"]
@@ -52,27 +50,10 @@ def run_search(command: SearchCommand,
     if work.profile is None and not work.cluster.device.has_datasheet:
         raise AutoplanError(_profile_first(command, work))
     result = search_workload(work, _options(command), on_progress)
-    if command.for_trainer:
-        _check_trainer_plan(result, command.for_trainer)
+    written = trainer_plan(result, command.for_trainer) if command.for_trainer else result.best
     if command.output:
-        (result.trainer if command.for_trainer else result.best).plan.save(Path(command.output))
+        written.plan.save(Path(command.output))
     return result
-
-
-def _check_trainer_plan(result: SearchResult, name: str) -> None:
-    """Raises AutoplanError unless the trainer's plan fits, saying what it would need."""
-    title = trainer(name).title
-    found = result.trainer
-    if found is None:
-        raise AutoplanError(f"{title} can express no plan of this model on this cluster and "
-                            f"batch (its rules: autoplan.trainers)")
-    if not found.estimate.fits:
-        need = max(found.estimate.peak_memory_bytes) + found.estimate.overhead_bytes
-        raise AutoplanError(f"no plan {title} can express fits in "
-                            f"{found.estimate.memory_limit_bytes / GiB:.1f} GiB per device; "
-                            f"the least memory one needs is {need / GiB:.1f} GiB "
-                            f"(pp {found.plan.pp}, {describe(found)}); the unrestricted plan "
-                            f"takes {result.best.estimate.step_time_s:.3g} s per step")
 
 
 def _options(command: SearchCommand) -> SearchOptions:
