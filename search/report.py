@@ -11,7 +11,7 @@ from rich.table import Table
 from autoplan import fmt
 from autoplan.search.search import Candidate, SearchResult
 from autoplan.search.space import SPACE_LIMITS
-from autoplan.trainers import TRAINERS
+from autoplan.trainers import TRAINERS, Trainer
 
 __all__ = ["search_tables", "describe", "result_json"]
 
@@ -126,12 +126,21 @@ def _trainer_table(result: SearchResult) -> Table:
                       f"found plan's {fmt.seconds(result.best.estimate.step_time_s)}"),
         ("fits", "yes" if e.fits else f"no ({fmt.nbytes(max(e.peak_memory_bytes))})"),
         ("space", f"uniform plans of what {title} runs (autoplan.trainers), checkpointing "
-                  "the blocks only, stages cut as plan.split_stages cuts them"),
+                  "the blocks only, " + _cuts(TRAINERS[c.origin])),
         ("export", f"autoplan export PLAN --to {c.origin} (with search -o PLAN --for "
                    f"{c.origin})"),
     ):
         table.add_row(key, value)
     return table
+
+
+def _cuts(t: Trainer) -> str:
+    """How the trainer's plans cut stages, as search --for searches them."""
+    if not t.schedules:
+        return "one stage (no pipeline)"
+    if t.even_split:
+        return "stages cut evenly (plan.split_stages)"
+    return "stages cut anywhere at blocks, interleaved chunks evenly"
 
 
 def _brief(c: Candidate | None, best: float) -> dict | None:
