@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from autoplan.errors import AutoplanError
 from autoplan.plan import CHECKPOINT_MODES, SCHEDULES, LayerStrategy, Plan
@@ -52,8 +52,9 @@ class Trainer:
     dtypes: tuple[str, ...]
     even_split: bool = False
     """Whether its pipeline chunks must hold equal numbers of blocks."""
-    zero3_with_pp: bool = True
-    zero3_with_tp: bool = True
+    limits: dict[str, str] = field(default_factory=dict, hash=False)
+    """What else it refuses, each with the reason its refusal gives: "pipeline", "sequence
+    parallelism", "zero 2", "zero 3 with pp", "zero 3 with tp" (refusal)."""
 
 
 TRAINERS = {
@@ -62,17 +63,23 @@ TRAINERS = {
     "torchtitan": Trainer("torchtitan", "torchtitan 0.3.0", zero=(0, 2, 3),
                           checkpoint=("none", "full"), schedules=SCHEDULES,
                           sequence_parallel=(False, True), dtypes=("bf16", "fp32")),
-    # no GPipe (export maps it to 1F1B with a note); ZeRO 1 is --use-distributed-optimizer,
-    # ZeRO 3 is --use-torch-fsdp2, which its help says does not work with pipelining
-    "megatron": Trainer("megatron", "Megatron-Core 0.16.1", zero=(0, 1, 3),
-                        checkpoint=CHECKPOINT_MODES, schedules=("1f1b", "interleaved_1f1b"),
-                        sequence_parallel=(False, True), dtypes=("bf16", "fp16", "fp32"),
-                        even_split=True, zero3_with_pp=False),
-    # pipelines are built in code (PipelineModule), not in the JSON; AutoTP has no sequence
-    # parallelism and combines with ZeRO 0-2; checkpointing is the model's code, any mode
-    "deepspeed": Trainer("deepspeed", "DeepSpeed 0.19.8", zero=(0, 1, 2, 3),
-                         checkpoint=CHECKPOINT_MODES, schedules=(), sequence_parallel=(False,),
-                         dtypes=("bf16", "fp16", "fp32"), zero3_with_tp=False),
+    # no GPipe (export maps it to 1F1B with a note)
+    "megatron": Trainer(
+        "megatron", "Megatron-Core 0.16.1", zero=(0, 1, 3), checkpoint=CHECKPOINT_MODES,
+        schedules=("1f1b", "interleaved_1f1b"), sequence_parallel=(False, True),
+        dtypes=("bf16", "fp16", "fp32"), even_split=True,
+        limits={"zero 2": "its distributed optimizer shards optimizer state only, ZeRO 1; "
+                          "FSDP is ZeRO 3",
+                "zero 3 with pp": "--use-torch-fsdp2 does not work with pipeline "
+                                  "parallelism, says its help"}),
+    # checkpointing is the model's code: any mode
+    "deepspeed": Trainer(
+        "deepspeed", "DeepSpeed 0.19.8", zero=(0, 1, 2, 3), checkpoint=CHECKPOINT_MODES,
+        schedules=(), sequence_parallel=(False,), dtypes=("bf16", "fp16", "fp32"),
+        limits={"pipeline": "DeepSpeed sets pipeline stages in code, "
+                            "PipelineModule(num_stages=...), not in its JSON config",
+                "sequence parallelism": "DeepSpeed's AutoTP has none",
+                "zero 3 with tp": "AutoTP training combines with ZeRO 0-2"}),
 }
 
 
@@ -113,8 +120,8 @@ def searchable(t: Trainer, pp: int, schedule: str, strategy: LayerStrategy) -> b
     plan, by refusal)."""
     if pp > 1 and schedule not in t.schedules:
         return False
-    if strategy.zero == 3 and ((pp > 1 and not t.zero3_with_pp)
-                               or (strategy.tp > 1 and not t.zero3_with_tp)):
+    if strategy.zero == 3 and ((pp > 1 and "zero 3 with pp" in t.limits)
+                               or (strategy.tp > 1 and "zero 3 with tp" in t.limits)):
         return False
     return (strategy.zero in t.zero and strategy.checkpoint in t.checkpoint
             and strategy.sequence_parallel in t.sequence_parallel)
@@ -133,19 +140,16 @@ def refusal(plan: Plan, t: Trainer, dtype: str = "bf16") -> str | None:
     head = f"{t.title} cannot express this plan:"
     if dtype not in t.dtypes:
         return f"{head} it trains in {' or '.join(t.dtypes)}, not {dtype}"
-    if plan.pp > 1 and not t.schedules:
-        return (f"{head} pp {plan.pp} (DeepSpeed sets pipeline stages in code, "
-                "PipelineModule(num_stages=...), not in its JSON config)")
-    if middle.sequence_parallel and True not in t.sequence_parallel:
-        return f"{head} sequence parallelism (DeepSpeed's AutoTP has none)"
-    if middle.zero == 2 and 2 not in t.zero:
-        return (f"{head} zero 2 (its distributed optimizer shards optimizer state only, "
-                "ZeRO 1; FSDP is ZeRO 3)")
-    if middle.zero == 3 and plan.pp > 1 and not t.zero3_with_pp:
-        return (f"{head} zero 3 with pp {plan.pp} (--use-torch-fsdp2 does not work with "
-                "pipeline parallelism, says its help)")
-    if middle.zero == 3 and middle.tp > 1 and not t.zero3_with_tp:
-        return f"{head} tp {middle.tp} with zero 3 (AutoTP training combines with ZeRO 0-2)"
+    # each limit: whether the plan meets it, and how the refusal names it
+    met = {"pipeline": (plan.pp > 1, f"pp {plan.pp}"),
+           "sequence parallelism": (middle.sequence_parallel, "sequence parallelism"),
+           "zero 2": (middle.zero == 2, "zero 2"),
+           "zero 3 with pp": (middle.zero == 3 and plan.pp > 1, f"zero 3 with pp {plan.pp}"),
+           "zero 3 with tp": (middle.zero == 3 and middle.tp > 1,
+                              f"tp {middle.tp} with zero 3")}
+    for limit, reason in t.limits.items():
+        if met[limit][0]:
+            return f"{head} {met[limit][1]} ({reason})"
     if plan.pp > 1 and t.even_split:
         return _uneven(plan, blocks, head)
     return None
