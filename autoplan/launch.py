@@ -21,8 +21,8 @@ from typing import Any, NoReturn, TypeVar
 from autoplan.errors import AutoplanError, WorkerFailed
 from autoplan.io import atomic_write_text
 
-__all__ = ["LOOPBACK", "call_workers", "exit_worker", "free_port", "run_workers",
-           "serve_worker", "under_torchrun", "watch_parent"]
+__all__ = ["LOOPBACK", "call_workers", "counted_line", "exit_worker", "free_port",
+           "run_workers", "serve_worker", "split_counted", "under_torchrun", "watch_parent"]
 
 log = logging.getLogger(__name__)
 
@@ -354,3 +354,17 @@ def exit_worker() -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def counted_line(done: int, planned: int, text: str) -> str:
+    """A progress line that says how far the work is: "done/planned text" (split_counted)."""
+    return f"{done}/{planned} {text}"
+
+
+def split_counted(line: str) -> tuple[str, int | None, int | None]:
+    """(text, done, planned) of a counted_line; (line, None, None) for any other line."""
+    count, _, text = line.partition(" ")
+    done, slash, planned = count.partition("/")
+    if slash and done.isdigit() and planned.isdigit():
+        return text, int(done), int(planned)
+    return line, None, None

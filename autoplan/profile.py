@@ -182,11 +182,16 @@ class LayerProfile(BaseModel):
                         micro_batch: float) -> tuple[float, float, float] | None:
         """(forward, backward, gradient sync) seconds of one micro-batch of `micro_batch`
         samples per rank under data parallelism, from the in-situ points of that layout and
-        ZeRO stage: forward and backward by least squares over micro-batches (as `fits`),
-        the sync as the mean extra time of a syncing backward. None when not measured."""
+        ZeRO stage: the point of that micro-batch where one was timed (so that a plan's price
+        rests on its own points alone, whichever others a profile holds), else forward and
+        backward by least squares over micro-batches (as `fits`) and the sync as the mean
+        extra time of a syncing backward. None when not measured."""
         mine = [p for p in self.data_parallel if (p.dp, p.tp, p.zero) == (dp, tp, zero)]
         if not mine:
             return None
+        exact = next((p for p in mine if p.micro_batch == micro_batch), None)
+        if exact is not None:
+            return exact.fwd_s, exact.bwd_s, max(exact.sync_bwd_s - exact.bwd_s, 0.0)
         (fit,) = fits_from_points(mine)  # one layout: one tp
         sync = statistics.fmean(p.sync_bwd_s - p.bwd_s for p in mine)
         return fit.fwd_s(micro_batch), fit.bwd_s(micro_batch), max(sync, 0.0)

@@ -11,12 +11,17 @@ FSDP (Zhao et al. 2023, sec. 3).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from autoplan.cost_model.collectives import CommModel
-from autoplan.graph import LayerNode
+from autoplan.graph import LayerGraph, LayerNode
 from autoplan.plan import LayerStrategy
 
 __all__ = ["tp_time_s", "fsdp_time_s", "grad_sync_time_s", "reshard_time_s", "reshard_bytes",
-           "p2p_time_s"]
+           "p2p_time_s", "priced_message_bytes", "PRICED_COLLECTIVES"]
+
+PRICED_COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
+"""The collectives the functions below price (no all_to_all yet): what a profile times."""
 
 # Per pass: (collective, what is moved) for each TP-sharded kind; "out" the layer's output
 # per sample, "in" its input. Without SP an all-reduce; with SP the pair that replaces it.
@@ -46,9 +51,10 @@ def tp_time_s(comm: CommModel, node: LayerNode, layer: LayerStrategy,
             _tp_pass_s(comm, node, layer, samples, _TP_BACKWARD))
 
 
-def _shard_bytes(node: LayerNode, layer: LayerStrategy, elt_bytes: int) -> float:
+def _shard_bytes(node: LayerNode, tp: int, elt_bytes: int) -> float:
+    """A TP rank's bytes of the layer's weights."""
     sharded = node.kind in ("block", "embedding", "head")
-    return node.params * elt_bytes / (layer.tp if sharded else 1)
+    return node.params * elt_bytes / (tp if sharded else 1)
 
 
 def fsdp_time_s(comm: CommModel, node: LayerNode, layer: LayerStrategy, elt_bytes: int) -> float:
@@ -56,7 +62,7 @@ def fsdp_time_s(comm: CommModel, node: LayerNode, layer: LayerStrategy, elt_byte
     reduce-scatter the gradients, over the dp group (members tp apart)."""
     if layer.zero < 3 or layer.dp < 2:
         return 0.0
-    nbytes = _shard_bytes(node, layer, elt_bytes)
+    nbytes = _shard_bytes(node, layer.tp, elt_bytes)
     return (2 * comm.time_s("all_gather", nbytes, layer.dp, layer.tp)
             + comm.time_s("reduce_scatter", nbytes, layer.dp, layer.tp))
 
@@ -69,7 +75,7 @@ def grad_sync_time_s(comm: CommModel, node: LayerNode, layer: LayerStrategy,
     them (ZeRO 3 syncs every micro-batch: fsdp_time_s)."""
     if layer.dp < 2 or layer.zero >= 3:
         return 0.0, 0.0
-    nbytes = _shard_bytes(node, layer, elt_bytes)
+    nbytes = _shard_bytes(node, layer.tp, elt_bytes)
     sync = comm.time_s("all_reduce" if layer.zero == 0 else "reduce_scatter", nbytes,
                        layer.dp, layer.tp)
     gather = comm.time_s("all_gather", nbytes, layer.dp, layer.tp) if layer.zero else 0.0
@@ -106,3 +112,20 @@ def p2p_time_s(comm: CommModel, node: LayerNode, layer: LayerStrategy, samples: 
     """One pipeline hop of `node`'s output per micro-batch: each of tp ranks sends 1/tp."""
     nbytes = samples * node.output_bytes / layer.tp
     return comm.time_s("send_recv", nbytes, 2, stage_gpus)
+
+
+def priced_message_bytes(graph: LayerGraph, samples: Iterable[int], tps: Iterable[int],
+                         elt_bytes: int) -> list[int]:
+    """The message sizes (bytes, as CommModel takes them) that the functions above price for
+    `graph` at these samples per rank and TP degrees: each layer's weights, whole or a TP
+    shard (gradient sync, ZeRO gathers), and its input and output for a micro-batch, whole
+    or a TP share (TP collectives, pipeline hops, hops between layouts). A profile that times
+    the collectives around these sizes fits what the search will ask of it."""
+    sizes = set()
+    for node in graph.nodes:
+        for tp in tps:
+            sizes.add(round(_shard_bytes(node, tp, elt_bytes)))
+            for count in samples:
+                for per_sample in (node.input_bytes, node.output_bytes):
+                    sizes |= {count * per_sample, round(count * per_sample / tp)}
+    return sorted(size for size in sizes if size > 0)

@@ -20,7 +20,19 @@ from autoplan.errors import AutoplanError
 from autoplan.graph import LayerNode
 from autoplan.profile import LayerProfile, Profile
 
-__all__ = ["LayerTimes", "ComputeModel", "core_share"]
+__all__ = ["LayerTimes", "ComputeModel", "core_share", "data_parallel_key"]
+
+
+def data_parallel_key(node: LayerNode, samples: int, dp: int, tp: int,
+                      zero: int) -> tuple[str, int, int, int, int] | None:
+    """The in-situ point (signature, dp, tp, ZeRO stage, samples per rank) that prices `node`
+    under data parallelism (ComputeModel.data_parallel_times), or None at dp < 2: a layer the
+    TP plan leaves whole is timed at tp 1, ZeRO 1 runs as 2 (executor/data_parallel.py)."""
+    if dp < 2:
+        return None
+    return (node.signature, dp, tp if node.kind in TP_SHARDED_KINDS else 1,
+            2 if zero == 1 else zero, samples)
+
 
 @dataclass(frozen=True)
 class LayerTimes:
@@ -92,15 +104,15 @@ class ComputeModel:
         stage, and the seconds the gradient sync adds once per step. None when the profile
         has no such points (then the collectives are priced apart, communication.py).
         Recomputation is the plain forward: the backward's gather already holds the weights."""
-        layer = self.layers.get(node.signature)
-        if layer is None or dp < 2:
+        layer, key = self.layers.get(node.signature), data_parallel_key(node, samples, dp, tp,
+                                                                         zero)
+        if layer is None or key is None:
             return None
-        tp = tp if node.kind in TP_SHARDED_KINDS else 1
-        found = layer.data_parallel_s(dp, tp, 2 if zero == 1 else zero, samples)
+        found = layer.data_parallel_s(*key[1:4], samples)
         if found is None:
             return None
         fwd, bwd, sync = (seconds * self.core_share for seconds in found)
-        plain = self._measured(node, samples, tp, checkpoint)
+        plain = self._measured(node, samples, key[2], checkpoint)
         return LayerTimes(fwd, bwd, plain.recompute_s, plain.recompute_flops), sync
 
     def _analytic(self, node: LayerNode, samples: int, tp: int, sequence_parallel: bool,

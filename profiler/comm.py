@@ -64,7 +64,7 @@ import torch.distributed as dist
 
 from autoplan import fmt
 from autoplan.errors import AutoplanError, choices_hint
-from autoplan.launch import call_workers, serve_worker
+from autoplan.launch import call_workers, counted_line, serve_worker
 from autoplan.profile import COLLECTIVES, CommFit, CommPoint, CommRegime, bus_factor
 
 __all__ = ["measure_collectives", "measure_in_world", "fit_alpha_beta"]
@@ -144,7 +144,9 @@ def _inter_node_counts(nnodes: int) -> list[int]:
 def _plan_groups(node_of_rank: Sequence[int]) -> list[_Group]:
     """The groups to measure, the same on every rank.
 
-    intra: ranks 0..g-1 of rank 0's node, for every g from 2 to its size.
+    intra: ranks 0..g-1 of rank 0's node, for every g from 2 to its size that divides it: a
+    plan's groups do (every degree divides the devices), and so does a ratio of two of them
+    (the hops between layouts, cost_model/communication.reshard_time_s).
     inter: the pair (0, first rank of the next node), for send_recv and 2-rank collectives
     across nodes; then the ranks of the first k whole nodes, for k in _inter_node_counts.
     """
@@ -152,7 +154,8 @@ def _plan_groups(node_of_rank: Sequence[int]) -> list[_Group]:
     for rank, node in enumerate(node_of_rank):
         nodes.setdefault(node, []).append(rank)
     members = list(nodes.values())  # ordered by lowest rank: rank 0's node first
-    groups = [_Group(tuple(members[0][:g]), "intra") for g in range(2, len(members[0]) + 1)]
+    size = len(members[0])
+    groups = [_Group(tuple(members[0][:g]), "intra") for g in range(2, size + 1) if size % g == 0]
     if len(members) < 2:
         return groups
     inter = [(0, members[1][0])]
@@ -262,21 +265,27 @@ def _point(collective: str, group: _Group, nbytes: int, times_s: list[float]) ->
                      algbw=algbw, busbw=algbw * bus_factor(collective, len(group.ranks)))
 
 
+def _series_of(group: _Group, request: _Request) -> list[str]:
+    """The collectives timed over `group`: send_recv on pairs only."""
+    return [c for c in request.collectives if c != "send_recv" or len(group.ranks) == 2]
+
+
 def _measure_group(group: _Group, pg: dist.ProcessGroup, request: _Request,
                    device: torch.device, on_progress: Callable[[str], None] | None,
-                   ) -> list[CommPoint]:
-    """Every requested collective and size over one group (send_recv on pairs only)."""
+                   count: tuple[int, int]) -> list[CommPoint]:
+    """Every requested collective and size over one group (send_recv on pairs only); `count`:
+    the series (collective and group) done before this group and planned in all, for the
+    progress lines."""
     points: list[CommPoint] = []
-    for collective in request.collectives:
-        if collective == "send_recv" and len(group.ranks) != 2:
-            continue
+    for done, collective in enumerate(_series_of(group, request), count[0] + 1):
         found = _sweep_sizes(collective, group, pg, request, device)
         points += found
         if on_progress is not None:
-            on_progress(f"{group.scope} {collective} over {len(group.ranks)} ranks: "
-                        f"{fmt.seconds(found[0].time_s)} at {fmt.nbytes(found[0].nbytes)}, "
-                        f"{fmt.seconds(found[-1].time_s)} at {fmt.nbytes(found[-1].nbytes)}, "
-                        f"busbw up to {max(p.busbw for p in found) / 1e9:.3g} GB/s")
+            on_progress(counted_line(done, count[1], (
+                f"{group.scope} {collective} over {len(group.ranks)} ranks: "
+                f"{fmt.seconds(found[0].time_s)} at {fmt.nbytes(found[0].nbytes)}, "
+                f"{fmt.seconds(found[-1].time_s)} at {fmt.nbytes(found[-1].nbytes)}, "
+                f"busbw up to {max(p.busbw for p in found) / 1e9:.3g} GB/s")))
     return points
 
 
@@ -321,16 +330,19 @@ def _measure_rank(request: _Request, groups: list[_Group], device: torch.device,
     global _calls
     _calls += 1
     points: list[CommPoint] = []
+    series = sum(len(_series_of(group, request)) for group in groups)
+    done = 0
     for i, (group, pg) in enumerate(zip(groups, pgs, strict=True)):
         done_key = f"autoplan-comm/{_calls}/group-{i}/done"
         if rank in group.ranks:
-            found = _measure_group(group, pg, request, device, on_progress)
+            found = _measure_group(group, pg, request, device, on_progress, (done, series))
             points += found if rank == 0 else []
             if store is not None and rank == group.ranks[0]:
                 store.set(done_key, "1")
         elif store is not None:
             store.wait([done_key], timeout)  # blocks on a socket: no core taken
         dist.barrier()
+        done += len(_series_of(group, request))
     for group, pg in zip(groups, pgs, strict=True):
         if rank in group.ranks:
             dist.destroy_process_group(pg)
@@ -414,7 +426,8 @@ def measure_in_world(sizes: list[int], collectives: Sequence[str] = COLLECTIVES,
         repeats: timed repeats per size; the point keeps their median and spread.
         warmup: untimed runs before the repeats.
         timeout_s: the process-group timeout (rendezvous, new_group and each op).
-        on_progress: called on rank 0 with one line per collective and group.
+        on_progress: called on rank 0 with one line per collective and group, counted
+            (launch.counted_line).
 
     Returns:
         The points, on every rank.
@@ -436,8 +449,9 @@ def measure_collectives(nproc: int, sizes: list[int], collectives: Sequence[str]
     """Measure collectives over 2..nproc local ranks, each a fresh process with one thread.
 
     The workers run measure_in_world (gloo on CPU, NCCL when CUDA has a GPU per rank) in a
-    world of nproc ranks on 127.0.0.1; groups are ranks 0..g-1 for every g in 2..nproc, all
-    scope "intra"; send_recv is measured on the pair (0, 1). Rank 0 writes the points as JSON.
+    world of nproc ranks on 127.0.0.1; groups are ranks 0..g-1 for every g in 2..nproc that
+    divides nproc, all scope "intra"; send_recv is measured on the pair (0, 1). Rank 0 writes
+    the points as JSON.
 
     Args:
         nproc: number of local ranks, >= 2.
@@ -448,7 +462,8 @@ def measure_collectives(nproc: int, sizes: list[int], collectives: Sequence[str]
         timeout_s: the parent's wall-clock limit without progress (from the start, process
             start-up and torch import included, or from the last finished collective and
             group), also the workers' process-group timeout (rendezvous, new_group, each op).
-        on_progress: called in this process with one line per collective and group.
+        on_progress: called in this process with one line per collective and group, counted
+            (launch.counted_line).
 
     Returns:
         The points, sorted as measured (group, collective, size).

@@ -26,19 +26,28 @@ Timed together, not one op at a time: with more ranks than cores, an op shorter 
 scheduler's time slice often runs start to end on a core while another rank waits before
 its own starts, so per-op clocks (median or mean) miss the waiting. On this machine they gave
 a 4-sample block forward anywhere from its time alone to 3.7x that, run to run. So after
-warm-up every rank meets at the barrier, runs `repeats` passes back to back and then as many
-untimed ones as it warmed up with (so that no rank's timed passes run on emptier cores); a
-point is the window from the first rank's start to the last rank's end, over the repeats,
+warm-up every rank meets at the barrier, runs SAMPLE_PASSES passes back to back and then one
+untimed pass more (so that no rank's timed passes run on emptier cores); a sample is the
+window from the first rank's start to the last rank's end, over those passes,
 split between forward and backward as the ranks' own clocks split it: the time per pass of
-ranks that all need the cores, as a run's do. The points of a layer are timed in SWEEPS
-passes over all of them, and each keeps its median, so that a spell of load from elsewhere
-spoils one sweep rather than the point.
+ranks that all need the cores, as a run's do. The points of a layer are timed in (at least)
+SWEEPS passes over all of them, and each keeps its median sample, so that a spell of load
+from elsewhere spoils one sample rather than the point.
+
+How many sweeps is the point's own noise: each sweep adds one sample (SAMPLE_PASSES passes
+of every rank); after the SWEEPS-th, a point whose 95% confidence interval of the mean
+sample lies within TARGET of its median is done, the others are swept again, up to the
+ceiling `repeats` passes allow (max_sweeps). Quiet points cost three samples, noisy ones
+more. Points that run the same code are timed once (an optimizer step over parameters of
+the same shapes, whichever layer holds them), and a caller that knows which plans it will
+price asks for their data-parallel points alone (`data_parallel`), not for every layout.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import statistics
 import sys
 import time
@@ -59,7 +68,7 @@ from torch.distributed.tensor.parallel import parallelize_module
 from autoplan.errors import AutoplanError
 from autoplan.executor import apply_fsdp, apply_replicate, tp_styles
 from autoplan.graph import LayerNode
-from autoplan.launch import call_workers, serve_worker
+from autoplan.launch import call_workers, counted_line, serve_worker
 from autoplan.meta_state import prepare_for_timing
 from autoplan.models import DTYPES, build_model
 from autoplan.models.build import BuiltModel
@@ -78,7 +87,8 @@ from autoplan.profiler.compute import (
 )
 from autoplan.tracing import layer_graph_of_built
 
-__all__ = ["LayerTimings", "time_layers_in_situ"]
+__all__ = ["LayerTimings", "ZERO_STAGES", "data_parallel_layouts", "max_sweeps", "settled",
+           "time_layers_in_situ"]
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +98,25 @@ _GROUP_TIMEOUT = timedelta(seconds=120)  # every collective gives up after this 
 _BARRIER_POLL_S = 0.002
 OPTIMIZER = "adamw"
 SWEEPS = 3
-"""Passes over a layer's points, each with a third of the repeats; a point keeps the median,
-so that a spell of other load on the machine (which halved every block point of one
-validation profile for a minute) moves one sweep, not the point."""
+"""The fewest passes over a layer's points, a sample of each point per pass; a point keeps
+the median, so that a spell of other load on the machine (which halved every block point of
+one validation profile for a minute) moves one sample, not the point."""
+SAMPLE_PASSES = 2
+"""Timed passes of the ranks in one sample (the window over them, per pass)."""
+TARGET = 0.03
+"""A point is done when the 95% confidence interval of its mean sample is within +-3% of its
+median sample (settled)."""
+_T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306,
+        10: 2.262}
+"""Student's t, two-sided 95%, by number of samples (n - 1 degrees of freedom; any table)."""
+
 ZERO_STAGES = (0, 2, 3)
 """Timed under data parallelism: replicate (0) and fully_shard keeping (2) or freeing (3) the
 gathered weights after forward; ZeRO 1 runs as 2 in the executor (executor/data_parallel.py)."""
+
+
+DataParallelWanted = dict[str, list[tuple[int, int, int, int]]]
+"""signature -> the (dp, tp, zero, micro_batch) points to time under data parallelism."""
 
 
 @dataclass(frozen=True)
@@ -106,20 +129,47 @@ class _Request:
     warmup: int
     threads: int
     timeout_s: float
+    layers: bool = True
+    """Time the layers at every TP degree and micro-batch, and the optimizer step."""
+    data_parallel: dict[str, list[list[int]]] | None = None
+    """The data-parallel points to time by signature; None: every layout, ZeRO stage and
+    micro-batch."""
+
+
+def max_sweeps(repeats: int) -> int:
+    """The most samples of a point: `repeats` timed passes, SWEEPS samples at least."""
+    return max(SWEEPS, -(-repeats // SAMPLE_PASSES))
+
+
+def settled(samples: list[float]) -> bool:
+    """Whether a point has SWEEPS samples or more and the 95% t-interval of their mean lies
+    within TARGET of their median (the rule of the module's docstring)."""
+    n = len(samples)
+    if n < SWEEPS:
+        return False
+    half_width = _T95.get(n, 1.96) * statistics.stdev(samples) / math.sqrt(n)
+    return half_width <= TARGET * statistics.median(samples)
 
 
 def time_layers_in_situ(model: str, dtype: str, settings: MeasureSettings, nproc: int,
                         timeout_s: float = 300.0,
-                        on_progress: Callable[[str], None] | None = None) -> LayerTimings:
-    """Time every distinct layer of `model` in `nproc` local ranks at once (CPU, gloo).
+                        on_progress: Callable[[str], None] | None = None, *,
+                        layers: bool = True,
+                        data_parallel: DataParallelWanted | None = None) -> LayerTimings:
+    """Time the distinct layers of `model` in `nproc` local ranks at once (CPU, gloo).
 
     Args:
         model: the model spec, built again in each worker.
         dtype: a key of DTYPES.
-        settings: micro-batches, TP degrees, repeats, warm-up and threads per rank.
+        settings: micro-batches, TP degrees, the ceiling on timed passes per point
+            (`repeats`, see max_sweeps), warm-up and threads per rank.
         nproc: ranks of the run being predicted.
         timeout_s: how long the workers may go without finishing a time point.
-        on_progress: called with each progress line.
+        on_progress: called with a line per sample taken, counted (launch.counted_line):
+            the samples planned grow when a noisy point needs more.
+        layers: time each layer at every TP degree and micro-batch, and the optimizer
+            step (False: the data-parallel points alone).
+        data_parallel: the data-parallel points wanted, by signature; None: all of them.
 
     Raises:
         AutoplanError: on a device other than the CPU, or when nproc < 2.
@@ -130,8 +180,11 @@ def time_layers_in_situ(model: str, dtype: str, settings: MeasureSettings, nproc
         raise AutoplanError("in-situ timing runs on the CPU (gloo); time GPU layers alone")
     if nproc < 2:
         raise AutoplanError(f"in-situ timing needs --nproc >= 2, got {nproc}")
+    wanted = None if data_parallel is None else \
+        {sig: [list(point) for point in points] for sig, points in data_parallel.items()}
     request = _Request(model, dtype, tuple(settings.micro_batches), tuple(settings.tps),
-                       settings.repeats, settings.warmup, settings.threads or 1, timeout_s)
+                       settings.repeats, settings.warmup, settings.threads or 1, timeout_s,
+                       layers, wanted)
     return call_workers("autoplan.profiler.in_situ", asdict(request), nproc, timeout_s,
                         _read_timings, label="layer-timing worker", on_progress=on_progress)
 
@@ -160,7 +213,7 @@ def _time_together(iteration: Callable[[], tuple[float, ...]], settings: Measure
         parts = iteration()
         sums = list(parts) if sums is None else [a + b for a, b in zip(sums, parts, strict=True)]
     end = time.monotonic()
-    for _ in range(settings.warmup):
+    for _ in range(min(settings.warmup, 1)):  # the others are still timing: keep them company
         iteration()
     mine = torch.tensor([start, end, *sums], dtype=torch.float64)
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
@@ -253,14 +306,19 @@ def _meshes(tps: tuple[int, ...], world: int) -> dict[int, DeviceMesh]:
             for tp in sorted(set(tps)) if tp > 1 and world % tp == 0}
 
 
+def data_parallel_layouts(tps: tuple[int, ...], world: int) -> list[tuple[int, int]]:
+    """The (dp, tp) layouts with data parallelism that fit the world."""
+    return [(dp, tp) for tp in sorted({1, *tps}) for dp in range(2, world // tp + 1)
+            if world % (dp * tp) == 0]
+
+
 def _layouts(tps: tuple[int, ...], world: int) -> dict[tuple[int, int], DeviceMesh]:
     """A (rest, dp, tp) mesh for each layout with data parallelism that fits the world: the
     dp and tp sub-meshes of one mesh, as the executor builds them (executor/mesh.py), which
     fully_shard needs to take tensor-parallel DTensors."""
     return {(dp, tp): init_device_mesh("cpu", (world // (dp * tp), dp, tp),
                                        mesh_dim_names=("rest", "dp", "tp"))
-            for tp in sorted({1, *tps}) for dp in range(2, world // tp + 1)
-            if world % (dp * tp) == 0}
+            for dp, tp in data_parallel_layouts(tps, world)}
 
 
 @dataclass(frozen=True)
@@ -272,6 +330,8 @@ class _Task:
     """points, optimizer or data_parallel: the list of the signature's entry it joins."""
     fields: dict
     measure: Callable[[MeasureSettings], dict[str, float]]
+    same_as: tuple = ()
+    """Tasks with the same non-empty key run the same code: the first one's times serve all."""
 
 
 def _time_synced(module: nn.Module, inputs: tuple, settings: MeasureSettings,
@@ -289,12 +349,13 @@ def _time_synced(module: nn.Module, inputs: tuple, settings: MeasureSettings,
 def _tasks(built: BuiltModel, node: LayerNode, call: UnitCall, request: _Request,
            barrier: _Barrier, meshes: dict[int, DeviceMesh], world_mesh: DeviceMesh,
            layouts: dict[tuple[int, int], DeviceMesh]) -> list[_Task]:
-    """Every point of one layer: each TP degree and micro-batch, the optimizer step per TP
-    degree, and the layer under replicate / fully_shard on each layout and ZeRO stage per
-    micro-batch (samples per rank), whose gathers, hooks, copies and collectives share the
-    cores with the other ranks' compute as in a run, where they cannot be timed apart."""
+    """The points of one layer the request asks for: each TP degree and micro-batch and the
+    optimizer step per TP degree (request.layers), and the layer under replicate /
+    fully_shard on each layout and ZeRO stage per micro-batch (samples per rank), whose
+    gathers, hooks, copies and collectives share the cores with the other ranks' compute as
+    in a run, where they cannot be timed apart (request.data_parallel: which ones)."""
     dtype, tasks = DTYPES[request.dtype], []
-    for tp in sorted({1, *request.tps}):
+    for tp in sorted({1, *request.tps}) if request.layers else ():
         real = _sharded_unit(unit_module(built, node), call, tp, meshes, dtype)
         if real is None:
             continue
@@ -303,18 +364,23 @@ def _tasks(built: BuiltModel, node: LayerNode, call: UnitCall, request: _Request
             tasks.append(_Task(f"{node.name} tp={tp} micro_batch={micro_batch}", "points",
                                {"micro_batch": micro_batch, "tp": tp},
                                partial(_time_layer, real, inputs, barrier=barrier)))
+        shapes = tuple(tuple(p.shape) for p in real.parameters() if p.requires_grad)
         tasks.append(_Task(f"{node.name} tp={tp} optimizer", "optimizer",
                            {"tp": tp, "optimizer": OPTIMIZER},
                            partial(_time_optimizer, real, inputs, barrier=barrier,
-                                   world_mesh=world_mesh)))
+                                   world_mesh=world_mesh), ("optimizer", tp, shapes)))
+    wanted = _wanted_data_parallel(request, node, layouts)
     for (dp, tp), mesh in layouts.items():
         for zero in ZERO_STAGES:
+            micro_batches = [m for m in request.micro_batches if (dp, tp, zero, m) in wanted]
+            if not micro_batches:
+                continue
             real = _sharded_unit(unit_module(built, node), call, tp, {tp: mesh["tp"]}, dtype)
             if real is None or not any(p.requires_grad for p in real.parameters()):
                 continue
             apply = apply_replicate if zero == 0 else apply_fsdp
             apply(real, [(("",), zero)], mesh["dp"], root=False)
-            for micro_batch in request.micro_batches:
+            for micro_batch in micro_batches:
                 inputs = make_inputs(call, micro_batch, "cpu", dtype)
                 tasks.append(_Task(
                     f"{node.name} dp={dp} tp={tp} zero={zero} micro_batch={micro_batch}",
@@ -324,28 +390,72 @@ def _tasks(built: BuiltModel, node: LayerNode, call: UnitCall, request: _Request
     return tasks
 
 
+def _wanted_data_parallel(request: _Request, node: LayerNode,
+                          layouts: dict[tuple[int, int], DeviceMesh]) -> set[tuple]:
+    """The (dp, tp, zero, micro_batch) points of `node` to time under data parallelism."""
+    if request.data_parallel is None:
+        return {(dp, tp, zero, m) for dp, tp in layouts for zero in ZERO_STAGES
+                for m in request.micro_batches}
+    return {tuple(point) for point in request.data_parallel.get(node.signature, [])}
+
+
 def _sweep_settings(settings: MeasureSettings, sweep: int) -> MeasureSettings:
-    """A sweep's share of the repeats; the first sweep warms up as asked, later ones once."""
-    return replace(settings, repeats=max(1, -(-settings.repeats // SWEEPS)),
+    """One sample: SAMPLE_PASSES timed passes; the first sweep warms up as asked, later ones
+    once."""
+    return replace(settings, repeats=SAMPLE_PASSES,
                    warmup=settings.warmup if sweep == 0 else min(1, settings.warmup))
 
 
-def _sweep(tasks: list[_Task], settings: MeasureSettings,
-           progress: Callable[[str], None]) -> dict[str, list[dict]]:
-    """Time every task in SWEEPS passes over all of them; each field is the median over the
-    sweeps, but forward and backward split the median pass as the sweeps' clocks together
-    split it (the split of a few passes is noisier than their sum); a time point's spreads are
-    the range of its times over the sweeps."""
-    found: list[list[dict[str, float]]] = [[] for _ in tasks]
-    for sweep in range(SWEEPS):
-        for task, results in zip(tasks, found, strict=True):
-            progress(f"{task.label} (sweep {sweep + 1}/{SWEEPS})")
-            results.append(task.measure(_sweep_settings(settings, sweep)))
+class _Counter:
+    """Samples taken and planned, for the progress lines (launch.counted_line)."""
+
+    def __init__(self, planned: int, progress: Callable[[str], None]) -> None:
+        self.done, self.planned, self.progress = 0, planned, progress
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        self.progress(counted_line(self.done, self.planned, label))
+
+
+def _sample_total(result: dict[str, float]) -> float:
+    return sum(result.values())
+
+
+def _sweep(tasks: list[_Task], settings: MeasureSettings, counter: _Counter,
+           timed: dict[tuple, list[dict[str, float]]]) -> dict[str, list[dict]]:
+    """Time every task in SWEEPS or more passes over them, a sample each per pass, until each
+    is settled or has max_sweeps samples. Each field is the median over the samples, but
+    forward and backward split the median pass as the samples' clocks together split it (the
+    split of a few passes is noisier than their sum); a time point's spreads are the range
+    of its times over the samples. A task whose `same_as` key is in `timed` takes those
+    samples without running (every rank decides alike: the samples are the gathered
+    windows, equal on all ranks)."""
+    found: list[list[dict[str, float]]] = [timed.get(t.same_as, []) if t.same_as else []
+                                            for t in tasks]
+    pending = [i for i, t in enumerate(tasks) if not (t.same_as and t.same_as in timed)]
+    most = max_sweeps(settings.repeats)
+    for sweep in range(most):
+        for i in pending:
+            counter.step(f"{tasks[i].label} (sample {sweep + 1})")
+            found[i].append(tasks[i].measure(_sweep_settings(settings, sweep)))
+        if sweep + 1 >= SWEEPS:
+            pending = [i for i in pending
+                       if not settled([_sample_total(r) for r in found[i]])]
+            counter.planned += len(pending) if sweep + 1 < most else 0
+        if not pending:
+            break
+    for task, results in zip(tasks, found, strict=True):
+        if task.same_as:
+            timed.setdefault(task.same_as, results)
+    return _points(tasks, found)
+
+
+def _points(tasks: list[_Task], found: list[list[dict[str, float]]]) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {"points": [], "optimizer": [], "data_parallel": []}
     for task, results in zip(tasks, found, strict=True):
         point = task.fields | {key: statistics.median(r[key] for r in results)
                                for key in results[0]}
-        if "fwd_s" in point:  # the median pass, split as all sweeps' clocks split it
+        if "fwd_s" in point:  # the median pass, split as all samples' clocks split it
             passes = [r["fwd_s"] + r["bwd_s"] for r in results]
             share = sum(r["fwd_s"] for r in results) / sum(passes) if sum(passes) else 0.5
             median_pass = statistics.median(passes)
@@ -354,7 +464,7 @@ def _sweep(tasks: list[_Task], settings: MeasureSettings,
             for part in ("fwd", "bwd"):
                 times = [r[f"{part}_s"] for r in results]
                 point[f"{part}_spread_s"] = max(times) - min(times)
-            point["repeats"] = SWEEPS * _sweep_settings(settings, 0).repeats
+            point["repeats"] = SAMPLE_PASSES * len(results)
         out[task.kind].append(point)
     return out
 
@@ -371,12 +481,13 @@ def _time_all(request: _Request, barrier: _Barrier,
     meshes = _meshes(request.tps, dist.get_world_size())
     world_mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     layouts = _layouts(request.tps, dist.get_world_size())
-    out = {}
-    for signature, nodes in graph.by_signature().items():
-        tasks = _tasks(built, nodes[0], calls[signature], request, barrier, meshes, world_mesh,
-                       layouts)
-        out[signature] = _sweep(tasks, settings, progress)
-    return out
+    tasks = {signature: _tasks(built, nodes[0], calls[signature], request, barrier, meshes,
+                               world_mesh, layouts)
+             for signature, nodes in graph.by_signature().items()}
+    keys = {t.same_as or id(t) for layer in tasks.values() for t in layer}
+    counter, timed = _Counter(SWEEPS * len(keys), progress), {}
+    return {signature: _sweep(layer, settings, counter, timed)
+            for signature, layer in tasks.items()}
 
 
 def _serve_rank(spec: dict[str, Any], progress: Callable[[str], None]) -> dict:

@@ -41,6 +41,7 @@ from torch import nn
 from autoplan import fmt
 from autoplan.cluster import Cluster, parse_cluster_spec
 from autoplan.cost_model import TP_SHARDED_KINDS
+from autoplan.cost_model.communication import PRICED_COLLECTIVES
 from autoplan.errors import AutoplanError
 from autoplan.executor import LossFn, Runner, parallelize
 from autoplan.graph import LayerGraph
@@ -77,9 +78,8 @@ rank losing its core and gave a negative per-sample slope."""
 _MEASURE_WARMUP = 2
 _COMM_SIZES = (2**12, 2**16, 2**20, 2**22)
 """4 KiB to 4 MiB: latency and bandwidth of one line per collective, in about a second on
-gloo (profiler/comm.py repeats small messages more). `autoplan profile` goes to 128 MiB."""
-_COMM_COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
-"""The collectives the cost model prices (cost_model/communication.py uses no all_to_all)."""
+gloo (profiler/comm.py repeats small messages more). `autoplan profile` goes as far as
+the model's messages (app/profile.priced_comm_sizes)."""
 _COMM_REPEATS = 3
 
 
@@ -277,7 +277,7 @@ def _measure_comm(world: _World) -> list[CommPoint]:
 
     if world.rank == 0:
         log.info("auto: timing collectives over %d ranks", world.size)
-    return measure_in_world(list(_COMM_SIZES), _COMM_COLLECTIVES, repeats=_COMM_REPEATS,
+    return measure_in_world(list(_COMM_SIZES), PRICED_COLLECTIVES, repeats=_COMM_REPEATS,
                             warmup=1)
 
 

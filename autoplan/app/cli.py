@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from autoplan import __version__
 from autoplan.errors import AutoplanError, WorkerFailed
@@ -78,7 +78,11 @@ def _parser() -> argparse.ArgumentParser:
                          help="default: bf16 for GPUs (analytic, --device cuda), fp32 on a CPU")
     profile.add_argument("--device", default="cpu", help="cpu or cuda")
     profile.add_argument("--comm-sizes", help="message bytes, e.g. 1024,1048576 "
-                         "(default every power of 2 from 1 KiB to 128 MiB)")
+                         "(default: the powers of 2 from 1 KiB to 128 MiB around the sizes "
+                         "this model's plans send)")
+    profile.add_argument("--collectives", help="collectives to time, e.g. all_reduce,all_to_all "
+                         "(default: those the cost model prices: all_reduce, all_gather, "
+                         "reduce_scatter, send_recv)")
     profile.add_argument("--no-comm", action="store_true", help="skip collective timing")
     profile.add_argument("--in-situ", action="store_true",
                          help="time layers in --nproc local ranks at once, as a local run "
@@ -315,30 +319,21 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from autoplan.app.profile import DEFAULT_COMM_SIZES, ProfileOptions, run_profile
+    from autoplan.app.profile import ProfileOptions, run_profile
     from autoplan.profiler import profile_tables, write_profile
 
-    sizes = _int_list(args.comm_sizes, "--comm-sizes") if args.comm_sizes else DEFAULT_COMM_SIZES
+    sizes = _int_list(args.comm_sizes, "--comm-sizes") if args.comm_sizes else None
     options = ProfileOptions(
         model=args.model, mode=args.mode, cluster=args.cluster, nproc=args.nproc,
         micro_batches=_int_list(args.micro_batches, "--micro-batches"),
         tps=_int_list(args.tp, "--tp"), repeats=args.repeats, warmup=args.warmup,
         threads=args.threads, dtype=args.dtype, device=args.device, comm_sizes=sizes,
-        comm=not args.no_comm, in_situ=args.in_situ)
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}"),
-               TimeElapsedColumn())
+        comm=not args.no_comm, in_situ=args.in_situ,
+        **({"collectives": tuple(c.strip() for c in args.collectives.split(",") if c.strip())}
+           if args.collectives else {}))
     quiet = os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 alone reports
-    with Progress(*columns, console=_console(stderr=True), transient=True,
-                  disable=quiet) as bar:
-        tasks = {"layers": bar.add_task("layers", total=None),
-                 "comm": bar.add_task("collectives", total=None)}
-
-        def on_step(stage: str, text: str) -> None:
-            bar.update(tasks[stage], advance=1, description=f"{stage}: {text}")
-
-        profile = run_profile(options, on_step)
+    with _ProgressBars(quiet) as bars:
+        profile = run_profile(options, bars.on_step)
     if profile is None:  # a torchrun rank other than 0: rank 0 writes the files
         return 0
     paths = write_profile(profile, args.output)
@@ -347,6 +342,46 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         out.print(table)
     out.print(f"wrote {', '.join(str(p) for p in paths)} (content hash {profile.content_hash})")
     return 0
+
+
+class _ProgressBars:
+    """One rich progress bar per stage of a long job (collectives, layers, runs): what is
+    being done, done / planned, time elapsed and the estimate of the time left, which rich
+    takes from the pace of the work done so far."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
+            console=_console(stderr=True), transient=True, disable=quiet)
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> _ProgressBars:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+    def on_step(self, stage: str, text: str, done: int | None = None,
+                planned: int | None = None) -> None:
+        """A step of `stage` done: `done` of `planned` when counted, else one more."""
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(stage, total=None)
+        task, description = self.tasks[stage], f"{stage}: {text[:70]}"
+        if done is None:
+            self.progress.update(task, advance=1, description=description)
+        else:
+            self.progress.update(task, completed=done, total=planned, description=description)
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
@@ -430,9 +465,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     options = ValidateOptions(model=args.model, nproc=args.nproc, global_batch=args.global_batch,
                               top_k=args.top_k, steps=args.steps, warmup=args.warmup,
                               profile=args.profile, output=args.output, cache=args.cache)
-    console = _console(stderr=True)
-    with console.status("validating") as status:
-        result = validate(options, lambda text: status.update(text))
+    with _ProgressBars() as bars:
+        result = validate(options, bars.on_step)
     paths = write_outputs(result, args.output) if args.output else []
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
@@ -450,6 +484,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     out.print(table)
     out.print(f"MAPE {result.mape:.1%}, Spearman {result.spearman:.2f}, regret "
               f"{result.regret:.2f}, memory error {result.memory_error:.1%}")
+    for note in result.notes:
+        out.print(f"note: {note}")
     for path in paths:
         out.print(f"wrote {path}")
     return 0

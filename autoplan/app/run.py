@@ -15,6 +15,7 @@ Flow (run_plan):
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -46,7 +47,13 @@ from autoplan.executor import (
     train,
 )
 from autoplan.graph import LayerGraph
-from autoplan.launch import call_workers, serve_worker, under_torchrun
+from autoplan.launch import (
+    call_workers,
+    counted_line,
+    serve_worker,
+    split_counted,
+    under_torchrun,
+)
 from autoplan.models import BuiltModel, build_model, default_loss
 from autoplan.plan import (
     Plan,
@@ -60,7 +67,7 @@ from autoplan.tp_plan import infer_tp_plans
 from autoplan.workload import load_graph, load_workload, memory_limit_bytes
 
 __all__ = ["RUN_FAULT_ENV", "RunFailed", "RunOptions", "RunReport", "load_run_plan", "merge_ranks",
-           "predict", "reference_run", "report_lines", "run_plan", "train_rank"]
+           "predict", "reference_run", "report_lines", "run_plan", "run_plans", "train_rank"]
 
 log = logging.getLogger(__name__)
 
@@ -425,11 +432,77 @@ def _write_ranks(ranks: list[dict], tmp: Path) -> None:
     torch.save({"ranks": ranks}, tmp)
 
 
-def _serve_rank(spec: dict[str, Any], progress: Callable[[str], None]) -> list[dict] | None:
-    """One local rank's part (launch.serve_worker): train; rank 0 gets every rank's results."""
+def run_plans(runs: list[tuple[RunOptions, Plan]], world: int,
+              on_progress: Callable[[str], None] | None = None) -> list[RunReport]:
+    """Train several plans one after the other in one launch of `world` local workers (CPU),
+    each rank building the model afresh for each plan, and report each without a prediction
+    (the caller has its own). A launch costs every rank a Python start, torch's import and
+    the process group, which on this 2-core machine took as long as several steps of a
+    small model: `autoplan validate` runs a dozen plans and pays it once.
+
+    Args:
+        runs: the options (steps, warm-up, seed, device) and the plan of each run.
+        world: local processes, the plans' world size.
+        on_progress: called with a line per step, counted over all runs (launch.counted_line).
+
+    Raises:
+        RunFailed: a worker died or stalled (every worker is stopped first), naming the plan
+            being trained (its shorthand, RunOptions.plan) as "plan P: ...".
+    """
+    request = {"runs": [{"options": asdict(options), "plan": plan.to_json()}
+                        for options, plan in runs]}
+    current = [0]  # the run the workers last said they started
+
+    def progress(line: str) -> None:
+        text = split_counted(line)[0]
+        if text.startswith("plan ") and text.endswith(" starting"):
+            current[0] = int(text.split()[1].partition("/")[0]) - 1
+        if on_progress is not None:
+            on_progress(line)
+
+    try:
+        found = call_workers("autoplan.app.run", request, world,
+                             max(options.timeout_s for options, _ in runs),
+                             _read_ranks, label="run worker", on_progress=progress)
+    except WorkerFailed as err:
+        raise RunFailed(f"plan {runs[current[0]][0].plan}: {err}") from None
+    return [_report(options, plan, ranks, None, None)
+            for (options, plan), ranks in zip(runs, found, strict=True)]
+
+
+def _train_many(spec: list[dict[str, Any]], progress: Callable[[str], None]) -> list | None:
+    """Every rank trains each run in turn in one process group; rank 0 gets all results."""
+    runs = [(RunOptions(**run["options"]), plan_from_json(run["plan"], "the launcher's plan"))
+            for run in spec]
+    planned, before, out = sum(options.steps for options, _ in runs), 0, []
+    _init_world(runs[0][0].device_type)
+    for i, (options, plan) in enumerate(runs, 1):
+        def counted(line: str, first: int = before, i: int = i) -> None:
+            step = int(line.split()[1].partition("/")[0])  # train_rank's "step s/S done"
+            progress(counted_line(first + step, planned, f"plan {i}/{len(runs)}: {line}"))
+
+        progress(counted_line(before, planned, f"plan {i}/{len(runs)}: {options.plan} "
+                              "starting"))
+
+        result = train_rank(options, plan, counted)
+        gathered: list[Any] | None = [None] * dist.get_world_size() \
+            if dist.get_rank() == 0 else None
+        dist.gather_object(result, gathered, dst=0)
+        out.append(gathered)
+        before += options.steps
+        gc.collect()  # the last plan's model and optimizer go before the next is built
+        dist.barrier()
+    return out if dist.get_rank() == 0 else None
+
+
+def _serve_rank(spec: dict[str, Any], progress: Callable[[str], None]) -> list | None:
+    """One local rank's part (launch.serve_worker): train (one plan, or each of "runs");
+    rank 0 gets every rank's results."""
+    torch.set_num_threads(1)
+    if "runs" in spec:
+        return _train_many(spec["runs"], progress)
     options = RunOptions(**spec["options"])
     plan = plan_from_json(spec["plan"], "the launcher's plan")
-    torch.set_num_threads(1)
     return _train_world(options, plan, progress)
 
 
@@ -533,6 +606,12 @@ def run_plan(options: RunOptions) -> RunReport | None:
         ranks = [train_rank(options, plan)]
     else:
         ranks = _launch(options, plan, world)
+    return _report(options, plan, ranks, estimate, note)
+
+
+def _report(options: RunOptions, plan: Plan, ranks: list[dict], estimate: Estimate | None,
+            note: str | None) -> RunReport:
+    """The report of the ranks' results (each step's time is its slowest rank's)."""
     comparison = _verify(options, plan, ranks) if options.verify else None
     step_times = [max(r["step_times_s"][i] for r in ranks) for i in range(options.steps)]
     return RunReport(plan, options.device_type, ranks[0]["losses"], step_times,

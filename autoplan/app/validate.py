@@ -8,9 +8,18 @@ executor's own dispatch.
 
 The plans are uniform (one (dp, tp) layout, ZeRO stage and checkpointing for all layers):
 every point of pp x tp x dp x ZeRO x checkpointing x micro-batch the executor runs on the
-local processes, priced by the cost model with the measured profile. The fastest predicted
-is the chosen plan; the runs take the fastest few, an even spread over the rest of the
-ranking (so that rank correlation means something), and the DDP and FSDP baselines.
+local processes, priced by the cost model with the measured profile. The runs take the
+fastest few, an even spread over the rest of the ranking (so that rank correlation means
+something), and the DDP and FSDP baselines.
+
+Profile the candidates, not the space: timing every layer under data parallelism on every
+layout, ZeRO stage and micro-batch was most of a profile that took over 20 minutes for an
+8-layer GPT, and prices plans never run. So the first profile times the layers (every TP
+degree and micro-batch) and the collectives, all plans are ranked with data parallelism
+priced from the collective fits, and then only the data-parallel points the plans to run
+read are timed in situ; those plans are priced again from them, and the fastest of those
+prices is the chosen plan. A plan's price rests on its own points alone
+(LayerProfile.data_parallel_s), so it does not move with the other plans picked.
 """
 
 from __future__ import annotations
@@ -23,11 +32,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from autoplan.cost_model import CostModel
+from autoplan.cost_model.compute import data_parallel_key
 from autoplan.errors import AutoplanError
 from autoplan.feasibility import plan_refusal
 from autoplan.graph import LayerGraph
 from autoplan.io import atomic_write_text
-from autoplan.plan import uniform_plan
+from autoplan.models import DTYPES
+from autoplan.plan import Plan, uniform_plan
 from autoplan.profile import Profile, load_profile
 from autoplan.search import divisors
 from autoplan.workload import load_graph, load_workload
@@ -35,7 +46,10 @@ from autoplan.workload import load_graph, load_workload
 __all__ = ["ValidateOptions", "PlanOutcome", "Validation", "candidate_plans", "validate",
            "spearman", "write_outputs"]
 
-Progress = Callable[[str], None]
+Progress = Callable[[str, str, int | None, int | None], None]
+"""(stage, text, done, planned), as autoplan.app.profile.Progress: the stages are the
+profile's (comm, layers), then "data parallel" (in-situ points of the plans to run) and
+"runs" (training steps of all plans)."""
 _PER_RANK = (1, 2, 4)
 """Samples per rank in a micro-batch: of the plans run, and of the profile's points."""
 
@@ -128,20 +142,58 @@ def candidate_plans(graph: LayerGraph, nproc: int, global_batch: int) -> list[st
 
 def _profile(options: ValidateOptions, on_progress: Progress | None) -> Profile:
     """Measure layers and collectives as the runs will use them: fp32, one thread per rank,
-    layers timed in nproc ranks at once with TP as DTensors (profiler/in_situ.py)."""
+    layers timed in nproc ranks at once with TP as DTensors (profiler/in_situ.py); not yet
+    under data parallelism, which _with_plans_points times for the plans that will run."""
     if options.profile:
         return load_profile(options.profile)
     from autoplan.app.profile import ProfileOptions, run_profile
-    from autoplan.profiler import write_profile
 
-    tps = tuple(tp for tp in (1, 2, 4, 8) if options.nproc % tp == 0)
-    profile = run_profile(ProfileOptions(
-        model=options.model, nproc=options.nproc, micro_batches=_PER_RANK, tps=tps,
-        repeats=options.repeats, threads=1, dtype="fp32", in_situ=True),
-        (lambda stage, text: on_progress(f"profile {stage}: {text}")) if on_progress else None)
-    if options.output:
-        write_profile(profile, Path(options.output) / "profile")
-    return profile
+    return run_profile(ProfileOptions(
+        model=options.model, nproc=options.nproc, micro_batches=_PER_RANK,
+        tps=_tps(options.nproc), repeats=options.repeats, threads=1, dtype="fp32",
+        in_situ=True, data_parallel=False), on_progress)
+
+
+def _tps(nproc: int) -> tuple[int, ...]:
+    return tuple(tp for tp in (1, 2, 4, 8) if nproc % tp == 0)
+
+
+def _with_plans_points(profile: Profile, plans: list[Plan], graph: LayerGraph,
+                       cheap: CostModel, options: ValidateOptions,
+                       on_progress: Progress | None) -> tuple[Profile, list[str]]:
+    """The profile with the data-parallel points that pricing `plans` reads
+    (cost_model.data_parallel_key) timed in situ, and a note of how many those are."""
+    from autoplan.app.profile import counted
+    from autoplan.profiler import MeasureSettings, time_layers_in_situ
+    from autoplan.profiler.in_situ import ZERO_STAGES, data_parallel_layouts
+
+    nodes = {node.name: node for node in graph.nodes}
+    wanted: dict[str, set[tuple[int, int, int, int]]] = {}
+    for plan in plans:
+        for layer in plan.layers:
+            node = nodes[layer.name]
+            key = data_parallel_key(node, plan.micro_batch_size // layer.dp, layer.dp,
+                                    layer.tp, layer.zero)
+            if key is not None and node.params and key[0] in cheap.compute.layers:
+                wanted.setdefault(key[0], set()).add(key[1:])
+    space = (len(data_parallel_layouts(_tps(options.nproc), options.nproc)) * len(ZERO_STAGES)
+             * len(_PER_RANK) * sum(1 for layer in profile.layers if layer.memory.params))
+    count = sum(len(points) for points in wanted.values())
+    note = (f"data parallelism: {count} points timed in situ for the plans run (a full "
+            f"in-situ profile times up to {space}); the plans not run priced it from the "
+            "collective fits")
+    if not wanted:
+        return profile, [note]
+    settings = MeasureSettings(_PER_RANK, _tps(options.nproc), options.repeats, 3, "cpu",
+                               DTYPES["fp32"], 1)
+    timings = time_layers_in_situ(options.model, "fp32", settings, options.nproc,
+                                  options.timeout_s, counted("data parallel", on_progress),
+                                  layers=False,
+                                  data_parallel={sig: sorted(points)
+                                                 for sig, points in wanted.items()})
+    layers = [layer.model_copy(update={"data_parallel": timings[layer.signature][2]})
+              if layer.signature in timings else layer for layer in profile.layers]
+    return profile.model_copy(update={"layers": layers}), [note]
 
 
 def _select(ranked: list[tuple[float, str]], top_k: int) -> list[tuple[str, str]]:
@@ -156,53 +208,85 @@ def _select(ranked: list[tuple[float, str]], top_k: int) -> list[tuple[str, str]
     return chosen
 
 
-def validate(options: ValidateOptions, on_progress: Progress | None = None) -> Validation:
-    """Profile (or load), predict every runnable plan, run the selected ones, compare.
-
-    Raises:
-        AutoplanError: on bad input.
-        WorkerFailed: a profiling worker died or stalled; RunFailed (one) when a run's worker
-            did, naming the plan, the rank and how. Every worker is stopped first.
-    """
-    from autoplan.app.run import RunFailed, RunOptions, run_plan
-
-    graph = load_graph(options.model, dtype="fp32", cache=options.cache)
-    work = load_workload(graph, f"local-cpu:procs={options.nproc}",
-                         _profile(options, on_progress), takes_dtype=False)
-    model = CostModel.of(work)
-    ranked = []
-    for shorthand in candidate_plans(graph, options.nproc, options.global_batch):
-        estimate = model.estimate(uniform_plan(shorthand, graph, options.nproc,
-                                               options.global_batch))
-        if estimate.fits:
-            ranked.append((estimate.step_time_s, shorthand))
-    if len(ranked) < 2:
-        raise AutoplanError(f"fewer than two runnable plans for {options.nproc} processes and "
-                            f"global batch {options.global_batch}")
-    ranked.sort()
+def _runs(ranked: list[tuple[float, str]], graph: LayerGraph,
+          options: ValidateOptions) -> dict[str, tuple[Plan, str]]:
+    """shorthand -> (plan, role) of the plans to run: _select's and the DDP and FSDP
+    baselines, each plan once (a baseline already in the ranking runs in its place)."""
     runs = _select(ranked, options.top_k)
     per_rank = options.global_batch // options.nproc
     runs += [(f"dp={options.nproc},zero={zero},micro_batch={per_rank}", name)
              for name, zero in (("ddp", 0), ("fsdp", 3)) if per_rank >= 1
              and options.global_batch % options.nproc == 0]
-    outcomes, seen = [], set()
-    for done, (shorthand, role) in enumerate(runs, 1):
+    out, seen = {}, set()
+    for shorthand, role in runs:
         plan = uniform_plan(shorthand, graph, options.nproc, options.global_batch)
         key = plan.model_dump_json(exclude={"provenance"})
-        if key in seen:  # a baseline that is also in the ranking runs once
-            continue
-        seen.add(key)
-        if on_progress:
-            on_progress(f"run {done}/{len(runs)}: {shorthand}")
-        try:
-            report = run_plan(RunOptions(
-                model=options.model, plan=shorthand, nproc=options.nproc, steps=options.steps,
-                warmup=options.warmup, global_batch=options.global_batch,
-                timeout_s=options.timeout_s, device="cpu"))
-        except RunFailed as err:  # every worker is stopped already; say which plan it was
-            raise RunFailed(f"plan {shorthand}: {err}") from None
-        outcomes.append(_outcome(shorthand, role, model.estimate(plan), report))
-    return _summary(outcomes, len(ranked))
+        if key not in seen:
+            seen.add(key)
+            out[shorthand] = (plan, role)
+    return out
+
+
+def _chosen_by(predicted: dict[str, float],
+               runs: dict[str, tuple[Plan, str]]) -> dict[str, tuple[Plan, str]]:
+    """The roles again once the runs are priced with their own points: the fastest predicted
+    is the chosen plan (the one chosen from the first prices becomes a runner-up)."""
+    fastest = min(predicted, key=predicted.get)
+    roles = {shorthand: (plan, "chosen" if shorthand == fastest else
+                         "runner-up" if role == "chosen" else role)
+             for shorthand, (plan, role) in runs.items()}
+    return {fastest: roles[fastest]} | roles  # the chosen plan first
+
+
+def validate(options: ValidateOptions, on_progress: Progress | None = None) -> Validation:
+    """Profile (or load), price every runnable plan, time in situ what the plans to run need,
+    price those again, run them, compare.
+
+    Raises:
+        AutoplanError: on bad input.
+        WorkerFailed: a profiling worker died or stalled; RunFailed (one) when a run's worker
+            did, naming the rank and how. Every worker is stopped first.
+    """
+    from autoplan.app.profile import counted
+    from autoplan.app.run import RunOptions, run_plans
+
+    graph = load_graph(options.model, dtype="fp32", cache=options.cache)
+    profile = _profile(options, on_progress)
+    cheap = _cost_model(graph, options, profile)
+    ranked = sorted((estimate.step_time_s, shorthand)
+                    for shorthand in candidate_plans(graph, options.nproc, options.global_batch)
+                    if (estimate := cheap.estimate(uniform_plan(
+                        shorthand, graph, options.nproc, options.global_batch))).fits)
+    if len(ranked) < 2:
+        raise AutoplanError(f"fewer than two runnable plans for {options.nproc} processes and "
+                            f"global batch {options.global_batch}")
+    runs = _runs(ranked, graph, options)
+    notes = []
+    if not options.profile:
+        profile, notes = _with_plans_points(profile, [plan for plan, _ in runs.values()],
+                                            graph, cheap, options, on_progress)
+        if options.output:
+            from autoplan.profiler import write_profile
+
+            write_profile(profile, Path(options.output) / "profile")
+    model = _cost_model(graph, options, profile)
+    estimates = {shorthand: model.estimate(plan) for shorthand, (plan, _) in runs.items()}
+    runs = _chosen_by({s: e.step_time_s for s, e in estimates.items()}, runs)
+    run_options = [RunOptions(model=options.model, plan=shorthand, nproc=options.nproc,
+                              steps=options.steps, warmup=options.warmup,
+                              global_batch=options.global_batch, timeout_s=options.timeout_s,
+                              device="cpu", cache=options.cache) for shorthand in runs]
+    reports = run_plans([(o, plan) for o, (plan, _) in zip(run_options, runs.values(),
+                                                           strict=True)],
+                        options.nproc, counted("runs", on_progress))
+    outcomes = [_outcome(shorthand, role, estimates[shorthand], report)
+                for (shorthand, (_, role)), report in zip(runs.items(), reports, strict=True)]
+    return _summary(outcomes, len(ranked), notes)
+
+
+def _cost_model(graph: LayerGraph, options: ValidateOptions, profile: Profile) -> CostModel:
+    return CostModel.of(load_workload(graph, f"local-cpu:procs={options.nproc}", profile,
+                                      takes_dtype=False))
 
 
 def _outcome(shorthand: str, role: str, estimate, report) -> PlanOutcome:  # noqa: ANN001
@@ -215,13 +299,13 @@ def _outcome(shorthand: str, role: str, estimate, report) -> PlanOutcome:  # noq
                        measured)
 
 
-def _summary(outcomes: list[PlanOutcome], priced: int) -> Validation:
+def _summary(outcomes: list[PlanOutcome], priced: int, notes: list[str]) -> Validation:
     mape = statistics.fmean(abs(o.time_error) for o in outcomes)
     rho = spearman([o.predicted_s for o in outcomes], [o.measured_s for o in outcomes])
     chosen = next(o for o in outcomes if o.role == "chosen")
     regret = chosen.measured_s / min(o.measured_s for o in outcomes)
     memory = statistics.fmean(abs(o.memory_error) for o in outcomes)
-    notes = [f"{priced} runnable plans priced, {len(outcomes)} run",
+    notes = [f"{priced} runnable plans priced, {len(outcomes)} run", *notes,
              "memory compares weights + gradients + optimizer state of the fullest rank"]
     return Validation(outcomes, mape, rho, regret, memory, notes)
 
