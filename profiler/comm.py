@@ -146,7 +146,8 @@ def _plan_groups(node_of_rank: Sequence[int]) -> list[_Group]:
 
     intra: ranks 0..g-1 of rank 0's node, for every g from 2 to its size that divides it: a
     plan's groups do (every degree divides the devices), and so does a ratio of two of them
-    (the hops between layouts, cost_model/communication.reshard_time_s).
+    (the hops between layouts, cost_model/communication.reshard_time_s); and the pair,
+    whatever the size, for the pipeline's sends.
     inter: the pair (0, first rank of the next node), for send_recv and 2-rank collectives
     across nodes; then the ranks of the first k whole nodes, for k in _inter_node_counts.
     """
@@ -155,7 +156,8 @@ def _plan_groups(node_of_rank: Sequence[int]) -> list[_Group]:
         nodes.setdefault(node, []).append(rank)
     members = list(nodes.values())  # ordered by lowest rank: rank 0's node first
     size = len(members[0])
-    groups = [_Group(tuple(members[0][:g]), "intra") for g in range(2, size + 1) if size % g == 0]
+    groups = [_Group(tuple(members[0][:g]), "intra") for g in range(2, size + 1)
+              if size % g == 0 or g == 2]
     if len(members) < 2:
         return groups
     inter = [(0, members[1][0])]
@@ -449,9 +451,9 @@ def measure_collectives(nproc: int, sizes: list[int], collectives: Sequence[str]
     """Measure collectives over 2..nproc local ranks, each a fresh process with one thread.
 
     The workers run measure_in_world (gloo on CPU, NCCL when CUDA has a GPU per rank) in a
-    world of nproc ranks on 127.0.0.1; groups are ranks 0..g-1 for every g in 2..nproc that
-    divides nproc, all scope "intra"; send_recv is measured on the pair (0, 1). Rank 0 writes
-    the points as JSON.
+    world of nproc ranks on 127.0.0.1; groups are ranks 0..g-1 for g = 2 and every g in
+    3..nproc that divides nproc, all scope "intra"; send_recv is measured on the pair (0, 1).
+    Rank 0 writes the points as JSON.
 
     Args:
         nproc: number of local ranks, >= 2.

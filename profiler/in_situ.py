@@ -101,8 +101,12 @@ SWEEPS = 3
 """The fewest passes over a layer's points, a sample of each point per pass; a point keeps
 the median, so that a spell of other load on the machine (which halved every block point of
 one validation profile for a minute) moves one sample, not the point."""
-SAMPLE_PASSES = 2
-"""Timed passes of the ranks in one sample (the window over them, per pass)."""
+SAMPLE_PASSES = 4
+"""Timed passes of the ranks in one sample (the window over them, per pass); fewer when
+`repeats` asks for fewer. A window holds the ranks' start skew once, so a shorter sample
+holds more of it: with samples of 2 passes, a 12-layer GPT's validation came out +8% to +40%
+slow in every plan (MAPE 18%, benchmarks/results/validate_notes.md); 4 passes per sample is
+what the three sweeps of 10 repeats took before, with MAPE 7.7%."""
 TARGET = 0.03
 """A point is done when the 95% confidence interval of its mean sample is within +-3% of its
 median sample (settled)."""
@@ -136,9 +140,13 @@ class _Request:
     micro-batch."""
 
 
+def _sample_passes(repeats: int) -> int:
+    return min(SAMPLE_PASSES, repeats)
+
+
 def max_sweeps(repeats: int) -> int:
     """The most samples of a point: `repeats` timed passes, SWEEPS samples at least."""
-    return max(SWEEPS, -(-repeats // SAMPLE_PASSES))
+    return max(SWEEPS, -(-repeats // _sample_passes(repeats)))
 
 
 def settled(samples: list[float]) -> bool:
@@ -402,7 +410,7 @@ def _wanted_data_parallel(request: _Request, node: LayerNode,
 def _sweep_settings(settings: MeasureSettings, sweep: int) -> MeasureSettings:
     """One sample: SAMPLE_PASSES timed passes; the first sweep warms up as asked, later ones
     once."""
-    return replace(settings, repeats=SAMPLE_PASSES,
+    return replace(settings, repeats=_sample_passes(settings.repeats),
                    warmup=settings.warmup if sweep == 0 else min(1, settings.warmup))
 
 
@@ -447,10 +455,11 @@ def _sweep(tasks: list[_Task], settings: MeasureSettings, counter: _Counter,
     for task, results in zip(tasks, found, strict=True):
         if task.same_as:
             timed.setdefault(task.same_as, results)
-    return _points(tasks, found)
+    return _points(tasks, found, settings)
 
 
-def _points(tasks: list[_Task], found: list[list[dict[str, float]]]) -> dict[str, list[dict]]:
+def _points(tasks: list[_Task], found: list[list[dict[str, float]]],
+            settings: MeasureSettings) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {"points": [], "optimizer": [], "data_parallel": []}
     for task, results in zip(tasks, found, strict=True):
         point = task.fields | {key: statistics.median(r[key] for r in results)
@@ -464,7 +473,7 @@ def _points(tasks: list[_Task], found: list[list[dict[str, float]]]) -> dict[str
             for part in ("fwd", "bwd"):
                 times = [r[f"{part}_s"] for r in results]
                 point[f"{part}_spread_s"] = max(times) - min(times)
-            point["repeats"] = SAMPLE_PASSES * len(results)
+            point["repeats"] = _sample_passes(settings.repeats) * len(results)
         out[task.kind].append(point)
     return out
 

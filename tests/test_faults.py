@@ -176,14 +176,14 @@ def test_workers_exit_when_their_launcher_is_killed(tag: str, tmp_path: Path) ->
 def test_debug_shows_the_traceback_of_a_runtime_fault(
         profile_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """A dead worker is status 1 (2 is for bad input); --debug raises it instead. No process
-    is started: the run fails as run_plan's launcher reports a dead worker."""
+    is started: the runs fail as run_plans' launcher reports a dead worker."""
     import autoplan.app.run
 
-    def dead_worker(options: object) -> None:
-        raise RunFailed("run worker rank 1 was killed by SIGKILL after 1.0 s; all workers "
-                        "were stopped")
+    def dead_worker(runs: list, world: int, on_progress: object = None) -> None:
+        raise RunFailed(f"plan {runs[0][0].plan}: run worker rank 1 was killed by SIGKILL "
+                        "after 1.0 s; all workers were stopped")
 
-    monkeypatch.setattr(autoplan.app.run, "run_plan", dead_worker)
+    monkeypatch.setattr(autoplan.app.run, "run_plans", dead_worker)
     args = ["validate", "--model", "gpt-tiny", "--nproc", "2", "--global-batch", "4",
             "--top-k", "2", "--steps", "2", "--warmup", "1", "--profile", str(profile_dir)]
     assert main(args) == 1

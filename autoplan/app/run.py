@@ -434,8 +434,9 @@ def _write_ranks(ranks: list[dict], tmp: Path) -> None:
 
 def run_plans(runs: list[tuple[RunOptions, Plan]], world: int,
               on_progress: Callable[[str], None] | None = None) -> list[RunReport]:
-    """Train several plans one after the other in one launch of `world` local workers (CPU),
-    each rank building the model afresh for each plan, and report each without a prediction
+    """Train several plans one after the other in one launch of `world` local workers (CPU
+    only: gloo), each rank building the model and its process group afresh for each plan, and
+    report each without a prediction
     (the caller has its own). A launch costs every rank a Python start, torch's import and
     the process group, which on this 2-core machine took as long as several steps of a
     small model: `autoplan validate` runs a dozen plans and pays it once.
@@ -471,12 +472,19 @@ def run_plans(runs: list[tuple[RunOptions, Plan]], world: int,
 
 
 def _train_many(spec: list[dict[str, Any]], progress: Callable[[str], None]) -> list | None:
-    """Every rank trains each run in turn in one process group; rank 0 gets all results."""
+    """Every rank trains each run in turn, each in a process group of its own over one store
+    (its keys prefixed by the run); rank 0 gets all results. One group for all runs hung:
+    a plan that made a subgroup on some ranks only (lazily) left the ranks' group counters
+    apart, and the next plan's ranks waited for each other under different group names."""
     runs = [(RunOptions(**run["options"]), plan_from_json(run["plan"], "the launcher's plan"))
             for run in spec]
     planned, before, out = sum(options.steps for options, _ in runs), 0, []
-    _init_world(runs[0][0].device_type)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0, timeout=GROUP_TIMEOUT)
     for i, (options, plan) in enumerate(runs, 1):
+        dist.init_process_group("gloo", store=dist.PrefixStore(f"run-{i}", store), rank=rank,
+                                world_size=world, timeout=GROUP_TIMEOUT)
         def counted(line: str, first: int = before, i: int = i) -> None:
             step = int(line.split()[1].partition("/")[0])  # train_rank's "step s/S done"
             progress(counted_line(first + step, planned, f"plan {i}/{len(runs)}: {line}"))
@@ -490,9 +498,10 @@ def _train_many(spec: list[dict[str, Any]], progress: Callable[[str], None]) -> 
         dist.gather_object(result, gathered, dst=0)
         out.append(gathered)
         before += options.steps
-        gc.collect()  # the last plan's model and optimizer go before the next is built
         dist.barrier()
-    return out if dist.get_rank() == 0 else None
+        dist.destroy_process_group()
+        gc.collect()  # the last plan's model and optimizer go before the next is built
+    return out if rank == 0 else None
 
 
 def _serve_rank(spec: dict[str, Any], progress: Callable[[str], None]) -> list | None:

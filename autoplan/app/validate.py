@@ -64,7 +64,8 @@ class ValidateOptions:
     warmup: int = 3
     profile: str | None = None
     output: str | None = None
-    repeats: int = 10
+    repeats: int = 12
+    """Timed passes per in-situ point at most: 3 samples of 4 (profiler/in_situ.max_sweeps)."""
     timeout_s: float = 300.0
     cache: bool = True
     """Whether a spec's graph may come from, and go to, the graph cache (--no-cache: no)."""
@@ -245,7 +246,7 @@ def validate(options: ValidateOptions, on_progress: Progress | None = None) -> V
     Raises:
         AutoplanError: on bad input.
         WorkerFailed: a profiling worker died or stalled; RunFailed (one) when a run's worker
-            did, naming the rank and how. Every worker is stopped first.
+            did, naming the plan, the rank and how. Every worker is stopped first.
     """
     from autoplan.app.profile import counted
     from autoplan.app.run import RunOptions, run_plans

@@ -8,6 +8,7 @@ import pytest
 from autoplan.app.validate import (
     PlanOutcome,
     ValidateOptions,
+    _chosen_by,
     _select,
     _summary,
     candidate_plans,
@@ -43,7 +44,7 @@ def test_statistics() -> None:
     assert spearman([1, 2, 3, 4], [40, 30, 20, 10]) == pytest.approx(-1.0)
     outcomes = [PlanOutcome("a", "chosen", 1.0, 1.25, 100, 100),
                 PlanOutcome("b", "spread", 2.0, 1.0, 90, 100)]
-    result = _summary(outcomes, 7)
+    result = _summary(outcomes, 7, [])
     assert result.mape == pytest.approx((0.2 + 1.0) / 2)
     assert result.regret == pytest.approx(1.25)
     assert result.memory_error == pytest.approx(0.05)
@@ -55,3 +56,14 @@ def test_bad_options_are_refused() -> None:
         ValidateOptions(model="gpt-tiny", nproc=1)
     with pytest.raises(AutoplanError, match="warm-up"):
         ValidateOptions(model="gpt-tiny", steps=2, warmup=3)
+
+
+def test_the_chosen_plan_is_the_fastest_once_priced_again() -> None:
+    """The runs are picked on the first prices; priced again from their own in-situ points,
+    the fastest is chosen and listed first, and the first pick becomes a runner-up."""
+    runs = {"a": (None, "chosen"), "b": (None, "runner-up"), "c": (None, "spread"),
+            "d": (None, "ddp")}
+    again = _chosen_by({"a": 3.0, "b": 2.0, "c": 1.5, "d": 4.0}, runs)
+    assert list(again.items()) == [("c", (None, "chosen")), ("a", (None, "runner-up")),
+                                   ("b", (None, "runner-up")), ("d", (None, "ddp"))]
+    assert _chosen_by({"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0}, runs) == runs

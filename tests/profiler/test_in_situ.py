@@ -17,6 +17,8 @@ from autoplan.errors import AutoplanError
 from autoplan.models import build_model
 from autoplan.plan import uniform_plan
 from autoplan.profile import Machine, Profile, load_profile
+from autoplan.profiler import MeasureSettings, time_layers_in_situ
+from autoplan.profiler.in_situ import SWEEPS, max_sweeps, settled
 from autoplan.tracing import layer_graph_of_built
 
 
@@ -99,3 +101,37 @@ def test_core_share_counts_the_ranks_that_timed_together() -> None:
 def test_in_situ_needs_local_ranks() -> None:
     with pytest.raises(AutoplanError, match="--in-situ"):
         ProfileOptions(model="gpt-tiny", nproc=1, in_situ=True)
+
+
+def test_a_point_is_settled_when_its_interval_is_tight() -> None:
+    """The rule of profiler/in_situ.py: SWEEPS samples at least, then the 95% t-interval of
+    their mean within TARGET (3%) of their median."""
+    assert not settled([1.0, 1.0])  # too few, however quiet
+    assert settled([1.0, 1.005, 0.995])  # half-width 4.303 x 0.005 / sqrt 3 = 1.2%
+    assert not settled([1.0, 1.05, 0.95])  # 12%
+    assert settled([1.0, 1.02, 0.98, 1.01, 0.99, 1.0])  # 2.571 x 0.0141 / sqrt 6 = 1.5%
+    assert max_sweeps(20) == 5 and max_sweeps(12) == max_sweeps(1) == SWEEPS
+
+
+def test_in_situ_times_only_the_data_parallel_points_asked_for(in_situ: Profile) -> None:
+    """validate's second profile: no layer points, the one data-parallel point of the block
+    it asks for; and a plan priced from a profile holding only its own points costs what it
+    costs from the full profile (a price does not move with the other plans picked)."""
+    block = next(layer for layer in in_situ.layers if layer.kind == "block")
+    settings = MeasureSettings((1, 2), (2,), 1, 0, "cpu", torch.float32, 1)
+    timings = time_layers_in_situ("gpt-tiny", "fp32", settings, 2, layers=False,
+                                  data_parallel={block.signature: [(2, 1, 3, 2)]})
+    assert {sig: ([len(x) for x in entry]) for sig, entry in timings.items()} == {
+        sig: [0, 0, 1 if sig == block.signature else 0] for sig in timings}
+    (point,) = timings[block.signature][2]
+    assert (point.dp, point.tp, point.zero, point.micro_batch) == (2, 1, 3, 2)
+    assert point.fwd_s > 0 and point.sync_bwd_s > 0
+
+    graph = layer_graph_of_built(build_model("gpt-tiny", dtype=torch.float32), torch.float32)
+    plan = uniform_plan("dp=2,zero=3,micro_batch=2", graph, 2, 8)
+    own = in_situ.model_copy(update={"layers": [layer.model_copy(update={"data_parallel": [
+        p for p in layer.data_parallel if (p.zero, p.micro_batch) == (3, 2)]})
+        for layer in in_situ.layers]})
+    cluster = parse_cluster_spec("local-cpu:procs=2")
+    full = CostModel(graph, cluster, in_situ).estimate(plan)
+    assert CostModel(graph, cluster, own).estimate(plan).step_time_s == full.step_time_s

@@ -156,3 +156,26 @@ def test_forward_peak_counts_every_tensor_forward_allocates() -> None:
     assert forward == 4 * 8 * (64 + 64 + 16)
     # Backward allocates the weight and bias gradients while some activations are still held.
     assert backward >= max(forward, 4 * (2 * 16 * 64 + 64 + 16))
+
+
+def test_profile_times_the_collectives_at_the_sizes_its_plans_are_priced_at() -> None:
+    """Powers of 2 of the default range, from the one at or below the smallest message the
+    cost model prices for the model to the one at or above the largest."""
+    from autoplan.app.profile import DEFAULT_COMM_SIZES, priced_comm_sizes
+    from autoplan.cost_model.communication import priced_message_bytes
+    from autoplan.workload import load_graph
+
+    graph = load_graph("gpt:layers=2,hidden=256,heads=4,seq=128,vocab=1024", dtype="fp32")
+    priced = priced_message_bytes(graph, (1, 2, 4), (1, 2, 4), 4)
+    # the block's weights whole and as a TP shard, a micro-batch of activations, the logits
+    block = next(n for n in graph.nodes if n.kind == "block")
+    head = next(n for n in graph.nodes if n.kind == "head")
+    assert {block.params * 4, block.params, 4 * block.output_bytes,
+            4 * head.output_bytes} <= set(priced)
+    sizes = priced_comm_sizes(graph, (1, 2, 4), (1, 2, 4), 4)
+    assert set(sizes) <= set(DEFAULT_COMM_SIZES) and list(sizes) == sorted(sizes)
+    assert sizes[0] <= max(priced[0], DEFAULT_COMM_SIZES[0]) and sizes[-1] >= priced[-1]
+    assert sizes[1] > priced[0] and sizes[-2] < priced[-1]  # no wider than that
+    assert sizes[-1] < DEFAULT_COMM_SIZES[-1]  # a small model sends no 128 MiB message
+    tiny = load_graph("gpt-tiny", dtype="fp32")
+    assert len(priced_comm_sizes(tiny, (1,), (1,), 4)) >= 6  # two regimes of three sizes
