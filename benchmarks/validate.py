@@ -52,6 +52,33 @@ def _points(folder: Path) -> dict[str, int]:
             "comm_points": len(profile.comm_points)}
 
 
+def _short(plan: str) -> str:
+    """A plan's shorthand without the fields at their defaults, as the README's tables."""
+    defaults = {"dp=1", "tp=1", "pp=1", "zero=0", "ckpt=none"}
+    parts = [p for p in plan.split(",") if p not in defaults]
+    if not any(p.startswith("pp=") for p in parts):
+        parts = [p for p in parts if not p.startswith("schedule=")]
+    return ", ".join(parts)
+
+
+def markdown(summary: dict) -> str:
+    """The run as the README shows it: the table of plans, the figures, the stages' spans."""
+    rows = [f"| {_short(p['plan'])} | {p['role']} | {p['predicted_s'] * 1e3:.0f} ms | "
+            f"{p['measured_s'] * 1e3:.0f} ms | {p['time_error']:+.0%} | "
+            f"{p['memory_error']:+.1%} |" for p in summary["plans"]]
+    spans = ", ".join(f"{stage} {b - a:.0f} s" for stage, (a, b) in
+                      summary["stage_spans_s"].items())
+    return "\n".join([
+        f"Command: `{summary['command']}`; {summary['wall_s']:.0f} s end to end ({spans}; "
+        f"the rest is tracing, pricing and starting workers); load average "
+        f"{summary['load_average_before'][0]:.1f} before, {summary['cores']} cores.", "",
+        "| plan | role | predicted | measured | error | state memory error |",
+        "|---|---|---|---|---|---|", *rows, "",
+        f"MAPE {summary['mape']:.1%}, Spearman {summary['spearman']:.2f}, regret "
+        f"{summary['regret']:.2f}, memory error {summary['memory_error']:.1%}. In-situ "
+        f"profile: {summary['profile_points']}.", ""])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--issue-22", action="store_true", help="the 12-layer model")
@@ -82,6 +109,7 @@ def main() -> int:
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "cores": os.cpu_count()}
     atomic_write_text(folder / "summary.json", json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(folder / "validate.md", markdown(summary))
     print(f"MAPE {result.mape:.1%}, Spearman {result.spearman:.2f}, regret {result.regret:.2f}, "
           f"memory error {result.memory_error:.1%} over {len(result.plans)} plans in {wall:.0f} s")
     return 0

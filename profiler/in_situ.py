@@ -26,13 +26,13 @@ Timed together, not one op at a time: with more ranks than cores, an op shorter 
 scheduler's time slice often runs start to end on a core while another rank waits before
 its own starts, so per-op clocks (median or mean) miss the waiting. On this machine they gave
 a 4-sample block forward anywhere from its time alone to 3.7x that, run to run. So after
-warm-up every rank meets at the barrier, runs SAMPLE_PASSES passes back to back and then one
-untimed pass more (so that no rank's timed passes run on emptier cores); a sample is the
-window from the first rank's start to the last rank's end, over those passes,
-split between forward and backward as the ranks' own clocks split it: the time per pass of
-ranks that all need the cores, as a run's do. The points of a layer are timed in (at least)
-SWEEPS passes over all of them, and each keeps its median sample, so that a spell of load
-from elsewhere spoils one sample rather than the point.
+warm-up every rank meets at the barrier, runs SAMPLE_PASSES passes back to back and then as
+many untimed ones as it warmed up with (so that no rank's timed passes run on emptier
+cores); a sample is the window from the first rank's start to the last rank's end, over
+those passes, split between forward and backward as the ranks' own clocks split it: the
+time per pass of ranks that all need the cores, as a run's do. The points of a layer are
+timed in (at least) SWEEPS passes over all of them, and each keeps its median sample, so
+that a spell of load from elsewhere spoils one sample rather than the point.
 
 How many sweeps is the point's own noise: each sweep adds one sample (SAMPLE_PASSES passes
 of every rank); after the SWEEPS-th, a point whose 95% confidence interval of the mean
@@ -221,7 +221,7 @@ def _time_together(iteration: Callable[[], tuple[float, ...]], settings: Measure
         parts = iteration()
         sums = list(parts) if sums is None else [a + b for a, b in zip(sums, parts, strict=True)]
     end = time.monotonic()
-    for _ in range(min(settings.warmup, 1)):  # the others are still timing: keep them company
+    for _ in range(settings.warmup):  # the others may still be timing: keep them company
         iteration()
     mine = torch.tensor([start, end, *sums], dtype=torch.float64)
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]

@@ -71,7 +71,9 @@ def _parser() -> argparse.ArgumentParser:
                          help="local processes for collective timing (measure)")
     profile.add_argument("--micro-batches", default="1,2,4,8", help="e.g. 1,2,4,8")
     profile.add_argument("--tp", default="1,2,4,8", help="TP degrees whose shard shapes to time")
-    profile.add_argument("--repeats", type=int, default=10)
+    profile.add_argument("--repeats", type=int, default=10,
+                         help="timed runs per point (default 10); --in-situ: the most timed "
+                         "passes per point, in samples of 4, 3 samples at least")
     profile.add_argument("--warmup", type=int, default=3)
     profile.add_argument("--threads", type=int, help="torch threads while timing layers")
     profile.add_argument("--dtype", choices=_DTYPES,

@@ -170,7 +170,6 @@ def _local_cluster(options: ProfileOptions) -> Cluster:
     return parse_cluster_spec(f"local-cpu:procs={options.nproc}")
 
 
-
 def priced_comm_sizes(graph: LayerGraph, samples: tuple[int, ...], tps: tuple[int, ...],
                       elt_bytes: int) -> tuple[int, ...]:
     """The powers of 2 of DEFAULT_COMM_SIZES from the one at or below the smallest message the

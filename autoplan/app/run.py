@@ -436,10 +436,10 @@ def run_plans(runs: list[tuple[RunOptions, Plan]], world: int,
               on_progress: Callable[[str], None] | None = None) -> list[RunReport]:
     """Train several plans one after the other in one launch of `world` local workers (CPU
     only: gloo), each rank building the model and its process group afresh for each plan, and
-    report each without a prediction
-    (the caller has its own). A launch costs every rank a Python start, torch's import and
-    the process group, which on this 2-core machine took as long as several steps of a
-    small model: `autoplan validate` runs a dozen plans and pays it once.
+    report each without a prediction (the caller has its own). A launch costs every rank a
+    Python start, torch's import and the process group, which on this 2-core machine took as
+    long as several steps of a small model: `autoplan validate` runs a dozen plans and pays
+    it once.
 
     Args:
         runs: the options (steps, warm-up, seed, device) and the plan of each run.
@@ -473,9 +473,10 @@ def run_plans(runs: list[tuple[RunOptions, Plan]], world: int,
 
 def _train_many(spec: list[dict[str, Any]], progress: Callable[[str], None]) -> list | None:
     """Every rank trains each run in turn, each in a process group of its own over one store
-    (its keys prefixed by the run); rank 0 gets all results. One group for all runs hung:
-    a plan that made a subgroup on some ranks only (lazily) left the ranks' group counters
-    apart, and the next plan's ranks waited for each other under different group names."""
+    (its keys prefixed by the run), so that every plan starts from what a launch of its own
+    gives it; rank 0 gets all results. With one group for all runs, a 12-layer GPT's second
+    pipeline plan once waited 120 s on the store for a group's key and timed out
+    (benchmarks/results/validate_notes.md; not reproduced with gpt-tiny)."""
     runs = [(RunOptions(**run["options"]), plan_from_json(run["plan"], "the launcher's plan"))
             for run in spec]
     planned, before, out = sum(options.steps for options, _ in runs), 0, []
@@ -485,13 +486,13 @@ def _train_many(spec: list[dict[str, Any]], progress: Callable[[str], None]) -> 
     for i, (options, plan) in enumerate(runs, 1):
         dist.init_process_group("gloo", store=dist.PrefixStore(f"run-{i}", store), rank=rank,
                                 world_size=world, timeout=GROUP_TIMEOUT)
+
         def counted(line: str, first: int = before, i: int = i) -> None:
             step = int(line.split()[1].partition("/")[0])  # train_rank's "step s/S done"
             progress(counted_line(first + step, planned, f"plan {i}/{len(runs)}: {line}"))
 
         progress(counted_line(before, planned, f"plan {i}/{len(runs)}: {options.plan} "
                               "starting"))
-
         result = train_rank(options, plan, counted)
         gathered: list[Any] | None = [None] * dist.get_world_size() \
             if dist.get_rank() == 0 else None

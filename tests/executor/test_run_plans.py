@@ -23,13 +23,13 @@ def _runs(*plans: str) -> list[tuple[RunOptions, object]]:
 
 def test_plans_trained_in_one_launch_each_match_one_process(tag: str) -> None:
     lines: list[str] = []
-    reports = run_plans(_runs("dp=2,zero=3", "tp=2", "pp=2"), 2, lines.append)
-    assert [type(r) for r in reports] == [RunReport] * 3
+    reports = run_plans(_runs("pp=2", "dp=2,zero=3"), 2, lines.append)
+    assert [type(r) for r in reports] == [RunReport] * 2
     for report in reports:  # losses, step-1 gradients and parameters as one process has them
         assert report.comparison is not None and report.comparison.ok, report.comparison
         assert len(report.step_times_s) == 2 and report.prediction is None
-    assert [r.plan.layers[1].tp for r in reports] == [1, 2, 1]
-    assert lines[0].startswith("0/6 plan 1/3: dp=2,zero=3 starting")
-    assert any(line.startswith("4/6 plan 3/3: pp=2 starting") for line in lines)
+    assert [(r.plan.pp, r.plan.layers[1].zero) for r in reports] == [(2, 0), (1, 3)]
+    assert lines[0].startswith("0/4 plan 1/2: pp=2 starting")
+    assert any(line.startswith("2/4 plan 2/2: dp=2,zero=3 starting") for line in lines)
     assert processes_with(TAG_ENV, tag) == []
 
