@@ -20,7 +20,8 @@ _HOMES = {
     "FAULT_ENV": "comm",
     "MeasureSettings": "compute",
     "measured_profile": "measure",
-    "time_layers_in_situ": "in_situ",
+    "time_layers_in_situ": "in_situ", "data_parallel_layouts": "in_situ",
+    "ZERO_STAGES": "in_situ",
     "profile_tables": "output", "write_profile": "output",
 }
 """Each public name -> the module of this package that holds it."""

@@ -40,8 +40,7 @@ from torch import nn
 
 from autoplan import fmt
 from autoplan.cluster import Cluster, parse_cluster_spec
-from autoplan.cost_model import TP_SHARDED_KINDS
-from autoplan.cost_model.communication import PRICED_COLLECTIVES
+from autoplan.cost_model import PRICED_COLLECTIVES, TP_SHARDED_KINDS
 from autoplan.errors import AutoplanError
 from autoplan.executor import LossFn, Runner, parallelize
 from autoplan.graph import LayerGraph

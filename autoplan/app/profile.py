@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from autoplan.cluster import Cluster, parse_cluster_spec
-from autoplan.cost_model.communication import PRICED_COLLECTIVES
+from autoplan.cost_model import PRICED_COLLECTIVES
 from autoplan.errors import AutoplanError
 from autoplan.graph import LayerGraph
 from autoplan.launch import split_counted, under_torchrun
@@ -178,7 +178,7 @@ def priced_comm_sizes(graph: LayerGraph, samples: tuple[int, ...], tps: tuple[in
     downwards) to _MIN_COMM_SIZES. The top of the default range costs most of a profile's
     time (an all-reduce of 128 MiB over 4 ranks takes about a second on gloo here) and a
     small model never sends it."""
-    from autoplan.cost_model.communication import priced_message_bytes
+    from autoplan.cost_model import priced_message_bytes
 
     priced = priced_message_bytes(graph, samples, tps, elt_bytes) or [DEFAULT_COMM_SIZES[0]]
     low = max((s for s in DEFAULT_COMM_SIZES if s <= priced[0]), default=DEFAULT_COMM_SIZES[0])

@@ -31,8 +31,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from autoplan.cost_model import CostModel
-from autoplan.cost_model.compute import data_parallel_key
+from autoplan.cost_model import CostModel, data_parallel_key
 from autoplan.errors import AutoplanError
 from autoplan.feasibility import plan_refusal
 from autoplan.graph import LayerGraph
@@ -165,8 +164,12 @@ def _with_plans_points(profile: Profile, plans: list[Plan], graph: LayerGraph,
     """The profile with the data-parallel points that pricing `plans` reads
     (cost_model.data_parallel_key) timed in situ, and a note of how many those are."""
     from autoplan.app.profile import counted
-    from autoplan.profiler import MeasureSettings, time_layers_in_situ
-    from autoplan.profiler.in_situ import ZERO_STAGES, data_parallel_layouts
+    from autoplan.profiler import (
+        ZERO_STAGES,
+        MeasureSettings,
+        data_parallel_layouts,
+        time_layers_in_situ,
+    )
 
     nodes = {node.name: node for node in graph.nodes}
     wanted: dict[str, set[tuple[int, int, int, int]]] = {}
