@@ -21,8 +21,9 @@ from typing import Any, NoReturn, TypeVar
 from autoplan.errors import AutoplanError, WorkerFailed
 from autoplan.io import atomic_write_text
 
-__all__ = ["LOOPBACK", "call_workers", "counted_line", "exit_worker", "free_port",
-           "run_workers", "serve_worker", "split_counted", "under_torchrun", "watch_parent"]
+__all__ = ["LOOPBACK", "ProgressCount", "call_workers", "counted_line", "exit_worker",
+           "free_port", "run_workers", "serve_worker", "split_counted", "under_torchrun",
+           "watch_parent"]
 
 log = logging.getLogger(__name__)
 
@@ -359,6 +360,23 @@ def exit_worker() -> NoReturn:
 def counted_line(done: int, planned: int, text: str) -> str:
     """A progress line that says how far the work is: "done/planned text" (split_counted)."""
     return f"{done}/{planned} {text}"
+
+
+class ProgressCount:
+    """Counted progress lines (counted_line) to `emit`: `done` of `planned`, which the caller
+    may raise when more work turns up; with no `emit` it only counts."""
+
+    def __init__(self, planned: int, emit: Callable[[str], None] | None) -> None:
+        self.done, self.planned, self.emit = 0, planned, emit
+
+    def step(self, text: str) -> None:
+        """One more piece of work done: `text` says which."""
+        self.done += 1
+        self.say(text)
+
+    def say(self, text: str) -> None:
+        if self.emit is not None:
+            self.emit(counted_line(self.done, self.planned, text))
 
 
 def split_counted(line: str) -> tuple[str, int | None, int | None]:

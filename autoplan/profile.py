@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,8 +22,8 @@ from autoplan.formats import check_version, first_error
 from autoplan.io import atomic_write_text
 
 __all__ = [
-    "PROFILE_FORMAT_VERSION", "COLLECTIVES", "bus_factor", "TimePoint", "LinearFit",
-    "fit_line",
+    "PROFILE_FORMAT_VERSION", "COLLECTIVES", "bus_factor", "check_collectives", "TimePoint",
+    "LinearFit", "fit_line",
     "fits_from_points", "LayerMemory",
     "OptimizerPoint", "DataParallelPoint", "LayerProfile", "CommPoint", "CommRegime",
     "CommFit", "Machine",
@@ -36,6 +37,13 @@ PROFILE_FORMAT_VERSION = 3
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
 Collective = Literal["all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv"]
 _FROZEN = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)  # numbers are finite
+
+
+def check_collectives(names: Sequence[str]) -> None:
+    """Raises AutoplanError naming the first of `names` that is not one of COLLECTIVES."""
+    unknown = sorted(set(names) - set(COLLECTIVES))
+    if unknown:
+        raise AutoplanError(f"unknown collective '{unknown[0]}'{choices_hint(COLLECTIVES)}")
 
 
 def bus_factor(collective: str, group_size: int) -> float:

@@ -118,13 +118,24 @@ def searchable(t: Trainer, pp: int, schedule: str, strategy: LayerStrategy) -> b
     """Whether `t` runs a uniform plan of `strategy` at pipeline degree `pp` with `schedule`
     as the cost model prices it (the space of search --for; stage cuts are checked on the
     plan, by refusal)."""
-    if pp > 1 and schedule not in t.schedules:
-        return False
-    if strategy.zero == 3 and ((pp > 1 and "zero 3 with pp" in t.limits)
-                               or (strategy.tp > 1 and "zero 3 with tp" in t.limits)):
+    if (pp > 1 and schedule not in t.schedules) or _broken_limit(t, pp, strategy):
         return False
     return (strategy.zero in t.zero and strategy.checkpoint in t.checkpoint
             and strategy.sequence_parallel in t.sequence_parallel)
+
+
+_LIMIT_NAMES = {"pipeline": "pp {pp}", "zero 3 with pp": "zero 3 with pp {pp}",
+                "zero 3 with tp": "tp {tp} with zero 3"}
+"""How refusal names a broken limit, where not by the limit's own name."""
+
+
+def _broken_limit(t: Trainer, pp: int, strategy: LayerStrategy) -> str | None:
+    """The first of `t`'s limits (Trainer.limits) that `strategy` at pipeline degree `pp`
+    breaks; None when it breaks none."""
+    broken = {"pipeline": pp > 1, "sequence parallelism": strategy.sequence_parallel,
+              "zero 2": strategy.zero == 2, "zero 3 with pp": strategy.zero == 3 and pp > 1,
+              "zero 3 with tp": strategy.zero == 3 and strategy.tp > 1}
+    return next((limit for limit in t.limits if broken[limit]), None)
 
 
 def refusal(plan: Plan, t: Trainer, dtype: str = "bf16") -> str | None:
@@ -140,16 +151,10 @@ def refusal(plan: Plan, t: Trainer, dtype: str = "bf16") -> str | None:
     head = f"{t.title} cannot express this plan:"
     if dtype not in t.dtypes:
         return f"{head} it trains in {' or '.join(t.dtypes)}, not {dtype}"
-    # each limit: whether the plan meets it, and how the refusal names it
-    met = {"pipeline": (plan.pp > 1, f"pp {plan.pp}"),
-           "sequence parallelism": (middle.sequence_parallel, "sequence parallelism"),
-           "zero 2": (middle.zero == 2, "zero 2"),
-           "zero 3 with pp": (middle.zero == 3 and plan.pp > 1, f"zero 3 with pp {plan.pp}"),
-           "zero 3 with tp": (middle.zero == 3 and middle.tp > 1,
-                              f"tp {middle.tp} with zero 3")}
-    for limit, reason in t.limits.items():
-        if met[limit][0]:
-            return f"{head} {met[limit][1]} ({reason})"
+    broken = _broken_limit(t, plan.pp, middle)
+    if broken:
+        name = _LIMIT_NAMES.get(broken, broken).format(pp=plan.pp, tp=middle.tp)
+        return f"{head} {name} ({t.limits[broken]})"
     if plan.pp > 1 and t.even_split:
         return _uneven(plan, blocks, head)
     return None

@@ -64,8 +64,15 @@ import torch.distributed as dist
 
 from autoplan import fmt
 from autoplan.errors import AutoplanError, choices_hint
-from autoplan.launch import call_workers, counted_line, serve_worker
-from autoplan.profile import COLLECTIVES, CommFit, CommPoint, CommRegime, bus_factor
+from autoplan.launch import ProgressCount, call_workers, serve_worker
+from autoplan.profile import (
+    COLLECTIVES,
+    CommFit,
+    CommPoint,
+    CommRegime,
+    bus_factor,
+    check_collectives,
+)
 
 __all__ = ["measure_collectives", "measure_in_world", "fit_alpha_beta"]
 
@@ -109,9 +116,7 @@ class _Request:
     timeout_s: float
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.collectives) - set(COLLECTIVES))
-        if unknown:
-            raise AutoplanError(f"unknown collective '{unknown[0]}'{choices_hint(COLLECTIVES)}")
+        check_collectives(self.collectives)
         if not self.sizes or min(self.sizes) < 1:
             raise AutoplanError(f"message sizes {self.sizes} must be a non-empty list of "
                                 f"bytes >= 1")
@@ -273,21 +278,17 @@ def _series_of(group: _Group, request: _Request) -> list[str]:
 
 
 def _measure_group(group: _Group, pg: dist.ProcessGroup, request: _Request,
-                   device: torch.device, on_progress: Callable[[str], None] | None,
-                   count: tuple[int, int]) -> list[CommPoint]:
-    """Every requested collective and size over one group (send_recv on pairs only); `count`:
-    the series (collective and group) done before this group and planned in all, for the
-    progress lines."""
+                   device: torch.device, count: ProgressCount) -> list[CommPoint]:
+    """Every requested collective and size over one group (send_recv on pairs only), each a
+    step of `count` (a series: one collective over one group)."""
     points: list[CommPoint] = []
-    for done, collective in enumerate(_series_of(group, request), count[0] + 1):
+    for collective in _series_of(group, request):
         found = _sweep_sizes(collective, group, pg, request, device)
         points += found
-        if on_progress is not None:
-            on_progress(counted_line(done, count[1], (
-                f"{group.scope} {collective} over {len(group.ranks)} ranks: "
-                f"{fmt.seconds(found[0].time_s)} at {fmt.nbytes(found[0].nbytes)}, "
-                f"{fmt.seconds(found[-1].time_s)} at {fmt.nbytes(found[-1].nbytes)}, "
-                f"busbw up to {max(p.busbw for p in found) / 1e9:.3g} GB/s")))
+        count.step(f"{group.scope} {collective} over {len(group.ranks)} ranks: "
+                   f"{fmt.seconds(found[0].time_s)} at {fmt.nbytes(found[0].nbytes)}, "
+                   f"{fmt.seconds(found[-1].time_s)} at {fmt.nbytes(found[-1].nbytes)}, "
+                   f"busbw up to {max(p.busbw for p in found) / 1e9:.3g} GB/s")
     return points
 
 
@@ -332,19 +333,18 @@ def _measure_rank(request: _Request, groups: list[_Group], device: torch.device,
     global _calls
     _calls += 1
     points: list[CommPoint] = []
-    series = sum(len(_series_of(group, request)) for group in groups)
-    done = 0
+    # counted on rank 0, which is in every group and alone reports
+    count = ProgressCount(sum(len(_series_of(group, request)) for group in groups), on_progress)
     for i, (group, pg) in enumerate(zip(groups, pgs, strict=True)):
         done_key = f"autoplan-comm/{_calls}/group-{i}/done"
         if rank in group.ranks:
-            found = _measure_group(group, pg, request, device, on_progress, (done, series))
+            found = _measure_group(group, pg, request, device, count)
             points += found if rank == 0 else []
             if store is not None and rank == group.ranks[0]:
                 store.set(done_key, "1")
         elif store is not None:
             store.wait([done_key], timeout)  # blocks on a socket: no core taken
         dist.barrier()
-        done += len(_series_of(group, request))
     for group, pg in zip(groups, pgs, strict=True):
         if rank in group.ranks:
             dist.destroy_process_group(pg)

@@ -68,7 +68,7 @@ from torch.distributed.tensor.parallel import parallelize_module
 from autoplan.errors import AutoplanError
 from autoplan.executor import apply_fsdp, apply_replicate, tp_styles
 from autoplan.graph import LayerNode
-from autoplan.launch import call_workers, counted_line, serve_worker
+from autoplan.launch import ProgressCount, call_workers, serve_worker
 from autoplan.meta_state import prepare_for_timing
 from autoplan.models import DTYPES, build_model
 from autoplan.models.build import BuiltModel
@@ -414,22 +414,11 @@ def _sweep_settings(settings: MeasureSettings, sweep: int) -> MeasureSettings:
                    warmup=settings.warmup if sweep == 0 else min(1, settings.warmup))
 
 
-class _Counter:
-    """Samples taken and planned, for the progress lines (launch.counted_line)."""
-
-    def __init__(self, planned: int, progress: Callable[[str], None]) -> None:
-        self.done, self.planned, self.progress = 0, planned, progress
-
-    def step(self, label: str) -> None:
-        self.done += 1
-        self.progress(counted_line(self.done, self.planned, label))
-
-
 def _sample_total(result: dict[str, float]) -> float:
     return sum(result.values())
 
 
-def _sweep(tasks: list[_Task], settings: MeasureSettings, counter: _Counter,
+def _sweep(tasks: list[_Task], settings: MeasureSettings, counter: ProgressCount,
            timed: dict[tuple, list[dict[str, float]]]) -> dict[str, list[dict]]:
     """Time every task in SWEEPS or more passes over them, a sample each per pass, until each
     is settled or has max_sweeps samples. Each field is the median over the samples, but
@@ -494,7 +483,7 @@ def _time_all(request: _Request, barrier: _Barrier,
                                world_mesh, layouts)
              for signature, nodes in graph.by_signature().items()}
     keys = {t.same_as or id(t) for layer in tasks.values() for t in layer}
-    counter, timed = _Counter(SWEEPS * len(keys), progress), {}
+    counter, timed = ProgressCount(SWEEPS * len(keys), progress), {}
     return {signature: _sweep(layer, settings, counter, timed)
             for signature, layer in tasks.items()}
 

@@ -17,7 +17,7 @@ from autoplan.cluster import Cluster
 from autoplan.errors import AutoplanError
 from autoplan.graph import LayerGraph, LayerNode
 from autoplan.io import utc_now
-from autoplan.launch import counted_line
+from autoplan.launch import ProgressCount
 from autoplan.meta_state import prepare_for_timing
 from autoplan.models.build import BuiltModel
 from autoplan.profile import (
@@ -66,8 +66,9 @@ def measure_layers(built: BuiltModel, graph: LayerGraph, settings: MeasureSettin
     calls = capture_unit_calls(built, graph)
     layers = []
     by_signature = graph.by_signature()
+    # the most points there can be: a TP degree that would split a head is skipped
     planned = len(by_signature) * len({1, *settings.tps}) * len(settings.micro_batches)
-    step = _counting(on_step, planned)
+    step = ProgressCount(planned, on_step).step if on_step else None
     for signature, nodes in by_signature.items():
         try:
             layers.append(_measure_layer(built, nodes, calls[signature], settings, step,
@@ -77,19 +78,6 @@ def measure_layers(built: BuiltModel, graph: LayerGraph, settings: MeasureSettin
             raise AutoplanError(f"layer {nodes[0].name} could not be timed on "
                                 f"{settings.device}: {type(err).__name__}: {message}") from err
     return layers
-
-
-def _counting(on_step: Progress | None, planned: int) -> Progress | None:
-    """on_step with each line counted (launch.counted_line) against `planned` points, the
-    most there can be (a TP degree that would split a head is skipped)."""
-    if on_step is None:
-        return None
-    done = [0]
-
-    def step(text: str) -> None:
-        done[0] += 1
-        on_step(counted_line(done[0], max(planned, done[0]), text))
-    return step
 
 
 def _measure_layer(built: BuiltModel, nodes: list[LayerNode], call: UnitCall,

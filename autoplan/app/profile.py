@@ -14,12 +14,12 @@ from autoplan.errors import AutoplanError
 from autoplan.graph import LayerGraph
 from autoplan.launch import split_counted, under_torchrun
 from autoplan.models import DTYPES, build_model, parse_model_spec
-from autoplan.profile import COLLECTIVES, Profile
+from autoplan.profile import Profile, check_collectives
 from autoplan.profiler import MeasureSettings
 from autoplan.tracing import layer_graph_of_built
 
-__all__ = ["DEFAULT_COMM_SIZES", "ProfileOptions", "Progress", "counted", "run_profile",
-           "priced_comm_sizes"]
+__all__ = ["DEFAULT_COMM_SIZES", "ProfileOptions", "Progress", "counted", "measure_settings",
+           "run_profile", "priced_comm_sizes"]
 
 # Every power of 2 from 1 KiB (the profiler issue's range starts there) to 128 MiB: the
 # piecewise fit (profiler.comm.fit_alpha_beta) needs 3 sizes per regime, and gloo's
@@ -75,10 +75,9 @@ class ProfileOptions:
             raise AutoplanError(f"--threads must be >= 1, got {self.threads}")
         if self.comm_sizes is not None and (not self.comm_sizes or min(self.comm_sizes) < 1):
             raise AutoplanError(f"--comm-sizes must list byte counts >= 1, got {self.comm_sizes}")
-        unknown = sorted(set(self.collectives) - set(COLLECTIVES))
-        if unknown or not self.collectives:
-            raise AutoplanError(f"--collectives: '{(unknown or [''])[0]}' is not one of "
-                                f"{', '.join(COLLECTIVES)}")
+        if not self.collectives:
+            raise AutoplanError("--collectives must name at least one collective")
+        check_collectives(self.collectives)
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise AutoplanError(f"device '{self.device}' is not cpu or cuda[:N]")
         if self.in_situ and (self.device != "cpu" or self.nproc < 2 or self.mode != "measure"):
@@ -144,8 +143,7 @@ def _measure(options: ProfileOptions, built, graph, dtype: torch.dtype,  # noqa:
         points = measure_collectives(options.nproc, sizes, options.collectives,
                                      repeats=repeats, on_progress=comm_step)
         comm = (points, fit_alpha_beta(points))
-    settings = MeasureSettings(options.micro_batches, options.tps, options.repeats,
-                               options.warmup, options.device, dtype, options.threads)
+    settings = measure_settings(options)
     layer_step = counted("layers", on_step)
     in_situ = None
     if options.in_situ:
@@ -156,6 +154,12 @@ def _measure(options: ProfileOptions, built, graph, dtype: torch.dtype,  # noqa:
                                        data_parallel=None if options.data_parallel else {}),
                    options.nproc)
     return measured_profile(built, graph, cluster, settings, comm, layer_step, in_situ)
+
+
+def measure_settings(options: ProfileOptions) -> MeasureSettings:
+    """What the layer timing of a measured profile takes from its options."""
+    return MeasureSettings(options.micro_batches, options.tps, options.repeats, options.warmup,
+                           options.device, DTYPES[options.dtype], options.threads)
 
 
 def _local_cluster(options: ProfileOptions) -> Cluster:

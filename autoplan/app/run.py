@@ -48,8 +48,8 @@ from autoplan.executor import (
 )
 from autoplan.graph import LayerGraph
 from autoplan.launch import (
+    ProgressCount,
     call_workers,
-    counted_line,
     serve_worker,
     split_counted,
     under_torchrun,
@@ -452,11 +452,11 @@ def run_plans(runs: list[tuple[RunOptions, Plan]], world: int,
     """
     request = {"runs": [{"options": asdict(options), "plan": plan.to_json()}
                         for options, plan in runs]}
-    current = [0]  # the run the workers last said they started
+    current = [0]  # the run the workers' last line names ("plan i/n: ...", _train_many)
 
     def progress(line: str) -> None:
         text = split_counted(line)[0]
-        if text.startswith("plan ") and text.endswith(" starting"):
+        if text.startswith("plan "):
             current[0] = int(text.split()[1].partition("/")[0]) - 1
         if on_progress is not None:
             on_progress(line)
@@ -479,7 +479,7 @@ def _train_many(spec: list[dict[str, Any]], progress: Callable[[str], None]) -> 
     (benchmarks/results/validate_notes.md; not reproduced with gpt-tiny)."""
     runs = [(RunOptions(**run["options"]), plan_from_json(run["plan"], "the launcher's plan"))
             for run in spec]
-    planned, before, out = sum(options.steps for options, _ in runs), 0, []
+    count, before, out = ProgressCount(sum(options.steps for options, _ in runs), progress), 0, []
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                           is_master=rank == 0, timeout=GROUP_TIMEOUT)
@@ -487,13 +487,10 @@ def _train_many(spec: list[dict[str, Any]], progress: Callable[[str], None]) -> 
         dist.init_process_group("gloo", store=dist.PrefixStore(f"run-{i}", store), rank=rank,
                                 world_size=world, timeout=GROUP_TIMEOUT)
 
-        def counted(line: str, first: int = before, i: int = i) -> None:
-            step = int(line.split()[1].partition("/")[0])  # train_rank's "step s/S done"
-            progress(counted_line(first + step, planned, f"plan {i}/{len(runs)}: {line}"))
-
-        progress(counted_line(before, planned, f"plan {i}/{len(runs)}: {options.plan} "
-                              "starting"))
-        result = train_rank(options, plan, counted)
+        count.done = before  # train_rank reports a step done as the next begins: not its last
+        count.say(f"plan {i}/{len(runs)}: {options.plan} starting")
+        result = train_rank(options, plan,
+                            lambda line, i=i: count.step(f"plan {i}/{len(runs)}: {line}"))
         gathered: list[Any] | None = [None] * dist.get_world_size() \
             if dist.get_rank() == 0 else None
         dist.gather_object(result, gathered, dst=0)

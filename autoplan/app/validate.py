@@ -30,17 +30,20 @@ import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from autoplan.cost_model import CostModel, data_parallel_key
 from autoplan.errors import AutoplanError
 from autoplan.feasibility import plan_refusal
 from autoplan.graph import LayerGraph
 from autoplan.io import atomic_write_text
-from autoplan.models import DTYPES
 from autoplan.plan import Plan, uniform_plan
 from autoplan.profile import Profile, load_profile
 from autoplan.search import divisors
 from autoplan.workload import load_graph, load_workload
+
+if TYPE_CHECKING:
+    from autoplan.app.profile import ProfileOptions
 
 __all__ = ["ValidateOptions", "PlanOutcome", "Validation", "candidate_plans", "validate",
            "spearman", "write_outputs"]
@@ -146,30 +149,28 @@ def _profile(options: ValidateOptions, on_progress: Progress | None) -> Profile:
     under data parallelism, which _with_plans_points times for the plans that will run."""
     if options.profile:
         return load_profile(options.profile)
-    from autoplan.app.profile import ProfileOptions, run_profile
+    from autoplan.app.profile import run_profile
 
-    return run_profile(ProfileOptions(
+    return run_profile(_profile_options(options), on_progress)
+
+
+def _profile_options(options: ValidateOptions) -> ProfileOptions:
+    """The in-situ profile of both rounds: the layers first, their data parallelism after."""
+    from autoplan.app.profile import ProfileOptions
+
+    return ProfileOptions(
         model=options.model, nproc=options.nproc, micro_batches=_PER_RANK,
-        tps=_tps(options.nproc), repeats=options.repeats, threads=1, dtype="fp32",
-        in_situ=True, data_parallel=False), on_progress)
-
-
-def _tps(nproc: int) -> tuple[int, ...]:
-    return tuple(tp for tp in (1, 2, 4, 8) if nproc % tp == 0)
+        tps=tuple(tp for tp in (1, 2, 4, 8) if options.nproc % tp == 0),
+        repeats=options.repeats, threads=1, dtype="fp32", in_situ=True, data_parallel=False)
 
 
 def _with_plans_points(profile: Profile, plans: list[Plan], graph: LayerGraph,
-                       cheap: CostModel, options: ValidateOptions,
+                       options: ValidateOptions,
                        on_progress: Progress | None) -> tuple[Profile, list[str]]:
     """The profile with the data-parallel points that pricing `plans` reads
     (cost_model.data_parallel_key) timed in situ, and a note of how many those are."""
-    from autoplan.app.profile import counted
-    from autoplan.profiler import (
-        ZERO_STAGES,
-        MeasureSettings,
-        data_parallel_layouts,
-        time_layers_in_situ,
-    )
+    from autoplan.app.profile import counted, measure_settings
+    from autoplan.profiler import ZERO_STAGES, data_parallel_layouts, time_layers_in_situ
 
     nodes = {node.name: node for node in graph.nodes}
     wanted: dict[str, set[tuple[int, int, int, int]]] = {}
@@ -178,20 +179,21 @@ def _with_plans_points(profile: Profile, plans: list[Plan], graph: LayerGraph,
             node = nodes[layer.name]
             key = data_parallel_key(node, plan.micro_batch_size // layer.dp, layer.dp,
                                     layer.tp, layer.zero)
-            if key is not None and node.params and key[0] in cheap.compute.layers:
+            if key is not None and node.params:
                 wanted.setdefault(key[0], set()).add(key[1:])
-    space = (len(data_parallel_layouts(_tps(options.nproc), options.nproc)) * len(ZERO_STAGES)
-             * len(_PER_RANK) * sum(1 for layer in profile.layers if layer.memory.params))
+    settings = _profile_options(options)
+    space = (len(data_parallel_layouts(settings.tps, options.nproc)) * len(ZERO_STAGES)
+             * len(settings.micro_batches)
+             * sum(1 for layer in profile.layers if layer.memory.params))
     count = sum(len(points) for points in wanted.values())
     note = (f"data parallelism: {count} points timed in situ for the plans run (a full "
             f"in-situ profile times up to {space}); the plans not run priced it from the "
             "collective fits")
     if not wanted:
         return profile, [note]
-    settings = MeasureSettings(_PER_RANK, _tps(options.nproc), options.repeats, 3, "cpu",
-                               DTYPES["fp32"], 1)
-    timings = time_layers_in_situ(options.model, "fp32", settings, options.nproc,
-                                  options.timeout_s, counted("data parallel", on_progress),
+    timings = time_layers_in_situ(options.model, settings.dtype, measure_settings(settings),
+                                  options.nproc, options.timeout_s,
+                                  counted("data parallel", on_progress),
                                   layers=False,
                                   data_parallel={sig: sorted(points)
                                                  for sig, points in wanted.items()})
@@ -268,7 +270,7 @@ def validate(options: ValidateOptions, on_progress: Progress | None = None) -> V
     notes = []
     if not options.profile:
         profile, notes = _with_plans_points(profile, [plan for plan, _ in runs.values()],
-                                            graph, cheap, options, on_progress)
+                                            graph, options, on_progress)
         if options.output:
             from autoplan.profiler import write_profile
 
