@@ -63,6 +63,7 @@ from autoplan.executor.pipeline import (
     chunk_ranks,
     chunk_units,
     input_kwargs,
+    stage_shapes,
 )
 from autoplan.executor.tensor_parallel import TPLayer, apply_tp, sequence_splits
 from autoplan.feasibility import tp_split_refusal
@@ -216,8 +217,11 @@ class Runner:
                        targets: torch.Tensor) -> torch.Tensor:
         losses: list[torch.Tensor] = []
         is_last = max(self.chunks) == len(self.plan.stage_boundaries) - 1
+        # return_outputs=False: else the last stage keeps every micro-batch's output (the
+        # logits) until the next step, to return them merged; the losses are all we read
         self.schedule.step(target=targets if is_last else None,
-                           losses=losses if is_last else None, **input_kwargs(inputs))
+                           losses=losses if is_last else None, return_outputs=False,
+                           **input_kwargs(inputs))
         self._sum_tied_grads()
         loss = torch.stack([x.detach().float().cpu() for x in losses]).mean() if is_last \
             else torch.zeros(())
@@ -538,7 +542,8 @@ def _holder_group(mesh: DeviceMesh | None, pp_ranks: list[int]) -> dist.ProcessG
 def parallelize(model: nn.Module, plan: Plan, loss_fn: LossFn, *,
                 graph: LayerGraph | None = None,
                 tp_overrides: dict[str, dict[str, str]] | None = None,
-                device: torch.device | str | None = None) -> Runner:
+                device: torch.device | str | None = None,
+                micro_inputs: Sequence[torch.Tensor] | None = None) -> Runner:
     """Apply `plan` to `model` with torch-native parallelism and return its Runner.
 
     Call it on every rank after torch.distributed.init_process_group (torchrun, or
@@ -555,6 +560,9 @@ def parallelize(model: nn.Module, plan: Plan, loss_fn: LossFn, *,
         tp_overrides: layer FQN -> {sub-module FQN: "colwise" | "rowwise"} replacing the
             inferred tensor-parallel plan of that layer.
         device: where the model runs (default: cuda when available, else cpu).
+        micro_inputs: the inputs of one micro-batch (meta tensors do): the pipeline stages
+            take their shapes from a forward on them (pipeline.stage_shapes) instead of
+            from their neighbours, which a fake process group (the dry run) cannot give.
 
     Returns:
         The Runner: .step(inputs, targets, optimizer) -> loss, .module, .parameters().
@@ -574,6 +582,8 @@ def parallelize(model: nn.Module, plan: Plan, loss_fn: LossFn, *,
     layers = {layer.name: layer for layer in plan.layers}
     splits = sequence_splits(model, [TPLayer(n, layers[n].sequence_parallel) for n in units])
     chunk_lists, mine = _chunk_plan(plan, units, mesh, dims)                  # step 2
+    shapes = stage_shapes(model, units, chunk_lists, micro_inputs) \
+        if dims.pp > 1 and micro_inputs is not None else None
     chunks = {c: build_chunk(model, units, chunk_lists[c]) if dims.pp > 1 else model
               for c in mine}
     loss = loss_with_hop(loss_fn, (first, layouts.of[units[-1]]), last, layouts.meshes)
@@ -586,7 +596,7 @@ def parallelize(model: nn.Module, plan: Plan, loss_fn: LossFn, *,
         runner.tied = _tied_across_chunks(model, chunk_lists, mesh, dims)
         runner.schedule = build_schedule(chunks, len(chunk_lists), plan.schedule,
                                          plan.num_micro_batches, loss,
-                                         get_mesh(mesh, "pp").get_group(), device)
+                                         get_mesh(mesh, "pp").get_group(), device, shapes)
     log.info("parallelized %d layers: pp %d, layouts %s (data parallelism %s)", len(units),
              dims.pp, ", ".join(f"dp {d.dp} x tp {d.tp}" for d in layouts.dims.values()),
              "sharded" if dims.dp_sharded else "replicated")

@@ -48,14 +48,15 @@ from torch.distributed.pipelining import (
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
 )
+from torch.distributed.pipelining._utils import InferenceMode
 from torch.distributed.pipelining.schedules import _PipelineSchedule
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 from autoplan.errors import AutoplanError, first_line
 from autoplan.units import first_input, first_param
 
-__all__ = ["INPUT_KEY", "build_chunk", "build_schedule", "chunk_ranks", "chunk_units",
-           "input_kwargs", "wrap_loss"]
+__all__ = ["INPUT_KEY", "StageShapes", "build_chunk", "build_schedule", "chunk_ranks",
+           "chunk_units", "input_kwargs", "stage_shapes", "wrap_loss"]
 
 log = logging.getLogger(__name__)
 
@@ -426,6 +427,53 @@ def input_kwargs(inputs: Sequence[torch.Tensor] | Mapping[str, Any]) -> dict[str
     return {f"{INPUT_KEY}{i}": t for i, t in enumerate(inputs)}
 
 
+StageShapes = dict[int, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]
+"""chunk index -> (the tensors it receives, the tensors it returns), on the meta device."""
+
+
+def stage_shapes(model: nn.Module, units: Sequence[str], chunk_lists: Sequence[Sequence[str]],
+                 micro_inputs: Sequence[torch.Tensor]) -> StageShapes:
+    """What each chunk receives and returns for one micro-batch, from a forward of unsplit
+    chunks (built as build_chunk builds them) on the meta device, one after the other.
+
+    A real pipeline learns these shapes from its neighbours at the first step; a fake
+    process group (autoplan's dry run) exchanges nothing, so its stages are given them.
+
+    Args:
+        model: the whole model, before parallelization (meta or not: copies run on meta).
+        units: every unit FQN, in execution order.
+        chunk_lists: the unit FQNs of every chunk of the pipeline.
+        micro_inputs: the model's positional inputs for one micro-batch.
+    """
+    meta = copy.deepcopy(model).to("meta")
+    kwargs = input_kwargs([torch.empty_like(t, device="meta") for t in micro_inputs])
+    shapes: StageShapes = {}
+    received: tuple[torch.Tensor, ...] = ()
+    for index, owned in enumerate(chunk_lists):
+        out = build_chunk(meta, units, owned)(*received, **kwargs)
+        returned = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+        shapes[index] = (_metas(received), _metas(returned))
+        received = returned
+    return shapes
+
+
+def _metas(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Detached copies that keep requires_grad: a stage derives which gradients it
+    exchanges from it."""
+    return tuple(t.detach().requires_grad_(t.requires_grad) for t in tensors)
+
+
+def _static(stages: list[PipelineStage]) -> Callable[..., None]:
+    """A schedule's P2P warm-up for stages given their shapes: the vote it replaces would
+    read a tensor the neighbours sent, which a fake process group never fills."""
+
+    def warmup(*_: Any) -> None:
+        for stage in stages:
+            stage._inference_mode = InferenceMode.STATIC  # noqa: SLF001 (torch 2.13 private)
+
+    return warmup
+
+
 _SCHEDULES: dict[str, type[_PipelineSchedule]] = {
     "gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
 
@@ -433,7 +481,7 @@ _SCHEDULES: dict[str, type[_PipelineSchedule]] = {
 def build_schedule(chunks: dict[int, nn.Module], n_chunks: int, schedule: str,
                    n_microbatches: int, loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
                    group: torch.distributed.ProcessGroup,
-                   device: torch.device) -> _PipelineSchedule:
+                   device: torch.device, shapes: StageShapes | None = None) -> _PipelineSchedule:
     """PipelineStages for this rank's chunks and the schedule that runs them.
 
     Args:
@@ -444,6 +492,8 @@ def build_schedule(chunks: dict[int, nn.Module], n_chunks: int, schedule: str,
         loss_fn: (output, targets) -> scalar mean over the micro-batch.
         group: the pipeline process group.
         device: where activations live.
+        shapes: each chunk's inputs and outputs for one micro-batch (stage_shapes); None:
+            the stages exchange them at the first step.
 
     Raises:
         AutoplanError: on an unknown schedule or one rank running several chunks
@@ -453,12 +503,16 @@ def build_schedule(chunks: dict[int, nn.Module], n_chunks: int, schedule: str,
         raise AutoplanError(f"schedule '{schedule}' is not one of {', '.join(_SCHEDULES)}")
     if n_chunks - 1 in chunks:  # the loss sees the model's output as the model returned it
         loss_fn = wrap_loss(loss_fn, chunks[n_chunks - 1])
-    stages = [PipelineStage(module, index, n_chunks, device, group=group)
+    stages = [PipelineStage(module, index, n_chunks, device, group=group,
+                            input_args=shapes[index][0] if shapes else None,
+                            output_args=shapes[index][1] if shapes else None)
               for index, module in sorted(chunks.items())]
     cls = _SCHEDULES[schedule]
-    if schedule == "interleaved_1f1b":
-        return cls(stages, n_microbatches=n_microbatches, loss_fn=loss_fn)
-    if len(stages) != 1:
+    if schedule != "interleaved_1f1b" and len(stages) != 1:
         raise AutoplanError(f"schedule {schedule} runs one chunk per rank; this rank has "
                             f"{len(stages)}: use interleaved_1f1b")
-    return cls(stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn)
+    built = cls(stages if schedule == "interleaved_1f1b" else stages[0],
+                n_microbatches=n_microbatches, loss_fn=loss_fn)
+    if shapes is not None:
+        built._warmup_p2p = _static(stages)  # noqa: SLF001 (see _static)
+    return built

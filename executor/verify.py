@@ -20,8 +20,8 @@ from torch.overrides import TorchFunctionMode
 from autoplan.executor.parallelize import LossFn, Runner
 
 __all__ = ["RTOL", "ZERO_GRAD", "Comparison", "DropoutOff", "Trace", "adam_noise",
-           "batch_norm_layers", "compare", "criterion", "full_tensors", "reference_trace",
-           "train", "zero_dropout"]
+           "batch_norm_layers", "compare", "criterion", "full_tensors", "local_bytes",
+           "reference_trace", "train", "zero_dropout"]
 
 Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]
 """(positional inputs, targets) of one global batch."""
@@ -181,14 +181,15 @@ def full_tensors(runner: Runner, pick: Callable[[nn.Parameter], torch.Tensor | N
     return out
 
 
-def _local_bytes(tensors: Sequence[torch.Tensor]) -> int:
-    """Bytes of the local storage behind `tensors` (DTensor shards), each storage once."""
-    seen: dict[tuple[str, int], int] = {}
+def local_bytes(tensors: Sequence[torch.Tensor]) -> int:
+    """Bytes of the local storage behind `tensors` (DTensor shards), each storage once
+    (by identity: fake tensors, which the dry run weighs, have no addresses)."""
+    seen: dict[int, torch.UntypedStorage] = {}
     for tensor in tensors:
         local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
         storage = local.untyped_storage()
-        seen[(str(local.device), storage.data_ptr())] = storage.nbytes()
-    return sum(seen.values())
+        seen[id(storage)] = storage  # kept alive, so no id is reused meanwhile
+    return sum(storage.nbytes() for storage in seen.values())
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -228,15 +229,15 @@ def train(runner: Runner, optimizer: torch.optim.Optimizer, batches: Sequence[Ba
             loss = runner.step(inputs, targets)
             _sync(device_type)
             pause_s = time.perf_counter()
-            trace.state_bytes["params"] = _local_bytes(runner.parameters())
-            trace.state_bytes["grads"] = _local_bytes(
+            trace.state_bytes["params"] = local_bytes(runner.parameters())
+            trace.state_bytes["grads"] = local_bytes(
                 [p.grad for p in runner.parameters() if p.grad is not None])
             if keep:
                 trace.grads = full_tensors(runner, lambda p: p.grad)
             start_s += time.perf_counter() - pause_s  # the reading is not part of the step
             optimizer.step()
             optimizer.zero_grad()
-            trace.state_bytes["optimizer"] = _local_bytes(_optimizer_tensors(optimizer))
+            trace.state_bytes["optimizer"] = local_bytes(_optimizer_tensors(optimizer))
         else:
             loss = runner.step(inputs, targets, optimizer)
         trace.losses.append(loss.item())

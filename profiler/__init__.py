@@ -23,6 +23,7 @@ _HOMES = {
     "time_layers_in_situ": "in_situ", "data_parallel_layouts": "in_situ",
     "ZERO_STAGES": "in_situ",
     "profile_tables": "output", "write_profile": "output",
+    "LiveBytes": "live_bytes",
 }
 """Each public name -> the module of this package that holds it."""
 

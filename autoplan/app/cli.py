@@ -15,6 +15,7 @@ from autoplan import __version__
 from autoplan.errors import AutoplanError, WorkerFailed
 
 if TYPE_CHECKING:
+    from autoplan.app.run import RunOptions
     from autoplan.inspection import InspectResult
 
 __all__ = ["main"]
@@ -164,6 +165,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     run.add_argument("--timeout", type=float, default=300.0,
                      help="seconds without a finished step before the workers are stopped")
+    run.add_argument("--dry-run", action="store_true",
+                     help="play one rank of the plan's whole world in this process (torch's "
+                     "fake process group: no communication; fake tensors on a CPU, real on "
+                     "CUDA) with the executor's code, and weigh its memory against the "
+                     "prediction; the world is the plan's (or --nproc)")
+    run.add_argument("--rank", help="with --dry-run: the rank to play, or 'all-stages' (the "
+                     "first rank of every stage); default: the stage predicted fullest")
     run.add_argument("--json", action="store_true", help="print JSON")
     _add_cache_argument(run)
     run.set_defaults(handler=_cmd_run)
@@ -415,6 +423,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         force=args.force, profile=args.profile, cluster=args.cluster,
         memory_limit_gib=args.memory_limit, seed=args.seed, timeout_s=args.timeout,
         device=args.device, cache=args.cache)
+    if args.rank is not None and not args.dry_run:
+        raise AutoplanError("--rank applies to --dry-run only")
+    if args.dry_run:
+        return _dry_run(options, args.rank, args.json)
     report = run_plan(options)  # a dead worker raises RunFailed: main() exits 1
     if report is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
@@ -426,6 +438,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if report.note:
         print(f"autoplan run: {report.note}", file=sys.stderr)
     return 0 if report.comparison is None or report.comparison.ok else 1
+
+
+def _dry_run(options: RunOptions, rank: str | None, as_json: bool) -> int:
+    from autoplan.app.dry_run import dry_run, dry_run_lines
+
+    if options.verify:
+        raise AutoplanError("--verify compares values, which a dry run does not compute")
+    report = dry_run(options, rank)
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=1))
+    else:
+        for line in dry_run_lines(report):
+            print(line)
+    return 0
 
 
 def _cmd_search(args: argparse.Namespace) -> int:

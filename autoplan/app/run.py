@@ -67,7 +67,8 @@ from autoplan.tp_plan import infer_tp_plans
 from autoplan.workload import load_graph, load_workload, memory_limit_bytes
 
 __all__ = ["RUN_FAULT_ENV", "RunFailed", "RunOptions", "RunReport", "load_run_plan", "merge_ranks",
-           "predict", "reference_run", "report_lines", "run_plan", "run_plans", "train_rank"]
+           "predict", "reference_run", "report_lines", "resolve_plan", "run_plan", "run_plans",
+           "train_rank"]
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +296,17 @@ def load_run_plan(options: RunOptions, world: int,
         raise AutoplanError(f"plan is for global batch {plan.global_batch}, not {global_batch}")
     check_plan(plan, graph, world_size=world)
     return plan, graph
+
+
+def resolve_plan(options: RunOptions) -> tuple[Plan, LayerGraph, int]:
+    """The plan, the model's graph and the world size `options` ask for (load_run_plan).
+
+    Raises:
+        AutoplanError: naming the mismatch.
+    """
+    given = _given(options)
+    world = _world_size(options, given)
+    return (*load_run_plan(options, world, given), world)
 
 
 def _cluster_spec(options: RunOptions, world: int) -> str:
@@ -600,9 +612,7 @@ def run_plan(options: RunOptions) -> RunReport | None:
         AutoplanError: bad input, or a plan that does not fit memory without force.
         RunFailed: a worker died or stalled.
     """
-    given = _given(options)
-    world = _world_size(options, given)
-    plan, graph = load_run_plan(options, world, given)
+    plan, graph, world = resolve_plan(options)
     estimate, note = predict(options, plan, graph, world)
     if under_torchrun():
         ranks = _train_world(options, plan)
