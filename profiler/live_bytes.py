@@ -87,6 +87,20 @@ class LiveBytes(TorchDispatchMode):
         for tensor in tree_leaves((args, kwargs)):
             self.count(tensor)
         out = func(*args, **(kwargs or {}))
+        if func is _WAIT and isinstance(out, torch.Tensor):
+            self._alias(args[0], out)
         for tensor in tree_leaves(out):
             self.count(tensor)
         return out
+
+    def _alias(self, source: torch.Tensor, out: torch.Tensor) -> None:
+        """`out` is `source` in eager mode (a collective's result, waited for), but a fake
+        tensor's wait gives a new storage: its bytes move to `out`'s, counted once."""
+        cell = self._sizes.get(source.untyped_storage())
+        if cell is not None and out.untyped_storage() is not source.untyped_storage():
+            self._add(-cell[0])
+            cell[0] = 0
+
+
+_WAIT = torch.ops._c10d_functional.wait_tensor.default
+"""Returns its input in eager mode; under FakeTensorMode, a tensor of a storage of its own."""

@@ -27,10 +27,12 @@ def describe(candidate: Candidate) -> str:
             f"{plan.micro_batch_size} samples; {parts}")
 
 
-def search_tables(result: SearchResult) -> list[Table]:
+def search_tables(result: SearchResult, check: str | None = None) -> list[Table]:
+    """The plan, the prediction (with `check`, a dry run's finding beside its peak memory),
+    the ranking, and with --for the trainer's plan."""
     best = result.best
     assert best is not None
-    tables = [_plan_table(best), _summary(result), _ranking(result)]
+    tables = [_plan_table(best), _summary(result, check), _ranking(result)]
     if result.trainer is not None:
         tables += [_plan_table(result.trainer, f"{_title(result.trainer)} plan"),
                    _trainer_table(result)]
@@ -67,7 +69,7 @@ def _plan_table(best: Candidate, what: str = "plan") -> Table:
     return table
 
 
-def _summary(result: SearchResult) -> Table:
+def _summary(result: SearchResult, check: str | None = None) -> Table:
     e = result.best.estimate
     table = Table(title="prediction", show_header=False)
     table.add_column(style="bold")
@@ -82,6 +84,7 @@ def _summary(result: SearchResult) -> Table:
          + (" ..." if len(e.peak_memory_bytes) > 8 else "")
          + f" (+ {fmt.nbytes(e.overhead_bytes)} overhead, limit "
            f"{fmt.nbytes(e.memory_limit_bytes)})"),
+        *([("checked by a dry run", check)] if check else []),
         ("search", f"{result.search_time_s:.2f} s: {result.outer_solved} of "
                    f"{result.outer_settings} outer settings solved, {result.stage_problems} "
                    "stage problems, "

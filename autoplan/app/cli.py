@@ -135,6 +135,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="also find the fastest plan this trainer can express (one dp/tp "
                         "for the whole model, its schedules, checkpointing and ZeRO stages), "
                         "priced beside the found plan; -o then writes it, for export")
+    search.add_argument("--check", action="store_true",
+                        help="dry-run the chosen plan's fullest rank before printing (as "
+                        "`autoplan run --dry-run`, in fp32) and show what it held")
     search.add_argument("--json", action="store_true", help="print JSON")
     search.add_argument("-o", "--output", help="write the plan here (plan.json)")
     _add_cache_argument(search)
@@ -457,7 +460,7 @@ def _dry_run(options: RunOptions, rank: str | None, as_json: bool) -> int:
 def _cmd_search(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from autoplan.app.search import SearchCommand, run_search
+    from autoplan.app.search import SearchCommand, check_line, dry_run_check, run_search
     from autoplan.search import result_json, search_tables
 
     command = SearchCommand(
@@ -467,7 +470,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         fix=",".join(filter(None, [args.fix, args.schedule and f"schedule={args.schedule}"]))
         or None, dtype=args.dtype,
         attention=args.attention, time_limit_s=args.time_limit, output=args.output,
-        cache=args.cache, for_trainer=args.for_trainer)
+        cache=args.cache, for_trainer=args.for_trainer, check=args.check)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   console=_console(stderr=True), transient=True) as bar:
         task = bar.add_task(f"tracing {args.model}", total=None)
@@ -476,11 +479,16 @@ def _cmd_search(args: argparse.Namespace) -> int:
             bar.update(task, description=text, completed=done, total=total)
 
         result = run_search(command, on_progress)
+        if args.check:
+            bar.update(task, description="dry run of the plan's fullest rank", completed=0,
+                       total=None)
+            checked = dry_run_check(command, result)
     if args.json:
-        print(json.dumps(result_json(result), indent=1))
+        print(json.dumps(result_json(result) | (
+            {"check": checked.to_dict()} if args.check else {}), indent=1))
         return 0
     out = _console()
-    for table in search_tables(result):
+    for table in search_tables(result, check_line(checked) if args.check else None):
         out.print(table)
     if args.output:
         out.print(f"wrote {args.output}")

@@ -139,24 +139,28 @@ def fake_world(rank: int, world: int) -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def _tensors(device: str) -> contextlib.AbstractContextManager[Any]:
+def default_tensors(device: str) -> str:
     """Fake tensors on a CPU (a stage of a large model would neither fit nor finish here),
     real ones on CUDA."""
-    if device == "cuda":
+    return "real" if device == "cuda" else "fake"
+
+
+def _tensors(kind: str) -> contextlib.AbstractContextManager[Any]:
+    if kind == "real":
         return contextlib.nullcontext()
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     return FakeTensorMode(allow_non_fake_inputs=True)
 
 
-def _materialise(chunks: list[nn.Module], built: BuiltModel, device: str) -> None:
+def _materialise(chunks: list[nn.Module], built: BuiltModel, device: str, kind: str) -> None:
     """Give the rank's chunks storage on `device` (only its shards: the executor has split
     them on meta). Real tensors get small random weights and the model's buffer values."""
     from autoplan.meta_state import rebuild_buffer_values
 
     for chunk in chunks:
         chunk.to_empty(device=device)
-        if device == "cuda":
+        if kind == "real":
             with torch.no_grad():
                 for param in chunk.parameters():
                     param.normal_(0.0, 0.02)
@@ -186,9 +190,10 @@ def _batch_maker(built: BuiltModel, samples: int, device: str) -> Callable[[], B
     return make
 
 
-def play_rank(model: str, plan: Plan, rank: int, device: str,
+def play_rank(model: str, plan: Plan, rank: int, device: str, tensors: str,
               progress: Callable[[str], None] = log.info) -> RankMemory:
-    """Rank `rank` of `plan` in a fake world: built, parallelized and stepped twice.
+    """Rank `rank` of `plan` in a fake world: built, parallelized and stepped twice, with
+    `tensors` "fake" or "real".
 
     Raises:
         AutoplanError: the executor's refusals, as `autoplan run` would meet them.
@@ -202,8 +207,8 @@ def play_rank(model: str, plan: Plan, rank: int, device: str,
         batch = _batch_maker(built, share, device)
         runner = parallelize(built.module, plan, default_loss, device=device,
                              micro_inputs=built.example_inputs(share // plan.num_micro_batches))
-        with _tensors(device):
-            _materialise(list(runner.chunks.values()), built, device)
+        with _tensors(tensors):
+            _materialise(list(runner.chunks.values()), built, device, tensors)
             optimizer = torch.optim.AdamW(runner.parameters(), lr=1e-3, foreach=False)
             inputs, targets = batch()
             progress(f"rank {rank}: built; step 1")
@@ -212,21 +217,22 @@ def play_rank(model: str, plan: Plan, rank: int, device: str,
             params = runner.parameters()
             state = [*params, *(v for s in optimizer.state.values() for v in s.values())]
             counter = LiveBytes(state)
-            if device == "cuda":
+            on_cuda = device == "cuda" and tensors == "real"
+            if on_cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             with counter:
                 # the gradients of a step, as `autoplan run` counts them (before zero_grad)
                 grads = _step_keeping_grads(runner, inputs, targets, optimizer)
-            if device == "cuda":
+            if on_cuda:
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
         return RankMemory(
             rank, rank // plan.stage_gpus, local_bytes(params), grads,
             local_bytes([v for s in optimizer.state.values() for v in s.values()
                          if isinstance(v, torch.Tensor)]),
-            counter.peak, torch.cuda.max_memory_allocated() if device == "cuda" else None,
+            counter.peak, torch.cuda.max_memory_allocated() if on_cuda else None,
             seconds)
 
 
@@ -240,11 +246,13 @@ def _step_keeping_grads(runner: Any, inputs: tuple[torch.Tensor, ...], targets: 
     return grads
 
 
-def _play_in_worker(options: RunOptions, plan: Plan, rank: int, device: str) -> RankMemory:
+def _play_in_worker(options: RunOptions, plan: Plan, rank: int, device: str,
+                    tensors: str) -> RankMemory:
     """play_rank in a process of its own: each fake world starts from a fresh torch (one
     process's second fake world found the first one's process groups cached in its
     meshes), and a rank's memory goes with its process."""
-    request = {"model": options.model, "plan": plan.to_json(), "rank": rank, "device": device}
+    request = {"model": options.model, "plan": plan.to_json(), "rank": rank, "device": device,
+               "tensors": tensors}
     return call_workers("autoplan.app.dry_run", request, 1, options.timeout_s,
                         lambda path: RankMemory(**json.loads(path.read_text())),
                         label="dry-run worker")
@@ -252,11 +260,13 @@ def _play_in_worker(options: RunOptions, plan: Plan, rank: int, device: str) -> 
 
 def _serve(request: dict[str, Any], progress: Callable[[str], None]) -> dict[str, Any]:
     plan = plan_from_json(request["plan"], "the launcher's plan")
-    memory = play_rank(request["model"], plan, request["rank"], request["device"], progress)
+    memory = play_rank(request["model"], plan, request["rank"], request["device"],
+                       request["tensors"], progress)
     return asdict(memory)
 
 
-def dry_run(options: RunOptions, asked: str | None = None) -> DryRunReport:
+def dry_run(options: RunOptions, asked: str | None = None,
+            tensors: str | None = None) -> DryRunReport:
     """Play the ranks `asked` for (ranks_to_play) of the plan `options` name, predicted as
     `autoplan run` predicts it (a plan predicted not to fit is played too: a dry run is how
     to find out), and report what each held.
@@ -267,10 +277,10 @@ def dry_run(options: RunOptions, asked: str | None = None) -> DryRunReport:
     plan, graph, world = resolve_plan(options)
     estimate, note = predict(replace(options, force=True), plan, graph, world)
     device = options.device_type
-    ranks = [_play_in_worker(options, plan, rank, device)
+    tensors = tensors or default_tensors(device)
+    ranks = [_play_in_worker(options, plan, rank, device, tensors)
              for rank in ranks_to_play(plan, estimate, asked)]
-    return DryRunReport(plan, device, "real" if device == "cuda" else "fake", ranks,
-                        estimate, note)
+    return DryRunReport(plan, device, tensors, ranks, estimate, note)
 
 
 def dry_run_lines(report: DryRunReport) -> list[str]:

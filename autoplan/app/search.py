@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import shlex
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from autoplan import fmt
 from autoplan.errors import AutoplanError
 from autoplan.search import SearchOptions, SearchResult, parse_fix, search_workload, trainer_plan
 from autoplan.workload import Workload, WorkloadOptions, is_saved_graph
 
-__all__ = ["SearchCommand", "run_search"]
+if TYPE_CHECKING:
+    from autoplan.app.dry_run import DryRunReport
+
+__all__ = ["SearchCommand", "check_line", "dry_run_check", "run_search"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -25,6 +31,8 @@ class SearchCommand(WorkloadOptions):
     output: str | None = None
     for_trainer: str | None = None
     """Also the fastest plan this trainer can express; the output is then that plan."""
+    check: bool = False
+    """Dry-run the chosen plan's fullest rank (dry_run_check)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -32,6 +40,9 @@ class SearchCommand(WorkloadOptions):
             raise AutoplanError(f"--global-batch must be at least 1, got {self.global_batch}")
         if self.max_tp is not None and self.max_tp < 1:
             raise AutoplanError(f"--max-tp must be at least 1, got {self.max_tp}")
+        if self.check and is_saved_graph(self.model):
+            raise AutoplanError("--check builds the model: give a model spec, not a saved "
+                                "graph.json")
         if self.top_k < 0 or not self.time_limit_s > 0:
             raise AutoplanError(f"--top-k must be >= 0 and --time-limit positive, got "
                                 f"{self.top_k} and {self.time_limit_s}")
@@ -75,3 +86,35 @@ def _profile_first(command: SearchCommand, work: Workload) -> str:
             f"profile-{procs}, then search again with --profile profile-{procs}{dtype}")
 
 
+def dry_run_check(command: SearchCommand, result: SearchResult) -> DryRunReport:
+    """The written plan's fullest rank played as `autoplan run --dry-run` plays it: torch's
+    fake process group, the executor's own code, in fp32 as `autoplan run` trains (so it
+    is weighed against the fp32 prediction of the same plan, not the search's dtype)."""
+    from autoplan.app.dry_run import dry_run
+    from autoplan.app.run import RunOptions
+    from autoplan.models.spec import spec_with_seq
+
+    from autoplan.workload import load_graph
+
+    chosen = trainer_plan(result, command.for_trainer) if command.for_trainer else result.best
+    model = spec_with_seq(command.model, command.seq) if command.seq else command.model
+    # the same layers traced in fp32 hash apart (signatures hold the dtype)
+    fp32 = load_graph(model, dtype="fp32", cache=command.cache).structural_hash
+    with tempfile.TemporaryDirectory(prefix="autoplan-check-") as folder:
+        path = Path(folder) / "plan.json"
+        chosen.plan.model_copy(update={"model_hash": fp32}).save(path)
+        options = RunOptions(model=model, plan=str(path), cluster=command.cluster,
+                             memory_limit_gib=command.memory_limit_gib, cache=command.cache)
+        return dry_run(options)
+
+
+def check_line(report: DryRunReport) -> str:
+    """What the dry run of --check found, for the line beside the predicted peak."""
+    mem = report.ranks[0]
+    text = (f"rank {mem.rank} (stage {mem.stage}) played in fp32 ({report.tensors} tensors, "
+            f"fake process group): peak {fmt.nbytes(mem.peak)}")
+    if report.estimate is None:
+        return text + f"; {report.note}"
+    predicted = report.estimate.stages[mem.stage].memory.peak
+    return (text + f", fp32 prediction {fmt.nbytes(predicted)} "
+            f"({mem.peak / predicted - 1:+.1%})")
