@@ -48,7 +48,6 @@ from torch.distributed.pipelining import (
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
 )
-from torch.distributed.pipelining._utils import InferenceMode
 from torch.distributed.pipelining.schedules import _PipelineSchedule
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_leaves, tree_map, tree_unflatten
 
@@ -467,9 +466,11 @@ def _static(stages: list[PipelineStage]) -> Callable[..., None]:
     """A schedule's P2P warm-up for stages given their shapes: the vote it replaces would
     read a tensor the neighbours sent, which a fake process group never fills."""
 
+    from torch.distributed.pipelining._utils import InferenceMode  # torch 2.13, private
+
     def warmup(*_: Any) -> None:
         for stage in stages:
-            stage._inference_mode = InferenceMode.STATIC  # noqa: SLF001 (torch 2.13 private)
+            stage._inference_mode = InferenceMode.STATIC  # noqa: SLF001
 
     return warmup
 

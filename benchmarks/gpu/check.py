@@ -45,13 +45,15 @@ FULL = {
                  ("gpt3-1.7b", "dp=16,tp=4,pp=4,zero=1,micro_batch=1", 64,
                   "h100-sxm:gpus=256")],
     "limit_s": 240,
+    "tests": "tests",
 }
 SMOKE = {
     "device": "cpu",
-    "model": "gpt-small-test",
-    "micro_batches": (1, 2),
-    "dry_runs": [("gpt-small-test", "dp=2,tp=2,pp=2,micro_batch=1", 8, "h100-sxm:gpus=8")],
+    "model": "gpt-tiny",
+    "micro_batches": (1,),
+    "dry_runs": [("gpt-tiny", "dp=2,tp=2,pp=2,micro_batch=1", 8, "h100-sxm:gpus=8")],
     "limit_s": 120,
+    "tests": "tests/executor/test_dry_run.py",  # where the gpu-marked tests are: quick to collect
 }
 
 
@@ -93,10 +95,10 @@ def _autoplan(args: list[str], limit_s: float) -> dict[str, Any]:
         return {"args": args, "text": out.stdout[-2000:], "seconds": seconds}
 
 
-def gpu_tests(limit_s: float) -> dict[str, Any]:
+def gpu_tests(cfg: dict) -> dict[str, Any]:
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p",
-                          "no:cacheprovider", "tests"], capture_output=True, text=True,
-                         timeout=limit_s, cwd=ROOT)
+                          "no:cacheprovider", cfg["tests"]], capture_output=True, text=True,
+                         timeout=cfg["limit_s"], cwd=ROOT)
     return {"exit": out.returncode, "summary": (out.stdout.strip().splitlines() or [""])[-1]}
 
 
@@ -165,8 +167,9 @@ def dry_runs(cfg: dict) -> list[dict[str, Any]]:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = [f"GPU check on {report['device_name']} ({report['seconds']:.0f} s); "
-             f"command: `python3 benchmarks/gpu/check.py{' --smoke' if report['smoke'] else ''}`",
+    lines = [f"GPU check on {report['device_name']} with torch {report['torch']} (the suite "
+             f"runs on 2.13, the floor) in {report['seconds']:.0f} s; command: `python3 "
+             f"benchmarks/gpu/check.py{' --smoke' if report['smoke'] else ''}`",
              "", f"gpu tests: {report['tests']['summary']}", "",
              "| plan | predicted | measured | max allocated | predicted peak |",
              "|---|---|---|---|---|"]
@@ -212,7 +215,7 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("AUTOPLAN_CACHE_DIR", str(folder / "graph-cache"))
     report = {"device_name": name, "smoke": args.smoke, "torch": torch.__version__,
-              "installed": installed, "tests": gpu_tests(cfg["limit_s"]),
+              "installed": installed, "tests": gpu_tests(cfg),
               "profiles": profiles(cfg, folder)}
     report["plans"] = single_gpu_plans(cfg, folder)
     report["dry_runs"] = dry_runs(cfg)
