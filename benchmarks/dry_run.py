@@ -107,7 +107,12 @@ def main() -> None:
         rows += run_case(name, RESULTS)
         print(f"{name}: done", file=sys.stderr)
     table = pd.DataFrame(rows)
-    table.to_csv(RESULTS / "dry_run.csv", index=False)
+    earlier = RESULTS / "dry_run.csv"
+    if args.only and earlier.exists():  # the other cases' rows stay as they were measured
+        kept = pd.read_csv(earlier)
+        table = pd.concat([kept[~kept.case.isin(args.only)], table])
+        table = table.sort_values("case", key=lambda c: c.map(list(CASES).index), kind="stable")
+    table.to_csv(earlier, index=False)
     sources = "\n".join(f"- {name}: `{CASES[name][0]}`, plan `{CASES[name][1]}`, global batch "
                         f"{CASES[name][2]}, `{CASES[name][3]}`; {CASES[name][4]}"
                         for name in dict.fromkeys(table.case))

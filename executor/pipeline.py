@@ -431,7 +431,8 @@ StageShapes = dict[int, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]
 
 
 def stage_shapes(model: nn.Module, units: Sequence[str], chunk_lists: Sequence[Sequence[str]],
-                 micro_inputs: Sequence[torch.Tensor]) -> StageShapes:
+                 micro_inputs: Sequence[torch.Tensor],
+                 sequence_slices: Mapping[str, int]) -> StageShapes:
     """What each chunk receives and returns for one micro-batch, from a forward of unsplit
     chunks (built as build_chunk builds them) on the meta device, one after the other.
 
@@ -443,23 +444,38 @@ def stage_shapes(model: nn.Module, units: Sequence[str], chunk_lists: Sequence[S
         units: every unit FQN, in execution order.
         chunk_lists: the unit FQNs of every chunk of the pipeline.
         micro_inputs: the model's positional inputs for one micro-batch.
+        sequence_slices: unit -> the tp degree of the sequence slices it takes and gives
+            (sequence parallelism, tensor_parallel.sequence_splits): between two such units,
+            a chunk sends its rank's slice of dimension 1; where either one takes the whole
+            sequence, the whole activation crosses.
     """
     meta = copy.deepcopy(model).to("meta")
     kwargs = input_kwargs([torch.empty_like(t, device="meta") for t in micro_inputs])
     shapes: StageShapes = {}
-    received: tuple[torch.Tensor, ...] = ()
+    received: tuple[torch.Tensor, ...] = ()  # whole: the chunks here are not split
+    crossed: tuple[torch.Tensor, ...] = ()  # as a rank of the split chunks gets it
     for index, owned in enumerate(chunk_lists):
         out = build_chunk(meta, units, owned)(*received, **kwargs)
         returned = (out,) if isinstance(out, torch.Tensor) else tuple(out)
-        shapes[index] = (_metas(received), _metas(returned))
-        received = returned
+        sent = returned
+        if index + 1 < len(chunk_lists) and chunk_lists[index + 1][0] in sequence_slices:
+            sent = _sliced(returned, sequence_slices.get(owned[-1], 1))
+        shapes[index] = (_metas(crossed), _metas(sent))
+        received, crossed = returned, sent
     return shapes
+
+
+def _sliced(tensors: tuple[torch.Tensor, ...], tp: int) -> tuple[torch.Tensor, ...]:
+    """One rank's sequence slice (dimension 1) of each tensor, of `tp`."""
+    if tp == 1:
+        return tensors
+    return tuple(t.narrow(1, 0, t.shape[1] // tp) for t in tensors)
 
 
 def _metas(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """Detached copies that keep requires_grad: a stage derives which gradients it
     exchanges from it."""
-    return tuple(t.detach().requires_grad_(t.requires_grad) for t in tensors)
+    return tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in tensors)
 
 
 def _static(stages: list[PipelineStage]) -> Callable[..., None]:

@@ -294,8 +294,18 @@ def load_run_plan(options: RunOptions, world: int,
     plan = given.plan or uniform_plan(given.values, graph, world, global_batch)
     if global_batch is not None and plan.global_batch != global_batch:
         raise AutoplanError(f"plan is for global batch {plan.global_batch}, not {global_batch}")
+    if plan.model_hash not in (None, graph.structural_hash) and _searched_in_bf16_or_fp16(
+            options, plan.model_hash):
+        plan = plan.model_copy(update={"model_hash": graph.structural_hash})
     check_plan(plan, graph, world_size=world)
     return plan, graph
+
+
+def _searched_in_bf16_or_fp16(options: RunOptions, model_hash: str) -> bool:
+    """Whether `model_hash` is the model's traced in bf16 or fp16 (a search's dtypes; layer
+    signatures hold the dtype): the same layers, which `autoplan run` trains in fp32."""
+    return any(load_graph(options.model, dtype=dtype, cache=options.cache).structural_hash
+               == model_hash for dtype in ("bf16", "fp16"))
 
 
 def resolve_plan(options: RunOptions) -> tuple[Plan, LayerGraph, int]:

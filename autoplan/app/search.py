@@ -94,15 +94,11 @@ def dry_run_check(command: SearchCommand, result: SearchResult) -> DryRunReport:
     from autoplan.app.run import RunOptions
     from autoplan.models.spec import spec_with_seq
 
-    from autoplan.workload import load_graph
-
     chosen = trainer_plan(result, command.for_trainer) if command.for_trainer else result.best
     model = spec_with_seq(command.model, command.seq) if command.seq else command.model
-    # the same layers traced in fp32 hash apart (signatures hold the dtype)
-    fp32 = load_graph(model, dtype="fp32", cache=command.cache).structural_hash
     with tempfile.TemporaryDirectory(prefix="autoplan-check-") as folder:
         path = Path(folder) / "plan.json"
-        chosen.plan.model_copy(update={"model_hash": fp32}).save(path)
+        chosen.plan.save(path)
         options = RunOptions(model=model, plan=str(path), cluster=command.cluster,
                              memory_limit_gib=command.memory_limit_gib, cache=command.cache)
         return dry_run(options)

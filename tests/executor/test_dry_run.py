@@ -15,9 +15,13 @@ from autoplan.models import build_model
 STATE = ("params", "grads", "optimizer")
 
 
-def test_a_played_rank_holds_what_that_rank_of_a_real_run_holds() -> None:
-    options = RunOptions(model="gpt-small-test", plan="dp=2,tp=2,zero=3,micro_batch=1",
-                         nproc=4, steps=1, global_batch=4, warmup=0)
+@pytest.mark.parametrize("plan", ["dp=2,tp=2,zero=3,micro_batch=1",
+                                  "tp=2,pp=2,sequence_parallel=true,micro_batch=1"])
+def test_a_played_rank_holds_what_that_rank_of_a_real_run_holds(plan: str) -> None:
+    """The second plan sends sequence slices across the pipeline boundary, whose shapes a
+    played stage is given (pipeline.stage_shapes) where a real one exchanges them."""
+    options = RunOptions(model="gpt-small-test", plan=plan, nproc=4, steps=1, global_batch=4,
+                         warmup=0)
     real = run_plan(options).ranks
     played = dry_run(options, "3").ranks
     assert [m.rank for m in played] == [3]
