@@ -90,7 +90,7 @@ def markdown(table: pd.DataFrame) -> str:
             lines.append(f"| {row.case} | | | failed: {row.error} | | | |")
             continue
         error = row.peak / row.predicted_peak - 1
-        lines.append(f"| {row.case} | {row.world} | {row.rank} ({row.stage}) | "
+        lines.append(f"| {row.case} | {row.world:.0f} | {row.rank:.0f} ({row.stage:.0f}) | "
                      f"{_gib(row.params)} / {_gib(row.predicted_params)} | "
                      f"{_gib(row.optimizer)} / {_gib(row.predicted_optimizer)} | "
                      f"{_gib(row.peak)} / {_gib(row.predicted_peak)} | {error:+.1%} |")
@@ -113,7 +113,15 @@ def main() -> None:
         table = pd.concat([kept[~kept.case.isin(args.only)], table])
         table = table.sort_values("case", key=lambda c: c.map(list(CASES).index), kind="stable")
     table.to_csv(earlier, index=False)
-    sources = "\n".join(f"- {name}: `{CASES[name][0]}`, plan `{CASES[name][1]}`, global batch "
+    write_markdown(table)
+
+
+def write_markdown(table: pd.DataFrame) -> None:
+    def plan(name: str) -> str:
+        return "benchmarks/results/plan-llama3-70b.json" if CASES[name][1] == "PLAN70" \
+            else CASES[name][1]
+
+    sources = "\n".join(f"- {name}: `{CASES[name][0]}`, plan `{plan(name)}`, global batch "
                         f"{CASES[name][2]}, `{CASES[name][3]}`; {CASES[name][4]}"
                         for name in dict.fromkeys(table.case))
     (RESULTS / "dry_run.md").write_text(
