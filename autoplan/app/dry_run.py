@@ -40,7 +40,7 @@ from autoplan import fmt
 from autoplan.app.run import RunOptions, predict, resolve_plan
 from autoplan.cost_model import Estimate
 from autoplan.errors import AutoplanError
-from autoplan.executor import Batch, local_bytes, parallelize
+from autoplan.executor import GROUP_TIMEOUT, Batch, local_bytes, parallelize
 from autoplan.launch import call_workers, serve_worker
 from autoplan.models import BuiltModel, build_model, default_loss
 from autoplan.plan import Plan, plan_from_json
@@ -132,7 +132,8 @@ def fake_world(rank: int, world: int) -> Iterator[None]:
 
     if dist.is_initialized():
         raise AutoplanError("a dry run needs a process without a process group of its own")
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world,
+                            timeout=GROUP_TIMEOUT)  # no wait ever: every group gets one
     try:
         yield
     finally:
