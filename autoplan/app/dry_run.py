@@ -9,7 +9,7 @@ model is built on the meta device and only R's pipeline chunks are materialised,
 rank's state is its real size, never the model's.
 
 On a CPU the rank's tensors are fake (FakeTensorMode: shapes, no memory, no arithmetic), so
-a 70B model's stage at sequence 8,192 steps in seconds; on CUDA they are real and
+a 70B model's stage at sequence 8,192 steps in about a minute; on CUDA they are real and
 `torch.cuda.max_memory_allocated` is read beside the count. Either way the live tensor
 bytes are counted op by op (profiler/live_bytes.py). Values are meaningless (collectives
 return nothing), so no loss is reported.
