@@ -79,6 +79,10 @@ class LayerNode:
     """Sizes every tensor-parallel degree of this node must divide (split widths, heads)."""
     tp_refusal: str = ""
     """Why tp > 1 cannot split this node correctly ("" when it can, or stays whole)."""
+    tp_whole_params: int = 0
+    """Parameters its tensor-parallel plan keeps whole on every TP rank (norms, row-parallel
+    biases): a rank holds (params - these) / tp + these. 0 in graphs from before it was
+    recorded."""
     layout_refusal: str = ""
     """Why the (dp, tp) layout cannot change at this node, i.e. why the value a layout hop
     would move is not the activation of the layers before it ("" when it can)."""

@@ -692,18 +692,26 @@ def _tie_owners(root: nn.Module, units: list[str]) -> dict[str, str]:
     return {u: find(u) for u in units if roots[find(u)] > 1}
 
 
-def _tp_facts(module: nn.Module, call: tuple[tuple, dict] | None) -> tuple[tuple[int, ...], str]:
-    """(sizes every tp degree must divide, why tp cannot split the unit or ""), from the
-    unit's tensor-parallel plan on the inputs it was traced with."""
+def _tp_facts(module: nn.Module, call: tuple[tuple, dict] | None
+              ) -> tuple[tuple[int, ...], str, int]:
+    """(sizes every tp degree must divide, why tp cannot split the unit or "", how many
+    parameters the split leaves whole), from the unit's tensor-parallel plan on the inputs
+    it was traced with."""
     plan = infer_tp_plan(module, inputs=call)
-    return tuple(plan.sizes), plan.refusal
+    splits = _splits(module, plan.styles)
+    whole = sum(p.numel() for p in module.parameters() if splits.get(id(p)) == "whole") \
+        if plan.styles else 0
+    return tuple(plan.sizes), plan.refusal, whole
 
 
 def _tp_splits(module: nn.Module, call: tuple[tuple, dict] | None) -> dict[int, str]:
     """id(parameter) -> how the unit's tensor-parallel plan splits it ("rows", "columns",
     or "whole"): an Embedding split by vocabulary and a column-wise Linear shard dim 0 of
     their weight, a row-wise Linear dim 1."""
-    styles = infer_tp_plan(module, inputs=call).styles
+    return _splits(module, infer_tp_plan(module, inputs=call).styles)
+
+
+def _splits(module: nn.Module, styles: dict[str, str]) -> dict[int, str]:
     out: dict[int, str] = {}
     for name, sub in module.named_modules():
         style = styles.get(name)
@@ -793,12 +801,12 @@ def _facts(root: nn.Module, ran: list[str], records: dict[str, _Record]) -> dict
     out: dict[str, dict] = {}
     for index, unit in enumerate([*ran, _LOSS]):
         module = root.get_submodule(unit) if unit != _LOSS else None
-        sizes, tp_refusal = _tp_facts(module, records[unit].call) if module is not None \
-            else ((), "")
+        sizes, tp_refusal, whole = _tp_facts(module, records[unit].call) \
+            if module is not None else ((), "", 0)
         previous = ran[index - 1] if index else None
         out[unit] = dict(
             tie_group=ties.get(unit, ""), tp_divides=sizes,
-            tp_refusal=tp_refusal or tie_refusals.get(unit, ""),
+            tp_refusal=tp_refusal or tie_refusals.get(unit, ""), tp_whole_params=whole,
             min_samples=records[unit].min_samples,
             layout_refusal=_layout_refusal(unit, module, previous, records) if index else "",
             cut_refusal=cuts.get(unit, "") if unit != _LOSS else "")

@@ -189,7 +189,8 @@ def layer_state_bytes(node: LayerNode, layer: LayerStrategy, elt_bytes: int, opt
     `shared`: also hold the tied weights an earlier unit owns (it sits on another stage, as
     Megatron keeps a copy of the embedding on the last stage)."""
     params = node.params + (node.shared_params if shared else 0)
-    per_rank = params / (layer.tp if _sharded(node) else 1)
+    whole = min(node.tp_whole_params, params)  # norms, row-parallel biases: on every rank
+    per_rank = (params - whole) / layer.tp + whole if _sharded(node) else params
     shards = layer.dp if layer.zero >= 1 else 1  # FSDP2 shards all three (module docstring)
     return (per_rank * elt_bytes / shards, per_rank * elt_bytes / shards,
             per_rank * optimizer_bytes / shards)

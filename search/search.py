@@ -692,11 +692,13 @@ class Searcher:
 
     def _partition(self, outer: Outer, ties: Ties | None) -> dict[int, list[list[int]]] | None:
         """Stage boundaries by dynamic programming over the pipeline units: minimise the
-        slowest stage's objective (then the sum). Every cut the executor accepts is tried
+        slowest stage's objective, its pipeline sends included (then the sum). Every cut the
+        executor accepts is tried
         but two kinds, skipped by proof: a stage whose layers' least times already make
         every plan holding it no faster than the best found (_may_beat_best), and a stage
         longer than one that does not fit at the same start (it holds all of its layers)."""
         pp, layers = outer.pp, len(self.graph.nodes)
+        m = self.options.global_batch // outer.micro_batch_size
         units = pipeline_units(self.graph, pp)
         n, least = len(units), self._least_times(outer, ties)
         # best[k][j]: (slowest, total, starts) for k stages over the first j units
@@ -718,8 +720,9 @@ class Searcher:
                     solution, _ = self._stage(outer, k, [list(range(first, last))], ties)
                     if not solution.feasible:
                         break
-                    value = (max(slowest, solution.objective), total + solution.objective,
-                             (*starts, first))
+                    # with its pipeline sends, as the estimate times a stage (CostModel._hops)
+                    objective = solution.objective + m * self._chunk_sends(outer, [(first, last)])
+                    value = (max(slowest, objective), total + objective, (*starts, first))
                     if j1 not in row or value < row[j1]:
                         row[j1] = value
             best.append(row)
