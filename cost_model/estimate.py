@@ -34,6 +34,7 @@ from autoplan.cost_model.memory import (
     LayerCost,
     StageMemory,
     layer_state_bytes,
+    loss_backward_bytes,
     saved_bytes_at,
     saved_bytes_per_sample,
     stage_memory,
@@ -297,6 +298,7 @@ class CostModel:
             state_bytes=weights + grads + optimizer + kept,
             state_parts=(weights, grads, optimizer),
             saved_bytes=saved, fixed_bytes=node.act_bytes_fixed,
+            workspace_bytes=samples * loss_backward_bytes(node),
             transient_bytes=whole,
             gathered_bytes=weights * layer.dp if layer.zero >= 3 and layer.dp > 1 else 0.0,
             bucket=layer.dp > 1 and layer.zero < 3, kept_bytes=kept)

@@ -16,7 +16,8 @@ from autoplan.plan import LayerStrategy
 
 __all__ = ["StageMemory", "LayerCost", "KORTHIKANTI_REPLICATED_TENSORS", "DDP_BUCKET_BYTES",
            "TORCH_SP_GATHERED_TENSORS", "saved_bytes_per_sample", "saved_bytes_at",
-           "layer_state_bytes", "stage_memory", "counted_stage_memory", "stage_tail"]
+           "layer_state_bytes", "loss_backward_bytes", "stage_memory", "counted_stage_memory",
+           "stage_tail"]
 
 KORTHIKANTI_REPLICATED_TENSORS = 5
 """Hidden-state tensors of a transformer block's saved activations that stay whole on every
@@ -53,11 +54,13 @@ class StageMemory:
     buffers: float
     """Gathered FSDP weights (ZeRO 3: the prefetched layers; ZeRO 1/2: every layer's, kept
     from its forward to its backward), gradient buckets."""
+    workspace: float = 0.0
+    """The loss's gradients during its backward (LayerCost.workspace_bytes)."""
 
     @property
     def peak(self) -> float:
         return (self.params + self.grads + self.optimizer + self.activations + self.transient
-                + self.buffers)
+                + self.buffers + self.workspace)
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self) | {"peak": self.peak}
@@ -86,6 +89,10 @@ class LayerCost:
     kept_bytes: float = 0.0
     """Whole weights FSDP keeps gathered from this layer's forward to its backward (ZeRO 1
     and 2, dp > 1): held at the stage's peak, so also counted in state_bytes."""
+    workspace_bytes: float = 0.0
+    """The loss's gradients during its backward (loss_backward_bytes), once per stage:
+    added to the peak, not taken as the larger beside a recomputation (the last stage's
+    peak is at the loss's backward), so the search's budgets hold it exactly."""
 
     micro_batch_s: float = field(init=False, repr=False, compare=False)
     """The sum of per_micro_batch_s (taken once: the search reads it for every plan)."""
@@ -133,7 +140,7 @@ def counted_stage_memory(counted: list[tuple[LayerCost, int]], held: float) -> S
     """stage_memory of a stage holding `count` layers of each (cost, count): the search
     checks many plans whose stages repeat a few kinds of layer."""
     # one pass, each sum in layer order (as sum() adds them)
-    params = grads = optimizer = saved = fixed = kept = 0
+    params = grads = optimizer = saved = fixed = kept = workspace = 0
     prefetch = bucket = transient = 0.0
     for c, n in counted:
         if n <= 0:
@@ -145,12 +152,13 @@ def counted_stage_memory(counted: list[tuple[LayerCost, int]], held: float) -> S
         saved += n * c.saved_bytes
         fixed += n * c.fixed_bytes
         kept += n * c.kept_bytes
+        workspace += n * c.workspace_bytes
         prefetch = max(prefetch, c.prefetch_bytes)
         bucket = max(bucket, c.bucket_bytes)
         transient = max(transient, c.transient_bytes)
     return StageMemory(params=params, grads=grads, optimizer=optimizer,
                        activations=held * saved + fixed, transient=transient,
-                       buffers=prefetch + bucket + kept)
+                       buffers=prefetch + bucket + kept, workspace=workspace)
 
 
 def _sharded(node: LayerNode) -> bool:
@@ -180,6 +188,15 @@ def saved_bytes_at(node: LayerNode, tp: int, sp: bool, checkpoint: str) -> float
         whole = min(act, tensors * node.output_bytes)
         return whole + (act - whole) / tp
     return act / tp if sp and node.kind == "norm" else act
+
+
+def loss_backward_bytes(node: LayerNode) -> float:
+    """Bytes per sample that the loss's backward holds on top of what it saved: the
+    gradient of each saved tensor and of its input, live together (cross entropy: the
+    gradients of the log-probabilities and of the logits, each as large as the logits;
+    measured op by op with `autoplan run --dry-run`: nll_loss_backward and
+    _log_softmax_backward_data outputs at the last stage's peak). 0 for any other layer."""
+    return float(node.act_bytes + node.input_bytes) if node.kind == "loss" else 0.0
 
 
 def layer_state_bytes(node: LayerNode, layer: LayerStrategy, elt_bytes: int, optimizer_bytes: int,

@@ -176,7 +176,7 @@ class _Choice:
     def terms(self) -> tuple[float, ...]:
         """What the search sees of the choice besides its layout (_undominated)."""
         return (self.micro_batch_s, self.tail_s, self.cost.state_bytes, self.cost.saved_bytes,
-                self.buffer_bytes)
+                self.cost.workspace_bytes, self.buffer_bytes)
 
 
 class Searcher:
@@ -460,12 +460,13 @@ class Searcher:
         """The least time per micro-batch stage `stage` can take holding chunks [first,
         last) within the device's memory, its sends included (_chunk_sends), and the least
         m x that + its time per step (the stage problem's objective): bounds.knapsack_floor
-        over what every plan's peak memory holds at least (state, held x saved and fixed
-        bytes: cost_model.memory.stage_memory)."""
+        over what every plan's peak memory holds at least (state, held x saved, fixed and
+        workspace bytes: cost_model.memory.stage_memory)."""
         m = self.options.global_batch // outer.micro_batch_size
         held = micro_batches_in_flight(outer.schedule, outer.pp, stage, m, outer.virtual_stages)
-        items = [(count, [(c.cost.state_bytes + held * c.cost.saved_bytes + c.cost.fixed_bytes,
-                           c.micro_batch_s, m * c.micro_batch_s + c.tail_s)
+        items = [(count, [(c.cost.state_bytes + held * c.cost.saved_bytes + c.cost.fixed_bytes
+                           + c.cost.workspace_bytes, c.micro_batch_s,
+                           m * c.micro_batch_s + c.tail_s)
                           for c in self._floor_choices(i, outer, stage, ties)])
                  for i, count in self._floor_kinds(chunks, ties)]
         # + 1: estimate rounds each stage's peak down to whole bytes
@@ -494,15 +495,15 @@ class Searcher:
     def _floor_choices(self, i: int, outer: Outer, stage: int,
                        ties: Ties | None) -> list[_Choice]:
         """Layer i's allowed choices (_allowed_choices) but those another of any layout beats
-        on time, tail, state and saved bytes: the knapsack floors see no layout, and a
-        beaten option is never on the lower hull of (memory, time) at any micro-batches
+        on time, tail, state, saved and workspace bytes: the knapsack floors see no layout,
+        and a beaten option is never on the lower hull of (memory, time) at any micro-batches
         held (both only grow with those terms), so it changes no floor."""
         key = (self._choice_key(i, outer, stage), self._fixed_layout(i, ties))
         if key not in self._floor_options:
             self._floor_options[key] = _undominated(
                 self._allowed_choices(i, outer, stage, ties),
                 terms=lambda c: (c.micro_batch_s, c.tail_s, c.cost.state_bytes,
-                                 c.cost.saved_bytes),
+                                 c.cost.saved_bytes, c.cost.workspace_bytes),
                 group=lambda c: None)
         return self._floor_options[key]
 
@@ -636,8 +637,8 @@ class Searcher:
     def _problem(self, outer: Outer, stage: int, chunks: list[list[int]], m: int,
                  held: float, ties: Ties | None) -> StageProblem:
         """Runs of identical consecutive layers (tied ones apart); option time = m x per
-        micro-batch + per step; memory = state + held x saved + fixed. The budget keeps room
-        for the largest transient and FSDP/bucket buffers any choice could bring
+        micro-batch + per step; memory = state + held x saved + fixed + workspace. The budget
+        keeps room for the largest transient and FSDP/bucket buffers any choice could bring
         (conservative; over all choices, so fixing tied layers' layouts, done last, only
         removes options)."""
         runs: list[Run] = []
@@ -662,7 +663,8 @@ class Searcher:
                 options = _pareto_options([
                     Option(k, (c.strategy.dp, c.strategy.tp),
                            m * c.micro_batch_s + c.tail_s,
-                           c.cost.state_bytes + held * c.cost.saved_bytes + c.cost.fixed_bytes)
+                           c.cost.state_bytes + held * c.cost.saved_bytes + c.cost.fixed_bytes
+                           + c.cost.workspace_bytes)
                     for k, c in enumerate(choices)])
                 if len(runs) > start:
                     edges.append(self._edge(node, runs[-1], options, outer, m))
