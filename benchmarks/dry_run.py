@@ -8,8 +8,11 @@ optimizer bytes after a step and the peak of live tensor bytes during the next o
 took. `autoplan run` trains in fp32, so plans are played and predicted in fp32.
 
     .venv/bin/python benchmarks/dry_run.py [--only NAME ...]
+    .venv/bin/python benchmarks/dry_run.py --reprice
 
-Writes benchmarks/results/dry_run.csv and dry_run.md.
+Writes benchmarks/results/dry_run.csv and dry_run.md. --reprice keeps the measured columns
+of dry_run.csv and prices each row's stage again with the cost model as it is now (the
+predictions are arithmetic; the measurements take 25 minutes).
 """
 
 from __future__ import annotations
@@ -77,6 +80,27 @@ def run_case(name: str, folder: Path) -> list[dict]:
     return rows
 
 
+def reprice(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of `table` with their predicted columns from today's cost model."""
+    from autoplan.app.run import RunOptions, predict, resolve_plan
+
+    out = table.copy()
+    for name in dict.fromkeys(table.case):
+        model, plan, batch, cluster, _ = CASES[name]
+        if plan == "PLAN70":
+            plan = str(RESULTS / "plan-llama3-70b.json")
+        options = RunOptions(model=model, plan=plan, global_batch=batch, cluster=cluster,
+                             force=True)
+        found, graph, world = resolve_plan(options)
+        estimate, _ = predict(options, found, graph, world)
+        for index in out.index[out.case == name]:
+            memory = estimate.stages[int(out.at[index, "stage"])].memory.as_dict()
+            for key in ("params", "grads", "optimizer", "activations", "transient", "buffers",
+                        "peak"):
+                out.at[index, f"predicted_{key}"] = memory[key]
+    return out
+
+
 def _gib(value: float) -> str:
     return f"{value / 2**30:.2f}"
 
@@ -100,8 +124,15 @@ def markdown(table: pd.DataFrame) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", nargs="*", choices=sorted(CASES), help="cases to run")
+    parser.add_argument("--reprice", action="store_true",
+                        help="price the measured rows again, measure nothing")
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
+    if args.reprice:
+        table = reprice(pd.read_csv(RESULTS / "dry_run.csv"))
+        table.to_csv(RESULTS / "dry_run.csv", index=False)
+        write_markdown(table)
+        return
     rows = []
     for name in args.only or CASES:
         rows += run_case(name, RESULTS)

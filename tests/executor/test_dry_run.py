@@ -43,14 +43,14 @@ def test_fake_tensors_weigh_what_real_ones_do_through_a_pipeline_step() -> None:
 
 
 def test_a_rank_of_a_256_rank_world_holds_the_predicted_state() -> None:
-    """True scale: a 1.65B GPT, pp 2 x dp 128, both stages played. Its state bytes are
-    arithmetic, so the prediction equals them, but for AdamW's step counters (4 bytes per
-    parameter tensor), which the cost model leaves out. (Under TP the prediction divides
-    a block's norms and row-parallel biases by tp too, and under ZeRO FSDP2 pads each
-    parameter's first dimension to a multiple of dp: both a few hundredths of a percent,
-    measured in benchmarks/results/dry_run.md.)"""
-    options = RunOptions(model="gpt3-1.7b", plan="dp=128,pp=2,zero=0,micro_batch=1",
-                         global_batch=256, cluster="h100-sxm:gpus=256")
+    """True scale: a 1.65B GPT, tp 4 x pp 2 x dp 32, both stages played. Its state bytes are
+    arithmetic, so the prediction equals them (a TP rank holds its blocks' norms and
+    row-parallel biases whole: LayerNode.tp_whole_params), but for AdamW's step counters
+    (4 bytes per parameter tensor), which the cost model leaves out. (Under ZeRO, FSDP2
+    pads each parameter's first dimension to a multiple of dp: a few hundredths of a
+    percent more, which the cost model leaves out too.)"""
+    options = RunOptions(model="gpt3-1.7b", plan="dp=32,tp=4,pp=2,zero=0,micro_batch=1",
+                         global_batch=64, cluster="h100-sxm:gpus=256")
     report = dry_run(options, "all-stages")
     model = build_model("gpt3-1.7b").module
     assert [m.rank for m in report.ranks] == [0, 128]
