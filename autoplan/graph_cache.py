@@ -47,9 +47,8 @@ logger = logging.getLogger(__name__)
 CACHE_DIR_ENV = "AUTOPLAN_CACHE_DIR"
 """Environment variable naming the cache folder itself (no `graphs` appended)."""
 
-_ENTRY_FORMAT_VERSION = 2
-"""1: {"version", "key", "graph"}; 2: the same, its nodes with tp_whole_params. An entry of
-another version is traced again."""
+_ENTRY_FORMAT_VERSION = 1
+"""1: {"version", "key", "graph"}; an entry of another version is traced again."""
 
 _PACKAGE = Path(__file__).resolve().parent
 _SOURCES = ("tracing.py", "tp_plan.py", "graph.py", "replay.py", "units.py", "meta_state.py",

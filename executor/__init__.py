@@ -20,11 +20,12 @@ from autoplan.executor.verify import (
     compare,
     criterion,
     local_bytes,
+    optimizer_tensors,
     reference_trace,
     train,
 )
 
 __all__ = ["LossFn", "Runner", "parallelize", "precheck", "GROUP_TIMEOUT", "apply_fsdp",
            "apply_replicate", "tp_styles", "Batch", "Comparison", "DropoutOff", "Trace",
-           "batch_norm_layers", "compare", "criterion", "local_bytes", "reference_trace",
-           "train"]
+           "batch_norm_layers", "compare", "criterion", "local_bytes", "optimizer_tensors",
+           "reference_trace", "train"]

@@ -449,7 +449,8 @@ def stage_shapes(model: nn.Module, units: Sequence[str], chunk_lists: Sequence[S
             a chunk sends its rank's slice of dimension 1; where either one takes the whole
             sequence, the whole activation crosses.
     """
-    meta = copy.deepcopy(model).to("meta")
+    on_meta = all(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    meta = model if on_meta else copy.deepcopy(model).to("meta")  # build_chunk copies it
     kwargs = input_kwargs([torch.empty_like(t, device="meta") for t in micro_inputs])
     shapes: StageShapes = {}
     received: tuple[torch.Tensor, ...] = ()  # whole: the chunks here are not split

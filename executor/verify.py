@@ -21,7 +21,7 @@ from autoplan.executor.parallelize import LossFn, Runner
 
 __all__ = ["RTOL", "ZERO_GRAD", "Comparison", "DropoutOff", "Trace", "adam_noise",
            "batch_norm_layers", "compare", "criterion", "full_tensors", "local_bytes",
-           "reference_trace", "train", "zero_dropout"]
+           "optimizer_tensors", "reference_trace", "train", "zero_dropout"]
 
 Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]
 """(positional inputs, targets) of one global batch."""
@@ -192,7 +192,7 @@ def local_bytes(tensors: Sequence[torch.Tensor]) -> int:
     return sum(storage.nbytes() for storage in seen.values())
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [v for state in optimizer.state.values() for v in state.values()
             if isinstance(v, torch.Tensor)]
 
@@ -237,7 +237,7 @@ def train(runner: Runner, optimizer: torch.optim.Optimizer, batches: Sequence[Ba
             start_s += time.perf_counter() - pause_s  # the reading is not part of the step
             optimizer.step()
             optimizer.zero_grad()
-            trace.state_bytes["optimizer"] = local_bytes(_optimizer_tensors(optimizer))
+            trace.state_bytes["optimizer"] = local_bytes(optimizer_tensors(optimizer))
         else:
             loss = runner.step(inputs, targets, optimizer)
         trace.losses.append(loss.item())

@@ -38,7 +38,7 @@ class LiveBytes(TorchDispatchMode):
     def __init__(self, held: Iterable[Any] = ()) -> None:
         super().__init__()
         self._sizes: WeakIdKeyDictionary = WeakIdKeyDictionary()  # storage -> [bytes]
-        self._refs: list[weakref.ref] = []
+        self._refs: set[weakref.ref] = set()  # alive while their storage is
         self.now = 0
         self.peak = 0
         self._resize = torch.UntypedStorage.resize_
@@ -55,7 +55,11 @@ class LiveBytes(TorchDispatchMode):
             cell = [storage.nbytes()]  # its bytes now; a resize changes them
             self._sizes[storage] = cell
             self._add(cell[0])
-            self._refs.append(weakref.ref(storage, lambda _, cell=cell: self._add(-cell[0])))
+            self._refs.add(weakref.ref(storage, lambda ref, cell=cell: self._freed(ref, cell)))
+
+    def _freed(self, ref: weakref.ref, cell: list[int]) -> None:
+        self._add(-cell[0])
+        self._refs.discard(ref)
 
     def reset_peak(self) -> None:
         self.peak = self.now

@@ -695,10 +695,10 @@ class Searcher:
     def _partition(self, outer: Outer, ties: Ties | None) -> dict[int, list[list[int]]] | None:
         """Stage boundaries by dynamic programming over the pipeline units: minimise the
         slowest stage's objective, its pipeline sends included (then the sum). Every cut the
-        executor accepts is tried
-        but two kinds, skipped by proof: a stage whose layers' least times already make
-        every plan holding it no faster than the best found (_may_beat_best), and a stage
-        longer than one that does not fit at the same start (it holds all of its layers)."""
+        executor accepts is tried but two kinds, skipped by proof: a stage whose layers' least
+        times already make every plan holding it no faster than the best found
+        (_may_beat_best), and a stage longer than one that does not fit at the same start (it
+        holds all of its layers)."""
         pp, layers = outer.pp, len(self.graph.nodes)
         m = self.options.global_batch // outer.micro_batch_size
         units = pipeline_units(self.graph, pp)

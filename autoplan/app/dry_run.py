@@ -34,13 +34,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils._pytree import tree_leaves
 
 from autoplan import fmt
-from autoplan.app.run import RunOptions, predict, resolve_plan
-from autoplan.cost_model import Estimate
+from autoplan.app.run import RunOptions, output_shape, predict, resolve_plan
+from autoplan.cost_model import Estimate, StageMemory
 from autoplan.errors import AutoplanError
-from autoplan.executor import GROUP_TIMEOUT, Batch, local_bytes, parallelize
+from autoplan.executor import GROUP_TIMEOUT, Batch, local_bytes, optimizer_tensors, parallelize
 from autoplan.launch import call_workers, serve_worker
 from autoplan.models import BuiltModel, build_model, default_loss
 from autoplan.plan import Plan, plan_from_json
@@ -85,6 +84,10 @@ class DryRunReport:
     estimate: Estimate | None
     note: str | None
 
+    def predicted(self, mem: RankMemory) -> StageMemory | None:
+        """The cost model's memory for the rank's stage (None without a prediction)."""
+        return None if self.estimate is None else self.estimate.stages[mem.stage].memory
+
     def to_dict(self) -> dict[str, Any]:
         rows = []
         for mem in self.ranks:
@@ -92,8 +95,9 @@ class DryRunReport:
                                    "grads": mem.grads, "optimizer": mem.optimizer,
                                    "peak": mem.peak, "max_allocated": mem.max_allocated,
                                    "step_s": mem.seconds}
-            if self.estimate is not None:
-                row["predicted"] = self.estimate.stages[mem.stage].memory.as_dict()
+            predicted = self.predicted(mem)
+            if predicted is not None:
+                row["predicted"] = predicted.as_dict()
             rows.append(row)
         return {"world_size": self.plan.world_size, "device": self.device,
                 "tensors": self.tensors, "ranks": rows, "note": self.note}
@@ -172,14 +176,7 @@ def _batch_maker(built: BuiltModel, samples: int, device: str) -> Callable[[], B
     """Zeros shaped as `samples` of the model's inputs, and their targets (for a model
     that is not a token model, shaped as its output, from a forward on meta now, before
     the executor changes the module)."""
-    target_shape: tuple[int, ...] = ()
-    if built.token_targets is None:
-        with torch.no_grad():
-            out = built.module(*built.example_inputs(1))
-        first = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-        if not first:
-            raise AutoplanError(f"model {built.spec.text} returned no tensor")
-        target_shape = tuple(first[0].shape[1:])
+    target_shape = output_shape(built) if built.token_targets is None else ()
 
     def make() -> Batch:
         inputs = tuple(torch.zeros(t.shape, dtype=t.dtype, device=device)
@@ -216,8 +213,7 @@ def play_rank(model: str, plan: Plan, rank: int, device: str, tensors: str,
             runner.step(inputs, targets, optimizer)  # creates the optimizer's state
             progress(f"rank {rank}: step 2")
             params = runner.parameters()
-            state = [*params, *(v for s in optimizer.state.values() for v in s.values())]
-            counter = LiveBytes(state)
+            counter = LiveBytes([*params, *optimizer_tensors(optimizer)])
             on_cuda = device == "cuda" and tensors == "real"
             if on_cuda:
                 torch.cuda.synchronize()
@@ -231,10 +227,8 @@ def play_rank(model: str, plan: Plan, rank: int, device: str, tensors: str,
             seconds = time.perf_counter() - start
         return RankMemory(
             rank, rank // plan.stage_gpus, local_bytes(params), grads,
-            local_bytes([v for s in optimizer.state.values() for v in s.values()
-                         if isinstance(v, torch.Tensor)]),
-            counter.peak, torch.cuda.max_memory_allocated() if on_cuda else None,
-            seconds)
+            local_bytes(optimizer_tensors(optimizer)), counter.peak,
+            torch.cuda.max_memory_allocated() if on_cuda else None, seconds)
 
 
 def _step_keeping_grads(runner: Any, inputs: tuple[torch.Tensor, ...], targets: torch.Tensor,
@@ -286,7 +280,7 @@ def dry_run(options: RunOptions, asked: str | None = None,
 
 def dry_run_lines(report: DryRunReport) -> list[str]:
     """The report as text lines: each played rank's bytes beside the prediction."""
-    plan, pred = report.plan, report.estimate
+    plan = report.plan
     lines = [f"{plan.model}: dry run of {len(report.ranks)} rank(s) of a world of "
              f"{plan.world_size} (fake process group, {report.tensors} tensors on "
              f"{report.device}), pp {plan.pp}, global batch {plan.global_batch}"]
@@ -296,8 +290,8 @@ def dry_run_lines(report: DryRunReport) -> list[str]:
                 f"{fmt.nbytes(mem.peak)}")
         if mem.max_allocated is not None:
             text += f", max allocated {fmt.nbytes(mem.max_allocated)}"
-        if pred is not None:
-            stage = pred.stages[mem.stage].memory
+        stage = report.predicted(mem)
+        if stage is not None:
             error = mem.peak / stage.peak - 1 if stage.peak else 0.0
             text += (f"; predicted params {fmt.nbytes(stage.params)}, grads "
                      f"{fmt.nbytes(stage.grads)}, optimizer {fmt.nbytes(stage.optimizer)}, "

@@ -67,8 +67,8 @@ from autoplan.tp_plan import infer_tp_plans
 from autoplan.workload import load_graph, load_workload, memory_limit_bytes
 
 __all__ = ["RUN_FAULT_ENV", "RunFailed", "RunOptions", "RunReport", "load_run_plan", "merge_ranks",
-           "predict", "reference_run", "report_lines", "resolve_plan", "run_plan", "run_plans",
-           "train_rank"]
+           "output_shape", "predict", "reference_run", "report_lines", "resolve_plan", "run_plan",
+           "run_plans", "train_rank"]
 
 log = logging.getLogger(__name__)
 
@@ -195,16 +195,7 @@ class _SyntheticData:
 
     def __post_init__(self) -> None:
         if not self.language_model:
-            module = self.built.module
-            was_training = module.training
-            module.eval()
-            with torch.no_grad():
-                out = module(*self.built.example_inputs(1))
-            module.train(was_training)
-            first = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-            if not first:
-                raise AutoplanError(f"model {self.built.spec.text} returned no tensor")
-            self.target_shape = tuple(first[0].shape[1:])
+            self.target_shape = output_shape(self.built)
 
     @property
     def language_model(self) -> bool:
@@ -227,6 +218,25 @@ class _SyntheticData:
         else:
             targets = torch.randn((self.global_batch, *self.target_shape), generator=gen)
         return tuple(t.to(self.device) for t in inputs), targets.to(self.device)
+
+
+def output_shape(built: BuiltModel) -> tuple[int, ...]:
+    """The shape of one sample of the model's first output tensor (what a model that is not
+    a token model regresses on), from a forward of one sample in eval mode.
+
+    Raises:
+        AutoplanError: when the model returns no tensor.
+    """
+    module = built.module
+    was_training = module.training
+    module.eval()
+    with torch.no_grad():
+        out = module(*built.example_inputs(1))
+    module.train(was_training)
+    first = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+    if not first:
+        raise AutoplanError(f"model {built.spec.text} returned no tensor")
+    return tuple(first[0].shape[1:])
 
 
 def _build(model: str, seed: int) -> BuiltModel:

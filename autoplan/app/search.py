@@ -109,8 +109,9 @@ def check_line(report: DryRunReport) -> str:
     mem = report.ranks[0]
     text = (f"rank {mem.rank} (stage {mem.stage}) played in fp32 ({report.tensors} tensors, "
             f"fake process group): peak {fmt.nbytes(mem.peak)}")
-    if report.estimate is None:
+    stage = report.predicted(mem)
+    if stage is None:
         return text + f"; {report.note}"
-    predicted = report.estimate.stages[mem.stage].memory.peak
+    predicted = stage.peak
     return (text + f", fp32 prediction {fmt.nbytes(predicted)} "
             f"({mem.peak / predicted - 1:+.1%})")
