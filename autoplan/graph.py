@@ -83,6 +83,21 @@ class LayerNode:
     """Parameters its tensor-parallel plan keeps whole on every TP rank (norms, row-parallel
     biases): a rank holds (params - these) / tp + these. 0 in graphs from before it was
     recorded."""
+    tp_whole_grad_params: int = 0
+    """Parameters its tensor-parallel plan splits whose gradient torch makes whole on every
+    TP rank: an Embedding split by vocabulary (torch 2.13's DTensor has no rule for
+    embedding_dense_backward that splits the vocabulary, torch/distributed/tensor/_ops/
+    _embedding_ops.py, so the gradient is whole until data parallelism reduces it). 0 for
+    a tied one: the gradient of the other use (an output head's, split by rows) comes first
+    and the sum keeps its split (measured: tests/cost_model/test_memory_vs_executor.py)."""
+    tp_whole_act_bytes: float | None = None
+    """Bytes per sample it saves for backward that its tensor-parallel plan leaves whole on
+    every TP rank (tp_plan.saved_shares: a block's norm inputs and outputs, residual sums);
+    None when not recorded (cost_model/memory.py then counts Korthikanti's five hidden
+    states)."""
+    tp_gathered_act_bytes: float | None = None
+    """Of those, the inputs of column-parallel Linears: whole also under torch's sequence
+    parallelism, which saves them gathered (None: not recorded)."""
     layout_refusal: str = ""
     """Why the (dp, tp) layout cannot change at this node, i.e. why the value a layout hop
     would move is not the activation of the layers before it ("" when it can)."""
@@ -252,7 +267,8 @@ _CHECKS = {"str": (lambda v: isinstance(v, str), "a string"),
            "int": (_is_count, "an integer >= 0"),
            "float": (_is_amount, "a finite number >= 0"),
            "tuple[int, ...]": (_is_shape, "a list of integers >= 0"),
-           "int | None": (lambda v: v is None or _is_count(v), "an integer >= 0 or null")}
+           "int | None": (lambda v: v is None or _is_count(v), "an integer >= 0 or null"),
+           "float | None": (lambda v: v is None or _is_amount(v), "a finite number >= 0 or null")}
 _NODE_FIELDS = {f.name: f.type for f in fields(LayerNode)}
 _EDGE_FIELDS = {f.name: f.type for f in fields(LayerEdge)}
 _GRAPH_FIELDS = {"version": None, "structural_hash": None, "model": "str", "dtype": "str",

@@ -41,7 +41,8 @@ from autoplan.errors import first_line
 from autoplan.feasibility import tp_split_refusal
 from autoplan.meta_state import as_compiling
 
-__all__ = ["COLWISE", "ROWWISE", "TPPlan", "infer_tp_plan", "infer_tp_plans", "HEAD_ATTRIBUTES"]
+__all__ = ["COLWISE", "ROWWISE", "TPPlan", "infer_tp_plan", "infer_tp_plans", "saved_shares",
+           "HEAD_ATTRIBUTES"]
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,86 @@ def infer_tp_plan(unit: nn.Module, override: dict[str, str] | None = None,
     if inputs is not None or structure not in _BY_STRUCTURE:
         _BY_STRUCTURE[structure] = key[1], _CACHE[key]
     return _CACHE[key]
+
+
+def saved_shares(unit: nn.Module, styles: dict[str, str],
+                 inputs: tuple[tuple, dict]) -> tuple[int, int, int]:
+    """(whole, gathered, output): the bytes one call of `unit` on `inputs` saves for
+    backward that its TP plan (`styles`) leaves whole on every TP rank, those of them that
+    are inputs of column-wise Linears (torch's sequence parallelism saves them gathered,
+    whole), and the bytes of the call's output (to take them per sample). Only what derives
+    from the activation (its first floating input) counts: tables such as rotary
+    frequencies are not per sample.
+
+    A tensor is split from a column-wise output until a row-wise output (all-reduced) is
+    whole again; whatever derives from a split tensor is split. Korthikanti et al. 2022
+    count five whole hidden states per block (eq. 2, in two-byte units); a block's own ops
+    decide here: a Llama block's RMSNorm also saves x * rsqrt(mean(x^2)), six in all.
+    """
+    call = _meta_call(inputs)
+    meta = _meta_unit(unit, _float_dtype(call)).train()
+    params = {p.untyped_storage()._cdata for p in meta.parameters()}
+    split, gathered = _SplitFlow(params), set()
+    hooks = []
+    for name, style in styles.items():
+        sub = meta.get_submodule(name)
+        if style == COLWISE:
+            hooks.append(sub.register_forward_pre_hook(
+                lambda _m, args: gathered.update(_keys(args))))
+            hooks.append(sub.register_forward_hook(lambda _m, _a, out: split.keys.update(
+                _keys(out))))
+        else:
+            hooks.append(sub.register_forward_hook(
+                lambda _m, _a, out: split.keys.difference_update(_keys(out))))
+    saved: dict[int, tuple[int, str]] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = t.untyped_storage()._cdata
+        if key not in params and key not in saved and key in split.batched:
+            kind = "split" if key in split.keys else "gathered" if key in gathered else "whole"
+            saved[key] = t.untyped_storage().nbytes(), kind
+        return t
+
+    args, kwargs = _fresh(call)
+    first = next((t for t in _tensors(args) if t.is_floating_point()), None)
+    if first is not None:  # the activation, as a layer before it makes it
+        first.requires_grad_()
+        split.batched.add(first.untyped_storage()._cdata)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), split, as_compiling():
+            out = meta(*args, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    output = sum(t.numel() * t.element_size() for t in _tensors(out))
+    return (sum(size for size, kind in saved.values() if kind != "split"),
+            sum(size for size, kind in saved.values() if kind == "gathered"), output)
+
+
+class _SplitFlow(TorchDispatchMode):
+    """Marks split whatever an op makes from a split tensor (storages in `keys`), and per
+    sample whatever it makes from the activation (`batched`)."""
+
+    def __init__(self, params: set[int]) -> None:
+        super().__init__()
+        self.keys: set[int] = set()
+        self.batched: set[int] = set()
+        self.params = params
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        ins = {k for k in _keys((args, kwargs)) if k not in self.params}
+        outs = _keys(out) - ins  # an in-place op or a view keeps its input's mark
+        for marked in (self.keys, self.batched):
+            if ins & marked:
+                marked.update(outs)
+            else:
+                marked.difference_update(outs)  # a storage made again
+        return out
+
+
+def _keys(tree: Any) -> set[int]:
+    return {t.untyped_storage()._cdata for t in _tensors(tree)}
 
 
 # ------------------------------------------------------------------------------ helpers

@@ -37,7 +37,7 @@ from autoplan.meta_state import as_compiling, keep_buffer_values
 from autoplan.models.build import DTYPES, BuiltModel, build_model, sum_loss
 from autoplan.models.spec import parse_model_spec
 from autoplan.replay import ReplayMismatch, replay_plan, swap_in_replays
-from autoplan.tp_plan import infer_tp_plan
+from autoplan.tp_plan import infer_tp_plan, saved_shares
 from autoplan.units import (
     find_units,
     first_input,
@@ -692,16 +692,28 @@ def _tie_owners(root: nn.Module, units: list[str]) -> dict[str, str]:
     return {u: find(u) for u in units if roots[find(u)] > 1}
 
 
-def _tp_facts(module: nn.Module, call: tuple[tuple, dict] | None
-              ) -> tuple[tuple[int, ...], str, int]:
-    """(sizes every tp degree must divide, why tp cannot split the unit or "", how many
-    parameters the split leaves whole), from the unit's tensor-parallel plan on the inputs
-    it was traced with."""
-    plan = infer_tp_plan(module, inputs=call)
+def _tp_facts(module: nn.Module, rec: _Record) -> dict[str, Any]:
+    """What the unit's tensor-parallel plan (on the inputs it was traced with) means for
+    the LayerNode: sizes every tp degree must divide, why tp cannot split it, how many
+    parameters the split leaves whole and how many it splits but gets whole gradients of
+    (tp_whole_grad_params), and the bytes per sample it saves whole (tp_whole_act_bytes)."""
+    plan = infer_tp_plan(module, inputs=rec.call)
+    facts: dict[str, Any] = {"tp_divides": tuple(plan.sizes), "tp_refusal": plan.refusal}
+    if not plan.styles:
+        return facts
     splits = _splits(module, plan.styles)
-    whole = sum(p.numel() for p in module.parameters() if splits.get(id(p)) == "whole") \
-        if plan.styles else 0
-    return tuple(plan.sizes), plan.refusal, whole
+    vocab = {id(p) for m in module.modules() if isinstance(m, nn.Embedding)
+             for p in m.parameters(recurse=False) if splits.get(id(p)) == "rows"}
+    facts["tp_whole_params"] = sum(p.numel() for p in module.parameters()
+                                   if splits.get(id(p)) == "whole")
+    facts["tp_whole_grad_params"] = sum(p.numel() for p in module.parameters()
+                                        if id(p) in vocab)
+    if rec.call is not None and rec.output_bytes:
+        whole, gathered, output = saved_shares(module, plan.styles, rec.call)
+        if output:  # the call's samples: its output over the output per sample
+            facts["tp_whole_act_bytes"] = whole * rec.output_bytes / output
+            facts["tp_gathered_act_bytes"] = gathered * rec.output_bytes / output
+    return facts
 
 
 def _tp_splits(module: nn.Module, call: tuple[tuple, dict] | None) -> dict[int, str]:
@@ -801,12 +813,13 @@ def _facts(root: nn.Module, ran: list[str], records: dict[str, _Record]) -> dict
     out: dict[str, dict] = {}
     for index, unit in enumerate([*ran, _LOSS]):
         module = root.get_submodule(unit) if unit != _LOSS else None
-        sizes, tp_refusal, whole = _tp_facts(module, records[unit].call) \
-            if module is not None else ((), "", 0)
+        tp = _tp_facts(module, records[unit]) if module is not None else {}
+        if unit in ties:  # see LayerNode.tp_whole_grad_params
+            tp.pop("tp_whole_grad_params", None)
+        refusal = tp.pop("tp_refusal", "")
         previous = ran[index - 1] if index else None
         out[unit] = dict(
-            tie_group=ties.get(unit, ""), tp_divides=sizes,
-            tp_refusal=tp_refusal or tie_refusals.get(unit, ""), tp_whole_params=whole,
+            tie_group=ties.get(unit, ""), **tp, tp_refusal=refusal or tie_refusals.get(unit, ""),
             min_samples=records[unit].min_samples,
             layout_refusal=_layout_refusal(unit, module, previous, records) if index else "",
             cut_refusal=cuts.get(unit, "") if unit != _LOSS else "")

@@ -58,26 +58,28 @@ def _shard_bytes(node: LayerNode, tp: int, elt_bytes: int) -> float:
 
 
 def fsdp_time_s(comm: CommModel, node: LayerNode, layer: LayerStrategy, elt_bytes: int) -> float:
-    """ZeRO-3 per micro-batch: gather the weights for forward and again for backward, then
-    reduce-scatter the gradients, over the dp group (members tp apart)."""
-    if layer.zero < 3 or layer.dp < 2:
+    """ZeRO 2 and 3 per micro-batch, over the dp group (members tp apart): reduce-scatter
+    the gradients (executor/data_parallel.gradient_sync); ZeRO 3 first gathers the weights
+    for forward and again for backward."""
+    if layer.zero < 2 or layer.dp < 2:
         return 0.0
     nbytes = _shard_bytes(node, layer.tp, elt_bytes)
-    return (2 * comm.time_s("all_gather", nbytes, layer.dp, layer.tp)
-            + comm.time_s("reduce_scatter", nbytes, layer.dp, layer.tp))
+    gathers = 2 * comm.time_s("all_gather", nbytes, layer.dp, layer.tp) if layer.zero >= 3 \
+        else 0.0
+    return gathers + comm.time_s("reduce_scatter", nbytes, layer.dp, layer.tp)
 
 
 def grad_sync_time_s(comm: CommModel, node: LayerNode, layer: LayerStrategy,
                      elt_bytes: int) -> tuple[float, float]:
     """(gradient sync, weight all-gather) seconds per step of a layer under ZeRO 0-2: an
-    all-reduce (ZeRO 0) or reduce-scatter (1, 2) of its gradients over the dp group, and for
+    all-reduce (ZeRO 0) or reduce-scatter (1) of its gradients over the dp group, and for
     ZeRO 1-2 an all-gather of the updated weights; one collective per layer, as FSDP2 issues
-    them (ZeRO 3 syncs every micro-batch: fsdp_time_s)."""
+    them (ZeRO 2 and 3 reduce every micro-batch: fsdp_time_s)."""
     if layer.dp < 2 or layer.zero >= 3:
         return 0.0, 0.0
     nbytes = _shard_bytes(node, layer.tp, elt_bytes)
-    sync = comm.time_s("all_reduce" if layer.zero == 0 else "reduce_scatter", nbytes,
-                       layer.dp, layer.tp)
+    sync = 0.0 if layer.zero == 2 else comm.time_s(
+        "all_reduce" if layer.zero == 0 else "reduce_scatter", nbytes, layer.dp, layer.tp)
     gather = comm.time_s("all_gather", nbytes, layer.dp, layer.tp) if layer.zero else 0.0
     return sync, gather
 

@@ -33,12 +33,15 @@ from autoplan.cost_model.figures import GPU_FRAMEWORK_OVERHEAD_BYTES
 from autoplan.cost_model.memory import (
     LayerCost,
     StageMemory,
+    chunk_output_bytes,
+    chunk_receive_bytes,
     layer_state_bytes,
     loss_backward_bytes,
     saved_bytes_at,
     saved_bytes_per_sample,
     stage_memory,
     stage_tail,
+    unsharded_grad_bytes,
 )
 from autoplan.cost_model.pipeline import (
     micro_batches_in_flight,
@@ -223,9 +226,11 @@ class CostModel:
         """Stage `stage`, running the layer indices of each of `chunks` (plan.stage_chunks)."""
         costs = []
         parts = dict.fromkeys(_MICRO_BATCH_PARTS, 0.0)
+        held = self._held(plan, stage)
         for chunk in chunks:
             for i in chunk:
-                cost = self.layer_cost(*layers[i], plan.micro_batch_size, stage)
+                cost = self.layer_cost(*layers[i], plan.micro_batch_size,
+                                       plan.num_micro_batches, stage)
                 costs.append(cost)
                 for part, seconds in cost.per_micro_batch_s.items():
                     parts[part] += seconds
@@ -235,23 +240,26 @@ class CostModel:
             parts["pp_comm"] += self._hops(plan, layers, chunk)
         return StageEstimate(stage=stage, layers=[layers[i][0].name for c in chunks for i in c],
                              per_micro_batch_s=parts, tail_s=stage_tail(costs),
-                             memory=stage_memory(costs, self._held(plan, stage)))
+                             memory=stage_memory(costs, held, self._pipeline_bytes(
+                                 plan, layers, chunks, held)))
 
     def layer_cost(self, node: LayerNode, layer: LayerStrategy, micro_batch_size: int,
-                   stage: int = 0) -> LayerCost:
+                   micro_batches: int, stage: int = 0) -> LayerCost:
         """What `node` costs one rank under `layer`'s strategy, apart from its neighbours
-        (resharding, pipeline hops) and from the schedule (micro-batches in flight). Past the
-        first stage a layer also holds the tied weights it shares (Megatron keeps a copy of
-        the embedding on the last stage)."""
+        (resharding, pipeline hops) and from the schedule (micro-batches in flight), in a step
+        of `micro_batches`. Past the first stage a layer also holds the tied weights it
+        shares (Megatron keeps a copy of the embedding on the last stage)."""
         shared = stage > 0 and node.shared_params > 0
+        accumulates = micro_batches > 1
         key = (node.signature, shared, layer.dp, layer.tp, layer.sequence_parallel, layer.zero,
-               layer.checkpoint, micro_batch_size)
+               layer.checkpoint, micro_batch_size, accumulates)
         if key not in self._layer_costs:  # equal signatures cost the same: search asks often
-            self._layer_costs[key] = self._layer_cost(node, layer, micro_batch_size, shared)
+            self._layer_costs[key] = self._layer_cost(node, layer, micro_batch_size, shared,
+                                                      accumulates)
         return self._layer_costs[key]
 
     def _layer_cost(self, node: LayerNode, layer: LayerStrategy, micro_batch_size: int,
-                    shared: bool) -> LayerCost:
+                    shared: bool, accumulates: bool) -> LayerCost:
         samples = micro_batch_size // layer.dp
         sig, dp, tp, sp, zero = node.signature, layer.dp, layer.tp, layer.sequence_parallel, \
             layer.zero
@@ -271,7 +279,7 @@ class CostModel:
             times, sync = in_situ
             fsdp, gather, exposed = 0.0, 0.0, True
         else:
-            fsdp = self._part(("fsdp", sig, dp, tp, zero >= 3),
+            fsdp = self._part(("fsdp", sig, dp, tp, zero),
                               lambda: fsdp_time_s(self.comm, node, layer, self.elt_bytes))
             # A layer's gradient sync starts when its backward ends and runs beside the
             # backward of the layers before it, taken as long as its own (PyTorch DDP/FSDP2
@@ -281,8 +289,15 @@ class CostModel:
         compute = times.fwd_s + times.bwd_s + times.recompute_s
         weights, grads, optimizer = layer_state_bytes(node, layer, self.elt_bytes,
                                                       self.optimizer_bytes, shared)
-        # ZeRO 1/2 on FSDP2 keep each layer's whole weights from its forward to its backward.
-        kept = weights * layer.dp if layer.zero in (1, 2) and layer.dp > 1 else 0.0
+        kept = reduce = 0.0
+        if layer.dp > 1:  # FSDP2 (replicate() too): executor/data_parallel.py
+            unsharded = unsharded_grad_bytes(node, layer, self.elt_bytes, shared)
+            if layer.zero <= 2:  # the gathered weights stay beside the shard all step
+                kept += weights * (layer.dp if layer.zero else 1)
+            if layer.zero <= 1 and accumulates:  # whole gradients until the last micro-batch
+                kept += unsharded - grads
+            if layer.zero >= 2:  # reduced after each backward: autograd's and the copy
+                reduce = 2 * unsharded
         saved = samples * saved_bytes_per_sample(node, layer)
         # what the layer saves without checkpointing: recomputed in its backward
         whole = samples * saved_bytes_at(node, tp, sp, "none") \
@@ -301,7 +316,7 @@ class CostModel:
             workspace_bytes=samples * loss_backward_bytes(node),
             transient_bytes=whole,
             gathered_bytes=weights * layer.dp if layer.zero >= 3 and layer.dp > 1 else 0.0,
-            bucket=layer.dp > 1 and layer.zero < 3, kept_bytes=kept)
+            reduce_bytes=reduce, kept_bytes=kept)
 
     def _part(self, key: tuple, make: Callable[[], Any]) -> Any:
         """make(), taken once per key: a piece of a layer's cost that many strategies share
@@ -318,6 +333,20 @@ class CostModel:
         at = self.graph.index[node.name]
         previous = self.graph.nodes[at - 1] if at > 0 else None
         return reshard_time_s(self.comm, node, before, after, micro_batch_size, previous)
+
+    def _pipeline_bytes(self, plan: Plan, layers: list[tuple[LayerNode, LayerPlan]],
+                        chunks: list[list[int]], held: float) -> float:
+        """Bytes torch's pipeline stage keeps for a stage's chunks: receive buffers for
+        every micro-batch (chunk_receive_bytes), the outputs of the `held` in flight
+        (chunk_output_bytes). Nothing without a pipeline."""
+        if plan.pp == 1:
+            return 0.0
+        nodes, strategies = [n for n, _ in layers], [lp for _, lp in layers]
+        mb = plan.micro_batch_size
+        return sum(plan.num_micro_batches
+                   * chunk_receive_bytes(nodes, strategies, c[0], c[-1] + 1, mb)
+                   + held * chunk_output_bytes(nodes, strategies, c[0], c[-1] + 1, mb)
+                   for c in chunks if c)
 
     def _hops(self, plan: Plan, layers: list[tuple[LayerNode, LayerPlan]],
               chunk: list[int]) -> float:

@@ -8,16 +8,18 @@ weight and gradient). ZeRO 1 shards optimizer state over dp, 2 also gradients, 3
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from autoplan.cost_model.analytic import TP_SHARDED_KINDS
 from autoplan.graph import LayerNode
 from autoplan.plan import LayerStrategy
 
-__all__ = ["StageMemory", "LayerCost", "KORTHIKANTI_REPLICATED_TENSORS", "DDP_BUCKET_BYTES",
+__all__ = ["StageMemory", "LayerCost", "KORTHIKANTI_REPLICATED_TENSORS",
            "TORCH_SP_GATHERED_TENSORS", "saved_bytes_per_sample", "saved_bytes_at",
-           "layer_state_bytes", "loss_backward_bytes", "stage_memory", "counted_stage_memory",
-           "stage_tail"]
+           "layer_state_bytes", "unsharded_grad_bytes", "loss_backward_bytes", "receive_bytes",
+           "chunk_receive_bytes", "chunk_output_bytes",
+           "stage_memory", "counted_stage_memory", "stage_tail"]
 
 KORTHIKANTI_REPLICATED_TENSORS = 5
 """Hidden-state tensors of a transformer block's saved activations that stay whole on every
@@ -31,9 +33,6 @@ TP rank with sequence parallelism as torch runs it: ColwiseParallel saves the al
 input of each column-parallel group (attention q/k/v, MLP fc) for its weight gradient, where
 Megatron-LM saves the sequence slice and gathers it again in backward (Korthikanti et al.
 2022, sec. 4.2.2). Measured: tests/cost_model/test_memory_vs_executor.py."""
-
-DDP_BUCKET_BYTES = 25 * 2**20
-"""Gradient bucket of one all-reduce in flight: torch DistributedDataParallel bucket_cap_mb=25."""
 
 PREFETCHED_LAYERS = 2
 """FSDP holds the gathered weights of the running layer and the one it prefetches (torch
@@ -52,15 +51,19 @@ class StageMemory:
     transient: float
     """Recomputed activations of one checkpointed layer, live during its backward."""
     buffers: float
-    """Gathered FSDP weights (ZeRO 3: the prefetched layers; ZeRO 1/2: every layer's, kept
-    from its forward to its backward), gradient buckets."""
+    """Gathered FSDP weights (ZeRO 3: the prefetched layers; ZeRO 0-2: every layer's, kept
+    all step), whole gradients accumulated over the micro-batches (ZeRO 0-1), a layer's
+    gradients being reduced (ZeRO 2-3)."""
     workspace: float = 0.0
     """The loss's gradients during its backward (LayerCost.workspace_bytes)."""
+    pipeline: float = 0.0
+    """What torch's pipeline stages keep: receive buffers for every micro-batch
+    (chunk_receive_bytes), the outputs of those in flight (chunk_output_bytes)."""
 
     @property
     def peak(self) -> float:
         return (self.params + self.grads + self.optimizer + self.activations + self.transient
-                + self.buffers + self.workspace)
+                + self.buffers + self.workspace + self.pipeline)
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self) | {"peak": self.peak}
@@ -84,11 +87,15 @@ class LayerCost:
     """Recomputed activations live during a checkpointed layer's backward."""
     gathered_bytes: float
     """Whole weights FSDP gathers for this layer (ZeRO 3)."""
-    bucket: bool
-    """Gradients sync through a bucket (dp > 1, ZeRO 0-2)."""
+    reduce_bytes: float
+    """Whole gradients of this layer live while FSDP2 reduces them during the backward
+    (ZeRO 2 and 3, dp > 1): the autograd result and the flat copy the reduce-scatter reads
+    (torch foreach_reduce), one layer at a time."""
     kept_bytes: float = 0.0
-    """Whole weights FSDP keeps gathered from this layer's forward to its backward (ZeRO 1
-    and 2, dp > 1): held at the stage's peak, so also counted in state_bytes."""
+    """Whole weights FSDP keeps gathered all step (ZeRO 0-2, dp > 1: FSDP2's copy beside
+    the shard, replicate()'s too) and whole gradients accumulated over the micro-batches
+    beyond the shard kept after the step (ZeRO 0-1): held at the stage's peak, so also
+    counted in state_bytes."""
     workspace_bytes: float = 0.0
     """The loss's gradients during its backward (loss_backward_bytes), once per stage:
     added to the peak, not taken as the larger beside a recomputation (the last stage's
@@ -110,16 +117,11 @@ class LayerCost:
         return PREFETCHED_LAYERS * self.gathered_bytes
 
     @property
-    def bucket_bytes(self) -> float:
-        """The DDP gradient bucket a stage holds when any layer syncs through one."""
-        return DDP_BUCKET_BYTES if self.bucket else 0.0
-
-    @property
     def peak_extra_bytes(self) -> float:
         """The most this layer adds to a stage's peak through the terms a stage takes the
-        largest of, not the sum (transient, prefetch, bucket: counted_stage_memory): the
+        largest of, not the sum (transient, prefetch, reduce: counted_stage_memory): the
         search's per-layer budget counts this on top of the sums."""
-        return self.transient_bytes + self.prefetch_bytes + self.bucket_bytes
+        return self.transient_bytes + self.prefetch_bytes + self.reduce_bytes
 
 
 def stage_tail(costs: list[LayerCost]) -> dict[str, float]:
@@ -130,18 +132,20 @@ def stage_tail(costs: list[LayerCost]) -> dict[str, float]:
     return tail
 
 
-def stage_memory(costs: list[LayerCost], held: float) -> StageMemory:
+def stage_memory(costs: list[LayerCost], held: float, pipeline: float = 0.0) -> StageMemory:
     """A stage's memory from its layers' costs with `held` micro-batches in flight: what adds
-    up, plus the largest transient (one layer recomputes at a time) and the buffers."""
-    return counted_stage_memory([(cost, 1) for cost in costs], held)
+    up, plus the largest transient (one layer recomputes at a time) and the buffers, and
+    `pipeline` bytes that the pipeline stage keeps (StageMemory.pipeline)."""
+    return counted_stage_memory([(cost, 1) for cost in costs], held, pipeline)
 
 
-def counted_stage_memory(counted: list[tuple[LayerCost, int]], held: float) -> StageMemory:
+def counted_stage_memory(counted: list[tuple[LayerCost, int]], held: float,
+                         pipeline: float = 0.0) -> StageMemory:
     """stage_memory of a stage holding `count` layers of each (cost, count): the search
     checks many plans whose stages repeat a few kinds of layer."""
     # one pass, each sum in layer order (as sum() adds them)
     params = grads = optimizer = saved = fixed = kept = workspace = 0
-    prefetch = bucket = transient = 0.0
+    prefetch = reduce = transient = 0.0
     for c, n in counted:
         if n <= 0:
             continue
@@ -154,11 +158,12 @@ def counted_stage_memory(counted: list[tuple[LayerCost, int]], held: float) -> S
         kept += n * c.kept_bytes
         workspace += n * c.workspace_bytes
         prefetch = max(prefetch, c.prefetch_bytes)
-        bucket = max(bucket, c.bucket_bytes)
+        reduce = max(reduce, c.reduce_bytes)
         transient = max(transient, c.transient_bytes)
     return StageMemory(params=params, grads=grads, optimizer=optimizer,
                        activations=held * saved + fixed, transient=transient,
-                       buffers=prefetch + bucket + kept, workspace=workspace)
+                       buffers=prefetch + reduce + kept, workspace=workspace,
+                       pipeline=pipeline)
 
 
 def _sharded(node: LayerNode) -> bool:
@@ -170,9 +175,9 @@ def saved_bytes_per_sample(node: LayerNode, layer: LayerStrategy) -> float:
 
     Full checkpointing keeps the input (sequence-sharded with SP, Korthikanti et al. 2022
     sec. 5); selective drops the S x S tensors (LayerNode.attn_act_bytes). Under TP a block
-    divides by tp except KORTHIKANTI_REPLICATED_TENSORS without SP, TORCH_SP_GATHERED_TENSORS
-    with it; an embedding or head splits its weight only: it saves its whole input (token
-    ids; the gathered hidden state that a column-parallel head multiplies).
+    divides by tp but what it saves whole (_whole_act_bytes); an embedding or head splits its
+    weight only: it saves its whole input (token ids; the gathered hidden state that a
+    column-parallel head multiplies).
     """
     return saved_bytes_at(node, layer.tp, layer.sequence_parallel, layer.checkpoint)
 
@@ -184,10 +189,21 @@ def saved_bytes_at(node: LayerNode, tp: int, sp: bool, checkpoint: str) -> float
         return node.input_bytes / (tp if sp and _sharded(node) else 1)
     act = node.act_bytes - (node.attn_act_bytes if checkpoint == "selective" else 0)
     if node.kind == "block":
-        tensors = TORCH_SP_GATHERED_TENSORS if sp else KORTHIKANTI_REPLICATED_TENSORS
-        whole = min(act, tensors * node.output_bytes)
+        whole = min(act, _whole_act_bytes(node, sp))
         return whole + (act - whole) / tp
     return act / tp if sp and node.kind == "norm" else act
+
+
+def _whole_act_bytes(node: LayerNode, sp: bool) -> float:
+    """Bytes per sample a block saves whole on every TP rank: as traced (LayerNode.
+    tp_whole_act_bytes; with sequence parallelism the gathered inputs of column-parallel
+    Linears only), else KORTHIKANTI_REPLICATED_TENSORS or TORCH_SP_GATHERED_TENSORS hidden
+    states."""
+    traced = node.tp_gathered_act_bytes if sp else node.tp_whole_act_bytes
+    if traced is not None:
+        return traced
+    return (TORCH_SP_GATHERED_TENSORS if sp else KORTHIKANTI_REPLICATED_TENSORS) \
+        * node.output_bytes
 
 
 def loss_backward_bytes(node: LayerNode) -> float:
@@ -201,13 +217,65 @@ def loss_backward_bytes(node: LayerNode) -> float:
 
 def layer_state_bytes(node: LayerNode, layer: LayerStrategy, elt_bytes: int, optimizer_bytes: int,
                       shared: bool) -> tuple[float, float, float]:
-    """(weights, gradients, optimizer state) bytes of `node` on one rank.
+    """(weights, gradients, optimizer state) bytes of `node` on one rank after a step.
 
     `shared`: also hold the tied weights an earlier unit owns (it sits on another stage, as
-    Megatron keeps a copy of the embedding on the last stage)."""
-    params = node.params + (node.shared_params if shared else 0)
-    whole = min(node.tp_whole_params, params)  # norms, row-parallel biases: on every rank
-    per_rank = (params - whole) / layer.tp + whole if _sharded(node) else params
+    Megatron keeps a copy of the embedding on the last stage). Without data parallelism a
+    gradient stays as autograd made it (unsharded_grad_bytes)."""
+    per_rank = _tp_share(node, layer.tp, shared, node.tp_whole_params)
     shards = layer.dp if layer.zero >= 1 else 1  # FSDP2 shards all three (module docstring)
-    return (per_rank * elt_bytes / shards, per_rank * elt_bytes / shards,
-            per_rank * optimizer_bytes / shards)
+    grads = per_rank * elt_bytes / shards if layer.dp > 1 else \
+        unsharded_grad_bytes(node, layer, elt_bytes, shared)
+    return per_rank * elt_bytes / shards, grads, per_rank * optimizer_bytes / shards
+
+
+def unsharded_grad_bytes(node: LayerNode, layer: LayerStrategy, elt_bytes: int,
+                         shared: bool) -> float:
+    """Bytes of `node`'s gradients on one rank as backward makes them, before data
+    parallelism reduces them: its TP share, but whole for the weights whose gradient torch
+    makes whole (LayerNode.tp_whole_grad_params: a vocabulary-split embedding)."""
+    return _tp_share(node, layer.tp, shared,
+                     node.tp_whole_params + node.tp_whole_grad_params) * elt_bytes
+
+
+def _tp_share(node: LayerNode, tp: int, shared: bool, whole: int) -> float:
+    """Parameters of `node` on one TP rank, `whole` of them on every rank (norms,
+    row-parallel biases: LayerNode.tp_whole_params)."""
+    params = node.params + (node.shared_params if shared else 0)
+    whole = min(whole, params)
+    return (params - whole) / tp + whole if _sharded(node) else params
+
+
+def receive_bytes(sent: LayerNode, layer: LayerStrategy, micro_batch_size: int) -> float:
+    """Bytes of one receive buffer at a pipeline cut after `sent`, on a rank of the layer
+    beside the cut under `layer`: `sent`'s output for one micro-batch, a sequence slice of
+    it under sequence parallelism. torch's PipelineStage keeps one per micro-batch of the
+    step for each input it receives and each output gradient (stage.py,
+    _setup_forward_recv_info and _create_grad_recv_info), from the first step on; the
+    executor slices the sequence where both layers beside a cut take slices (executor/
+    pipeline.stage_shapes), priced here by the layer's own."""
+    samples = micro_batch_size // layer.dp
+    return samples * sent.output_bytes / (layer.tp if layer.sequence_parallel else 1)
+
+
+def chunk_output_bytes(nodes: Sequence[LayerNode], strategies: Sequence[LayerStrategy],
+                       first: int, last: int, micro_batch_size: int) -> float:
+    """Bytes of what the pipeline chunk holding layers [first, last) returns for one
+    micro-batch: torch's PipelineStage keeps it until that micro-batch's backward (its
+    fwd_cache), so each micro-batch in flight holds one; the last chunk returns the model's
+    output (the logits: measured with `autoplan run --dry-run`, whole beside the loss's
+    log-probabilities and both gradients at the last stage's peak)."""
+    i = last - 1 if nodes[last - 1].kind != "loss" else last - 2
+    return receive_bytes(nodes[i], strategies[i], micro_batch_size) if i >= first else 0.0
+
+
+def chunk_receive_bytes(nodes: Sequence[LayerNode], strategies: Sequence[LayerStrategy],
+                        first: int, last: int, micro_batch_size: int) -> float:
+    """Receive buffer bytes of the pipeline chunk holding layers [first, last) for one
+    micro-batch: its input unless it starts the model, its output's gradient unless it
+    ends it (receive_bytes)."""
+    out = receive_bytes(nodes[first - 1], strategies[first], micro_batch_size) \
+        if first > 0 else 0.0
+    if last < len(nodes):
+        out += receive_bytes(nodes[last - 1], strategies[last - 1], micro_batch_size)
+    return out

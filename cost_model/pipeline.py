@@ -45,15 +45,22 @@ def bubble_fraction(pp: int, micro_batches: int, virtual: int = 1) -> float:
 
 def micro_batches_in_flight(schedule: str, pp: int, stage: int, micro_batches: int,
                             virtual: int = 1) -> float:
-    """Micro-batches whose activations stage `stage` (0-based) holds at its peak.
+    """Micro-batches whose activations stage `stage` (0-based) holds at its peak, counted in
+    whole passes through all of the stage's chunks.
 
     GPipe runs every forward before any backward: all m. 1F1B keeps at most p - s
-    (Narayanan et al. 2021, sec. 2.2.1). Interleaving multiplies that by 1 + (p - 1) / (p v)
-    (Korthikanti et al. 2022, sec. 4.2.3, for the first stage; we apply it to each).
+    (Narayanan et al. 2021, sec. 2.2.1). Interleaved 1F1B as torch runs it: W = (v - 1) r +
+    2 (p - 1 - s) chunk forwards of warm-up (r micro-batches per round: p when m is a
+    multiple of p), then one more before each backward, so W + 1 chunk passes, (W + 1) / v
+    stage passes (torch.distributed.pipelining.schedules._get_warmup_ops); on the first
+    stage that is Korthikanti et al. 2022's p (1 + (p - 1) / (p v)) (sec. 4.2.3), on the
+    last (v - 1) r / v + 1 / v: measured with `autoplan run --dry-run` on the demo's
+    llama3-70b plan (pp 2, v 9), whose last stage holds 1.9 passes, not p - s = 1.
     """
     if schedule == "gpipe":
         return float(micro_batches)
-    held = float(min(micro_batches, pp - stage))
-    if schedule == "interleaved_1f1b":  # never more than every micro-batch of the step
-        held = min(float(micro_batches), held * (1 + (pp - 1) / (pp * virtual)))
-    return held
+    if schedule != "interleaved_1f1b" or virtual == 1:
+        return float(min(micro_batches, pp - stage))
+    per_round = micro_batches // max(1, micro_batches // pp)
+    warmup = min((virtual - 1) * per_round + 2 * (pp - 1 - stage), micro_batches * virtual)
+    return min(float(micro_batches), (warmup + 1) / virtual)

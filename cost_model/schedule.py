@@ -232,6 +232,7 @@ def plan_timeline(model: CostModel, plan: Plan, estimate: Estimate) -> Timeline:
     for chunk in range(len(bounds) - 1):
         stage = chunk % plan.pp
         costs = (model.layer_cost(model.graph.nodes[i], plan.layers[i], plan.micro_batch_size,
+                                  plan.num_micro_batches,
                                   stage) for i in range(bounds[chunk], bounds[chunk + 1]))
         weights.append(sum(sum(c.per_micro_batch_s.values()) for c in costs))
     times = chunk_times_from_estimate(estimate, plan.pp, plan.virtual_stages, weights)

@@ -5,8 +5,11 @@ head) becomes one FSDP group, then the root takes what is left. ZeRO maps to FSD
 - 3: fully_shard(reshard_after_forward=True): parameters, gradients and optimizer state
   sharded; parameters gathered again in backward.
 - 1 and 2: fully_shard(reshard_after_forward=False): the gathered parameters stay between
-  forward and backward; gradients and optimizer state are sharded. FSDP2 has no mode that
-  keeps gradients whole (ZeRO 1 proper), so 1 runs as 2: the same numbers, less memory.
+  forward and backward; optimizer state is sharded.
+Over the micro-batches of a step (gradient_sync): ZeRO 0 and 1 keep whole gradients and
+reduce them once, after the last; ZeRO 2 and 3 reduce-scatter after every micro-batch, so
+no rank holds more than a layer's whole gradients at a time (Rajbhandari et al. 2020, sec.
+5.2), and ZeRO 3 also frees its gathered weights after every backward.
 - 0: torch.distributed._composable.replicate_with_fsdp.replicate: whole parameters on every
   rank and an all-reduce of gradients (DDP's algorithm on FSDP2's machinery, so that it
   composes with DTensor tensor parallelism and with pipelining; the classic DDP wrapper does
@@ -20,19 +23,40 @@ so under an FSDP root they stay replicated with their own gradient all-reduce.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Sequence
 
 from torch import nn
 from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-__all__ = ["DPGroup", "apply_fsdp", "apply_replicate", "tied_groups"]
+__all__ = ["DPGroup", "apply_fsdp", "apply_replicate", "gradient_sync", "tied_groups"]
 
 log = logging.getLogger(__name__)
 
 DPGroup = tuple[tuple[str, ...], int]
 """(unit FQNs that form one group, ZeRO stage)."""
+
+_ZERO: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+"""The ZeRO stage of each module apply_fsdp or apply_replicate made data-parallel."""
+
+
+def gradient_sync(module: nn.Module, last: bool) -> None:
+    """Before a micro-batch's backward: whether each data-parallel group in `module`
+    reduces its gradients after it (ZeRO 2 and 3, or the last micro-batch) and frees its
+    gathered weights (ZeRO 3, or the last); the others accumulate whole gradients and keep
+    their weights gathered (the module docstring)."""
+    for sub in module.modules():
+        if isinstance(sub, FSDPModule):
+            zero = _ZERO.get(sub, 0)
+            sub.set_requires_gradient_sync(last or zero >= 2, recurse=False)
+            sub.set_reshard_after_backward(last or zero >= 3, recurse=False)
+
+
+def _register(modules: nn.Module | list[nn.Module], zero: int) -> None:
+    for module in modules if isinstance(modules, list) else [modules]:
+        _ZERO[module] = zero
 
 
 def tied_groups(model: nn.Module, units: Sequence[str]) -> list[tuple[str, ...]]:
@@ -85,9 +109,11 @@ def apply_fsdp(model: nn.Module, groups: Sequence[DPGroup], dp_mesh: DeviceMesh,
         if modules:
             fully_shard(modules if len(modules) > 1 else modules[0], mesh=dp_mesh,
                         reshard_after_forward=zero == 3, mp_policy=mp_policy)
+            _register(modules, zero)
     if root:  # the root's own parameters are few; its forward ends the step: keep them
         fully_shard(model, mesh=dp_mesh, reshard_after_forward=False, mp_policy=mp_policy,
                     ignored_params=ignored_params)
+        _register(model, 1)
     if groups:
         log.info("FSDP over %d ranks on %d groups", dp_mesh.size(), len(groups))
 
@@ -111,7 +137,9 @@ def apply_replicate(model: nn.Module, groups: Sequence[DPGroup], dp_mesh: Device
         if modules:
             replicate(modules if len(modules) > 1 else modules[0], mesh=dp_mesh,
                       mp_policy=mp_policy)
+            _register(modules, 0)
     if root:
         replicate(model, mesh=dp_mesh, mp_policy=mp_policy, ignored_params=ignored_params)
+        _register(model, 0)
     if groups:
         log.info("replicated over %d ranks with %d gradient groups", dp_mesh.size(), len(groups))

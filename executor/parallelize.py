@@ -39,7 +39,13 @@ from torch.distributed.tensor import DTensor, Replicate
 
 from autoplan.errors import AutoplanError
 from autoplan.executor.checkpointing import apply_ac
-from autoplan.executor.data_parallel import DPGroup, apply_fsdp, apply_replicate, tied_groups
+from autoplan.executor.data_parallel import (
+    DPGroup,
+    apply_fsdp,
+    apply_replicate,
+    gradient_sync,
+    tied_groups,
+)
 from autoplan.executor.distributed_checkpoint import load_checkpoint, save_checkpoint
 from autoplan.executor.hops import (
     apply_hops,
@@ -133,6 +139,18 @@ class Runner:
                 seen.setdefault(id(param), param)
         return list(seen.values())
 
+    def pipeline_buffers(self) -> list[torch.Tensor]:
+        """The receive buffers torch's pipeline stages keep from their first step on: one
+        per micro-batch for each input a stage receives and each output gradient (its
+        prepare_*_infra); they sit in memory beside everything a step makes."""
+        if self.schedule is None:
+            return []
+        stages = getattr(self.schedule, "_stages", None) or [self.schedule._stage]
+        infos = [info for stage in stages
+                 for table in (stage.args_recv_info, stage.grad_recv_info)
+                 for infos in table.values() for info in infos]
+        return [info.buffer for info in infos if isinstance(info.buffer, torch.Tensor)]
+
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """(FQN in the original model, parameter) of this rank, tied names included."""
         return [(name, param) for index in sorted(self.chunks)
@@ -206,8 +224,7 @@ class Runner:
         total = torch.zeros(())
         pieces = zip(*(t.chunk(count) for t in (*inputs, targets)), strict=True)
         for index, (*micro_inputs, micro_targets) in enumerate(pieces):
-            if hasattr(model, "set_requires_gradient_sync"):  # reduce once, after the last
-                model.set_requires_gradient_sync(index == count - 1)
+            gradient_sync(model, last=index == count - 1)
             loss = self.loss_fn(model(*micro_inputs), micro_targets)
             (loss / count).backward()
             total += loss.detach().float().cpu()

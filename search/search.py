@@ -328,8 +328,9 @@ class Searcher:
             node, (_, _, stage_gpus, _, last) = self.graph.nodes[i], key
             strategies = layer_strategies(node, stage_gpus, outer.micro_batch_size, self.space,
                                           last)
-            choices = [_Choice(s, self.model.layer_cost(node, s, outer.micro_batch_size, stage))
-                       for s in strategies]
+            m = self.options.global_batch // outer.micro_batch_size
+            choices = [_Choice(s, self.model.layer_cost(node, s, outer.micro_batch_size, m,
+                                                        stage)) for s in strategies]
             self._choices[key] = _undominated(choices)
         return self._choices[key]
 

@@ -120,7 +120,7 @@ def uniform_points(graph: LayerGraph, model: CostModel, space: SearchSpace, gpus
         key = (stage_gpus, outer.micro_batch_size, outer.pp > 1)
         if key not in sums:
             sends: dict[tuple[int, int], float] = {}
-            sums[key] = [(strategy, *_kind_sums(graph, model, strategy, outer, stage_gpus,
+            sums[key] = [(strategy, *_kind_sums(graph, model, strategy, outer, m, stage_gpus,
                                                 kinds, last, adjusted, sends, blocks),
                           (family,) if trainer else _families(outer, strategy, gpus))
                          for strategy in uniform_strategies(stage_gpus, outer.micro_batch_size,
@@ -138,7 +138,7 @@ def uniform_points(graph: LayerGraph, model: CostModel, space: SearchSpace, gpus
 
 
 def _kind_sums(graph: LayerGraph, model: CostModel, strategy: LayerStrategy, outer: Outer,
-               stage_gpus: int, kinds: list[tuple[int, int]], last: int,
+               m: int, stage_gpus: int, kinds: list[tuple[int, int]], last: int,
                adjusted: dict[tuple, LayerStrategy], sends: dict[tuple[int, int], float],
                blocks: Collection[int] | None) -> tuple[float, float, float]:
     """Over the layers under `strategy` (as _on_layer adjusts it): the sum of times per
@@ -149,7 +149,7 @@ def _kind_sums(graph: LayerGraph, model: CostModel, strategy: LayerStrategy, out
     for i, count in kinds:
         cost = model.layer_cost(graph.nodes[i],
                                 _adjusted(graph, i, strategy, last, adjusted, blocks),
-                                outer.micro_batch_size)
+                                outer.micro_batch_size, m)
         per_micro_batch += count * cost.micro_batch_s
         tail += count * cost.step_tail_s
     if outer.pp == 1:
@@ -306,7 +306,7 @@ class _UniformMemory:
         layers = self.layers(point.strategy)
         peaks = []
         for stage, kinds in enumerate(self._stage_kinds(outer.pp, outer.virtual_stages)):
-            costs = [(self.model.layer_cost(nodes[i], layers[i], outer.micro_batch_size, stage),
+            costs = [(self.model.layer_cost(nodes[i], layers[i], outer.micro_batch_size, m, stage),
                       count) for i, count in kinds]
             held = micro_batches_in_flight(outer.schedule, outer.pp, stage, m,
                                            outer.virtual_stages)

@@ -25,15 +25,17 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed._tools.mod_tracker import ModTracker
 
 from autoplan import fmt
 from autoplan.app.run import RunOptions, output_shape, predict, resolve_plan
@@ -68,6 +70,8 @@ class RankMemory:
     """torch.cuda.max_memory_allocated during that step (real tensors on CUDA only)."""
     seconds: float
     """Wall time of the second step (meaningful only with real tensors)."""
+    at_peak: dict[str, int] = field(default_factory=dict)
+    """Bytes alive at the peak by what made them (peak_label), largest first."""
 
     @property
     def state(self) -> int:
@@ -94,7 +98,7 @@ class DryRunReport:
             row: dict[str, Any] = {"rank": mem.rank, "stage": mem.stage, "params": mem.params,
                                    "grads": mem.grads, "optimizer": mem.optimizer,
                                    "peak": mem.peak, "max_allocated": mem.max_allocated,
-                                   "step_s": mem.seconds}
+                                   "step_s": mem.seconds, "at_peak": mem.at_peak}
             predicted = self.predicted(mem)
             if predicted is not None:
                 row["predicted"] = predicted.as_dict()
@@ -213,13 +217,16 @@ def play_rank(model: str, plan: Plan, rank: int, device: str, tensors: str,
             runner.step(inputs, targets, optimizer)  # creates the optimizer's state
             progress(f"rank {rank}: step 2")
             params = runner.parameters()
-            counter = LiveBytes([*params, *optimizer_tensors(optimizer)])
+            tracker = ModTracker()
+            counter = LiveBytes([*params, *optimizer_tensors(optimizer),
+                                 *runner.pipeline_buffers()],
+                                label=lambda func: peak_label(tracker, func))
             on_cuda = device == "cuda" and tensors == "real"
             if on_cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
-            with counter:
+            with tracker, counter:
                 # the gradients of a step, as `autoplan run` counts them (before zero_grad)
                 grads = _step_keeping_grads(runner, inputs, targets, optimizer)
             if on_cuda:
@@ -228,7 +235,15 @@ def play_rank(model: str, plan: Plan, rank: int, device: str, tensors: str,
         return RankMemory(
             rank, rank // plan.stage_gpus, local_bytes(params), grads,
             local_bytes(optimizer_tensors(optimizer)), counter.peak,
-            torch.cuda.max_memory_allocated() if on_cuda else None, seconds)
+            torch.cuda.max_memory_allocated() if on_cuda else None, seconds, counter.at_peak)
+
+
+def peak_label(tracker: ModTracker, func: Any) -> str:
+    """What an op's outputs are, for the peak's breakdown: forward or backward, the
+    innermost module running (layer indices as '#': every layer's alike add up) and the op."""
+    inner = max(tracker.parents - {"Global"}, key=len, default="")
+    where = re.sub(r"\.\d+(?=\.|$)", ".#", inner)
+    return f"{'backward' if tracker.is_bw else 'forward'} {where} {func.__name__}"
 
 
 def _step_keeping_grads(runner: Any, inputs: tuple[torch.Tensor, ...], targets: torch.Tensor,
