@@ -33,13 +33,12 @@ from autoplan.cost_model.figures import GPU_FRAMEWORK_OVERHEAD_BYTES
 from autoplan.cost_model.memory import (
     LayerCost,
     StageMemory,
-    chunk_output_bytes,
-    chunk_receive_bytes,
     layer_state_bytes,
     loss_backward_bytes,
     saved_bytes_at,
     saved_bytes_per_sample,
     stage_memory,
+    stage_pipeline_bytes,
     stage_tail,
     unsharded_grad_bytes,
 )
@@ -336,17 +335,12 @@ class CostModel:
 
     def _pipeline_bytes(self, plan: Plan, layers: list[tuple[LayerNode, LayerPlan]],
                         chunks: list[list[int]], held: float) -> float:
-        """Bytes torch's pipeline stage keeps for a stage's chunks: receive buffers for
-        every micro-batch (chunk_receive_bytes), the outputs of the `held` in flight
-        (chunk_output_bytes). Nothing without a pipeline."""
+        """StageMemory.pipeline of a stage's chunks (nothing without a pipeline)."""
         if plan.pp == 1:
             return 0.0
-        nodes, strategies = [n for n, _ in layers], [lp for _, lp in layers]
-        mb = plan.micro_batch_size
-        return sum(plan.num_micro_batches
-                   * chunk_receive_bytes(nodes, strategies, c[0], c[-1] + 1, mb)
-                   + held * chunk_output_bytes(nodes, strategies, c[0], c[-1] + 1, mb)
-                   for c in chunks if c)
+        return stage_pipeline_bytes([n for n, _ in layers], [lp for _, lp in layers],
+                                    [(c[0], c[-1] + 1) for c in chunks if c],
+                                    plan.micro_batch_size, plan.num_micro_batches, held)
 
     def _hops(self, plan: Plan, layers: list[tuple[LayerNode, LayerPlan]],
               chunk: list[int]) -> float:

@@ -18,7 +18,9 @@ from autoplan.plan import LayerStrategy
 __all__ = ["StageMemory", "LayerCost", "KORTHIKANTI_REPLICATED_TENSORS",
            "TORCH_SP_GATHERED_TENSORS", "saved_bytes_per_sample", "saved_bytes_at",
            "layer_state_bytes", "unsharded_grad_bytes", "loss_backward_bytes", "receive_bytes",
-           "chunk_receive_bytes", "chunk_output_bytes",
+           "receive_share",
+           "chunk_receive_bytes", "chunk_output_bytes", "stage_pipeline_bytes",
+           "sequence_sliced",
            "stage_memory", "counted_stage_memory", "stage_tail"]
 
 KORTHIKANTI_REPLICATED_TENSORS = 5
@@ -246,16 +248,42 @@ def _tp_share(node: LayerNode, tp: int, shared: bool, whole: int) -> float:
     return (params - whole) / tp + whole if _sharded(node) else params
 
 
-def receive_bytes(sent: LayerNode, layer: LayerStrategy, micro_batch_size: int) -> float:
+def receive_bytes(sent: LayerNode, layer: LayerStrategy, micro_batch_size: int,
+                  sliced: bool) -> float:
     """Bytes of one receive buffer at a pipeline cut after `sent`, on a rank of the layer
     beside the cut under `layer`: `sent`'s output for one micro-batch, a sequence slice of
-    it under sequence parallelism. torch's PipelineStage keeps one per micro-batch of the
-    step for each input it receives and each output gradient (stage.py,
-    _setup_forward_recv_info and _create_grad_recv_info), from the first step on; the
-    executor slices the sequence where both layers beside a cut take slices (executor/
-    pipeline.stage_shapes), priced here by the layer's own."""
+    it under sequence parallelism where the layers on both sides take slices (`sliced`:
+    sequence_sliced). torch's PipelineStage keeps one per micro-batch of the step for each
+    input it receives and each output gradient (stage.py, _setup_forward_recv_info and
+    _create_grad_recv_info), from the first step on."""
+    return receive_share(layer, micro_batch_size, sliced) * sent.output_bytes
+
+
+def receive_share(layer: LayerStrategy, micro_batch_size: int, sliced: bool) -> float:
+    """receive_bytes per byte per sample of the message: the samples of a rank's
+    micro-batch, over tp under sequence parallelism where the message is `sliced`."""
     samples = micro_batch_size // layer.dp
-    return samples * sent.output_bytes / (layer.tp if layer.sequence_parallel else 1)
+    return samples / layer.tp if sliced and layer.sequence_parallel else samples
+
+
+def sequence_sliced(before: LayerNode, after: LayerNode | None) -> bool:
+    """Whether a pipeline cut between `before` and `after` (None: the model's end) moves
+    sequence slices when both run sequence parallelism: between blocks only (the executor
+    slices units of split Linears and norms, never a head, an embedding or a unit of norms
+    alone: executor/tensor_parallel._splits_sequence, pipeline.stage_shapes)."""
+    return before.kind == "block" and after is not None and after.kind == "block"
+
+
+def stage_pipeline_bytes(nodes: Sequence[LayerNode], strategies: Sequence[LayerStrategy],
+                         chunks: Sequence[tuple[int, int]], micro_batch_size: int,
+                         micro_batches: int, held: float) -> float:
+    """StageMemory.pipeline of a stage holding chunks [first, last) of a pipeline: receive
+    buffers for every micro-batch (chunk_receive_bytes), the outputs of the `held` in flight
+    (chunk_output_bytes)."""
+    return sum(micro_batches * chunk_receive_bytes(nodes, strategies, first, last,
+                                                   micro_batch_size)
+               + held * chunk_output_bytes(nodes, strategies, first, last, micro_batch_size)
+               for first, last in chunks if last > first)
 
 
 def chunk_output_bytes(nodes: Sequence[LayerNode], strategies: Sequence[LayerStrategy],
@@ -266,7 +294,11 @@ def chunk_output_bytes(nodes: Sequence[LayerNode], strategies: Sequence[LayerStr
     output (the logits: measured with `autoplan run --dry-run`, whole beside the loss's
     log-probabilities and both gradients at the last stage's peak)."""
     i = last - 1 if nodes[last - 1].kind != "loss" else last - 2
-    return receive_bytes(nodes[i], strategies[i], micro_batch_size) if i >= first else 0.0
+    if i < first:
+        return 0.0
+    after = nodes[last] if last < len(nodes) else None
+    return receive_bytes(nodes[i], strategies[i], micro_batch_size,
+                         sequence_sliced(nodes[i], after))
 
 
 def chunk_receive_bytes(nodes: Sequence[LayerNode], strategies: Sequence[LayerStrategy],
@@ -274,8 +306,11 @@ def chunk_receive_bytes(nodes: Sequence[LayerNode], strategies: Sequence[LayerSt
     """Receive buffer bytes of the pipeline chunk holding layers [first, last) for one
     micro-batch: its input unless it starts the model, its output's gradient unless it
     ends it (receive_bytes)."""
-    out = receive_bytes(nodes[first - 1], strategies[first], micro_batch_size) \
-        if first > 0 else 0.0
+    out = 0.0
+    if first > 0:
+        out += receive_bytes(nodes[first - 1], strategies[first], micro_batch_size,
+                             sequence_sliced(nodes[first - 1], nodes[first]))
     if last < len(nodes):
-        out += receive_bytes(nodes[last - 1], strategies[last - 1], micro_batch_size)
+        out += receive_bytes(nodes[last - 1], strategies[last - 1], micro_batch_size,
+                             sequence_sliced(nodes[last - 1], nodes[last]))
     return out

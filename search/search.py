@@ -34,7 +34,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from autoplan.cluster import Cluster
-from autoplan.cost_model import CostModel, Estimate, LayerCost, micro_batches_in_flight
+from autoplan.cost_model import (
+    CostModel,
+    Estimate,
+    LayerCost,
+    micro_batches_in_flight,
+    receive_share,
+    sequence_sliced,
+)
 from autoplan.errors import AutoplanError
 from autoplan.feasibility import (
     cut_refusal,
@@ -163,6 +170,9 @@ class _Choice:
     """cost.step_tail_s."""
     buffer_bytes: float = field(init=False)
     """cost.peak_extra_bytes."""
+    receive_shares: tuple[float, float] = (0.0, 0.0)
+    """Bytes of a pipeline message this choice's rank keeps per byte per sample, whole and
+    where it moves sequence slices (cost_model receive_share)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "micro_batch_s", self.cost.micro_batch_s)
@@ -174,9 +184,15 @@ class _Choice:
         return self.strategy.dp, self.strategy.tp
 
     def terms(self) -> tuple[float, ...]:
-        """What the search sees of the choice besides its layout (_undominated)."""
+        """What the search sees of the choice besides its layout (_undominated), with the
+        share of a pipeline message it receives (at a chunk's ends: _pipeline_bytes)."""
         return (self.micro_batch_s, self.tail_s, self.cost.state_bytes, self.cost.saved_bytes,
-                self.cost.workspace_bytes, self.buffer_bytes)
+                self.cost.workspace_bytes, self.buffer_bytes, *self.receive_shares)
+
+
+def _receive_shares(strategy: LayerStrategy, micro_batch_size: int) -> tuple[float, float]:
+    return (receive_share(strategy, micro_batch_size, False),
+            receive_share(strategy, micro_batch_size, True))
 
 
 class Searcher:
@@ -330,7 +346,9 @@ class Searcher:
                                           last)
             m = self.options.global_batch // outer.micro_batch_size
             choices = [_Choice(s, self.model.layer_cost(node, s, outer.micro_batch_size, m,
-                                                        stage)) for s in strategies]
+                                                        stage),
+                               _receive_shares(s, outer.micro_batch_size))
+                       for s in strategies]
             self._choices[key] = _undominated(choices)
         return self._choices[key]
 
@@ -399,6 +417,8 @@ class Searcher:
         (none: no stage is known) and the layers' sums: the other stages add at least 0."""
         m = self.options.global_batch // outer.micro_batch_size
         slowest, paced = 0.0, 0.0
+        if any(math.isinf(time) for time, _ in floors):  # a stage that cannot fit
+            return math.inf
         if floors:
             times = [time for time, _ in floors]
             slowest, per_micro_batch = max(times), max(per_micro_batch, sum(times))
@@ -471,12 +491,25 @@ class Searcher:
                           for c in self._floor_choices(i, outer, stage, ties)])
                  for i, count in self._floor_kinds(chunks, ties)]
         # + 1: estimate rounds each stage's peak down to whole bytes
-        budget = self.model.memory_limit_bytes - self.model.overhead_bytes + 1
+        budget = self.model.memory_limit_bytes - self.model.overhead_bytes + 1 \
+            - self._pipeline_floor(outer, stage, chunks, m, held, sends)
         time, objective = (knapsack_floor([(count, [(o[0], o[term]) for o in options])
                                            for count, options in items], budget)
                            for term in (1, 2))
         sent = self._chunk_sends(outer, chunks) if sends else 0.0
         return time + sent, objective + m * sent
+
+    def _pipeline_floor(self, outer: Outer, stage: int, chunks: list[tuple[int, int]], m: int,
+                        held: float, with_end: bool) -> float:
+        """The least pipeline buffer bytes the stage's chunks keep over every choice of
+        their end layers (_chunk_ends; `with_end` False: their starts only)."""
+        total = 0.0
+        for first, last in chunks:
+            for i, (whole, sliced) in self._chunk_ends(outer, first, last, m, held,
+                                                       with_end).items():
+                total += min(whole * c.receive_shares[0] + sliced * c.receive_shares[1]
+                             for c in self._layer_choices(i, outer, stage))
+        return total
 
     def _floor_kinds(self, chunks: list[tuple[int, int]],
                      ties: Ties | None) -> list[tuple[int, int]]:
@@ -594,30 +627,35 @@ class Searcher:
         return boundaries, [picks[i] for i in range(len(self.graph.nodes))]
 
     def _stage(self, outer: Outer, stage: int, chunks: list[list[int]],
-               ties: Ties | None) -> tuple[StageSolution, list[int]]:
+               ties: Ties | None, with_end: bool = True) -> tuple[StageSolution, list[int]]:
         """Solve (cached) the stage problem of the layers in `chunks` on stage `stage`, tied
         layers on their layouts in `ties` (the key holds only the layouts of tied layers
-        present, so stages without any share one solution across tie choices)."""
+        present, so stages without any share one solution across tie choices), and the
+        pipeline buffers at the chunks' ends (_chunk_ends)."""
         m = self.options.global_batch // outer.micro_batch_size
         held = micro_batches_in_flight(outer.schedule, outer.pp, stage, m, outer.virtual_stages)
         layers = [i for chunk in chunks for i in chunk]
-        key = (outer, held, stage > 0,
-               tuple(tuple((self.graph.nodes[i].signature, self._fixed_layout(i, ties))
-                           for i in chunk) for chunk in chunks))
+        nodes = self.graph.nodes
+        key = (outer, held, stage > 0, with_end,
+               tuple((nodes[chunk[0] - 1].signature if chunk and chunk[0] else None,
+                      nodes[chunk[-1] + 1].signature if chunk and chunk[-1] + 1 < len(nodes)
+                      else None,
+                      *((nodes[i].signature, self._fixed_layout(i, ties)) for i in chunk))
+                     for chunk in chunks))
         if key not in self._stages:
-            kept = self._free_keeps(outer, stage, chunks, ties)
+            kept = self._free_keeps(outer, stage, chunks, ties, with_end)
             self._stages[key] = kept or self._solve(self._problem(outer, stage, chunks, m,
-                                                                  held, ties))
+                                                                  held, ties, with_end))
         return self._stages[key], layers
 
     def _free_keeps(self, outer: Outer, stage: int, chunks: list[list[int]],
-                    ties: Ties | None) -> StageSolution | None:
+                    ties: Ties | None, with_end: bool) -> StageSolution | None:
         """The stage's solution with tied layers free when it is also the answer with them
         on `ties` (it is infeasible, or already puts them there: fixing layouts only removes
         options), which saves a solve; else None."""
         if ties is None:
             return None
-        free, layers = self._stage(outer, stage, chunks, None)
+        free, layers = self._stage(outer, stage, chunks, None, with_end)
         if not free.feasible:
             return free
         strategies = _flatten(free, self, outer, stage, layers)
@@ -635,10 +673,38 @@ class Searcher:
             return solve_dp(problem)
         return solve_ilp(problem, self.options.time_limit_s, self.options.ilp_solver)
 
+    def _chunk_ends(self, outer: Outer, first: int, last: int, m: int, held: float,
+                    with_end: bool) -> dict[int, tuple[float, float]]:
+        """Layer -> the bytes per sample of the pipeline messages its rank keeps for the
+        ends of chunk [first, last), (whole, sequence-sliced): they cost a choice these
+        times its receive_shares (CostModel._pipeline_bytes). The first layer's input is
+        received for every micro-batch; the output of the layer the chunk returns is kept
+        for each of `held` in flight and, unless it ends the model, its gradient received
+        for every micro-batch. `with_end` False leaves the end out (a longer stage may end
+        at a smaller output)."""
+        if outer.pp == 1 or last <= first:
+            return {}
+        nodes, ends = self.graph.nodes, {}
+
+        def add(i: int, per_sample: float, sliced: bool) -> None:
+            whole, part = ends.get(i, (0.0, 0.0))
+            ends[i] = (whole, part + per_sample) if sliced else (whole + per_sample, part)
+
+        if first > 0:
+            add(first, m * nodes[first - 1].output_bytes,
+                sequence_sliced(nodes[first - 1], nodes[first]))
+        out = last - 1 if nodes[last - 1].kind != "loss" else last - 2
+        if with_end and out >= first:
+            after = nodes[last] if last < len(nodes) else None
+            add(out, (held + (m if after is not None else 0)) * nodes[out].output_bytes,
+                sequence_sliced(nodes[out], after))
+        return ends
+
     def _problem(self, outer: Outer, stage: int, chunks: list[list[int]], m: int,
-                 held: float, ties: Ties | None) -> StageProblem:
+                 held: float, ties: Ties | None, with_end: bool = True) -> StageProblem:
         """Runs of identical consecutive layers (tied ones apart); option time = m x per
-        micro-batch + per step; memory = state + held x saved + fixed + workspace. The budget
+        micro-batch + per step; memory = state + held x saved + fixed + workspace + pipeline
+        buffers at the chunks' ends (_chunk_ends). The budget
         keeps room for the largest transient and FSDP/bucket buffers any choice could bring
         (conservative; over all choices, so fixing tied layers' layouts, done last, only
         removes options)."""
@@ -648,24 +714,29 @@ class Searcher:
         worst = 0.0
         for chunk in chunks:
             start = len(runs)
+            ends = self._chunk_ends(outer, chunk[0], chunk[-1] + 1, m, held, with_end) \
+                if chunk else {}
             for i in chunk:
                 node = self.graph.nodes[i]
                 choices = self._layer_choices(i, outer, stage)
                 worst = max([worst, *(c.buffer_bytes for c in choices)])
-                # one run: layers with the same choices (_layer_choices' key) and tie group
+                # one run: layers with the same choices (_layer_choices' key) and tie group,
+                # but a layer at a chunk's end (its pipeline buffers)
                 before = self.graph.nodes[i - 1]
                 same = (len(runs) > start and before.signature == node.signature
                         and self._group_of.get(i - 1) == self._group_of.get(i)
                         and (before.shared_params > 0) == (node.shared_params > 0)
-                        and i != self.last)
+                        and i != self.last and i not in ends)
                 if same:
                     runs[-1] = Run(runs[-1].count + 1, runs[-1].options)
                     continue
+                whole, sliced = ends.get(i, (0.0, 0.0))
                 options = _pareto_options([
                     Option(k, (c.strategy.dp, c.strategy.tp),
                            m * c.micro_batch_s + c.tail_s,
                            c.cost.state_bytes + held * c.cost.saved_bytes + c.cost.fixed_bytes
-                           + c.cost.workspace_bytes)
+                           + c.cost.workspace_bytes + whole * c.receive_shares[0]
+                           + sliced * c.receive_shares[1])
                     for k, c in enumerate(choices)])
                 if len(runs) > start:
                     edges.append(self._edge(node, runs[-1], options, outer, m))
@@ -722,7 +793,11 @@ class Searcher:
                         break
                     solution, _ = self._stage(outer, k, [list(range(first, last))], ties)
                     if not solution.feasible:
-                        break
+                        # a longer stage holds at least this one's layers but another end
+                        if not self._stage(outer, k, [list(range(first, last))], ties,
+                                           with_end=False)[0].feasible:
+                            break
+                        continue
                     # with its pipeline sends, as the estimate times a stage (CostModel._hops)
                     objective = solution.objective + m * self._chunk_sends(outer, [(first, last)])
                     value = (max(slowest, objective), total + objective, (*starts, first))

@@ -20,7 +20,12 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from typing import Any
 
-from autoplan.cost_model import CostModel, counted_stage_memory, micro_batches_in_flight
+from autoplan.cost_model import (
+    CostModel,
+    counted_stage_memory,
+    micro_batches_in_flight,
+    stage_pipeline_bytes,
+)
 from autoplan.feasibility import gives_whole_output, last_layer
 from autoplan.graph import LayerGraph
 from autoplan.plan import LayerPlan, LayerStrategy, Plan, split_stages, stage_chunks
@@ -305,12 +310,16 @@ class _UniformMemory:
         m = self.global_batch // outer.micro_batch_size
         layers = self.layers(point.strategy)
         peaks = []
+        chunks = stage_chunks(split_stages(self.graph, outer.pp * outer.virtual_stages),
+                              len(nodes), outer.pp)
         for stage, kinds in enumerate(self._stage_kinds(outer.pp, outer.virtual_stages)):
             costs = [(self.model.layer_cost(nodes[i], layers[i], outer.micro_batch_size, m, stage),
                       count) for i, count in kinds]
             held = micro_batches_in_flight(outer.schedule, outer.pp, stage, m,
                                            outer.virtual_stages)
-            peaks.append(counted_stage_memory(costs, held).peak)
+            pipeline = stage_pipeline_bytes(nodes, layers, chunks[stage], outer.micro_batch_size,
+                                            m, held) if outer.pp > 1 else 0.0
+            peaks.append(counted_stage_memory(costs, held, pipeline).peak)
             if enough is not None and enough(peaks[-1]):
                 break
         return max(peaks)

@@ -189,3 +189,19 @@ def test_units_owning_other_parameters_are_signed_apart() -> None:
     assert [n.shared_params > 0 for n in blocks] == [False, True, True]
     assert blocks[0].signature != blocks[1].signature == blocks[2].signature
     assert len({n.signature for n in graph.nodes}) == len(graph.nodes) - 1
+
+
+@pytest.mark.parametrize(("name", "whole", "gathered"), [
+    ("llama", 6, 2), ("mistral", 6, 2), ("qwen2", 6, 2), ("bert", 4, 2), ("phi", 2, 1)])
+def test_a_block_records_the_hidden_states_tensor_parallelism_saves_whole(
+        name: str, whole: int, gathered: int) -> None:
+    """LayerNode.tp_whole_act_bytes, in hidden states (the block's output) per sample: a
+    Llama-style block saves its input, its RMSNorms' x * rsqrt(mean(x^2)) and outputs and
+    the residual sum whole on every TP rank (6, where Korthikanti et al. count 5); BERT its
+    input, its post-attention sum and LayerNorm output, and the MLP's sum (4); Phi one
+    LayerNorm feeding attention and MLP side by side (2). Of those, the inputs of
+    column-wise Linears stay whole under sequence parallelism (one per group)."""
+    graph = layer_graph_of_built(build_model(zoo_model(name).spec), torch.float32, "flash")
+    block = next(n for n in graph.nodes if n.kind == "block")
+    assert round(block.tp_whole_act_bytes / block.output_bytes) == whole
+    assert block.tp_gathered_act_bytes == gathered * block.output_bytes

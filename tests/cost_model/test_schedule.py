@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from autoplan.cluster import parse_cluster_spec
@@ -67,6 +69,24 @@ def test_each_op_runs_once_after_what_it_needs(schedule: str, virtual: int, pp: 
     for rank in range(pp):  # a rank runs one op at a time
         mine = sorted((op.start_s, op.end_s) for op in timeline.ops if op.rank == rank)
         assert all(a[1] <= b[0] + 1e-12 for a, b in zip(mine, mine[1:], strict=False))
+
+
+@pytest.mark.parametrize(("pp", "virtual", "m"), [(2, 2, 2), (2, 2, 4), (2, 9, 16), (4, 2, 8),
+                                                  (4, 3, 12), (8, 3, 24), (4, 2, 4)])
+def test_interleaved_op_order_is_torchs(pp: int, virtual: int, m: int) -> None:
+    """op_order (and so micro_batches_in_flight) against the order torch's
+    ScheduleInterleaved1F1B computes for each rank (its _calculate_single_rank_operations,
+    called on the attributes it reads)."""
+    from torch.distributed.pipelining.schedules import ScheduleInterleaved1F1B
+
+    rounds = max(1, m // pp)
+    schedule = SimpleNamespace(n_local_stages=virtual, pp_group_size=pp, _n_microbatches=m,
+                               number_of_rounds=rounds, microbatches_per_round=m // rounds)
+    for rank in range(pp):
+        ops = ScheduleInterleaved1F1B._calculate_single_rank_operations(schedule, rank)
+        theirs = [("forward" if op.computation_type.name == "FORWARD" else "backward",
+                   op.stage_index // pp, op.microbatch_index) for op in ops if op is not None]
+        assert theirs == op_order("interleaved_1f1b", pp, rank, m, virtual)
 
 
 @pytest.mark.parametrize(("schedule", "m", "virtual"), [

@@ -50,6 +50,9 @@ FOUR_RANKS = {
     "tp_sp_dp_zero0": ("dp=2,tp=2,sequence_parallel=true", {"h.1": {"checkpoint": "full"}}),
     "pp_tp_1f1b": ("pp=2,tp=2,schedule=1f1b", {}),
     "pp_fsdp_zero2": ("pp=2,dp=2,zero=2,schedule=gpipe", {}),
+    # ZeRO 3 reduces and reshards after every micro-batch's backward also inside torch's
+    # pipeline stage (executor/pipeline.ZeroStage), ZeRO 1 beside it accumulates
+    "pp_fsdp_zero3_1f1b": ("pp=2,dp=2,zero=3,schedule=1f1b", {"h.1": {"zero": 1}}),
     # Mixed layouts: wte's output hops to wpe's dp=2 x tp=2, h.0 is dp=4 again, h.1 is
     # dp=2 x tp=2 with sequence parallelism (recomputed), ln_f is tp=4 (its parameters
     # outside FSDP) and the loss is dp=2 x tp=2 beside a dp=4 head. h.0 is ZeRO 0.

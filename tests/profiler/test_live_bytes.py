@@ -47,3 +47,23 @@ def test_held_tensors_count_from_the_start_and_a_resize_counts_its_new_size() ->
         counter.reset_peak()
         assert counter.peak == MIB
     assert torch.UntypedStorage.resize_ is resize  # put back on exit
+
+
+def test_the_peak_is_told_by_what_made_each_tensor() -> None:
+    """at_peak: the bytes alive at the highest point, by the label of the op that made them
+    (here the op's name); a tensor made before the mode by the first op that reads it."""
+    before = torch.zeros(MIB // 4)
+    counter = LiveBytes(label=lambda func: func.__name__)
+    with counter:
+        a = torch.zeros(MIB // 4)
+        b = torch.ones(MIB // 2)
+        del a  # the peak so far (3 MiB) passes: a later, higher one replaces it
+        c = before * 2
+        d = b + 1
+        del b, c, d
+        torch.ones(MIB // 4)
+    assert counter.peak == 6 * MIB
+    assert counter.at_peak == {"ones.default": 2 * MIB, "add.Tensor": 2 * MIB,
+                               "input to mul.Tensor": MIB, "mul.Tensor": MIB}
+    assert list(counter.at_peak)[-1] == "mul.Tensor"  # largest first, then as made
+    assert LiveBytes().at_peak == {}  # no labels asked for
