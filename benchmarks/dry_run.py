@@ -35,6 +35,11 @@ CASES = {
                              "`autoplan search --model llama3-70b --cluster h100-sxm:gpus=1024 "
                              "--global-batch 2048` (the demo's plan: mixed layouts, "
                              "interleaved pp2)"),
+    "llama3-70b interleaved plan": ("llama3-70b", "PLAN70I", 2048, "h100-sxm:gpus=1024",
+                                    "the demo's plan before the cost model counted what "
+                                    "torch's pipeline keeps (mixed layouts, interleaved pp2 "
+                                    "v9, ZeRO 3): benchmarks/results/"
+                                    "plan-llama3-70b-interleaved.json"),
     "gpt3-175b tp8 pp8": ("gpt3-175b", "dp=24,tp=8,pp=8,micro_batch=1,zero=0", 1536,
                           "a100-80g:gpus=1536",
                           "Korthikanti et al. 2022, Table 5: GPT-3 175B, tp8 pp8, 1536 A100, "
@@ -42,6 +47,8 @@ CASES = {
     "gpt3-13b zero3 dp64": ("gpt3-13b", "dp=64,zero=3,micro_batch=1", 64,
                             "h100-sxm:gpus=64", "a ZeRO-3-heavy plan: FSDP over 64 ranks"),
 }
+PLAN_FILES = {"PLAN70": "plan-llama3-70b.json", "PLAN70I": "plan-llama3-70b-interleaved.json"}
+"""Plans given as files under benchmarks/results/ (PLAN70: written by the search first)."""
 
 
 def _plan70(folder: Path) -> str:
@@ -56,6 +63,7 @@ def run_case(name: str, folder: Path) -> list[dict]:
     model, plan, batch, cluster, source = CASES[name]
     if plan == "PLAN70":
         plan = _plan70(folder)
+    plan = str(RESULTS / PLAN_FILES[plan]) if plan in PLAN_FILES else plan
     start = time.perf_counter()
     out = subprocess.run(
         [sys.executable, "-m", "autoplan", "run", "--model", model, "--plan", plan,
@@ -87,8 +95,7 @@ def reprice(table: pd.DataFrame) -> pd.DataFrame:
     out = table.copy()
     for name in dict.fromkeys(table.case):
         model, plan, batch, cluster, _ = CASES[name]
-        if plan == "PLAN70":
-            plan = str(RESULTS / "plan-llama3-70b.json")
+        plan = str(RESULTS / PLAN_FILES[plan]) if plan in PLAN_FILES else plan
         options = RunOptions(model=model, plan=plan, global_batch=batch, cluster=cluster,
                              force=True)
         found, graph, world = resolve_plan(options)
@@ -149,8 +156,8 @@ def main() -> None:
 
 def write_markdown(table: pd.DataFrame) -> None:
     def plan(name: str) -> str:
-        return "benchmarks/results/plan-llama3-70b.json" if CASES[name][1] == "PLAN70" \
-            else CASES[name][1]
+        text = CASES[name][1]
+        return f"benchmarks/results/{PLAN_FILES[text]}" if text in PLAN_FILES else text
 
     sources = "\n".join(f"- {name}: `{CASES[name][0]}`, plan `{plan(name)}`, global batch "
                         f"{CASES[name][2]}, `{CASES[name][3]}`; {CASES[name][4]}"
