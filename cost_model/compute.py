@@ -27,7 +27,8 @@ def data_parallel_key(node: LayerNode, samples: int, dp: int, tp: int,
                       zero: int) -> tuple[str, int, int, int, int] | None:
     """The in-situ point (signature, dp, tp, ZeRO stage, samples per rank) that prices `node`
     under data parallelism (ComputeModel.data_parallel_times), or None at dp < 2: a layer the
-    TP plan leaves whole is timed at tp 1, ZeRO 1 runs as 2 (executor/data_parallel.py)."""
+    TP plan leaves whole is timed at tp 1, ZeRO 1 as 2 (a step of one micro-batch runs the
+    same under both: executor/data_parallel.py)."""
     if dp < 2:
         return None
     return (node.signature, dp, tp if node.kind in TP_SHARDED_KINDS else 1,
@@ -101,7 +102,8 @@ class ComputeModel:
                             checkpoint: str) -> tuple[LayerTimes, float] | None:
         """Layer times under data parallelism as timed in situ (profiler/in_situ.py): the
         forward and backward of a micro-batch with the gathers, hooks and copies of its ZeRO
-        stage, and the seconds the gradient sync adds once per step. None when the profile
+        stage, and the seconds the gradient sync adds to a step of one micro-batch (once per
+        step under ZeRO 0 and 1, after every micro-batch under 2 and 3). None when the profile
         has no such points (then the collectives are priced apart, communication.py).
         Recomputation is the plain forward: the backward's gather already holds the weights."""
         layer, key = self.layers.get(node.signature), data_parallel_key(node, samples, dp, tp,

@@ -277,6 +277,8 @@ class CostModel:
         if in_situ is not None:  # timed with its gathers and sync: nothing to add or hide
             times, sync = in_situ
             fsdp, gather, exposed = 0.0, 0.0, True
+            if zero >= 2:  # the sync a step of one micro-batch adds, after every one
+                fsdp, sync = sync, 0.0
         else:
             fsdp = self._part(("fsdp", sig, dp, tp, zero),
                               lambda: fsdp_time_s(self.comm, node, layer, self.elt_bytes))

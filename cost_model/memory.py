@@ -25,9 +25,9 @@ __all__ = ["StageMemory", "LayerCost", "KORTHIKANTI_REPLICATED_TENSORS",
 
 KORTHIKANTI_REPLICATED_TENSORS = 5
 """Hidden-state tensors of a transformer block's saved activations that stay whole on every
-TP rank without sequence parallelism: Korthikanti et al. 2022, eq. 2 counts 10sbh bytes of
-34sbh + 5as^2b outside the sharded regions (norm inputs, dropout masks), five tensors of sbh
-two-byte elements."""
+TP rank without sequence parallelism, for a graph traced before LayerNode.tp_whole_act_bytes
+was recorded: Korthikanti et al. 2022, eq. 2 counts 10sbh bytes of 34sbh + 5as^2b outside
+the sharded regions (norm inputs, dropout masks), five tensors of sbh two-byte elements."""
 
 TORCH_SP_GATHERED_TENSORS = 2
 """Hidden-state tensors of a transformer block's saved activations that stay whole on every

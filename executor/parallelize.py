@@ -600,7 +600,8 @@ def parallelize(model: nn.Module, plan: Plan, loss_fn: LossFn, *,
     splits = sequence_splits(model, [TPLayer(n, layers[n].sequence_parallel) for n in units])
     chunk_lists, mine = _chunk_plan(plan, units, mesh, dims)                  # step 2
     sliced = {n: layers[n].tp for n, split in zip(units, splits, strict=True) if split}
-    shapes = stage_shapes(model, units, chunk_lists, micro_inputs, sliced) \
+    shapes = stage_shapes(model, units, chunk_lists, micro_inputs, sliced,
+                          {n: layers[n].dp for n in units}) \
         if dims.pp > 1 and micro_inputs is not None else None
     chunks = {c: build_chunk(model, units, chunk_lists[c]) if dims.pp > 1 else model
               for c in mine}

@@ -433,8 +433,8 @@ StageShapes = dict[int, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]
 
 
 def stage_shapes(model: nn.Module, units: Sequence[str], chunk_lists: Sequence[Sequence[str]],
-                 micro_inputs: Sequence[torch.Tensor],
-                 sequence_slices: Mapping[str, int]) -> StageShapes:
+                 micro_inputs: Sequence[torch.Tensor], sequence_slices: Mapping[str, int],
+                 dps: Mapping[str, int] | None = None) -> StageShapes:
     """What each chunk receives and returns for one micro-batch, from a forward of unsplit
     chunks (built as build_chunk builds them) on the meta device, one after the other.
 
@@ -450,19 +450,25 @@ def stage_shapes(model: nn.Module, units: Sequence[str], chunk_lists: Sequence[S
             (sequence parallelism, tensor_parallel.sequence_splits): between two such units,
             a chunk sends its rank's slice of dimension 1; where either one takes the whole
             sequence, the whole activation crosses.
+        dps: unit -> its data-parallel degree (default: 1 for all): a chunk sends the
+            samples its last unit's rank holds (a layout hop moves them at the unit whose
+            layout changes, hops.py), micro_inputs being the first unit's share.
     """
+    dps = dps or {}
+    whole = micro_inputs[0].shape[0] * dps.get(units[0], 1) if micro_inputs else 0
     on_meta = all(t.is_meta for t in (*model.parameters(), *model.buffers()))
     meta = model if on_meta else copy.deepcopy(model).to("meta")  # build_chunk copies it
-    kwargs = input_kwargs([torch.empty_like(t, device="meta") for t in micro_inputs])
+    kwargs = input_kwargs([torch.empty((whole, *t.shape[1:]), dtype=t.dtype, device="meta")
+                           for t in micro_inputs])  # the whole micro-batch
     shapes: StageShapes = {}
     received: tuple[torch.Tensor, ...] = ()  # whole: the chunks here are not split
     crossed: tuple[torch.Tensor, ...] = ()  # as a rank of the split chunks gets it
     for index, owned in enumerate(chunk_lists):
         out = build_chunk(meta, units, owned)(*received, **kwargs)
         returned = (out,) if isinstance(out, torch.Tensor) else tuple(out)
-        sent = returned
+        sent = tuple(t.narrow(0, 0, whole // dps.get(owned[-1], 1)) for t in returned)
         if index + 1 < len(chunk_lists) and chunk_lists[index + 1][0] in sequence_slices:
-            sent = _sliced(returned, sequence_slices.get(owned[-1], 1))
+            sent = _sliced(sent, sequence_slices.get(owned[-1], 1))
         shapes[index] = (_metas(crossed), _metas(sent))
         received, crossed = returned, sent
     return shapes

@@ -116,7 +116,8 @@ _T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9
 
 ZERO_STAGES = (0, 2, 3)
 """Timed under data parallelism: replicate (0) and fully_shard keeping (2) or freeing (3) the
-gathered weights after forward; ZeRO 1 runs as 2 in the executor (executor/data_parallel.py)."""
+gathered weights after forward; a step of one micro-batch runs the same under ZeRO 1 as under
+2 (executor/data_parallel.py: they differ in when later micro-batches reduce)."""
 
 
 DataParallelWanted = dict[str, list[tuple[int, int, int, int]]]

@@ -720,14 +720,15 @@ class Searcher:
                 node = self.graph.nodes[i]
                 choices = self._layer_choices(i, outer, stage)
                 worst = max([worst, *(c.buffer_bytes for c in choices)])
-                # one run: layers with the same choices (_layer_choices' key) and tie group,
-                # but a layer at a chunk's end (its pipeline buffers)
+                # one run: layers with the same choices (_layer_choices' key) and tie group;
+                # a layer at a chunk's end (its pipeline buffers) is a run of its own on the
+                # layout of the one it would have joined (the edge forbids a change)
                 before = self.graph.nodes[i - 1]
                 same = (len(runs) > start and before.signature == node.signature
                         and self._group_of.get(i - 1) == self._group_of.get(i)
                         and (before.shared_params > 0) == (node.shared_params > 0)
-                        and i != self.last and i not in ends)
-                if same:
+                        and i != self.last)
+                if same and i not in ends and i - 1 not in ends:
                     runs[-1] = Run(runs[-1].count + 1, runs[-1].options)
                     continue
                 whole, sliced = ends.get(i, (0.0, 0.0))
@@ -738,7 +739,10 @@ class Searcher:
                            + c.cost.workspace_bytes + whole * c.receive_shares[0]
                            + sliced * c.receive_shares[1])
                     for k, c in enumerate(choices)])
-                if len(runs) > start:
+                if same:
+                    edges.append({(a, b): math.inf for a in runs[-1].layouts()
+                                  for b in {o.layout for o in options} if a != b})
+                elif len(runs) > start:
                     edges.append(self._edge(node, runs[-1], options, outer, m))
                 elif runs:
                     edges.append({})

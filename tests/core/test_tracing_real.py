@@ -205,3 +205,23 @@ def test_a_block_records_the_hidden_states_tensor_parallelism_saves_whole(
     block = next(n for n in graph.nodes if n.kind == "block")
     assert round(block.tp_whole_act_bytes / block.output_bytes) == whole
     assert block.tp_gathered_act_bytes == gathered * block.output_bytes
+
+
+def test_grouped_query_attention_keeps_its_key_and_value_heads_only() -> None:
+    """Flash attention over 2 key/value heads for 8 query heads saves the 2 heads' keys and
+    values, as torch's kernels do (tracing._GroupedFlash), not copies repeated to 8 heads:
+    a block with 8 key/value heads saves 6 heads more of each, 2 x seq x 6 x head_dim x 4
+    bytes per sample (fp32), and nothing else changes."""
+    acts = {kv: layer_graph_of_built(build_model(
+        f"llama:layers=1,hidden=256,heads=8,kv_heads={kv},ffn=512,seq=64,vocab=512"),
+        torch.float32, "flash").nodes[1].act_bytes for kv in (2, 8)}
+    assert acts[8] - acts[2] == 2 * 64 * 6 * 32 * 4
+
+
+def test_hidden_states_as_wide_as_the_sequence_are_not_attention_scores() -> None:
+    """At hidden = seq (llama3-70b at sequence 8192), a (1, S, S) hidden state or its (S, S)
+    view is no S x S attention tensor: under flash attention a block keeps none."""
+    graph = layer_graph_of_built(build_model(
+        "llama:layers=1,hidden=64,heads=4,kv_heads=2,ffn=128,seq=64,vocab=512"),
+        torch.float32, "flash")
+    assert graph.nodes[1].attn_act_bytes == 0

@@ -10,18 +10,14 @@ the fused kernel (_scaled_dot_product_flash_attention_for_cpu), which saves q, k
 output and its log-sum-exp, never the S x S probabilities that the "math" trace keeps.
 
 The cost model describes ZeRO as the executor runs it on FSDP2 (cost_model/memory.py): ZeRO 1
-and 2 shard weights, gradients and optimizer state (FSDP2 has no mode that keeps gradients
-whole, so 1 runs as 2), and keep the whole weights gathered from forward to backward: those
-are buffers, not the parameter shards compared here. Under torch's sequence parallelism a
-block saves the gathered inputs of its column-parallel groups whole (TORCH_SP_GATHERED_TENSORS).
+and 2 shard weights, gradients (after the step) and optimizer state, and keep the whole
+weights gathered: those are buffers, not the parameter shards compared here. A TP block
+saves whole what its trace says (LayerNode.tp_whole_act_bytes: four hidden states in this
+GPT without dropout); under torch's sequence parallelism the gathered inputs of its
+column-parallel groups. The gradient of the vocabulary-split position embedding is whole on
+each TP rank (LayerNode.tp_whole_grad_params).
 
 What stays apart, and why:
-- TP without SP predicts about 3% more activations than measured: Korthikanti's five whole
-  tensors per block (KORTHIKANTI_REPLICATED_TENSORS) are four two-byte hidden states and two
-  one-byte dropout masks; this fp32 model without dropout keeps four four-byte ones.
-- TP parameters and gradients measure up to 1% above: layer norms and row-parallel biases stay
-  whole inside a block that the model divides by tp, and after step 1 the gradient of the
-  vocabulary-split position embedding is whole on each rank (not resharded without a pipeline).
 - AdamW's "step" counters (one 4-byte scalar per parameter) are not compared.
 - Activations are read on step 2: on step 1 torch's pipelining runs a metadata-inference
   forward of one micro-batch whose saved tensors stay alive on the first stage afterwards
