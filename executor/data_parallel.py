@@ -4,12 +4,8 @@ Each unit (or group of units that share a parameter, such as a tied embedding an
 head) becomes one FSDP group, then the root takes what is left. ZeRO maps to FSDP2 as:
 - 3: fully_shard(reshard_after_forward=True): parameters, gradients and optimizer state
   sharded; parameters gathered again in backward.
-- 1 and 2: fully_shard(reshard_after_forward=False): the gathered parameters stay between
-  forward and backward; optimizer state is sharded.
-Over the micro-batches of a step (gradient_sync): ZeRO 0 and 1 keep whole gradients and
-reduce them once, after the last; ZeRO 2 and 3 reduce-scatter after every micro-batch, so
-no rank holds more than a layer's whole gradients at a time (Rajbhandari et al. 2020, sec.
-5.2), and ZeRO 3 also frees its gathered weights after every backward.
+- 1 and 2: fully_shard(reshard_after_forward=False): the gathered parameters stay until
+  the step's last backward; optimizer state is sharded.
 - 0: torch.distributed._composable.replicate_with_fsdp.replicate: whole parameters on every
   rank and an all-reduce of gradients (DDP's algorithm on FSDP2's machinery, so that it
   composes with DTensor tensor parallelism and with pipelining; the classic DDP wrapper does
@@ -18,6 +14,11 @@ Layers of different (dp, tp) layouts shard on their own layout's dp mesh (FSDP2 
 per module); the root comes last and ignores the parameters of layers with dp 1. ZeRO 0
 groups may sit beside ZeRO >= 1 groups: fully_shard does not take in a replicate()d module,
 so under an FSDP root they stay replicated with their own gradient all-reduce.
+
+Over the micro-batches of a step (gradient_sync): ZeRO 0 and 1 keep whole gradients and
+reduce them once, after the last; ZeRO 2 and 3 reduce-scatter after every micro-batch, so
+no rank holds more than a layer's whole gradients at a time (Rajbhandari et al. 2020, sec.
+5.2), and ZeRO 3 also frees its gathered weights after every backward.
 """
 
 from __future__ import annotations
