@@ -53,6 +53,8 @@ __all__ = ["DryRunReport", "RankMemory", "dry_run", "dry_run_lines", "ranks_to_p
 log = logging.getLogger(__name__)
 
 ALL_STAGES = "all-stages"
+PEAK_LINES = 4
+"""How many of the largest parts of a played rank's peak the text report names."""
 
 
 @dataclass
@@ -242,8 +244,9 @@ def peak_label(tracker: ModTracker, func: Any) -> str:
     """What an op's outputs are, for the peak's breakdown: forward or backward, the
     innermost module running (layer indices as '#': every layer's alike add up) and the op."""
     inner = max(tracker.parents - {"Global"}, key=len, default="")
-    where = re.sub(r"\.\d+(?=\.|$)", ".#", inner)
-    return f"{'backward' if tracker.is_bw else 'forward'} {where} {func.__name__}"
+    where = re.sub(r"\.\d+(?=\.|$)", ".#", inner.partition(".")[2])  # not the root's class
+    return " ".join(part for part in ("backward" if tracker.is_bw else "forward", where,
+                                      func.__name__) if part)
 
 
 def _step_keeping_grads(runner: Any, inputs: tuple[torch.Tensor, ...], targets: torch.Tensor,
@@ -312,6 +315,10 @@ def dry_run_lines(report: DryRunReport) -> list[str]:
                      f"{fmt.nbytes(stage.grads)}, optimizer {fmt.nbytes(stage.optimizer)}, "
                      f"peak {fmt.nbytes(stage.peak)} ({error:+.1%})")
         lines.append(text)
+        top = list(mem.at_peak.items())[:PEAK_LINES]
+        if top:
+            lines.append("  largest at the peak: " + "; ".join(
+                f"{fmt.nbytes(size)} {label}" for label, size in top))
     if report.note:
         lines.append(report.note)
     return lines

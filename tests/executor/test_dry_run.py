@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from autoplan.app.cli import main
-from autoplan.app.dry_run import dry_run
+from autoplan.app.dry_run import dry_run, dry_run_lines
 from autoplan.app.run import RunOptions, run_plan
 from autoplan.models import build_model
 
@@ -64,6 +64,9 @@ def test_each_stage_peaks_within_5_percent_of_the_prediction(plan: str) -> None:
     assert [m.stage for m in report.ranks] == [0, 1]
     for mem in report.ranks:
         assert mem.peak == pytest.approx(report.predicted(mem).peak, rel=0.05)
+        assert sum(mem.at_peak.values()) == mem.peak  # the breakdown holds every byte
+    told = [line for line in dry_run_lines(report) if line.startswith("  largest at the peak")]
+    assert len(told) == 2  # one per played rank
 
 
 def test_a_rank_of_a_256_rank_world_holds_the_predicted_state() -> None:
