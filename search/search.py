@@ -704,10 +704,9 @@ class Searcher:
                  held: float, ties: Ties | None, with_end: bool = True) -> StageProblem:
         """Runs of identical consecutive layers (tied ones apart); option time = m x per
         micro-batch + per step; memory = state + held x saved + fixed + workspace + pipeline
-        buffers at the chunks' ends (_chunk_ends). The budget
-        keeps room for the largest transient and FSDP/bucket buffers any choice could bring
-        (conservative; over all choices, so fixing tied layers' layouts, done last, only
-        removes options)."""
+        buffers at the chunks' ends (_chunk_ends). The budget keeps room for the largest
+        transient, FSDP prefetch and reduce buffers any choice could bring (conservative;
+        over all choices, so fixing tied layers' layouts, done last, only removes options)."""
         runs: list[Run] = []
         edges: list[dict] = []
         fixed: dict[int, Layout] = {}
