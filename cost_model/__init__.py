@@ -10,10 +10,10 @@ from autoplan.cost_model.communication import PRICED_COLLECTIVES, priced_message
 from autoplan.cost_model.compute import data_parallel_key
 from autoplan.cost_model.estimate import STEP_PARTS, CostModel, Estimate, StageEstimate
 from autoplan.cost_model.memory import (
+    ChunkMessage,
     LayerCost,
     StageMemory,
-    chunk_output_bytes,
-    chunk_receive_bytes,
+    chunk_messages,
     counted_stage_memory,
     receive_bytes,
     receive_share,
@@ -26,8 +26,8 @@ from autoplan.cost_model.schedule import Timeline, plan_timeline
 
 __all__ = ["CostModel", "Estimate", "StageEstimate", "STEP_PARTS", "LayerCost",
            "counted_stage_memory", "StageMemory", "receive_bytes", "receive_share",
-           "chunk_receive_bytes", "chunk_output_bytes", "stage_pipeline_bytes",
-           "sequence_sliced", "micro_batches_in_flight",
+           "ChunkMessage", "chunk_messages", "stage_pipeline_bytes", "sequence_sliced",
+           "micro_batches_in_flight",
            "TP_SHARDED_KINDS",
            "analytic_profile", "estimate_tables", "Timeline", "plan_timeline",
            "PRICED_COLLECTIVES", "priced_message_bytes", "data_parallel_key"]

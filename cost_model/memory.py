@@ -19,8 +19,7 @@ __all__ = ["StageMemory", "LayerCost", "KORTHIKANTI_REPLICATED_TENSORS",
            "TORCH_SP_GATHERED_TENSORS", "saved_bytes_per_sample", "saved_bytes_at",
            "layer_state_bytes", "unsharded_grad_bytes", "loss_backward_bytes", "receive_bytes",
            "receive_share",
-           "chunk_receive_bytes", "chunk_output_bytes", "stage_pipeline_bytes",
-           "sequence_sliced",
+           "ChunkMessage", "chunk_messages", "stage_pipeline_bytes", "sequence_sliced",
            "stage_memory", "counted_stage_memory", "stage_tail"]
 
 KORTHIKANTI_REPLICATED_TENSORS = 5
@@ -59,8 +58,8 @@ class StageMemory:
     workspace: float = 0.0
     """The loss's gradients during its backward (LayerCost.workspace_bytes)."""
     pipeline: float = 0.0
-    """What torch's pipeline stages keep: receive buffers for every micro-batch
-    (chunk_receive_bytes), the outputs of those in flight (chunk_output_bytes)."""
+    """What torch's pipeline stages keep: receive buffers for every micro-batch and the
+    outputs of those in flight (chunk_messages)."""
 
     @property
     def peak(self) -> float:
@@ -274,43 +273,51 @@ def sequence_sliced(before: LayerNode, after: LayerNode | None) -> bool:
     return before.kind == "block" and after is not None and after.kind == "block"
 
 
+@dataclass(frozen=True)
+class ChunkMessage:
+    """One pipeline message a chunk's rank keeps copies of (chunk_messages)."""
+
+    layer: int
+    """The layer beside the cut whose strategy sizes the copies (receive_share)."""
+    sent: int
+    """The layer whose output the message is."""
+    sliced: bool
+    """Moved as sequence slices under sequence parallelism (sequence_sliced)."""
+    per_step: bool
+    """One copy for every micro-batch of the step (a receive buffer), else one for each
+    micro-batch in flight (the output torch keeps until that micro-batch's backward)."""
+    at_end: bool
+    """At the chunk's end, so changed by where the chunk ends."""
+
+
+def chunk_messages(nodes: Sequence[LayerNode], first: int, last: int) -> list[ChunkMessage]:
+    """What torch's PipelineStage keeps for the chunk holding layers [first, last): the
+    input's receive buffer for every micro-batch unless it starts the model (stage.py,
+    _setup_forward_recv_info); what it returns, for each micro-batch in flight until that
+    micro-batch's backward (its fwd_cache: the last chunk returns the model's output, the
+    logits); and unless it ends the model, the receive buffer of that output's gradient for
+    every micro-batch (_create_grad_recv_info)."""
+    out: list[ChunkMessage] = []
+    if last <= first:
+        return out
+    if first > 0:
+        out.append(ChunkMessage(first, first - 1, sequence_sliced(nodes[first - 1], nodes[first]),
+                                per_step=True, at_end=False))
+    i = last - 1 if nodes[last - 1].kind != "loss" else last - 2
+    if i >= first:
+        after = nodes[last] if last < len(nodes) else None
+        sliced = sequence_sliced(nodes[i], after)
+        out.append(ChunkMessage(i, i, sliced, per_step=False, at_end=True))
+        if after is not None:
+            out.append(ChunkMessage(i, i, sliced, per_step=True, at_end=True))
+    return out
+
+
 def stage_pipeline_bytes(nodes: Sequence[LayerNode], strategies: Sequence[LayerStrategy],
                          chunks: Sequence[tuple[int, int]], micro_batch_size: int,
                          micro_batches: int, held: float) -> float:
-    """StageMemory.pipeline of a stage holding chunks [first, last) of a pipeline: receive
-    buffers for every micro-batch (chunk_receive_bytes), the outputs of the `held` in flight
-    (chunk_output_bytes)."""
-    return sum(micro_batches * chunk_receive_bytes(nodes, strategies, first, last,
-                                                   micro_batch_size)
-               + held * chunk_output_bytes(nodes, strategies, first, last, micro_batch_size)
-               for first, last in chunks if last > first)
-
-
-def chunk_output_bytes(nodes: Sequence[LayerNode], strategies: Sequence[LayerStrategy],
-                       first: int, last: int, micro_batch_size: int) -> float:
-    """Bytes of what the pipeline chunk holding layers [first, last) returns for one
-    micro-batch: torch's PipelineStage keeps it until that micro-batch's backward (its
-    fwd_cache), so each micro-batch in flight holds one; the last chunk returns the model's
-    output (the logits: measured with `autoplan run --dry-run`, whole beside the loss's
-    log-probabilities and both gradients at the last stage's peak)."""
-    i = last - 1 if nodes[last - 1].kind != "loss" else last - 2
-    if i < first:
-        return 0.0
-    after = nodes[last] if last < len(nodes) else None
-    return receive_bytes(nodes[i], strategies[i], micro_batch_size,
-                         sequence_sliced(nodes[i], after))
-
-
-def chunk_receive_bytes(nodes: Sequence[LayerNode], strategies: Sequence[LayerStrategy],
-                        first: int, last: int, micro_batch_size: int) -> float:
-    """Receive buffer bytes of the pipeline chunk holding layers [first, last) for one
-    micro-batch: its input unless it starts the model, its output's gradient unless it
-    ends it (receive_bytes)."""
-    out = 0.0
-    if first > 0:
-        out += receive_bytes(nodes[first - 1], strategies[first], micro_batch_size,
-                             sequence_sliced(nodes[first - 1], nodes[first]))
-    if last < len(nodes):
-        out += receive_bytes(nodes[last - 1], strategies[last - 1], micro_batch_size,
-                             sequence_sliced(nodes[last - 1], nodes[last]))
-    return out
+    """StageMemory.pipeline of a stage holding chunks [first, last) of a pipeline: each of
+    their messages (chunk_messages), for every micro-batch or for the `held` in flight."""
+    return sum((micro_batches if m.per_step else held)
+               * receive_bytes(nodes[m.sent], strategies[m.layer], micro_batch_size, m.sliced)
+               for first, last in chunks for m in chunk_messages(nodes, first, last))

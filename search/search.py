@@ -38,9 +38,9 @@ from autoplan.cost_model import (
     CostModel,
     Estimate,
     LayerCost,
+    chunk_messages,
     micro_batches_in_flight,
     receive_share,
-    sequence_sliced,
 )
 from autoplan.errors import AutoplanError
 from autoplan.feasibility import (
@@ -675,29 +675,21 @@ class Searcher:
 
     def _chunk_ends(self, outer: Outer, first: int, last: int, m: int, held: float,
                     with_end: bool) -> dict[int, tuple[float, float]]:
-        """Layer -> the bytes per sample of the pipeline messages its rank keeps for the
-        ends of chunk [first, last), (whole, sequence-sliced): they cost a choice these
-        times its receive_shares (CostModel._pipeline_bytes). The first layer's input is
-        received for every micro-batch; the output of the layer the chunk returns is kept
-        for each of `held` in flight and, unless it ends the model, its gradient received
-        for every micro-batch. `with_end` False leaves the end out (a longer stage may end
-        at a smaller output)."""
-        if outer.pp == 1 or last <= first:
+        """Layer -> the bytes per sample of the pipeline messages its rank keeps for chunk
+        [first, last) (cost_model chunk_messages), (whole, sequence-sliced): they cost a
+        choice these times its receive_shares, as CostModel._pipeline_bytes prices them.
+        `with_end` False leaves out those at the chunk's end (a longer stage may end at a
+        smaller output)."""
+        if outer.pp == 1:
             return {}
         nodes, ends = self.graph.nodes, {}
-
-        def add(i: int, per_sample: float, sliced: bool) -> None:
-            whole, part = ends.get(i, (0.0, 0.0))
-            ends[i] = (whole, part + per_sample) if sliced else (whole + per_sample, part)
-
-        if first > 0:
-            add(first, m * nodes[first - 1].output_bytes,
-                sequence_sliced(nodes[first - 1], nodes[first]))
-        out = last - 1 if nodes[last - 1].kind != "loss" else last - 2
-        if with_end and out >= first:
-            after = nodes[last] if last < len(nodes) else None
-            add(out, (held + (m if after is not None else 0)) * nodes[out].output_bytes,
-                sequence_sliced(nodes[out], after))
+        for msg in chunk_messages(nodes, first, last):
+            if msg.at_end and not with_end:
+                continue
+            per_sample = (m if msg.per_step else held) * nodes[msg.sent].output_bytes
+            whole, part = ends.get(msg.layer, (0.0, 0.0))
+            ends[msg.layer] = (whole, part + per_sample) if msg.sliced else \
+                (whole + per_sample, part)
         return ends
 
     def _problem(self, outer: Outer, stage: int, chunks: list[list[int]], m: int,
