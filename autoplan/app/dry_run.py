@@ -94,6 +94,13 @@ class DryRunReport:
         """The cost model's memory for the rank's stage (None without a prediction)."""
         return None if self.estimate is None else self.estimate.stages[mem.stage].memory
 
+    def peak_error(self, mem: RankMemory) -> float | None:
+        """The played peak over the predicted one, less 1 (None without a prediction)."""
+        stage = self.predicted(mem)
+        if stage is None:
+            return None
+        return mem.peak / stage.peak - 1 if stage.peak else 0.0
+
     def to_dict(self) -> dict[str, Any]:
         rows = []
         for mem in self.ranks:
@@ -310,10 +317,9 @@ def dry_run_lines(report: DryRunReport) -> list[str]:
             text += f", max allocated {fmt.nbytes(mem.max_allocated)}"
         stage = report.predicted(mem)
         if stage is not None:
-            error = mem.peak / stage.peak - 1 if stage.peak else 0.0
             text += (f"; predicted params {fmt.nbytes(stage.params)}, grads "
                      f"{fmt.nbytes(stage.grads)}, optimizer {fmt.nbytes(stage.optimizer)}, "
-                     f"peak {fmt.nbytes(stage.peak)} ({error:+.1%})")
+                     f"peak {fmt.nbytes(stage.peak)} ({report.peak_error(mem):+.1%})")
         lines.append(text)
         top = list(mem.at_peak.items())[:PEAK_LINES]
         if top:

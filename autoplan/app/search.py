@@ -112,6 +112,5 @@ def check_line(report: DryRunReport) -> str:
     stage = report.predicted(mem)
     if stage is None:
         return text + f"; {report.note}"
-    predicted = stage.peak
-    return (text + f", fp32 prediction {fmt.nbytes(predicted)} "
-            f"({mem.peak / predicted - 1:+.1%})")
+    return (text + f", fp32 prediction {fmt.nbytes(stage.peak)} "
+            f"({report.peak_error(mem):+.1%})")
