@@ -43,7 +43,7 @@ from autoplan.cost_model.memory import (
     unsharded_grad_bytes,
 )
 from autoplan.cost_model.pipeline import (
-    micro_batches_in_flight,
+    chunks_in_flight,
     pipeline_time_bound_s,
     pipeline_time_s,
 )
@@ -216,21 +216,23 @@ class CostModel:
         """Whether stages of these peaks fit the device with the framework's overhead."""
         return max(peaks) + self.overhead_bytes <= self.memory_limit_bytes
 
-    def _held(self, plan: Plan, stage: int) -> float:
-        return micro_batches_in_flight(plan.schedule, plan.pp, stage, plan.num_micro_batches,
-                                       plan.virtual_stages)
+    def in_flight(self, plan: Plan, stage: int) -> tuple[tuple[int, ...], ...]:
+        """The micro-batches each chunk of stage `stage` may hold at its peak
+        (pipeline.chunks_in_flight)."""
+        return chunks_in_flight(plan.schedule, plan.pp, stage, plan.num_micro_batches,
+                                plan.virtual_stages)
 
     def _stage(self, plan: Plan, stage: int, layers: list[tuple[LayerNode, LayerPlan]],
                chunks: list[list[int]]) -> StageEstimate:
         """Stage `stage`, running the layer indices of each of `chunks` (plan.stage_chunks)."""
-        costs = []
+        costs: list[list[LayerCost]] = []
         parts = dict.fromkeys(_MICRO_BATCH_PARTS, 0.0)
-        held = self._held(plan, stage)
         for chunk in chunks:
+            costs.append([])
             for i in chunk:
                 cost = self.layer_cost(*layers[i], plan.micro_batch_size,
                                        plan.num_micro_batches, stage)
-                costs.append(cost)
+                costs[-1].append(cost)
                 for part, seconds in cost.per_micro_batch_s.items():
                     parts[part] += seconds
                 if i > chunk[0] and layers[i - 1][1].dp != layers[i][1].dp:  # else free
@@ -238,9 +240,10 @@ class CostModel:
                                                        layers[i][1], plan.micro_batch_size)
             parts["pp_comm"] += self._hops(plan, layers, chunk)
         return StageEstimate(stage=stage, layers=[layers[i][0].name for c in chunks for i in c],
-                             per_micro_batch_s=parts, tail_s=stage_tail(costs),
-                             memory=stage_memory(costs, held, self._pipeline_bytes(
-                                 plan, layers, chunks, held)))
+                             per_micro_batch_s=parts,
+                             tail_s=stage_tail([c for chunk in costs for c in chunk]),
+                             memory=stage_memory(costs, self.in_flight(plan, stage),
+                                                 *self._pipeline_bytes(plan, layers, chunks)))
 
     def layer_cost(self, node: LayerNode, layer: LayerStrategy, micro_batch_size: int,
                    micro_batches: int, stage: int = 0) -> LayerCost:
@@ -336,13 +339,14 @@ class CostModel:
         return reshard_time_s(self.comm, node, before, after, micro_batch_size, previous)
 
     def _pipeline_bytes(self, plan: Plan, layers: list[tuple[LayerNode, LayerPlan]],
-                        chunks: list[list[int]], held: float) -> float:
-        """StageMemory.pipeline of a stage's chunks (nothing without a pipeline)."""
+                        chunks: list[list[int]]) -> tuple[float, list[float]]:
+        """StageMemory.pipeline of a stage's chunks, kept all step and per micro-batch in
+        flight by chunk (stage_pipeline_bytes; nothing without a pipeline)."""
         if plan.pp == 1:
-            return 0.0
+            return 0.0, [0.0] * len(chunks)
         return stage_pipeline_bytes([n for n, _ in layers], [lp for _, lp in layers],
-                                    [(c[0], c[-1] + 1) for c in chunks if c],
-                                    plan.micro_batch_size, plan.num_micro_batches, held)
+                                    [(c[0], c[-1] + 1) for c in chunks],
+                                    plan.micro_batch_size, plan.num_micro_batches)
 
     def _hops(self, plan: Plan, layers: list[tuple[LayerNode, LayerPlan]],
               chunk: list[int]) -> float:

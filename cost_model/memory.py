@@ -8,6 +8,7 @@ weight and gradient). ZeRO 1 shards optimizer state over dp, 2 also gradients, 3
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -133,38 +134,51 @@ def stage_tail(costs: list[LayerCost]) -> dict[str, float]:
     return tail
 
 
-def stage_memory(costs: list[LayerCost], held: float, pipeline: float = 0.0) -> StageMemory:
-    """A stage's memory from its layers' costs with `held` micro-batches in flight: what adds
-    up, plus the largest transient (one layer recomputes at a time) and the buffers, and
-    `pipeline` bytes that the pipeline stage keeps (StageMemory.pipeline)."""
-    return counted_stage_memory([(cost, 1) for cost in costs], held, pipeline)
+def stage_memory(chunks: Sequence[Sequence[LayerCost]], in_flight: Sequence[tuple[int, ...]],
+                 receive: float = 0.0, outputs: Sequence[float] = ()) -> StageMemory:
+    """A stage's memory from the costs of the layers of each of its chunks, at the point of
+    its schedule where its chunks hold the micro-batches in flight of one vector of
+    `in_flight` (pipeline.chunks_in_flight: the one holding the most): what adds up, plus
+    the largest transient (one layer recomputes at a time) and the buffers. `receive`: the
+    bytes the pipeline stage keeps all step, `outputs[c]`: chunk c's output kept per
+    micro-batch in flight (StageMemory.pipeline; stage_pipeline_bytes)."""
+    return counted_stage_memory([[(cost, 1) for cost in chunk] for chunk in chunks], in_flight,
+                                receive, outputs)
 
 
-def counted_stage_memory(counted: list[tuple[LayerCost, int]], held: float,
-                         pipeline: float = 0.0) -> StageMemory:
-    """stage_memory of a stage holding `count` layers of each (cost, count): the search
-    checks many plans whose stages repeat a few kinds of layer."""
+def counted_stage_memory(chunks: Sequence[Sequence[tuple[LayerCost, int]]],
+                         in_flight: Sequence[tuple[int, ...]], receive: float = 0.0,
+                         outputs: Sequence[float] = ()) -> StageMemory:
+    """stage_memory of a stage whose chunk c holds `count` layers of each (cost, count) of
+    chunks[c]: the search checks many plans whose stages repeat a few kinds of layer."""
     # one pass, each sum in layer order (as sum() adds them)
-    params = grads = optimizer = saved = fixed = kept = workspace = 0
+    params = grads = optimizer = fixed = kept = workspace = 0
     prefetch = reduce = transient = 0.0
-    for c, n in counted:
-        if n <= 0:
-            continue
-        weights, gradients, states = c.state_parts
-        params += n * weights
-        grads += n * gradients
-        optimizer += n * states
-        saved += n * c.saved_bytes
-        fixed += n * c.fixed_bytes
-        kept += n * c.kept_bytes
-        workspace += n * c.workspace_bytes
-        prefetch = max(prefetch, c.prefetch_bytes)
-        reduce = max(reduce, c.reduce_bytes)
-        transient = max(transient, c.transient_bytes)
+    saved = [0.0] * len(chunks)
+    for c, counted in enumerate(chunks):
+        for cost, n in counted:
+            if n <= 0:
+                continue
+            weights, gradients, states = cost.state_parts
+            params += n * weights
+            grads += n * gradients
+            optimizer += n * states
+            saved[c] += n * cost.saved_bytes
+            fixed += n * cost.fixed_bytes
+            kept += n * cost.kept_bytes
+            workspace += n * cost.workspace_bytes
+            prefetch = max(prefetch, cost.prefetch_bytes)
+            reduce = max(reduce, cost.reduce_bytes)
+            transient = max(transient, cost.transient_bytes)
+    outputs = list(outputs) or [0.0] * len(chunks)
+    per_micro_batch = list(map(operator.add, saved, outputs))
+    held = in_flight[0] if len(in_flight) == 1 else \
+        max(in_flight, key=lambda w: sum(map(operator.mul, w, per_micro_batch)))
     return StageMemory(params=params, grads=grads, optimizer=optimizer,
-                       activations=held * saved + fixed, transient=transient,
-                       buffers=prefetch + reduce + kept, workspace=workspace,
-                       pipeline=pipeline)
+                       activations=sum(n * s for n, s in zip(held, saved, strict=True)) + fixed,
+                       transient=transient, buffers=prefetch + reduce + kept,
+                       workspace=workspace,
+                       pipeline=receive + sum(n * o for n, o in zip(held, outputs, strict=True)))
 
 
 def _sharded(node: LayerNode) -> bool:
@@ -315,9 +329,18 @@ def chunk_messages(nodes: Sequence[LayerNode], first: int, last: int) -> list[Ch
 
 def stage_pipeline_bytes(nodes: Sequence[LayerNode], strategies: Sequence[LayerStrategy],
                          chunks: Sequence[tuple[int, int]], micro_batch_size: int,
-                         micro_batches: int, held: float) -> float:
-    """StageMemory.pipeline of a stage holding chunks [first, last) of a pipeline: each of
-    their messages (chunk_messages), for every micro-batch or for the `held` in flight."""
-    return sum((micro_batches if m.per_step else held)
-               * receive_bytes(nodes[m.sent], strategies[m.layer], micro_batch_size, m.sliced)
-               for first, last in chunks for m in chunk_messages(nodes, first, last))
+                         micro_batches: int) -> tuple[float, list[float]]:
+    """StageMemory.pipeline of a stage holding chunks [first, last) of a pipeline, as the
+    bytes kept all step (each receive buffer for every micro-batch) and, per chunk, those
+    kept per micro-batch in flight (its output: chunk_messages)."""
+    receive, outputs = 0.0, []
+    for first, last in chunks:
+        outputs.append(0.0)
+        for m in chunk_messages(nodes, first, last):
+            nbytes = receive_bytes(nodes[m.sent], strategies[m.layer], micro_batch_size,
+                                   m.sliced)
+            if m.per_step:
+                receive += micro_batches * nbytes
+            else:
+                outputs[-1] += nbytes
+    return receive, outputs

@@ -3,8 +3,14 @@ many micro-batches of activations a stage holds at its peak."""
 
 from __future__ import annotations
 
+import operator
+from functools import cache
+from typing import Literal
+
 __all__ = ["pipeline_time_s", "pipeline_time_bound_s", "bubble_fraction",
-           "micro_batches_in_flight"]
+           "micro_batches_in_flight", "chunks_in_flight", "op_order", "OpKind"]
+
+OpKind = Literal["forward", "backward"]
 
 
 def pipeline_time_s(stage_times_s: list[float], micro_batches: int, virtual: int = 1) -> float:
@@ -64,3 +70,100 @@ def micro_batches_in_flight(schedule: str, pp: int, stage: int, micro_batches: i
     per_round = micro_batches // max(1, micro_batches // pp)
     warmup = min((virtual - 1) * per_round + 2 * (pp - 1 - stage), micro_batches * virtual)
     return min(float(micro_batches), (warmup + 1) / virtual)
+
+
+@cache
+def chunks_in_flight(schedule: str, pp: int, stage: int, micro_batches: int,
+                     virtual: int = 1) -> tuple[tuple[int, ...], ...]:
+    """The micro-batches stage `stage` holds in each of its chunks (local order) at the
+    points where its activations may peak, as vectors: the counts after each forward of its
+    op order (op_order; a backward only frees), but those another holds at least as many of
+    in every chunk, or a blend of the two beside it (with bytes per chunk >= 0, the most
+    bytes held is at one of the rest). Chunks are not held alike: torch's interleaved 1F1B
+    holds (4, 4, 4, 4, 3, 0, 0, 0, 0) at one point on rank 0 of pp 2, v 9, 16 micro-batches
+    (sum 19 = micro_batches_in_flight x v), so a chunk with the embedding or the logits
+    weighs by its own counts. One vector (micro_batches_in_flight,) without interleaving."""
+    held, points = [0] * virtual, {}
+    for kind, chunk, _ in op_order(schedule, pp, stage, micro_batches, virtual):
+        held[chunk] += 1 if kind == "forward" else -1
+        if kind == "forward":
+            points.setdefault(tuple(held), None)  # in the order first reached
+    kept: list[tuple[int, ...]] = []  # a point's beater holds no fewer in all: check those
+    for p in sorted(points, key=sum, reverse=True):
+        if not any(all(map(operator.ge, q, p)) for q in kept):
+            kept.append(p)
+    kept.sort(key=list(points).index)
+    # the schedule moves between its points along straight lines: drop a point on the one
+    # between its neighbours (a blend of two covers it), until none is
+    dropped = True
+    while dropped:
+        dropped = False
+        for j in range(1, len(kept) - 1):
+            if _blend_covers(kept[j - 1], kept[j + 1], kept[j]):
+                del kept[j]
+                dropped = True
+                break
+    return tuple(kept)
+
+
+def _blend_covers(a: tuple[int, ...], b: tuple[int, ...], point: tuple[int, ...]) -> bool:
+    """Whether t a + (1 - t) b >= point in every component for some t in [0, 1]: t at
+    least low and at most high, fractions (numerator, denominator > 0) compared crosswise."""
+    low, high = (0, 1), (1, 1)
+    for x, y, p in zip(a, b, point, strict=True):
+        if x == y:
+            if y < p:
+                return False
+        elif x > y and (p - y) * low[1] > low[0] * (x - y):
+            low = (p - y, x - y)
+        elif x < y and (y - p) * high[1] < high[0] * (y - x):
+            high = (y - p, y - x)
+    return low[0] * high[1] <= high[0] * low[1]
+
+def op_order(schedule: str, pp: int, rank: int, micro_batches: int,
+             virtual: int = 1) -> list[tuple[OpKind, int, int]]:
+    """The ops rank `rank` runs, in order, as (kind, local chunk, micro-batch).
+
+    Raises:
+        ValueError: on an unknown schedule or virtual > 1 without interleaving.
+    """
+    m = micro_batches
+    if virtual > 1 and schedule != "interleaved_1f1b":
+        raise ValueError(f"virtual stages {virtual} need schedule interleaved_1f1b, "
+                         f"not {schedule}")
+    match schedule:
+        case "gpipe":
+            return ([("forward", 0, i) for i in range(m)]
+                    + [("backward", 0, i) for i in range(m)])
+        case "1f1b":
+            forwards = [(0, i) for i in range(m)]
+            return _one_forward_one_backward(forwards, forwards, min(pp - rank - 1, m))
+        case "interleaved_1f1b":
+            group = -(-m // max(1, m // pp))  # micro-batches per round, as torch's
+            forwards = _interleaved_sequence(group, m, range(virtual))
+            backwards = _interleaved_sequence(group, m, range(virtual - 1, -1, -1))
+            warmup = min(2 * (pp - rank - 1) + (virtual - 1) * group, m * virtual)
+            return _one_forward_one_backward(forwards, backwards, warmup)
+        case _:
+            raise ValueError(f"schedule '{schedule}' is not one of gpipe, 1f1b, "
+                             "interleaved_1f1b")
+
+
+def _interleaved_sequence(size: int, m: int, chunks: range) -> list[tuple[int, int]]:
+    """(local chunk, micro-batch): groups of `size` micro-batches pass through each chunk."""
+    order = []
+    for first in range(0, m, size):
+        group = range(first, min(first + size, m))
+        order += [(chunk, i) for chunk in chunks for i in group]
+    return order
+
+
+def _one_forward_one_backward(forwards: list[tuple[int, int]], backwards: list[tuple[int, int]],
+                              warmup: int) -> list[tuple[OpKind, int, int]]:
+    """`warmup` forwards, then a forward and a backward in turn, then the backwards left."""
+    order: list[tuple[OpKind, int, int]] = [("forward", *f) for f in forwards[:warmup]]
+    for k, backward in enumerate(backwards):
+        if warmup + k < len(forwards):
+            order.append(("forward", *forwards[warmup + k]))
+        order.append(("backward", *backward))
+    return order

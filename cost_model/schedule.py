@@ -21,15 +21,14 @@ Sends are taken as asynchronous: a pipeline hop's time is part of the op that se
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 from autoplan.cost_model.estimate import CostModel, Estimate
+from autoplan.cost_model.pipeline import OpKind, op_order
 from autoplan.plan import Plan
 
 __all__ = ["ChunkTimes", "ScheduledOp", "Timeline", "op_order", "simulate_schedule",
            "chunk_times_from_estimate", "plan_timeline"]
 
-OpKind = Literal["forward", "backward"]
 _COMM_PARTS = ("tp_comm", "fsdp_comm", "reshard", "pp_comm")
 
 
@@ -87,55 +86,6 @@ class Timeline:
         """Idle share of all ranks over the makespan."""
         total = self.pp * self.makespan_s
         return 1 - sum(self.busy_s(r) for r in range(self.pp)) / total if total else 0.0
-
-
-def op_order(schedule: str, pp: int, rank: int, micro_batches: int,
-             virtual: int = 1) -> list[tuple[OpKind, int, int]]:
-    """The ops rank `rank` runs, in order, as (kind, local chunk, micro-batch).
-
-    Raises:
-        ValueError: on an unknown schedule or virtual > 1 without interleaving.
-    """
-    m = micro_batches
-    if virtual > 1 and schedule != "interleaved_1f1b":
-        raise ValueError(f"virtual stages {virtual} need schedule interleaved_1f1b, "
-                         f"not {schedule}")
-    match schedule:
-        case "gpipe":
-            return ([("forward", 0, i) for i in range(m)]
-                    + [("backward", 0, i) for i in range(m)])
-        case "1f1b":
-            forwards = [(0, i) for i in range(m)]
-            return _one_forward_one_backward(forwards, forwards, min(pp - rank - 1, m))
-        case "interleaved_1f1b":
-            group = -(-m // max(1, m // pp))  # micro-batches per round, as torch's
-            forwards = _interleaved_sequence(group, m, range(virtual))
-            backwards = _interleaved_sequence(group, m, range(virtual - 1, -1, -1))
-            warmup = min(2 * (pp - rank - 1) + (virtual - 1) * group, m * virtual)
-            return _one_forward_one_backward(forwards, backwards, warmup)
-        case _:
-            raise ValueError(f"schedule '{schedule}' is not one of gpipe, 1f1b, "
-                             "interleaved_1f1b")
-
-
-def _interleaved_sequence(size: int, m: int, chunks: range) -> list[tuple[int, int]]:
-    """(local chunk, micro-batch): groups of `size` micro-batches pass through each chunk."""
-    order = []
-    for first in range(0, m, size):
-        group = range(first, min(first + size, m))
-        order += [(chunk, i) for chunk in chunks for i in group]
-    return order
-
-
-def _one_forward_one_backward(forwards: list[tuple[int, int]], backwards: list[tuple[int, int]],
-                              warmup: int) -> list[tuple[OpKind, int, int]]:
-    """`warmup` forwards, then a forward and a backward in turn, then the backwards left."""
-    order: list[tuple[OpKind, int, int]] = [("forward", *f) for f in forwards[:warmup]]
-    for k, backward in enumerate(backwards):
-        if warmup + k < len(forwards):
-            order.append(("forward", *forwards[warmup + k]))
-        order.append(("backward", *backward))
-    return order
 
 
 def simulate_schedule(schedule: str, pp: int, micro_batches: int,

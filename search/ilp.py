@@ -50,12 +50,18 @@ def solve_ilp(problem: StageProblem, time_limit_s: float = 30.0,
     for r, run in enumerate(problem.runs):
         counts = [(o.index, round(values[f"n_{r}_{k}"] or 0)) for k, o in enumerate(run.options)]
         picks.append(tuple(index for index, count in counts for _ in range(count)))
-    memory = sum(o.memory * round(values[f"n_{r}_{k}"] or 0)
-                 for r, run in enumerate(problem.runs) for k, o in enumerate(run.options))
+    memory = max((sum(o.memory[peak] * round(values[f"n_{r}_{k}"] or 0)
+                      for r, run in enumerate(problem.runs) for k, o in enumerate(run.options))
+                  for peak in range(_peaks(problem))), default=0.0)
     objective = 0.0  # as pulp.value(objective) adds it up, term by term
     for name, coefficient in program.objective.items():
         objective += values[name] * coefficient
     return StageSolution(objective or 0.0, tuple(picks), status, gap, memory)
+
+
+def _peaks(problem: StageProblem) -> int:
+    """How many peaks the problem's memory has (Option.memory)."""
+    return next((len(o.memory) for run in problem.runs for o in run.options), 1)
 
 
 @dataclass
@@ -79,7 +85,7 @@ class _Program:
 def _program(problem: StageProblem) -> _Program:
     """Per run: sum z[r, L] == 1, sum n[r, o] == count, n[r, o] <= count z[r, L(o)]; per
     edge cost: z[r, L] + z[r + 1, L'] <= 1 (a change the executor refuses) or y >= z[r, L]
-    + z[r + 1, L'] - 1 in the objective; the memory budget in GiB."""
+    + z[r + 1, L'] - 1 in the objective; the memory budget in GiB at each peak."""
     lp = _Program()
     z = {(r, layout): lp.column(f"z_{r}_{layout[0]}_{layout[1]}", 1, True)
          for r, run in enumerate(problem.runs) for layout in run.layouts()}
@@ -102,9 +108,10 @@ def _program(problem: StageProblem) -> _Program:
                     lp.rows.append(([(y, 1), (z[r, before], -1), (z[r + 1, after], -1)], -1,
                                     None))
                     lp.objective[y] = cost
-    memory = [(n[r, k], o.memory / _GIB) for r, run in enumerate(problem.runs)
-              for k, o in enumerate(run.options) if o.memory / _GIB]
-    lp.rows.append((memory, None, problem.budget / _GIB))
+    for peak in range(_peaks(problem)):
+        memory = [(n[r, k], o.memory[peak] / _GIB) for r, run in enumerate(problem.runs)
+                  for k, o in enumerate(run.options) if o.memory[peak] / _GIB]
+        lp.rows.append((memory, None, problem.budget / _GIB))
     if not lp.objective:  # pulp's stand-in for an objective without variables
         lp.objective[lp.column("__dummy", 0, False)] = 1
     return lp

@@ -1,9 +1,12 @@
 """The problem one pipeline stage poses, abstracted from models: a chain of runs of identical
 layers, each run picking one layout (dp, tp) and, per layer, an option of that layout, with a
-cost on the edge between runs whose layouts differ and one memory budget.
+cost on the edge between runs whose layouts differ and one memory budget, which the stage's
+memory must keep at each of its peaks (an interleaved stage's chunks hold unequal numbers of
+micro-batches at different points of its schedule: cost_model chunks_in_flight).
 
 Every solver (ilp.py, dp.py, and brute_force here for tests) answers the same question:
-minimise the sum of option times and edge costs subject to the sum of option memory <= budget.
+minimise the sum of option times and edge costs subject to the sum of option memory at each
+peak <= budget.
 Layers that must share a layout (tied weights, possibly on several stages) are solved by
 fixing their layout (StageProblem.restricted) for each layout they may take and keeping the
 best: brute_force(problem, ties) is that question asked directly.
@@ -30,7 +33,13 @@ class Option:
     """Which strategy of the caller's list this is."""
     layout: Layout
     time: float
-    memory: float
+    memory: tuple[float, ...]
+    """Bytes at each of the stage's peaks, one entry per peak, alike in every option of a
+    problem (a float is taken as one peak)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.memory, tuple):
+            object.__setattr__(self, "memory", (float(self.memory),))
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,7 @@ class StageSolution:
     """optimal | infeasible | time_limit (then gap says how far from proven)."""
     gap: float = 0.0
     memory: float = 0.0
+    """Bytes at the solution's largest peak."""
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -96,7 +106,8 @@ def brute_force(problem: StageProblem,
     for setting in itertools.product(*(list(_run_choices(run)) for run in problem.runs)):
         if any(len({setting[r][0] for r in group}) > 1 for group in ties):
             continue
-        memory = sum(o.memory for _, combo in setting for o in combo)
+        memory = max(map(sum, zip(*(o.memory for _, combo in setting for o in combo),
+                                  strict=True)), default=0.0)
         if memory > problem.budget:
             continue
         time = sum(o.time for _, combo in setting for o in combo)

@@ -39,7 +39,7 @@ from autoplan.cost_model import (
     Estimate,
     LayerCost,
     chunk_messages,
-    micro_batches_in_flight,
+    chunks_in_flight,
     receive_share,
 )
 from autoplan.errors import AutoplanError
@@ -228,6 +228,7 @@ class Searcher:
         self._kinds_in: dict[tuple, list[tuple[int, int]]] = {}
         self._chunks: dict[tuple[int, int], list[list[tuple[int, int]]]] = {}
         self._floor_options: dict[tuple, list[_Choice]] = {}
+        self._ends: dict[tuple[int, int, bool], dict[int, tuple[float, ...]]] = {}
         self.candidates: list[Candidate] = []
         self._incumbent: Candidate | None = None
         self._layer_plans: dict[tuple[int, LayerStrategy], LayerPlan] = {}
@@ -481,15 +482,21 @@ class Searcher:
         """The least time per micro-batch stage `stage` can take holding chunks [first,
         last) within the device's memory, its sends included (_chunk_sends), and the least
         m x that + its time per step (the stage problem's objective): bounds.knapsack_floor
-        over what every plan's peak memory holds at least (state, held x saved, fixed and
-        workspace bytes: cost_model.memory.stage_memory)."""
+        over what every plan's peak memory holds at least (state, saved x the micro-batches
+        its chunk holds, fixed and workspace bytes: cost_model.memory.stage_memory) at one
+        of the stage's peaks (a relaxation of the stage problem, which keeps them all):
+        the one where the chunks' least saved bytes weigh most."""
         m = self.options.global_batch // outer.micro_batch_size
-        held = micro_batches_in_flight(outer.schedule, outer.pp, stage, m, outer.virtual_stages)
-        items = [(count, [(c.cost.state_bytes + held * c.cost.saved_bytes + c.cost.fixed_bytes
+        kinds = [[(count, self._floor_choices(i, outer, stage, ties))
+                  for i, count in self._floor_kinds(chunk, ties)] for chunk in chunks]
+        least = [sum(count * min(c.cost.saved_bytes for c in choices)
+                     for count, choices in chunk) for chunk in kinds]
+        held = max(chunks_in_flight(outer.schedule, outer.pp, stage, m, outer.virtual_stages),
+                   key=lambda w: sum(map(operator.mul, w, least)))
+        items = [(count, [(c.cost.state_bytes + n * c.cost.saved_bytes + c.cost.fixed_bytes
                            + c.cost.workspace_bytes, c.micro_batch_s,
-                           m * c.micro_batch_s + c.tail_s)
-                          for c in self._floor_choices(i, outer, stage, ties)])
-                 for i, count in self._floor_kinds(chunks, ties)]
+                           m * c.micro_batch_s + c.tail_s) for c in choices])
+                 for n, chunk in zip(held, kinds, strict=True) for count, choices in chunk]
         # + 1: estimate rounds each stage's peak down to whole bytes
         budget = self.model.memory_limit_bytes - self.model.overhead_bytes + 1 \
             - self._pipeline_floor(outer, stage, chunks, m, held, sends)
@@ -500,28 +507,27 @@ class Searcher:
         return time + sent, objective + m * sent
 
     def _pipeline_floor(self, outer: Outer, stage: int, chunks: list[tuple[int, int]], m: int,
-                        held: float, with_end: bool) -> float:
-        """The least pipeline buffer bytes the stage's chunks keep over every choice of
-        their end layers (_chunk_ends; `with_end` False: their starts only)."""
+                        held: tuple[int, ...], with_end: bool) -> float:
+        """The least pipeline buffer bytes the stage's chunks keep, chunk c holding held[c]
+        micro-batches, over every choice of their end layers (_chunk_ends; `with_end`
+        False: their starts only)."""
         total = 0.0
-        for first, last in chunks:
-            for i, (whole, sliced) in self._chunk_ends(outer, first, last, m, held,
-                                                       with_end).items():
-                total += min(whole * c.receive_shares[0] + sliced * c.receive_shares[1]
-                             for c in self._layer_choices(i, outer, stage))
+        for n, (first, last) in zip(held, chunks, strict=True):
+            for i, ends in self._chunk_ends(outer, first, last, with_end).items():
+                total += min(_kept(ends, c, m, n) for c in self._layer_choices(i, outer, stage))
         return total
 
-    def _floor_kinds(self, chunks: list[tuple[int, int]],
+    def _floor_kinds(self, chunk: tuple[int, int],
                      ties: Ties | None) -> list[tuple[int, int]]:
-        """(first layer, how many) of each kind of layer in chunks [first, last), in layer
+        """(first layer, how many) of each kind of layer in chunk [first, last), in layer
         order: layers of one kind have the same choices on any stage (_layer_choices' key)
-        and tie layout. Cached: they depend on the chunks and ties only, which many outer
+        and tie layout. Cached: they depend on the chunk and ties only, which many outer
         settings and stages share (_stage_floors)."""
-        key = (tuple(chunks), ties)
+        key = (chunk, ties)
         if key not in self._kinds_in:
             nodes = self.graph.nodes
             self._kinds_in[key] = count_kinds(
-                (i for first, last in chunks for i in range(first, last)),
+                range(*chunk),
                 lambda i: (nodes[i].signature, nodes[i].shared_params > 0,
                            self._fixed_layout(i, ties), i == self.last))
         return self._kinds_in[key]
@@ -633,7 +639,7 @@ class Searcher:
         present, so stages without any share one solution across tie choices), and the
         pipeline buffers at the chunks' ends (_chunk_ends)."""
         m = self.options.global_batch // outer.micro_batch_size
-        held = micro_batches_in_flight(outer.schedule, outer.pp, stage, m, outer.virtual_stages)
+        held = chunks_in_flight(outer.schedule, outer.pp, stage, m, outer.virtual_stages)
         layers = [i for chunk in chunks for i in chunk]
         nodes = self.graph.nodes
         key = (outer, held, stage > 0, with_end,
@@ -673,40 +679,45 @@ class Searcher:
             return solve_dp(problem)
         return solve_ilp(problem, self.options.time_limit_s, self.options.ilp_solver)
 
-    def _chunk_ends(self, outer: Outer, first: int, last: int, m: int, held: float,
-                    with_end: bool) -> dict[int, tuple[float, float]]:
+    def _chunk_ends(self, outer: Outer, first: int, last: int,
+                    with_end: bool) -> dict[int, tuple[float, float, float, float]]:
         """Layer -> the bytes per sample of the pipeline messages its rank keeps for chunk
-        [first, last) (cost_model chunk_messages), (whole, sequence-sliced): they cost a
-        choice these times its receive_shares, as CostModel._pipeline_bytes prices them.
-        `with_end` False leaves out those at the chunk's end (a longer stage may end at a
-        smaller output)."""
+        [first, last) (cost_model chunk_messages): (whole, sequence-sliced) kept for every
+        micro-batch of the step, then (whole, sliced) per micro-batch in flight; a choice
+        costs them as _kept says, as CostModel._pipeline_bytes prices them. `with_end`
+        False leaves out those at the chunk's end (a longer stage may end at a smaller
+        output). Cached: many outer settings cut the same chunks."""
         if outer.pp == 1:
             return {}
-        nodes, ends = self.graph.nodes, {}
-        for msg in chunk_messages(nodes, first, last):
-            if msg.at_end and not with_end:
-                continue
-            per_sample = (m if msg.per_step else held) * nodes[msg.sent].output_bytes
-            whole, part = ends.get(msg.layer, (0.0, 0.0))
-            ends[msg.layer] = (whole, part + per_sample) if msg.sliced else \
-                (whole + per_sample, part)
-        return ends
+        key = (first, last, with_end)
+        if key not in self._ends:
+            nodes, ends = self.graph.nodes, {}
+            for msg in chunk_messages(nodes, first, last):
+                if msg.at_end and not with_end:
+                    continue
+                at = (0 if msg.per_step else 2) + msg.sliced
+                terms = list(ends.get(msg.layer, (0.0,) * 4))
+                terms[at] += nodes[msg.sent].output_bytes
+                ends[msg.layer] = tuple(terms)
+            self._ends[key] = ends
+        return self._ends[key]
 
     def _problem(self, outer: Outer, stage: int, chunks: list[list[int]], m: int,
-                 held: float, ties: Ties | None, with_end: bool = True) -> StageProblem:
+                 held: tuple[tuple[int, ...], ...], ties: Ties | None,
+                 with_end: bool = True) -> StageProblem:
         """Runs of identical consecutive layers (tied ones apart); option time = m x per
-        micro-batch + per step; memory = state + held x saved + fixed + workspace + pipeline
-        buffers at the chunks' ends (_chunk_ends). The budget keeps room for the largest
-        transient, FSDP prefetch and reduce buffers any choice could bring (conservative;
-        over all choices, so fixing tied layers' layouts, done last, only removes options)."""
+        micro-batch + per step; memory at each peak (a vector of `held`: the micro-batches
+        each chunk holds) = state + held x saved + fixed + workspace + pipeline buffers at
+        the chunks' ends (_chunk_ends). The budget keeps room for the largest transient,
+        FSDP prefetch and reduce buffers any choice could bring (conservative; over all
+        choices, so fixing tied layers' layouts, done last, only removes options)."""
         runs: list[Run] = []
         edges: list[dict] = []
         fixed: dict[int, Layout] = {}
         worst = 0.0
-        for chunk in chunks:
+        for at, chunk in enumerate(chunks):
             start = len(runs)
-            ends = self._chunk_ends(outer, chunk[0], chunk[-1] + 1, m, held, with_end) \
-                if chunk else {}
+            ends = self._chunk_ends(outer, chunk[0], chunk[-1] + 1, with_end) if chunk else {}
             for i in chunk:
                 node = self.graph.nodes[i]
                 choices = self._layer_choices(i, outer, stage)
@@ -722,14 +733,13 @@ class Searcher:
                 if same and i not in ends and i - 1 not in ends:
                     runs[-1] = Run(runs[-1].count + 1, runs[-1].options)
                     continue
-                whole, sliced = ends.get(i, (0.0, 0.0))
                 options = _pareto_options([
-                    Option(k, (c.strategy.dp, c.strategy.tp),
-                           m * c.micro_batch_s + c.tail_s,
-                           c.cost.state_bytes + held * c.cost.saved_bytes + c.cost.fixed_bytes
-                           + c.cost.workspace_bytes + whole * c.receive_shares[0]
-                           + sliced * c.receive_shares[1])
-                    for k, c in enumerate(choices)])
+                    Option(k, (choice.strategy.dp, choice.strategy.tp),
+                           m * choice.micro_batch_s + choice.tail_s,
+                           tuple(choice.cost.state_bytes + peak[at] * choice.cost.saved_bytes
+                                 + choice.cost.fixed_bytes + choice.cost.workspace_bytes
+                                 + _kept(ends.get(i), choice, m, peak[at]) for peak in held))
+                    for k, choice in enumerate(choices)])
                 if same:
                     edges.append({(a, b): math.inf for a in runs[-1].layouts()
                                   for b in {o.layout for o in options} if a != b})
@@ -986,18 +996,25 @@ def _flatten(solution: StageSolution, searcher: Searcher, outer: Outer, stage: i
             for i, k in zip(layers, flat, strict=True)]
 
 
+def _kept(ends: tuple[float, ...] | None, choice: _Choice, m: int, held: int) -> float:
+    """Pipeline buffer bytes `choice` keeps for the messages at its layer (_chunk_ends;
+    None: none) in a step of `m` micro-batches with `held` in flight in its chunk."""
+    if ends is None:
+        return 0.0
+    whole, sliced = m * ends[0] + held * ends[2], m * ends[1] + held * ends[3]
+    return whole * choice.receive_shares[0] + sliced * choice.receive_shares[1]
+
+
 def _pareto_options(options: list[Option]) -> tuple[Option, ...]:
-    """Per layout, the options no other of that layout beats on both time and memory: the
-    stage problem sees nothing else of an option, so dropping the rest loses no optimum."""
-    kept = []
-    for layout in sorted({o.layout for o in options}):
-        best_time = float("inf")
-        for o in sorted((o for o in options if o.layout == layout),
-                        key=lambda o: (o.memory, o.time, o.index)):
-            if o.time < best_time:
-                kept.append(o)
-                best_time = o.time
-    return tuple(sorted(kept, key=lambda o: o.index))
+    """Per layout, the options no other of that layout beats on time and on memory at every
+    peak: the stage problem sees nothing else of an option, so dropping the rest loses no
+    optimum. A beater comes first by (time, memory, index)."""
+    kept: dict[Layout, list[Option]] = {}
+    for o in sorted(options, key=lambda o: (o.time, o.memory, o.index)):
+        mine = kept.setdefault(o.layout, [])
+        if not any(all(map(operator.le, q.memory, o.memory)) for q in mine):
+            mine.append(o)
+    return tuple(sorted((o for mine in kept.values() for o in mine), key=lambda o: o.index))
 
 
 def _undominated(choices: list[_Choice],

@@ -22,8 +22,8 @@ from typing import Any
 
 from autoplan.cost_model import (
     CostModel,
+    chunks_in_flight,
     counted_stage_memory,
-    micro_batches_in_flight,
     stage_pipeline_bytes,
 )
 from autoplan.feasibility import gives_whole_output, last_layer
@@ -275,8 +275,8 @@ class _UniformMemory:
         self.graph, self.model, self.global_batch = graph, model, global_batch
         self.layer_plan, self.blocks = layer_plan, blocks
         self.last = last_layer(graph.nodes)
-        self._kinds: dict[tuple[int, int],
-                          list[tuple[list[tuple[int, int]], list[tuple[int, int]]]]] = {}
+        self._kinds: dict[tuple[int, int], list[tuple[list[tuple[int, int]],
+                                                      list[list[tuple[int, int]]]]]] = {}
         self._layers: dict[LayerStrategy, list[LayerStrategy]] = {}
         self._layer_plans: dict[LayerStrategy, list[LayerPlan]] = {}
 
@@ -313,30 +313,33 @@ class _UniformMemory:
         peaks = []
         for stage, (chunks, kinds) in enumerate(self._stage_kinds(outer.pp,
                                                                   outer.virtual_stages)):
-            costs = [(self.model.layer_cost(nodes[i], layers[i], outer.micro_batch_size, m, stage),
-                      count) for i, count in kinds]
-            held = micro_batches_in_flight(outer.schedule, outer.pp, stage, m,
-                                           outer.virtual_stages)
+            costs = [[(self.model.layer_cost(nodes[i], layers[i], outer.micro_batch_size, m,
+                                             stage), count) for i, count in chunk]
+                     for chunk in kinds]
+            in_flight = chunks_in_flight(outer.schedule, outer.pp, stage, m,
+                                         outer.virtual_stages)
             pipeline = stage_pipeline_bytes(nodes, layers, chunks, outer.micro_batch_size,
-                                            m, held) if outer.pp > 1 else 0.0
-            peaks.append(counted_stage_memory(costs, held, pipeline).peak)
+                                            m) if outer.pp > 1 else (0.0, ())
+            peaks.append(counted_stage_memory(costs, in_flight, *pipeline).peak)
             if enough is not None and enough(peaks[-1]):
                 break
         return max(peaks)
 
     def _stage_kinds(self, pp: int, virtual: int
-                     ) -> list[tuple[list[tuple[int, int]], list[tuple[int, int]]]]:
-        """Per stage, its chunks [first, last) (chunk c on stage c mod pp) and (first layer,
-        how many) of each kind of layer it holds: layers of one signature cost alike under
-        one strategy, but for tied weights held past the first stage and the last layer's
-        own adjustments. Cached: every plan of the same pp and virtual stages asks."""
+                     ) -> list[tuple[list[tuple[int, int]], list[list[tuple[int, int]]]]]:
+        """Per stage, its chunks [first, last) (chunk c on stage c mod pp) and, per chunk,
+        (first layer, how many) of each kind of layer it holds: layers of one signature cost
+        alike under one strategy, but for tied weights held past the first stage and the
+        last layer's own adjustments. Cached: every plan of the same pp and virtual stages
+        asks."""
         if (pp, virtual) not in self._kinds:
             stages, nodes = [], self.graph.nodes
             for chunks in stage_chunks(split_stages(self.graph, pp * virtual),
                                        len(self.graph.nodes), pp):
-                stages.append((chunks, count_kinds(
-                    (i for first, last in chunks for i in range(first, last)),
+                stages.append((chunks, [count_kinds(
+                    range(first, last),
                     lambda i: (nodes[i].signature, nodes[i].shared_params > 0,
-                               i == self.last, _off_blocks(i, self.blocks)))))
+                               i == self.last, _off_blocks(i, self.blocks)))
+                    for first, last in chunks]))
             self._kinds[pp, virtual] = stages
         return self._kinds[pp, virtual]

@@ -5,10 +5,16 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from autoplan.cluster import parse_cluster_spec
 from autoplan.cost_model import CostModel
-from autoplan.cost_model.pipeline import micro_batches_in_flight, pipeline_time_s
+from autoplan.cost_model.pipeline import (
+    chunks_in_flight,
+    micro_batches_in_flight,
+    pipeline_time_s,
+)
 from autoplan.cost_model.schedule import (
     ChunkTimes,
     chunk_times_from_estimate,
@@ -103,6 +109,40 @@ def test_micro_batches_held_match_the_memory_model(schedule: str, m: int, virtua
             most = max(most, held)
         assert most / virtual == pytest.approx(
             micro_batches_in_flight(schedule, pp, rank, m, virtual))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([("gpipe", 4, 10, 1), ("1f1b", 4, 10, 1), ("interleaved_1f1b", 2, 16, 9),
+                        ("interleaved_1f1b", 4, 8, 2), ("interleaved_1f1b", 4, 12, 3),
+                        ("interleaved_1f1b", 8, 64, 8), ("interleaved_1f1b", 4, 6, 3)]),
+       st.lists(st.floats(0, 1e9), min_size=9, max_size=9))
+def test_chunks_in_flight_hold_the_most_bytes_the_schedule_does(
+        setting: tuple[str, int, int, int], per_chunk: list[float]) -> None:
+    """For any bytes per micro-batch in each chunk, the most a rank holds at any point of
+    its op order is the most at one of chunks_in_flight's vectors, each a point the order
+    reaches; the largest sum of one is micro_batches_in_flight x v."""
+    schedule, pp, m, virtual = setting
+    for rank in range(pp):
+        held, reached = [0] * virtual, set()
+        for kind, chunk, _ in op_order(schedule, pp, rank, m, virtual):
+            held[chunk] += 1 if kind == "forward" else -1
+            reached.add(tuple(held))
+        vectors = chunks_in_flight(schedule, pp, rank, m, virtual)
+        assert set(vectors) <= reached
+        bytes_at = [sum(n * b for n, b in zip(point, per_chunk, strict=False))
+                    for point in reached]
+        assert max(sum(n * b for n, b in zip(v, per_chunk, strict=False)) for v in vectors) \
+            == pytest.approx(max(bytes_at), rel=1e-12)
+        assert max(map(sum, vectors)) / virtual == pytest.approx(
+            micro_batches_in_flight(schedule, pp, rank, m, virtual))
+
+
+def test_an_interleaved_rank_holds_its_chunks_unequally() -> None:
+    """torch's interleaved 1F1B on the last rank of pp 2, v 2, 8 micro-batches: the first
+    chunk holds up to 3 micro-batches, the last (the loss's) at most 1, where (W + 1) / v
+    takes 1.5 passes of both."""
+    assert chunks_in_flight("interleaved_1f1b", 2, 1, 8, 2) == ((2, 1), (3, 0))
+    assert micro_batches_in_flight("interleaved_1f1b", 2, 1, 8, 2) == 1.5
 
 
 def test_parts_of_the_ops_add_up_to_the_chunk_time() -> None:

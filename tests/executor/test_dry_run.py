@@ -48,16 +48,18 @@ PEAK_MODEL = "llama:layers=4,hidden=256,heads=8,kv_heads=4,ffn=768,seq=1024,voca
 @pytest.mark.parametrize("plan", [
     "dp=2,tp=2,pp=2,micro_batch=4,zero=2,schedule=1f1b,sequence_parallel=true",
     "dp=2,tp=2,pp=2,micro_batch=2,zero=1,schedule=1f1b",
-    "dp=2,tp=2,pp=2,micro_batch=4,zero=0,schedule=gpipe"])
+    "dp=2,tp=2,pp=2,micro_batch=4,zero=0,schedule=gpipe",
+    "dp=2,tp=2,pp=2,micro_batch=2,zero=1,schedule=interleaved_1f1b,virtual_stages=2",
+    "dp=2,tp=2,pp=2,micro_batch=4,zero=2,schedule=interleaved_1f1b,virtual_stages=2,"
+    "sequence_parallel=true"])
 def test_each_stage_peaks_within_5_percent_of_the_prediction(plan: str) -> None:
     """What torch keeps beside the activations, each case a different part: pipeline
     receive buffers for every micro-batch and the outputs in flight (the logits on the last
     stage), sequence slices across the cut, a layer's gradients reduced after every
     micro-batch (ZeRO 2), whole gradients accumulated (ZeRO 1), replicate()'s gathered
     copy (ZeRO 0), GPipe's every micro-batch in flight, a Llama block's six whole hidden
-    states under TP. (Interleaved schedules are left out: torch holds more micro-batches
-    in a rank's first chunk than its last, where the model takes them as equal; the model
-    over-predicts a rank whose last chunk holds the loss.)"""
+    states under TP, interleaved chunks holding unequal numbers of micro-batches (the last
+    rank's loss chunk one at a time: cost_model chunks_in_flight)."""
     options = RunOptions(model=PEAK_MODEL, plan=plan, global_batch=16,
                          cluster="h100-sxm:gpus=8")
     report = dry_run(options, "all-stages")

@@ -24,21 +24,27 @@ LAYOUTS = [(8, 1), (4, 2), (2, 4), (1, 8)]  # (dp, tp) on a stage of 8 GPUs
 
 @st.composite
 def problems(draw) -> StageProblem:
+    """Runs of 1 or 2 layers and 3 to 5 options each, memory at 1 to 3 peaks (an
+    interleaved stage's: one per vector of micro-batches its chunks hold)."""
     counts = draw(st.lists(st.integers(1, 2), min_size=1, max_size=4).filter(
         lambda c: sum(c) <= 6))
+    peaks = draw(st.integers(1, 3))
     runs, index = [], 0
     for count in counts:
         options = []
         for _ in range(draw(st.integers(3, 5))):
             options.append(Option(index, draw(st.sampled_from(LAYOUTS)),
                                   draw(st.integers(1, 1000)) / 10,
-                                  draw(st.integers(1, 100)) * 2**30))
+                                  tuple(draw(st.integers(1, 100)) * 2**30
+                                        for _ in range(peaks))))
             index += 1
         runs.append(Run(count, tuple(options)))
     edges = tuple({(a, b): draw(st.integers(0, 50)) / 10 for a in LAYOUTS for b in LAYOUTS
                    if a != b} for _ in runs[:-1])
-    lightest = sum(min(o.memory for o in run.options) * run.count for run in runs)
-    heaviest = sum(max(o.memory for o in run.options) * run.count for run in runs)
+    lightest = max(sum(min(o.memory[k] for o in run.options) * run.count for run in runs)
+                   for k in range(peaks))
+    heaviest = max(sum(max(o.memory[k] for o in run.options) * run.count for run in runs)
+                   for k in range(peaks))
     budget = draw(st.integers(int(lightest * 0.9), int(heaviest)))
     return StageProblem(tuple(runs), edges, float(budget))
 
@@ -58,6 +64,7 @@ def _assert_same_optimum(problem: StageProblem, solution, exact) -> None:  # noq
     if exact.feasible:
         assert solution.objective == pytest.approx(exact.objective, rel=1e-9, abs=1e-9)
         assert solution.memory <= problem.budget
+        assert max(_peaks(problem, solution.picks)) == pytest.approx(solution.memory)
         picked = _objective(problem, solution.picks)
         assert picked == pytest.approx(exact.objective, rel=1e-9, abs=1e-9)
 
@@ -109,6 +116,30 @@ def _objective(problem: StageProblem, picks) -> float:
     time = sum(by_index[i].time for run_picks in picks for i in run_picks)
     chain = [layout.pop() for layout in layouts]
     return time + sum(problem.edge(r, chain[r], chain[r + 1]) for r in range(len(chain) - 1))
+
+
+def _peaks(problem: StageProblem, picks) -> list[float]:
+    """The memory of a solution's picks at each peak, recomputed from the problem."""
+    by_index = {o.index: o for run in problem.runs for o in run.options}
+    return [sum(by_index[i].memory[k] for run_picks in picks for i in run_picks)
+            for k in range(len(problem.runs[0].options[0].memory))]
+
+
+def test_every_peak_keeps_the_budget() -> None:
+    """Two runs, two peaks (the first run heavy at one point of the schedule, the second at
+    the other): the fastest options overflow both; of the two ways to give one up, each
+    overflows one peak but the cheaper, which every solver finds."""
+    gib = 2**30
+    runs = (Run(1, (Option(0, (8, 1), 1.0, (6 * gib, 2 * gib)),
+                    Option(1, (8, 1), 2.0, (3 * gib, 1 * gib)))),
+            Run(1, (Option(2, (8, 1), 1.0, (2 * gib, 6 * gib)),
+                    Option(3, (8, 1), 1.5, (1 * gib, 3 * gib)))))
+    problem = StageProblem(runs, ({},), 7 * gib)
+    for solve in (solve_ilp, solve_dp, brute_force):
+        solution = solve(problem)
+        assert solution.objective == 2.5 and solution.picks == ((0,), (3,))
+        assert solution.memory == 7 * gib
+        assert solve(StageProblem(runs, ({},), 3 * gib)).status == INFEASIBLE
 
 
 def test_cbc_agrees_with_highs() -> None:
