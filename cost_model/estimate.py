@@ -62,6 +62,15 @@ STEP_PARTS = ("forward", "backward", "recompute", "tp_comm", "fsdp_comm", "resha
 
 _MICRO_BATCH_PARTS = STEP_PARTS[:7]
 
+ONE_WEIGHT_KINDS = frozenset({"embedding", "head"})
+"""Kinds whose gradient is one weight's, nearly all of the layer's: where gradients
+accumulate over micro-batches (ZeRO 0-1, or no data parallelism), autograd makes each
+micro-batch's gradient of a weight before adding it to the one kept (AccumulateGrad), so a
+second copy of that weight's gradient lives during the layer's backward. Only these kinds
+are counted: a block's weights are many, and one of them is a few percent of the stage
+(measured with `autoplan run --dry-run`: two copies of a 64 MiB embedding gradient at its
+backward under ZeRO 1, tests/executor/test_dry_run.py)."""
+
 
 @dataclass(frozen=True)
 class StageEstimate:
@@ -294,14 +303,16 @@ class CostModel:
         weights, grads, optimizer = layer_state_bytes(node, layer, self.elt_bytes,
                                                       self.optimizer_bytes, shared)
         kept = reduce = 0.0
+        unsharded = unsharded_grad_bytes(node, layer, self.elt_bytes, shared)
         if layer.dp > 1:  # FSDP2 (replicate() too): executor/data_parallel.py
-            unsharded = unsharded_grad_bytes(node, layer, self.elt_bytes, shared)
             if layer.zero <= 2:  # the gathered weights stay beside the shard all step
                 kept += weights * (layer.dp if layer.zero else 1)
             if layer.zero <= 1 and accumulates:  # whole gradients until the last micro-batch
                 kept += unsharded - grads
             if layer.zero >= 2:  # reduced after each backward: autograd's and the copy
                 reduce = 2 * unsharded
+        if (layer.dp == 1 or layer.zero <= 1) and accumulates and node.kind in ONE_WEIGHT_KINDS:
+            reduce = unsharded  # the new gradient beside the one accumulated (ONE_WEIGHT_KINDS)
         saved = samples * saved_bytes_per_sample(node, layer)
         # what the layer saves without checkpointing: recomputed in its backward
         whole = samples * saved_bytes_at(node, tp, sp, "none") \

@@ -51,11 +51,13 @@ class StageMemory:
     activations: float
     """Saved for backward: micro-batches in flight x what each layer keeps."""
     transient: float
-    """Recomputed activations of one checkpointed layer, live during its backward."""
+    """What one layer's backward adds, at the layer where it adds most: its recomputed
+    activations (checkpointing) and its gradients being reduced (ZeRO 2-3), less what its
+    micro-batch has freed by then (the saved bytes of the layers after it in its chunk,
+    whose backward ran first); never below 0."""
     buffers: float
     """Gathered FSDP weights (ZeRO 3: the prefetched layers; ZeRO 0-2: every layer's, kept
-    all step), whole gradients accumulated over the micro-batches (ZeRO 0-1), a layer's
-    gradients being reduced (ZeRO 2-3)."""
+    all step) and whole gradients accumulated over the micro-batches (ZeRO 0-1)."""
     workspace: float = 0.0
     """The loss's gradients during its backward (LayerCost.workspace_bytes)."""
     pipeline: float = 0.0
@@ -121,8 +123,9 @@ class LayerCost:
     @property
     def peak_extra_bytes(self) -> float:
         """The most this layer adds to a stage's peak through the terms a stage takes the
-        largest of, not the sum (transient, prefetch, reduce: counted_stage_memory): the
-        search's per-layer budget counts this on top of the sums."""
+        largest of, not the sum (transient and reduce less what is freed by then, prefetch:
+        counted_stage_memory): the search's per-layer budget counts this on top of the
+        sums."""
         return self.transient_bytes + self.prefetch_bytes + self.reduce_bytes
 
 
@@ -136,12 +139,13 @@ def stage_tail(costs: list[LayerCost]) -> dict[str, float]:
 
 def stage_memory(chunks: Sequence[Sequence[LayerCost]], in_flight: Sequence[tuple[int, ...]],
                  receive: float = 0.0, outputs: Sequence[float] = ()) -> StageMemory:
-    """A stage's memory from the costs of the layers of each of its chunks, at the point of
-    its schedule where its chunks hold the micro-batches in flight of one vector of
-    `in_flight` (pipeline.chunks_in_flight: the one holding the most): what adds up, plus
-    the largest transient (one layer recomputes at a time) and the buffers. `receive`: the
-    bytes the pipeline stage keeps all step, `outputs[c]`: chunk c's output kept per
-    micro-batch in flight (StageMemory.pipeline; stage_pipeline_bytes)."""
+    """A stage's memory from the costs of the layers of each of its chunks (in order), at
+    the point of its schedule where its chunks hold the micro-batches in flight of one
+    vector of `in_flight` (pipeline.chunks_in_flight: the one holding the most): what adds
+    up, plus what one layer's backward adds at most (StageMemory.transient: one layer runs
+    its backward at a time) and the buffers. `receive`: the bytes the pipeline stage keeps
+    all step, `outputs[c]`: chunk c's output kept per micro-batch in flight
+    (StageMemory.pipeline; stage_pipeline_bytes)."""
     return counted_stage_memory([[(cost, 1) for cost in chunk] for chunk in chunks], in_flight,
                                 receive, outputs)
 
@@ -149,11 +153,12 @@ def stage_memory(chunks: Sequence[Sequence[LayerCost]], in_flight: Sequence[tupl
 def counted_stage_memory(chunks: Sequence[Sequence[tuple[LayerCost, int]]],
                          in_flight: Sequence[tuple[int, ...]], receive: float = 0.0,
                          outputs: Sequence[float] = ()) -> StageMemory:
-    """stage_memory of a stage whose chunk c holds `count` layers of each (cost, count) of
-    chunks[c]: the search checks many plans whose stages repeat a few kinds of layer."""
+    """stage_memory of a stage whose chunk c holds runs of `count` consecutive layers of
+    each (cost, count) of chunks[c], in order: the search checks many plans whose stages
+    repeat a few kinds of layer."""
     # one pass, each sum in layer order (as sum() adds them)
     params = grads = optimizer = fixed = kept = workspace = 0
-    prefetch = reduce = transient = 0.0
+    prefetch = transient = 0.0
     saved = [0.0] * len(chunks)
     for c, counted in enumerate(chunks):
         for cost, n in counted:
@@ -168,15 +173,18 @@ def counted_stage_memory(chunks: Sequence[Sequence[tuple[LayerCost, int]]],
             kept += n * cost.kept_bytes
             workspace += n * cost.workspace_bytes
             prefetch = max(prefetch, cost.prefetch_bytes)
-            reduce = max(reduce, cost.reduce_bytes)
-            transient = max(transient, cost.transient_bytes)
+        freed = 0.0  # by a layer's backward: its micro-batch's saved bytes after it
+        for cost, n in reversed(counted):
+            if n > 0:
+                transient = max(transient, cost.transient_bytes + cost.reduce_bytes - freed)
+                freed += n * cost.saved_bytes
     outputs = list(outputs) or [0.0] * len(chunks)
     per_micro_batch = list(map(operator.add, saved, outputs))
     held = in_flight[0] if len(in_flight) == 1 else \
         max(in_flight, key=lambda w: sum(map(operator.mul, w, per_micro_batch)))
     return StageMemory(params=params, grads=grads, optimizer=optimizer,
                        activations=sum(n * s for n, s in zip(held, saved, strict=True)) + fixed,
-                       transient=transient, buffers=prefetch + reduce + kept,
+                       transient=transient, buffers=prefetch + kept,
                        workspace=workspace,
                        pipeline=receive + sum(n * o for n, o in zip(held, outputs, strict=True)))
 

@@ -25,7 +25,7 @@ from autoplan.specs import parse_bool, parse_int, parse_kv
 __all__ = ["SPACE_LIMITS", "FIXABLE", "BLOCKS", "SearchSpace", "Outer", "divisors", "parse_fix",
            "layer_strategies",
            "checkpoint_modes", "outer_settings", "tp_fits", "layouts", "uniform_strategies",
-           "respects_fix", "plan_respects_fix", "plan_keeps_ties", "count_kinds"]
+           "respects_fix", "plan_respects_fix", "plan_keeps_ties", "count_kinds", "count_runs"]
 
 SPACE_LIMITS = ("every pp, micro-batch size, schedule and virtual stages torch runs; "
                 "interleaved chunks cut evenly (split_stages), 1F1B stages anywhere at blocks; "
@@ -211,6 +211,18 @@ def count_kinds(layers: Iterable[int], kind: Callable[[int], Hashable]) -> list[
         entry = found.setdefault(kind(i), [i, 0])
         entry[1] += 1
     return [(first, count) for first, count in found.values()]
+
+
+def count_runs(layers: Iterable[int], kind: Callable[[int], Hashable]) -> list[tuple[int, int]]:
+    """(first layer, how many) of each run of consecutive `layers` of one kind, in order:
+    count_kinds where the order of layers matters."""
+    runs: list[list] = []
+    for i in layers:
+        if runs and runs[-1][2] == kind(i) and runs[-1][0] + runs[-1][1] == i:
+            runs[-1][1] += 1
+        else:
+            runs.append([i, 1, kind(i)])
+    return [(first, count) for first, count, _ in runs]
 
 
 def checkpoint_modes(node: LayerNode) -> list[str]:

@@ -34,6 +34,7 @@ from autoplan.search.space import (
     SearchSpace,
     checkpoint_modes,
     count_kinds,
+    count_runs,
     outer_settings,
     uniform_strategies,
 )
@@ -328,15 +329,15 @@ class _UniformMemory:
     def _stage_kinds(self, pp: int, virtual: int
                      ) -> list[tuple[list[tuple[int, int]], list[list[tuple[int, int]]]]]:
         """Per stage, its chunks [first, last) (chunk c on stage c mod pp) and, per chunk,
-        (first layer, how many) of each kind of layer it holds: layers of one signature cost
-        alike under one strategy, but for tied weights held past the first stage and the
-        last layer's own adjustments. Cached: every plan of the same pp and virtual stages
-        asks."""
+        (first layer, how many) of each run of one kind of layer it holds, in order
+        (counted_stage_memory reads the order): layers of one signature cost alike under
+        one strategy, but for tied weights held past the first stage and the last layer's
+        own adjustments. Cached: every plan of the same pp and virtual stages asks."""
         if (pp, virtual) not in self._kinds:
             stages, nodes = [], self.graph.nodes
             for chunks in stage_chunks(split_stages(self.graph, pp * virtual),
                                        len(self.graph.nodes), pp):
-                stages.append((chunks, [count_kinds(
+                stages.append((chunks, [count_runs(
                     range(first, last),
                     lambda i: (nodes[i].signature, nodes[i].shared_params > 0,
                                i == self.last, _off_blocks(i, self.blocks)))
