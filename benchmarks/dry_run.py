@@ -35,6 +35,11 @@ CASES = {
                              "`autoplan search --model llama3-70b --cluster h100-sxm:gpus=1024 "
                              "--global-batch 2048` (the demo's plan: mixed layouts, "
                              "interleaved pp2)"),
+    "llama3-70b interleaved v2 plan": ("llama3-70b", "PLAN70V2", 2048, "h100-sxm:gpus=1024",
+                                       "the search's plan before a layer's backward was "
+                                       "priced less what its micro-batch had freed "
+                                       "(interleaved pp2 v2, mixed ZeRO stages): "
+                                       "benchmarks/results/plan-llama3-70b-v2.json"),
     "llama3-70b interleaved plan": ("llama3-70b", "PLAN70I", 2048, "h100-sxm:gpus=1024",
                                     "the demo's plan before the cost model counted what "
                                     "torch's pipeline keeps (mixed layouts, interleaved pp2 "
@@ -47,7 +52,8 @@ CASES = {
     "gpt3-13b zero3 dp64": ("gpt3-13b", "dp=64,zero=3,micro_batch=1", 64,
                             "h100-sxm:gpus=64", "a ZeRO-3-heavy plan: FSDP over 64 ranks"),
 }
-PLAN_FILES = {"PLAN70": "plan-llama3-70b.json", "PLAN70I": "plan-llama3-70b-interleaved.json"}
+PLAN_FILES = {"PLAN70": "plan-llama3-70b.json", "PLAN70I": "plan-llama3-70b-interleaved.json",
+              "PLAN70V2": "plan-llama3-70b-v2.json"}
 """Plans given as files under benchmarks/results/ (PLAN70: written by the search first)."""
 
 

@@ -506,14 +506,20 @@ class ZeroStage(PipelineStage):
     for every backward of an FSDP chunk (stage.py, backward_maybe_with_nosync) and reduces
     once at the end of the step, so a ZeRO 3 chunk would hold every layer's whole weights
     and gradients until then: measured with `autoplan run --dry-run`, 33 GiB of whole
-    gradients on a rank of the demo's llama3-70b plan (pp2 v9, ZeRO 3)."""
+    gradients on a rank of the demo's llama3-70b plan (pp2 v9, ZeRO 3). Each backward also
+    ends as the last of a step (FSDP2's is_last_backward), as it does without pipelining:
+    torch's marks none so, and FSDP2 then keeps each chunk's last reduce-scatter input (a
+    layer's whole gradients) until the step's end: 6.4 GiB on that rank, one block's per
+    chunk."""
 
     def backward_maybe_with_nosync(self, backward_type: str, bwd_kwargs: dict,
                                    last_backward: bool = False) -> Any:
         if not isinstance(self.submod, FSDPModule):
             return super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last_backward)
         gradient_sync(self.submod, last=False)  # the step's end reduces the rest
-        ignore = {"set_requires_gradient_sync": _ignore, "set_reshard_after_backward": _ignore}
+        self.submod.set_is_last_backward(True)  # its final callback frees what FSDP2 holds
+        ignore = {"set_requires_gradient_sync": _ignore, "set_reshard_after_backward": _ignore,
+                  "set_is_last_backward": _ignore}
         self.submod.__dict__.update(ignore)  # torch's blanket settings, for this call only
         try:
             return super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last_backward)
