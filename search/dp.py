@@ -42,21 +42,31 @@ def _extend(problem: StageProblem, r: int, first: bool,
             fronts: dict[Layout, list[_Point]]) -> dict[Layout, list[_Point]]:
     run = problem.runs[r]
     grown: dict[Layout, list[_Point]] = {}
+    starts_at: dict[Layout, list[_Point]] = {}
     for option in run.options:
-        if first:
-            sources = [(layout, problem.edge(r - 1, layout, option.layout)) for layout in fronts]
-            sources = [(layout, edge) for layout, edge in sources if edge != math.inf]
-            starts = [(m, t + edge, picks) for layout, edge in sources
-                      for m, t, picks in fronts[layout]] if r else \
-                [((0.0,) * len(option.memory), 0.0, ())]
-        else:
+        if not first:
             starts = fronts.get(option.layout, [])
+        elif option.layout in starts_at:
+            starts = starts_at[option.layout]
+        else:  # the points of every layout before, with the edge to this one: one front
+            starts = starts_at[option.layout] = _pareto(
+                [(m, t + edge, picks) for layout, edge in _sources(problem, r, fronts,
+                                                                   option.layout)
+                 for m, t, picks in fronts[layout]]) if r else \
+                [((0.0,) * len(option.memory), 0.0, ())]
         for m, t, picks in starts:
             memory = tuple(map(operator.add, m, option.memory))
             if max(memory) <= problem.budget:
                 grown.setdefault(option.layout, []).append(
                     (memory, t + option.time, (*picks, option.index)))
     return {layout: _pareto(points) for layout, points in grown.items()}
+
+
+def _sources(problem: StageProblem, r: int, fronts: dict[Layout, list[_Point]],
+             layout: Layout) -> list[tuple[Layout, float]]:
+    """The layouts run r - 1 may end on before run r starts on `layout`, with the edge."""
+    edges = [(before, problem.edge(r - 1, before, layout)) for before in fronts]
+    return [(before, edge) for before, edge in edges if edge != math.inf]
 
 
 def _pareto(points: list[_Point]) -> list[_Point]:
