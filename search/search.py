@@ -90,7 +90,10 @@ not grow with a run's length, unless they have DP_RUNS runs or more. Both are ex
 DP_RUNS = 32
 """auto: stage problems of this many runs or more (an interleaved stage of many one-block
 chunks) go to the DP too: the ILP's layout variables grow with the runs (measured: Llama 3
-405B on 8,192 H100s searched in 19 s this way, 42 s with the ILP, same plan)."""
+405B on 8,192 H100s searched in 19 s this way, 42 s with the ILP, same plan); but not where
+the memory has several peaks (problem.Option.memory): the DP's fronts then hold points no
+other beats at every peak, which grow fast with the peaks (measured: a 1T GPT on 512 A100
+searched in 77 s with the DP, 8.3 s with the ILP, same plan)."""
 MAX_GLOBAL_BATCH = 2**24
 """Samples per step the search takes at most (it enumerates the batch's divisors)."""
 Ties = tuple[Layout, ...]
@@ -674,7 +677,9 @@ class Searcher:
         solver = self.options.solver
         if solver == "auto":
             layers = sum(run.count for run in problem.runs)
-            solver = "dp" if layers <= DP_LAYERS or len(problem.runs) >= DP_RUNS else "ilp"
+            one_peak = len(problem.runs[0].options[0].memory) == 1 if problem.runs else True
+            solver = "dp" if layers <= DP_LAYERS or (len(problem.runs) >= DP_RUNS
+                                                     and one_peak) else "ilp"
         if solver == "dp":
             return solve_dp(problem)
         return solve_ilp(problem, self.options.time_limit_s, self.options.ilp_solver)
