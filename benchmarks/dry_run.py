@@ -33,8 +33,8 @@ CASES = {
                           "h100-sxm:gpus=64", "issue 20: llama3-8b on 64 H100 (tp8 pp2)"),
     "llama3-70b demo plan": ("llama3-70b", "PLAN70", 2048, "h100-sxm:gpus=1024",
                              "`autoplan search --model llama3-70b --cluster h100-sxm:gpus=1024 "
-                             "--global-batch 2048` (the demo's plan: mixed layouts, "
-                             "interleaved pp2)"),
+                             "--global-batch 2048` (the demo's plan: mixed ZeRO stages "
+                             "and checkpointing, pp2)"),
     "llama3-70b interleaved v2 plan": ("llama3-70b", "PLAN70V2", 2048, "h100-sxm:gpus=1024",
                                        "the search's plan before a layer's backward was "
                                        "priced less what its micro-batch had freed "

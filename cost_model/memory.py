@@ -92,9 +92,11 @@ class LayerCost:
     gathered_bytes: float
     """Whole weights FSDP gathers for this layer (ZeRO 3)."""
     reduce_bytes: float
-    """Whole gradients of this layer live while FSDP2 reduces them during the backward
-    (ZeRO 2 and 3, dp > 1): the autograd result and the flat copy the reduce-scatter reads
-    (torch foreach_reduce), one layer at a time."""
+    """Whole gradients of this layer live during its backward beside those kept: while
+    FSDP2 reduces them (ZeRO 2 and 3, dp > 1), the autograd result and the flat copy the
+    reduce-scatter reads (torch foreach_reduce); where they accumulate (ZeRO 0-1 or no
+    data parallelism), an embedding's or head's new gradient beside the one kept
+    (estimate.ONE_WEIGHT_KINDS). One layer at a time (counted_stage_memory)."""
     kept_bytes: float = 0.0
     """Whole weights FSDP keeps gathered all step (ZeRO 0-2, dp > 1: FSDP2's copy beside
     the shard, replicate()'s too) and whole gradients accumulated over the micro-batches
@@ -337,14 +339,20 @@ def chunk_messages(nodes: Sequence[LayerNode], first: int, last: int) -> list[Ch
 
 def stage_pipeline_bytes(nodes: Sequence[LayerNode], strategies: Sequence[LayerStrategy],
                          chunks: Sequence[tuple[int, int]], micro_batch_size: int,
-                         micro_batches: int) -> tuple[float, list[float]]:
+                         micro_batches: int,
+                         messages: Sequence[list[ChunkMessage]] | None = None
+                         ) -> tuple[float, list[float]]:
     """StageMemory.pipeline of a stage holding chunks [first, last) of a pipeline, as the
     bytes kept all step (each receive buffer for every micro-batch) and, per chunk, those
-    kept per micro-batch in flight (its output: chunk_messages)."""
+    kept per micro-batch in flight (its output: chunk_messages). `messages`: each chunk's
+    chunk_messages, where the caller keeps them (the search prices many plans of the same
+    chunks)."""
     receive, outputs = 0.0, []
-    for first, last in chunks:
+    if messages is None:
+        messages = [chunk_messages(nodes, first, last) for first, last in chunks]
+    for kept in messages:
         outputs.append(0.0)
-        for m in chunk_messages(nodes, first, last):
+        for m in kept:
             nbytes = receive_bytes(nodes[m.sent], strategies[m.layer], micro_batch_size,
                                    m.sliced)
             if m.per_step:

@@ -77,33 +77,41 @@ def chunks_in_flight(schedule: str, pp: int, stage: int, micro_batches: int,
                      virtual: int = 1) -> tuple[tuple[int, ...], ...]:
     """The micro-batches stage `stage` holds in each of its chunks (local order) at the
     points where its activations may peak, as vectors: the counts after each forward of its
-    op order (op_order; a backward only frees), but those another holds at least as many of
+    op order that a backward follows (op_order; a backward only frees, a forward only adds),
+    but those another holds at least as many of
     in every chunk, or a blend of the two beside it (with bytes per chunk >= 0, the most
     bytes held is at one of the rest). Chunks are not held alike: torch's interleaved 1F1B
     holds (4, 4, 4, 4, 3, 0, 0, 0, 0) at one point on rank 0 of pp 2, v 9, 16 micro-batches
     (sum 19 = micro_batches_in_flight x v), so a chunk with the embedding or the logits
     weighs by its own counts. One vector (micro_batches_in_flight,) without interleaving."""
+    if schedule != "interleaved_1f1b" or virtual == 1:
+        return ((round(micro_batches_in_flight(schedule, pp, stage, micro_batches)),),)
+    if micro_batches % pp == 0 and micro_batches > 2 * pp:
+        # rounds of pp micro-batches after a warm-up that does not depend on their number:
+        # the points of 2 pp recur, no others (tests/cost_model/test_schedule.py walks all)
+        return chunks_in_flight(schedule, pp, stage, 2 * pp, virtual)
     held, points = [0] * virtual, {}
-    for kind, chunk, _ in op_order(schedule, pp, stage, micro_batches, virtual):
+    ops = op_order(schedule, pp, stage, micro_batches, virtual)
+    for at, (kind, chunk, _) in enumerate(ops):
         held[chunk] += 1 if kind == "forward" else -1
-        if kind == "forward":
-            points.setdefault(tuple(held), None)  # in the order first reached
-    kept: list[tuple[int, ...]] = []  # a point's beater holds no fewer in all: check those
+        if kind == "forward" and (at + 1 == len(ops) or ops[at + 1][0] == "backward"):
+            points.setdefault(tuple(held), len(points))  # a forward's next holds more
+    kept: list[tuple[int, ...]] = []
+    larger = 0  # kept[:larger] hold more in sum than the point checked: only they can beat it
     for p in sorted(points, key=sum, reverse=True):
-        if not any(all(map(operator.ge, q, p)) for q in kept):
+        while larger < len(kept) and sum(kept[larger]) > sum(p):
+            larger += 1
+        if not any(all(map(operator.ge, q, p)) for q in kept[:larger]):
             kept.append(p)
-    kept.sort(key=list(points).index)
+    kept.sort(key=points.__getitem__)  # in the order first reached
     # the schedule moves between its points along straight lines: drop a point on the one
-    # between its neighbours (a blend of two covers it), until none is
-    dropped = True
-    while dropped:
-        dropped = False
-        for j in range(1, len(kept) - 1):
-            if _blend_covers(kept[j - 1], kept[j + 1], kept[j]):
-                del kept[j]
-                dropped = True
-                break
-    return tuple(kept)
+    # between its neighbours (a blend of the two covers it), looking back after each drop
+    line: list[tuple[int, ...]] = []
+    for point in kept:
+        line.append(point)
+        while len(line) >= 3 and _blend_covers(line[-3], line[-1], line[-2]):
+            del line[-2]
+    return tuple(line)
 
 
 def _blend_covers(a: tuple[int, ...], b: tuple[int, ...], point: tuple[int, ...]) -> bool:

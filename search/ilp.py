@@ -52,16 +52,11 @@ def solve_ilp(problem: StageProblem, time_limit_s: float = 30.0,
         picks.append(tuple(index for index, count in counts for _ in range(count)))
     memory = max((sum(o.memory[peak] * round(values[f"n_{r}_{k}"] or 0)
                       for r, run in enumerate(problem.runs) for k, o in enumerate(run.options))
-                  for peak in range(_peaks(problem))), default=0.0)
+                  for peak in range(problem.peaks)), default=0.0)
     objective = 0.0  # as pulp.value(objective) adds it up, term by term
     for name, coefficient in program.objective.items():
         objective += values[name] * coefficient
     return StageSolution(objective or 0.0, tuple(picks), status, gap, memory)
-
-
-def _peaks(problem: StageProblem) -> int:
-    """How many peaks the problem's memory has (Option.memory)."""
-    return next((len(o.memory) for run in problem.runs for o in run.options), 1)
 
 
 @dataclass
@@ -108,7 +103,7 @@ def _program(problem: StageProblem) -> _Program:
                     lp.rows.append(([(y, 1), (z[r, before], -1), (z[r + 1, after], -1)], -1,
                                     None))
                     lp.objective[y] = cost
-    for peak in range(_peaks(problem)):
+    for peak in range(problem.peaks):
         memory = [(n[r, k], o.memory[peak] / _GIB) for r, run in enumerate(problem.runs)
                   for k, o in enumerate(run.options) if o.memory[peak] / _GIB]
         lp.rows.append((memory, None, problem.budget / _GIB))

@@ -61,6 +61,11 @@ class StageProblem:
     the change is forbidden)."""
     budget: float
 
+    @property
+    def peaks(self) -> int:
+        """How many peaks the stage's memory has (Option.memory: alike in every option)."""
+        return next((len(o.memory) for run in self.runs for o in run.options), 1)
+
     def edge(self, r: int, before: Layout, after: Layout) -> float:
         return self.edges[r].get((before, after), 0.0) if r < len(self.edges) else 0.0
 

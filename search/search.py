@@ -677,9 +677,8 @@ class Searcher:
         solver = self.options.solver
         if solver == "auto":
             layers = sum(run.count for run in problem.runs)
-            one_peak = len(problem.runs[0].options[0].memory) == 1 if problem.runs else True
             solver = "dp" if layers <= DP_LAYERS or (len(problem.runs) >= DP_RUNS
-                                                     and one_peak) else "ilp"
+                                                     and problem.peaks == 1) else "ilp"
         if solver == "dp":
             return solve_dp(problem)
         return solve_ilp(problem, self.options.time_limit_s, self.options.ilp_solver)

@@ -16,12 +16,15 @@ blocks alone (`blocks`), as the trainers wrap blocks.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from autoplan.cost_model import (
+    ChunkMessage,
     CostModel,
+    chunk_messages,
     chunks_in_flight,
     counted_stage_memory,
     stage_pipeline_bytes,
@@ -276,8 +279,8 @@ class _UniformMemory:
         self.graph, self.model, self.global_batch = graph, model, global_batch
         self.layer_plan, self.blocks = layer_plan, blocks
         self.last = last_layer(graph.nodes)
-        self._kinds: dict[tuple[int, int], list[tuple[list[tuple[int, int]],
-                                                      list[list[tuple[int, int]]]]]] = {}
+        self._kinds: dict[tuple[int, int], list[list[_ChunkGroup]]] = {}
+        self._flights: dict[tuple, tuple[tuple[int, ...], ...]] = {}
         self._layers: dict[LayerStrategy, list[LayerStrategy]] = {}
         self._layer_plans: dict[LayerStrategy, list[LayerPlan]] = {}
 
@@ -312,35 +315,72 @@ class _UniformMemory:
         m = self.global_batch // outer.micro_batch_size
         layers = self.layers(point.strategy)
         peaks = []
-        for stage, (chunks, kinds) in enumerate(self._stage_kinds(outer.pp,
-                                                                  outer.virtual_stages)):
+        for stage, alike in enumerate(self._stages(outer.pp, outer.virtual_stages)):
             costs = [[(self.model.layer_cost(nodes[i], layers[i], outer.micro_batch_size, m,
-                                             stage), count) for i, count in chunk]
-                     for chunk in kinds]
-            in_flight = chunks_in_flight(outer.schedule, outer.pp, stage, m,
-                                         outer.virtual_stages)
-            pipeline = stage_pipeline_bytes(nodes, layers, chunks, outer.micro_batch_size,
-                                            m) if outer.pp > 1 else (0.0, ())
-            peaks.append(counted_stage_memory(costs, in_flight, *pipeline).peak)
+                                             stage), count) for i, count in group.runs]
+                     for group in alike]
+            receive, outputs = 0.0, []
+            for group in alike:  # equal chunks keep equal messages (_stages' key)
+                kept, (output,) = stage_pipeline_bytes(
+                    nodes, layers, [group.chunk], outer.micro_batch_size, m,
+                    [group.messages]) if outer.pp > 1 else (0.0, (0.0,))
+                receive += len(group.members) * kept
+                outputs.append(output)
+            peaks.append(counted_stage_memory(costs, self._in_flight(outer, stage, alike),
+                                              receive, outputs).peak)
             if enough is not None and enough(peaks[-1]):
                 break
         return max(peaks)
 
-    def _stage_kinds(self, pp: int, virtual: int
-                     ) -> list[tuple[list[tuple[int, int]], list[list[tuple[int, int]]]]]:
-        """Per stage, its chunks [first, last) (chunk c on stage c mod pp) and, per chunk,
-        (first layer, how many) of each run of one kind of layer it holds, in order
-        (counted_stage_memory reads the order): layers of one signature cost alike under
-        one strategy, but for tied weights held past the first stage and the last layer's
-        own adjustments. Cached: every plan of the same pp and virtual stages asks."""
+    def _in_flight(self, outer: Outer, stage: int,
+                   alike: list[_ChunkGroup]) -> tuple[tuple[int, ...], ...]:
+        """chunks_in_flight summed over each group of equal chunks (they weigh alike), but
+        the sums another holds at least as many of in every group. Cached."""
+        m = self.global_batch // outer.micro_batch_size
+        key = (outer.schedule, outer.pp, stage, m, outer.virtual_stages)
+        if key not in self._flights:
+            sums = {tuple(sum(held[c] for c in group.members) for group in alike)
+                    for held in chunks_in_flight(*key)}
+            self._flights[key] = tuple(sorted(
+                p for p in sums
+                if not any(q != p and all(map(operator.ge, q, p)) for q in sums)))
+        return self._flights[key]
+
+    def _stages(self, pp: int, virtual: int) -> list[list[_ChunkGroup]]:
+        """Per stage, its chunks (chunk c on stage c mod pp) in groups of equal ones: the
+        same runs of kinds of layer, in order (counted_stage_memory reads the order; layers
+        of one signature cost alike under one strategy, but for tied weights held past the
+        first stage and the last layer's own adjustments), and the same pipeline messages.
+        Cached: every plan of the same pp and virtual stages asks."""
         if (pp, virtual) not in self._kinds:
-            stages, nodes = [], self.graph.nodes
+            nodes, stages = self.graph.nodes, []
+
+            def kind(i: int) -> tuple:
+                return (nodes[i].signature, nodes[i].shared_params > 0, i == self.last,
+                        _off_blocks(i, self.blocks))
+
             for chunks in stage_chunks(split_stages(self.graph, pp * virtual),
                                        len(self.graph.nodes), pp):
-                stages.append((chunks, [count_runs(
-                    range(first, last),
-                    lambda i: (nodes[i].signature, nodes[i].shared_params > 0,
-                               i == self.last, _off_blocks(i, self.blocks)))
-                    for first, last in chunks]))
+                groups: dict[tuple, _ChunkGroup] = {}
+                for c, (first, last) in enumerate(chunks):
+                    runs = count_runs(range(first, last), kind)
+                    messages = chunk_messages(nodes, first, last)
+                    key = (tuple((kind(i), count) for i, count in runs),
+                           tuple((kind(msg.layer), nodes[msg.sent].signature, msg.sliced,
+                                  msg.per_step) for msg in messages))
+                    group = groups.setdefault(key, _ChunkGroup((first, last), runs, messages))
+                    group.members.append(c)
+                stages.append(list(groups.values()))
             self._kinds[pp, virtual] = stages
         return self._kinds[pp, virtual]
+
+
+@dataclass
+class _ChunkGroup:
+    """Equal chunks of one stage: the first's bounds, runs of kinds of layer and pipeline
+    messages, and which chunks they are (indices among the stage's chunks)."""
+
+    chunk: tuple[int, int]
+    runs: list[tuple[int, int]]
+    messages: list[ChunkMessage]
+    members: list[int] = field(default_factory=list)

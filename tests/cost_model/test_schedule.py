@@ -114,7 +114,9 @@ def test_micro_batches_held_match_the_memory_model(schedule: str, m: int, virtua
 @settings(max_examples=40, deadline=None)
 @given(st.sampled_from([("gpipe", 4, 10, 1), ("1f1b", 4, 10, 1), ("interleaved_1f1b", 2, 16, 9),
                         ("interleaved_1f1b", 4, 8, 2), ("interleaved_1f1b", 4, 12, 3),
-                        ("interleaved_1f1b", 8, 64, 8), ("interleaved_1f1b", 4, 6, 3)]),
+                        ("interleaved_1f1b", 8, 64, 8), ("interleaved_1f1b", 4, 6, 3),
+                        ("interleaved_1f1b", 3, 21, 5), ("interleaved_1f1b", 4, 40, 7),
+                        ("interleaved_1f1b", 4, 10, 2), ("interleaved_1f1b", 2, 6, 4)]),
        st.lists(st.floats(0, 1e9), min_size=9, max_size=9))
 def test_chunks_in_flight_hold_the_most_bytes_the_schedule_does(
         setting: tuple[str, int, int, int], per_chunk: list[float]) -> None:
