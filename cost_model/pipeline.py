@@ -78,12 +78,12 @@ def chunks_in_flight(schedule: str, pp: int, stage: int, micro_batches: int,
     """The micro-batches stage `stage` holds in each of its chunks (local order) at the
     points where its activations may peak, as vectors: the counts after each forward of its
     op order that a backward follows (op_order; a backward only frees, a forward only adds),
-    but those another holds at least as many of
-    in every chunk, or a blend of the two beside it (with bytes per chunk >= 0, the most
-    bytes held is at one of the rest). Chunks are not held alike: torch's interleaved 1F1B
-    holds (4, 4, 4, 4, 3, 0, 0, 0, 0) at one point on rank 0 of pp 2, v 9, 16 micro-batches
-    (sum 19 = micro_batches_in_flight x v), so a chunk with the embedding or the logits
-    weighs by its own counts. One vector (micro_batches_in_flight,) without interleaving."""
+    but those another holds at least as many of in every chunk, or a blend of the two
+    beside it (with bytes per chunk >= 0, the most bytes held is at one of the rest).
+    Chunks are not held alike: torch's interleaved 1F1B holds (4, 4, 4, 4, 3, 0, 0, 0, 0)
+    at one point on rank 0 of pp 2, v 9, 16 micro-batches (sum 19 = micro_batches_in_flight
+    x v), so a chunk with the embedding or the logits weighs by its own counts. One vector
+    (micro_batches_in_flight,) without interleaving."""
     if schedule != "interleaved_1f1b" or virtual == 1:
         return ((round(micro_batches_in_flight(schedule, pp, stage, micro_batches)),),)
     if micro_batches % pp == 0 and micro_batches > 2 * pp:
@@ -127,6 +127,7 @@ def _blend_covers(a: tuple[int, ...], b: tuple[int, ...], point: tuple[int, ...]
         elif x < y and (y - p) * high[1] < high[0] * (y - x):
             high = (y - p, y - x)
     return low[0] * high[1] <= high[0] * low[1]
+
 
 def op_order(schedule: str, pp: int, rank: int, micro_batches: int,
              virtual: int = 1) -> list[tuple[OpKind, int, int]]:
