@@ -20,14 +20,19 @@ from autoplan.cost_model.memory import (
     sequence_sliced,
     stage_pipeline_bytes,
 )
-from autoplan.cost_model.pipeline import chunks_in_flight, micro_batches_in_flight
+from autoplan.cost_model.pipeline import (
+    chunks_in_flight,
+    micro_batches_in_flight,
+    most_held,
+    undominated,
+)
 from autoplan.cost_model.report import estimate_tables
 from autoplan.cost_model.schedule import Timeline, plan_timeline
 
 __all__ = ["CostModel", "Estimate", "StageEstimate", "STEP_PARTS", "LayerCost",
            "counted_stage_memory", "StageMemory", "receive_bytes", "receive_share",
            "ChunkMessage", "chunk_messages", "stage_pipeline_bytes", "sequence_sliced",
-           "micro_batches_in_flight", "chunks_in_flight",
+           "micro_batches_in_flight", "chunks_in_flight", "most_held", "undominated",
            "TP_SHARDED_KINDS",
            "analytic_profile", "estimate_tables", "Timeline", "plan_timeline",
            "PRICED_COLLECTIVES", "priced_message_bytes", "data_parallel_key"]

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from autoplan.cost_model.analytic import TP_SHARDED_KINDS
+from autoplan.cost_model.pipeline import most_held
 from autoplan.graph import LayerNode
 from autoplan.plan import LayerStrategy
 
@@ -181,9 +182,7 @@ def counted_stage_memory(chunks: Sequence[Sequence[tuple[LayerCost, int]]],
                 transient = max(transient, cost.transient_bytes + cost.reduce_bytes - freed)
                 freed += n * cost.saved_bytes
     outputs = list(outputs) or [0.0] * len(chunks)
-    per_micro_batch = list(map(operator.add, saved, outputs))
-    held = in_flight[0] if len(in_flight) == 1 else \
-        max(in_flight, key=lambda w: sum(map(operator.mul, w, per_micro_batch)))
+    held = most_held(in_flight, list(map(operator.add, saved, outputs)))
     return StageMemory(params=params, grads=grads, optimizer=optimizer,
                        activations=sum(n * s for n, s in zip(held, saved, strict=True)) + fixed,
                        transient=transient, buffers=prefetch + kept,

@@ -4,11 +4,13 @@ many micro-batches of activations a stage holds at its peak."""
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterable, Sequence
 from functools import cache
 from typing import Literal
 
 __all__ = ["pipeline_time_s", "pipeline_time_bound_s", "bubble_fraction",
-           "micro_batches_in_flight", "chunks_in_flight", "op_order", "OpKind"]
+           "micro_batches_in_flight", "chunks_in_flight", "most_held", "undominated", "op_order",
+           "OpKind"]
 
 OpKind = Literal["forward", "backward"]
 
@@ -90,20 +92,13 @@ def chunks_in_flight(schedule: str, pp: int, stage: int, micro_batches: int,
         # rounds of pp micro-batches after a warm-up that does not depend on their number:
         # the points of 2 pp recur, no others (tests/cost_model/test_schedule.py walks all)
         return chunks_in_flight(schedule, pp, stage, 2 * pp, virtual)
-    held, points = [0] * virtual, {}
+    held, points = [0] * virtual, {}  # dict: the points in the order first reached
     ops = op_order(schedule, pp, stage, micro_batches, virtual)
     for at, (kind, chunk, _) in enumerate(ops):
         held[chunk] += 1 if kind == "forward" else -1
         if kind == "forward" and (at + 1 == len(ops) or ops[at + 1][0] == "backward"):
-            points.setdefault(tuple(held), len(points))  # a forward's next holds more
-    kept: list[tuple[int, ...]] = []
-    larger = 0  # kept[:larger] hold more in sum than the point checked: only they can beat it
-    for p in sorted(points, key=sum, reverse=True):
-        while larger < len(kept) and sum(kept[larger]) > sum(p):
-            larger += 1
-        if not any(all(map(operator.ge, q, p)) for q in kept[:larger]):
-            kept.append(p)
-    kept.sort(key=points.__getitem__)  # in the order first reached
+            points.setdefault(tuple(held))  # a forward's next holds more
+    kept = undominated(points)  # in the order first reached
     # the schedule moves between its points along straight lines: drop a point on the one
     # between its neighbours (a blend of the two covers it), looking back after each drop
     line: list[tuple[int, ...]] = []
@@ -112,6 +107,31 @@ def chunks_in_flight(schedule: str, pp: int, stage: int, micro_batches: int,
         while len(line) >= 3 and _blend_covers(line[-3], line[-1], line[-2]):
             del line[-2]
     return tuple(line)
+
+
+def undominated(points: Iterable[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """The distinct `points` (micro-batches held per chunk) no other holds at least as many
+    of in every chunk, in the order given: a beater holds more in sum, so only those that
+    do are checked."""
+    points = list(dict.fromkeys(points))
+    kept: list[tuple[int, ...]] = []
+    larger = 0  # kept[:larger] hold more in sum than the point checked: only they can beat it
+    for p in sorted(points, key=sum, reverse=True):
+        while larger < len(kept) and sum(kept[larger]) > sum(p):
+            larger += 1
+        if not any(all(map(operator.ge, q, p)) for q in kept[:larger]):
+            kept.append(p)
+    beaten = set(points) - set(kept)
+    return [p for p in points if p not in beaten]
+
+
+def most_held(in_flight: Sequence[tuple[int, ...]],
+              per_chunk: Sequence[float]) -> tuple[int, ...]:
+    """The vector of `in_flight` (chunks_in_flight) at which a stage holds the most, each
+    micro-batch in chunk c weighing per_chunk[c] bytes."""
+    if len(in_flight) == 1:
+        return in_flight[0]
+    return max(in_flight, key=lambda held: sum(map(operator.mul, held, per_chunk)))
 
 
 def _blend_covers(a: tuple[int, ...], b: tuple[int, ...], point: tuple[int, ...]) -> bool:

@@ -40,6 +40,7 @@ from autoplan.cost_model import (
     LayerCost,
     chunk_messages,
     chunks_in_flight,
+    most_held,
     receive_share,
 )
 from autoplan.errors import AutoplanError
@@ -494,8 +495,8 @@ class Searcher:
                   for i, count in self._floor_kinds(chunk, ties)] for chunk in chunks]
         least = [sum(count * min(c.cost.saved_bytes for c in choices)
                      for count, choices in chunk) for chunk in kinds]
-        held = max(chunks_in_flight(outer.schedule, outer.pp, stage, m, outer.virtual_stages),
-                   key=lambda w: sum(map(operator.mul, w, least)))
+        held = most_held(chunks_in_flight(outer.schedule, outer.pp, stage, m,
+                                          outer.virtual_stages), least)
         items = [(count, [(c.cost.state_bytes + n * c.cost.saved_bytes + c.cost.fixed_bytes
                            + c.cost.workspace_bytes, c.micro_batch_s,
                            m * c.micro_batch_s + c.tail_s) for c in choices])

@@ -16,7 +16,6 @@ blocks alone (`blocks`), as the trainers wrap blocks.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -28,6 +27,7 @@ from autoplan.cost_model import (
     chunks_in_flight,
     counted_stage_memory,
     stage_pipeline_bytes,
+    undominated,
 )
 from autoplan.feasibility import gives_whole_output, last_layer
 from autoplan.graph import LayerGraph
@@ -339,11 +339,9 @@ class _UniformMemory:
         m = self.global_batch // outer.micro_batch_size
         key = (outer.schedule, outer.pp, stage, m, outer.virtual_stages)
         if key not in self._flights:
-            sums = {tuple(sum(held[c] for c in group.members) for group in alike)
-                    for held in chunks_in_flight(*key)}
-            self._flights[key] = tuple(sorted(
-                p for p in sums
-                if not any(q != p and all(map(operator.ge, q, p)) for q in sums)))
+            self._flights[key] = tuple(sorted(undominated(
+                tuple(sum(held[c] for c in group.members) for group in alike)
+                for held in chunks_in_flight(*key))))
         return self._flights[key]
 
     def _stages(self, pp: int, virtual: int) -> list[list[_ChunkGroup]]:
