@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -31,6 +32,7 @@ LOOPBACK = "127.0.0.1"  # local runs rendezvous here and nowhere else
 PARENT_PID_ENV = "AUTOPLAN_PARENT_PID"
 _POLL_S = 0.2  # how often the parent looks at its children: rarely enough not to steal a core
 _PARENT_CHECK_S = 0.5  # how often a worker checks that its launcher is still alive
+_RANK_PREFIX = re.compile(r"^\[rank\d+\]:")
 _STDERR_TAIL_CHARS = 300  # how much of a failed worker's last stderr line goes into the error
 
 
@@ -111,12 +113,15 @@ def _describe_exit(code: int) -> str:
 
 
 def _stderr_tail(workers: _Workers, rank: int) -> str:
-    """The last non-empty stderr line of a rank, for the error message."""
+    """The last non-empty stderr line of a rank, for the error message, without the
+    "[rankN]:" that torch.distributed puts before each line of a rank's traceback (a blank
+    one ends it)."""
     try:
         lines = (workers.log_dir / f"rank{rank}.err").read_text(errors="replace").splitlines()
     except OSError:
         return ""
-    lines = [line.strip() for line in lines if line.strip()]
+    lines = [text for text in (_RANK_PREFIX.sub("", line, count=1).strip() for line in lines)
+             if text]
     return f" (last stderr line: {lines[-1][-_STDERR_TAIL_CHARS:]})" if lines else ""
 
 

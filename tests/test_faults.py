@@ -26,6 +26,7 @@ from autoplan.app.run import RUN_FAULT_ENV, RunFailed
 from autoplan.cluster import parse_cluster_spec
 from autoplan.cost_model.analytic import analytic_profile
 from autoplan.errors import WorkerFailed
+from autoplan.launch import run_workers
 from autoplan.profiler.comm import FAULT_ENV as COMM_FAULT_ENV
 from autoplan.workload import load_graph
 from tests.processes import TAG_ENV, processes_with
@@ -171,6 +172,16 @@ def test_workers_exit_when_their_launcher_is_killed(tag: str, tmp_path: Path) ->
     while processes_with(TAG_ENV, tag) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert processes_with(TAG_ENV, tag) == []
+
+
+def test_a_failed_worker_is_named_by_its_error_not_torchs_rank_prefix(tmp_path: Path) -> None:
+    """torch.distributed writes "[rank0]: " before each line of a rank's traceback and ends
+    it with a bare "[rank0]:"; the error names the traceback's last words instead (it said
+    "last stderr line: [rank0]:")."""
+    worker = ("import sys; sys.stderr.write('[rank0]: Traceback (most recent call last):\\n"
+              "[rank0]: ValueError: the shapes disagree\\n[rank0]:\\n'); sys.exit(1)")
+    with pytest.raises(WorkerFailed, match=r"last stderr line: ValueError: the shapes disagree"):
+        run_workers(1, [sys.executable, "-c", worker], tmp_path, 60)
 
 
 def test_debug_shows_the_traceback_of_a_runtime_fault(
