@@ -290,10 +290,12 @@ def receive_share(layer: LayerStrategy, micro_batch_size: int, sliced: bool) -> 
 
 def sequence_sliced(before: LayerNode, after: LayerNode | None) -> bool:
     """Whether a pipeline cut between `before` and `after` (None: the model's end) moves
-    sequence slices when both run sequence parallelism: between blocks only (the executor
-    slices units of split Linears and norms, never a head, an embedding or a unit of norms
-    alone: executor/tensor_parallel._splits_sequence, pipeline.stage_shapes)."""
-    return before.kind == "block" and after is not None and after.kind == "block"
+    sequence slices when the layers run sequence parallelism: where `before` gives them, a
+    block (the executor slices units of split Linears and norms, never a head, an embedding
+    or a unit of norms alone: executor/tensor_parallel._splits_sequence), whatever `after`
+    takes (a unit that takes the whole sequence gathers it after the cut:
+    executor/pipeline.stage_shapes)."""
+    return before.kind == "block" and after is not None
 
 
 @dataclass(frozen=True)

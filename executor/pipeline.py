@@ -447,9 +447,10 @@ def stage_shapes(model: nn.Module, units: Sequence[str], chunk_lists: Sequence[S
         chunk_lists: the unit FQNs of every chunk of the pipeline.
         micro_inputs: the model's positional inputs for one micro-batch.
         sequence_slices: unit -> the tp degree of the sequence slices it takes and gives
-            (sequence parallelism, tensor_parallel.sequence_splits): between two such units,
-            a chunk sends its rank's slice of dimension 1; where either one takes the whole
-            sequence, the whole activation crosses.
+            (sequence parallelism, tensor_parallel.sequence_splits): a chunk whose last
+            unit is one sends its rank's slice of dimension 1, which a unit after it that
+            takes the whole sequence gathers (tensor_parallel.apply_tp, hops.py); else the
+            whole activation crosses, and a unit after it that takes slices cuts its own.
         dps: unit -> its data-parallel degree (default: 1 for all): a chunk sends the
             samples its last unit's rank holds (a layout hop moves them at the unit whose
             layout changes, hops.py), micro_inputs being the first unit's share.
@@ -467,8 +468,8 @@ def stage_shapes(model: nn.Module, units: Sequence[str], chunk_lists: Sequence[S
         out = build_chunk(meta, units, owned)(*received, **kwargs)
         returned = (out,) if isinstance(out, torch.Tensor) else tuple(out)
         sent = tuple(t.narrow(0, 0, whole // dps.get(owned[-1], 1)) for t in returned)
-        if index + 1 < len(chunk_lists) and chunk_lists[index + 1][0] in sequence_slices:
-            sent = _sliced(sent, sequence_slices.get(owned[-1], 1))
+        if index + 1 < len(chunk_lists) and owned[-1] in sequence_slices:
+            sent = _sliced(sent, sequence_slices[owned[-1]])
         shapes[index] = (_metas(crossed), _metas(sent))
         received, crossed = returned, sent
     return shapes
